@@ -1,0 +1,122 @@
+"""Source positions, cnnc's error types, and the caret-style rendering of diagnostics.
+
+Every error a user can cause is a `CnncError`. It carries one or more `Diagnostic`s, each with
+a `Span` into the source, so that all problems of a file are reported in one run and each one
+shows the offending line with a caret under the fault, the way a good C compiler does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A region of one source line range: 1-based line and column, end column exclusive."""
+
+    file: str
+    line: int
+    col: int
+    end_line: int
+    end_col: int
+
+    @staticmethod
+    def point(file: str, line: int, col: int) -> Span:
+        return Span(file, line, col, line, col + 1)
+
+    def where(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """Extra context under a diagnostic; with a span, the noted line is shown too."""
+
+    message: str
+    span: Span | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnostic:
+    message: str
+    span: Span | None = None
+    notes: tuple[Note, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Program text together with the name errors should call it by."""
+
+    text: str
+    name: str = "<string>"
+
+    def line_text(self, line: int) -> str:
+        lines = self.text.splitlines()
+        return lines[line - 1] if 0 < line <= len(lines) else ""
+
+
+class CnncError(Exception):
+    """Base of every error cnnc reports to a user: one or more diagnostics, no traceback."""
+
+    def __init__(self, diagnostics: Sequence[Diagnostic], source: Source | None = None) -> None:
+        self.diagnostics = tuple(diagnostics)
+        self.source = source
+        super().__init__(self.render())
+
+    @classmethod
+    def single(cls, message: str, span: Span | None = None,
+               notes: Iterable[Note] = (), source: Source | None = None) -> CnncError:
+        return cls([Diagnostic(message, span, tuple(notes))], source)
+
+    def with_source(self, source: Source) -> CnncError:
+        """The same error, rendered against `source` (stages raise before they know it)."""
+        return type(self)(self.diagnostics, source)
+
+    def render(self) -> str:
+        return "\n".join(render_diagnostic(d, self.source) for d in self.diagnostics)
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+class CnncSyntaxError(CnncError):
+    """The text is not a program of the .cnn language."""
+
+
+class CnncSemanticError(CnncError):
+    """The program parses but says something invalid: names, options, shapes, order of lines."""
+
+
+class CnncInputError(CnncError):
+    """A file cannot be read as a .cnn program (missing, a directory, binary, not UTF-8, empty)."""
+
+
+def render_diagnostic(diag: Diagnostic, source: Source | None) -> str:
+    """`file:line:col: error: message`, the source line, a caret line, then the notes."""
+    if diag.span is None:
+        head = f"error: {diag.message}"
+        if source is not None:
+            head = f"{source.name}: {head}"
+        lines = [head]
+    else:
+        lines = [f"{diag.span.where()}: error: {diag.message}", *_quote(diag.span, source)]
+    for note in diag.notes:
+        if note.span is None:
+            lines.append(f"note: {note.message}")
+        else:
+            lines.append(f"{note.span.where()}: note: {note.message}")
+            lines.extend(_quote(note.span, source))
+    return "\n".join(lines)
+
+
+def _quote(span: Span, source: Source | None) -> list[str]:
+    """The spanned line indented by four spaces and a `^~~~` marker under the span."""
+    if source is None:
+        return []
+    text = source.line_text(span.line).rstrip("\r\n").expandtabs(1)
+    if not text.strip():
+        return []
+    end = span.end_col if span.end_line == span.line else len(text) + 1
+    width = max(1, min(end, len(text) + 1) - span.col)
+    return ["    " + text, "    " + " " * (span.col - 1) + "^" + "~" * (width - 1)]

@@ -1,0 +1,1 @@
+"""The Lark grammar of the .cnn language, installed as package data of cnnc."""
