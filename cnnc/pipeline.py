@@ -1,0 +1,73 @@
+"""The ordered stages of the front end, with `stop_after` for `--emit` and golden tests."""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+
+from . import irgen, shapes
+from .diagnostics import CnncInputError, CnncSemanticError, Source
+from .ir import Graph
+from .parse import parse
+from .syntax import Program
+
+
+class Stage(enum.Enum):
+    AST = "ast"
+    IR = "ir"
+
+
+def read_source(path: str | Path) -> Source:
+    """A .cnn file as text; a file that cannot be a program gets a one-line CnncInputError."""
+    path = Path(path)
+    name = str(path)
+
+    def refuse(reason: str) -> CnncInputError:
+        return CnncInputError.single(f"cannot read {name}: {reason}")
+
+    if not path.exists():
+        raise refuse("no such file")
+    if path.is_dir():
+        raise refuse("it is a directory, not a .cnn file")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise refuse(error.strerror or str(error)) from None
+    if b"\0" in data:
+        raise refuse("it is a binary file, not a .cnn program")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise refuse(f"it is not valid UTF-8 (byte {error.start})") from None
+    if not text.strip():
+        raise refuse("the file is empty")
+    return Source(text.removeprefix("\ufeff"), name)
+
+
+def to_source(program: str | Path | Source) -> Source:
+    """Program text, a Path, or a path string ending in .cnn."""
+    if isinstance(program, Source):
+        return program
+    if isinstance(program, Path) or (program.endswith(".cnn") and "\n" not in program):
+        return read_source(program)
+    return Source(program, "<string>")
+
+
+def front_end(source: Source, dtype: str | None = None) -> Graph:
+    """Parse, build the graph and infer every shape; all errors of the file in one CnncError."""
+    program = parse(source)
+    return typed_graph(program, source, dtype)
+
+
+def typed_graph(program: Program, source: Source, dtype: str | None = None) -> Graph:
+    result = irgen.generate(program, dtype)
+    typed, shape_errors = shapes.infer_collect(result.graph, result.broken_layers)
+    diagnostics = sorted([*result.diagnostics, *shape_errors], key=_position)
+    if diagnostics:
+        raise CnncSemanticError(diagnostics, source)
+    return typed
+
+
+def _position(diagnostic) -> tuple[int, int]:
+    span = diagnostic.span
+    return (0, 0) if span is None else (span.line, span.col)
