@@ -111,7 +111,8 @@ class _Builder:
             elif isinstance(stmt, ast.TrainStmt):
                 self._once(found, "train", stmt)
             else:
-                self._after_loss_check(found, stmt.span, _kind_of(stmt))
+                named = f"{_kind_of(stmt)} {stmt.name.text}" if stmt.name else _kind_of(stmt)
+                self._after_loss_check(found, stmt.span, named)
                 found.layers.append(_LayerLine(stmt, getattr(stmt, "activation", None)))
         self._missing_lines(found)
         return found

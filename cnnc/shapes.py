@@ -91,8 +91,9 @@ def _infer_node(node: Node, shapes: list[Shape | None], graph: Graph) -> dict[st
             return {node.output: x}
         case Op.SOFTMAX:
             if len(x) != 2:
-                raise ShapeProblem(f"softmax needs a vector of class scores, but {node.layer} "
-                                   f"gives {_sample(x)}; add a dense layer before it")
+                raise ShapeProblem(f"softmax needs a vector of class scores, but "
+                                   f"{graph.layer(node.layer).display} gives {_sample(x)}; "
+                                   "add a dense layer before it")
             return {node.output: x}
         case Op.CROSS_ENTROPY:
             _check_declared(node, x, graph)
