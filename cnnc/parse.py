@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
@@ -21,7 +22,13 @@ MAX_SYNTAX_ERRORS = 50
 @functools.cache
 def grammar_text() -> str:
     """The grammar file, found through the package so an installed wheel finds it too."""
-    return resources.files("cnnc.grammar").joinpath("cnn.lark").read_text(encoding="utf-8")
+    try:
+        grammar = resources.files("cnnc.grammar").joinpath("cnn.lark")
+    except ModuleNotFoundError:
+        # Imported straight from a source checkout (not installed, or installed elsewhere):
+        # the grammar sits beside the package, in grammar/ at the top of the repository.
+        grammar = Path(__file__).resolve().parent.parent / "grammar" / "cnn.lark"
+    return grammar.read_text(encoding="utf-8")
 
 
 @functools.cache

@@ -28,6 +28,10 @@ _NAME_AFTER = {"ARROW": "an activation (relu, sigmoid, tanh, softmax or none)",
 _PUNCTUATION_WORDS = {"COLON": "':' after the name", "EQUAL": "'=' after the option name",
                       "ARROW": "'->' and an activation", "_NL": "the end of the line",
                       "$END": "the end of the file"}
+# After `NAME:` the statement decides what comes next; the LALR tables merge these states,
+# so the parser's own expected set is wider than the truth there.
+_AFTER_LABEL = {"CONV": {"INT"}, "DENSE": {"INT"}, "MAXPOOL": {"DIMS"}, "AVGPOOL": {"DIMS"},
+                "INPUT": {"DIMS"}, "FLATTEN": {"_NL"}}
 _ORDER = ["NAME", "INT", "DIMS", "FLOAT", "COLON", "EQUAL", "ARROW", "_NL", "$END"]
 
 
@@ -40,7 +44,10 @@ def describe_unexpected_token(error: UnexpectedToken, line_text: str,
         return _unknown_statement(first_word, line_text)
     statement = before[0].type if before else None
     previous = before[-1].type if before else None
-    message = f"expected {_expected_words(error.expected, statement, previous)}, got {_got(error)}"
+    expected = set(error.expected)
+    if previous == "COLON" and statement in _AFTER_LABEL:
+        expected = _AFTER_LABEL[statement]
+    message = f"expected {_expected_words(expected, statement, previous)}, got {_got(error)}"
     width = max(1, len(str(error.token))) if error.token.type != "_NL" else 1
     return message, error.column, width
 

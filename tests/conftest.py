@@ -1,0 +1,50 @@
+"""Shared helpers: the repository's paths and one-line ways to check a program."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cnnc.diagnostics import CnncError, Source
+from cnnc.ir import Graph
+from cnnc.pipeline import front_end
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+GOLDEN = Path(__file__).resolve().parent / "golden"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--update-golden", action="store_true",
+                     help="rewrite tests/golden/ from the current output instead of comparing")
+
+
+@pytest.fixture
+def update_golden(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--update-golden"))
+
+
+def check_text(text: str, name: str = "t.cnn") -> Graph:
+    return front_end(Source(text, name))
+
+
+def errors_of(text: str, name: str = "t.cnn") -> list[tuple[int, int, str]]:
+    """(line, col, message) of every error the program has; fails if it has none."""
+    with pytest.raises(CnncError) as caught:
+        check_text(text, name)
+    return [(d.span.line, d.span.col, d.message) if d.span else (0, 0, d.message)
+            for d in caught.value.diagnostics]
+
+
+def sample_shape(graph: Graph, tensor: str) -> tuple[int, ...]:
+    """A tensor's shape without the batch dimension."""
+    return tuple(graph.tensor(tensor).shape[1:])
+
+
+HEADER = "network t\ninput: {shape}\n"
+
+
+def program(shape: str, *lines: str) -> str:
+    """A program with the given input shape and layer lines."""
+    return HEADER.format(shape=shape) + "\n".join(lines) + "\n"
