@@ -48,6 +48,8 @@ def describe_unexpected_token(error: UnexpectedToken, line_text: str,
     if previous == "COLON" and statement in _AFTER_LABEL:
         expected = _AFTER_LABEL[statement]
     message = f"expected {_expected_words(expected, statement, previous)}, got {_got(error)}"
+    if "NAME" in expected and str(error.token) in STATEMENT_KEYWORDS:
+        message += f"; {error.token} is a keyword and cannot be a name"
     width = max(1, len(str(error.token))) if error.token.type != "_NL" else 1
     return message, error.column, width
 
