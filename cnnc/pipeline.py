@@ -38,7 +38,8 @@ def read_source(path: str | Path) -> Source:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise refuse(f"it is not valid UTF-8 (byte {error.start})") from None
+        line = data[: error.start].count(b"\n") + 1
+        raise refuse(f"it is not valid UTF-8 (line {line}, byte offset {error.start})") from None
     if not text.strip():
         raise refuse("the file is empty")
     return Source(text.removeprefix("\ufeff"), name)
