@@ -6,13 +6,13 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-from .diagnostics import (  # noqa: E402  (after __version__, which cli imports)
+from .diagnostics import (
     CnncError,
     CnncInputError,
     CnncSemanticError,
     CnncSyntaxError,
 )
-from .ir import Graph  # noqa: E402
+from .ir import Graph
 
 
 def check(program: str | Path, dtype: str | None = None) -> Graph:

@@ -11,12 +11,11 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from typing import Union
 
 from .diagnostics import Span
 
 BATCH = "N"
-Dim = Union[int, str]
+Dim = int | str
 Shape = tuple[Dim, ...]
 
 
@@ -115,7 +114,7 @@ class LossAttrs:
     declared: tuple[int, ...] | None = None
 
 
-Attrs = Union[ConvAttrs, PoolAttrs, DenseAttrs, LossAttrs, None]
+Attrs = ConvAttrs | PoolAttrs | DenseAttrs | LossAttrs | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +213,7 @@ def format_graph(graph: Graph) -> str:
                      f"{format_shape(tensor.shape)} {tensor.dtype.value}")
     calls = [_format_call(node) for node in graph.nodes]
     call_width = max((len(c) for c in calls), default=0)
-    for node, call in zip(graph.nodes, calls):
+    for node, call in zip(graph.nodes, calls, strict=True):
         out = graph.tensor(node.output)
         lines.append(f"  {call:<{call_width}}  : {format_shape(out.shape)} {out.dtype.value}"
                      f"  @{node.span.line}:{node.span.col}")

@@ -29,7 +29,6 @@ from .ir import (
     format_shape,
 )
 
-
 # Tensors whose shape flows from the input; parameters and targets get theirs from the op.
 _DATA_ROLES = (Role.INPUT, Role.VALUE)
 

@@ -7,7 +7,6 @@ names and the order of lines are checked later, by irgen, where the error can na
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Union
 
 from .diagnostics import Span
 
@@ -36,7 +35,7 @@ class Dims:
     span: Span
 
 
-Value = Union[Word, Number, Dims]
+Value = Word | Number | Dims
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,9 +115,9 @@ class TrainStmt:
     span: Span
 
 
-Statement = Union[NetworkStmt, InputStmt, ConvStmt, PoolStmt, DenseStmt, FlattenStmt,
-                  ActivationStmt, LossStmt, TrainStmt]
-LayerStmt = Union[ConvStmt, PoolStmt, DenseStmt, FlattenStmt]
+Statement = (NetworkStmt | InputStmt | ConvStmt | PoolStmt | DenseStmt | FlattenStmt
+             | ActivationStmt | LossStmt | TrainStmt)
+LayerStmt = ConvStmt | PoolStmt | DenseStmt | FlattenStmt
 
 
 @dataclass(frozen=True, slots=True)

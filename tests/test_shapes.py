@@ -53,7 +53,8 @@ def test_rectangular_kernels_strides_and_pads():
 
 @pytest.mark.parametrize("kind", ["maxpool", "avgpool"])
 def test_overlapping_pools_window_3_stride_2(kind):
-    graph = check_text(program("6x13x10", f"{kind} p: 3x3 stride=2", f"{kind} q: 3x3 stride=2 pad=1"))
+    graph = check_text(program("6x13x10", f"{kind} p: 3x3 stride=2",
+                               f"{kind} q: 3x3 stride=2 pad=1"))
     assert sample_shape(graph, "p") == (6, by_hand(13, 3, 2, 0), by_hand(10, 3, 2, 0))
     assert sample_shape(graph, "q") == (6, by_hand(6, 3, 2, 1), by_hand(4, 3, 2, 1))
 
