@@ -171,13 +171,12 @@ def _chain_note(graph: Graph, shapes: dict[str, Shape | None], failed: Node) -> 
         if shape is None:
             return ()
         steps.append(f"{layer.display} {_sample(shape)}")
-        previous = (layer, shape)
-    if not steps:
+        previous = layer
+    if previous is None:
         return ()
     text = " -> ".join(steps)
-    last_node = graph.producer(previous[0].output)
-    window_node = _window_node_of(graph, previous[0].name)
-    if window_node is not None and last_node is not None:
+    window_node = _window_node_of(graph, previous.name)
+    if window_node is not None:
         source_shape = shapes[window_node.inputs[0]]
         text += f" ({arithmetic(source_shape[2], source_shape[3], window_node.attrs.window)})"
     return (Note(text),)
