@@ -192,6 +192,26 @@ class Graph:
         return next((n for n in self.nodes if tensor in n.outputs), None)
 
 
+def verify(graph: Graph) -> None:
+    """The invariants later passes rely on; raises AssertionError naming the broken one.
+
+    Tensor names are unique; every node reads tensors that exist and are defined before it
+    (inputs, parameters and targets count as defined); every value is written exactly once.
+    """
+    names = [t.name for t in graph.tensors]
+    assert len(names) == len(set(names)), f"duplicate tensor names in {names}"
+    defined = {t.name for t in graph.tensors if t.role not in (Role.VALUE, Role.LOSS)}
+    for node in graph.nodes:
+        for name in node.inputs:
+            assert name in defined, f"{node.op.value} reads {name} before it is written"
+        for name in node.outputs:
+            assert name in names, f"{node.op.value} writes the undeclared tensor {name}"
+            assert name not in defined, f"{name} is written twice"
+            defined.add(name)
+    for name in (graph.input, graph.output, graph.loss, graph.target):
+        assert name is None or name in defined, f"{name} is never defined"
+
+
 def format_shape(shape: Shape | None, sep: str = " x ") -> str:
     if shape is None:
         return "?"

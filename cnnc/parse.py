@@ -50,7 +50,7 @@ def parse(source: Source) -> ast.Program:
             tree = _parser().parse(text)
         except UnexpectedInput as error:
             diagnostics.append(_diagnostic_for(error, text, source.name))
-            if len(diagnostics) >= MAX_SYNTAX_ERRORS:
+            if len(diagnostics) >= MAX_SYNTAX_ERRORS or error.line < 1:
                 break
             text = _blank_line(text, error.line)
             continue
@@ -68,6 +68,8 @@ def _blank_line(text: str, line: int) -> str:
 
 
 def _diagnostic_for(error: UnexpectedInput, text: str, file: str) -> Diagnostic:
+    if error.line < 1:  # Lark knows no position, e.g. at the very end of the input
+        return Diagnostic("unexpected end of the program", None)
     line_text = text.split("\n")[error.line - 1]
     if isinstance(error, UnexpectedCharacters):
         char = line_text[error.column - 1] if error.column - 1 < len(line_text) else "?"

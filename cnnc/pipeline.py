@@ -46,12 +46,21 @@ def read_source(path: str | Path) -> Source:
 
 
 def to_source(program: str | Path | Source) -> Source:
-    """Program text, a Path, or a path string ending in .cnn."""
+    """Program text, or a path: a Path, or a one-line string naming a file or ending in .cnn."""
     if isinstance(program, Source):
         return program
-    if isinstance(program, Path) or (program.endswith(".cnn") and "\n" not in program):
+    if isinstance(program, Path):
+        return read_source(program)
+    if "\n" not in program and (program.endswith(".cnn") or _is_file(program)):
         return read_source(program)
     return Source(program, "<string>")
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # not a usable path, e.g. too long or with a NUL byte
+        return False
 
 
 def front_end(source: Source, dtype: str | None = None) -> Graph:

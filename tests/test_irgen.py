@@ -4,8 +4,9 @@ import dataclasses
 
 import pytest
 
-from cnnc.ir import DType, Op, Role, format_graph
-from conftest import check_text, errors_of, program
+import cnnc
+from cnnc.ir import DType, Op, Role, format_graph, verify
+from conftest import EXAMPLES, check_text, errors_of, program
 
 
 def test_automatic_names_count_every_layer_of_a_kind():
@@ -140,3 +141,25 @@ def test_printer_shows_every_tensor_shape_and_dtype():
     assert "  param  c.weight  2 x 1 x 3 x 3 f32" in text
     assert "c = relu(c.pre)" in text and ": N x 2 x 4 x 4 f32  @3:1" in text
     assert ": N x 2 f32  @4:1" in text
+
+
+@pytest.mark.parametrize("name", ["lenet", "mlp", "vgg_small"])
+def test_example_graphs_pass_the_verifier(name):
+    verify(cnnc.check(EXAMPLES / f"{name}.cnn"))
+
+
+def test_the_verifier_catches_a_read_before_write():
+    graph = check_text(program("1x6x6", "conv c: 2 3x3", "relu"))
+    swapped = dataclasses.replace(graph, nodes=graph.nodes[::-1])
+    with pytest.raises(AssertionError, match="before it is written"):
+        verify(swapped)
+
+
+def test_check_takes_text_a_path_or_a_path_string(tmp_path):
+    text = program("1x6x6", "dense d: 2")
+    path = tmp_path / "net.txt"
+    path.write_text(text)
+    for given in (text, path, str(path)):
+        assert cnnc.check(given).tensor("d.weight").shape == (2, 36)
+    with pytest.raises(cnnc.CnncInputError, match="no such file"):
+        cnnc.check(str(tmp_path / "absent.cnn"))

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from cnnc.diagnostics import CnncError, Source
+from cnnc.ir import verify
 from cnnc.pipeline import front_end
 
 ACTIVATIONS = ["relu", "sigmoid", "tanh", "none"]
@@ -125,6 +126,7 @@ def _decorate(draw, line: str) -> str:
 def test_valid_programs_check_with_directly_computed_shapes(case):
     text, expected = case
     graph = front_end(Source(text, "gen.cnn"))
+    verify(graph)
     got = [tuple(graph.tensor(layer.output).shape[1:]) for layer in graph.layers[1:]]
     assert got == expected
 
