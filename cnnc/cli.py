@@ -89,7 +89,15 @@ def _run(args: argparse.Namespace) -> int:
 
 def _write(text: str, output: str | None) -> int:
     if output is None:
-        sys.stdout.write(text)
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as error:
+            print(f"error: cannot write to standard output: {error.strerror or error}",
+                  file=sys.stderr)
+            return EXIT_USER_ERROR
         return EXIT_OK
     try:
         Path(output).write_text(text, encoding="utf-8")

@@ -52,7 +52,7 @@ class Source:
     name: str = "<string>"
 
     def line_text(self, line: int) -> str:
-        lines = self.text.splitlines()
+        lines = self.text.split("\n")  # as the parser counts lines: \f or U+2028 end none
         return lines[line - 1] if 0 < line <= len(lines) else ""
 
 
@@ -114,7 +114,7 @@ def _quote(span: Span, source: Source | None) -> list[str]:
     """The spanned line indented by four spaces and a `^~~~` marker under the span."""
     if source is None:
         return []
-    text = source.line_text(span.line).rstrip("\r\n").expandtabs(1)
+    text = source.line_text(span.line).rstrip("\r").expandtabs(1)
     if not text.strip():
         return []
     end = span.end_col if span.end_line == span.line else len(text) + 1

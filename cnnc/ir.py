@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 from .diagnostics import Span
 
@@ -162,8 +163,11 @@ class TrainConfig:
         return dict(self.settings)[key]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Graph:
+    """A whole network. Lookups by name go through indexes built once per graph (the
+    `cached_property`s below, which a frozen dataclass without slots can hold)."""
+
     name: str
     dtype: DType
     tensors: tuple[Tensor, ...]
@@ -176,20 +180,39 @@ class Graph:
     train: TrainConfig | None = None
 
     def tensor(self, name: str) -> Tensor:
-        for tensor in self.tensors:
-            if tensor.name == name:
-                return tensor
-        raise KeyError(name)
+        return self._tensor_index[name]
 
     @property
     def params(self) -> tuple[Tensor, ...]:
         return tuple(t for t in self.tensors if t.role is Role.PARAM)
 
     def layer(self, name: str) -> Layer:
-        return next(layer for layer in self.layers if layer.name == name)
+        return self._layer_index[name]
 
     def producer(self, tensor: str) -> Node | None:
-        return next((n for n in self.nodes if tensor in n.outputs), None)
+        return self._producer_index.get(tensor)
+
+    def nodes_of(self, layer: str) -> tuple[Node, ...]:
+        return self._nodes_by_layer.get(layer, ())
+
+    @cached_property
+    def _tensor_index(self) -> dict[str, Tensor]:
+        return {t.name: t for t in self.tensors}
+
+    @cached_property
+    def _layer_index(self) -> dict[str, Layer]:
+        return {layer.name: layer for layer in self.layers}
+
+    @cached_property
+    def _producer_index(self) -> dict[str, Node]:
+        return {out: node for node in self.nodes for out in node.outputs}
+
+    @cached_property
+    def _nodes_by_layer(self) -> dict[str, tuple[Node, ...]]:
+        grouped: dict[str, list[Node]] = {}
+        for node in self.nodes:
+            grouped.setdefault(node.layer, []).append(node)
+        return {layer: tuple(nodes) for layer, nodes in grouped.items()}
 
 
 def verify(graph: Graph) -> None:

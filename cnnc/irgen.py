@@ -33,7 +33,7 @@ from .ir import (
     TrainConfig,
     Window,
 )
-from .parse_errors import ACTIVATION_NAMES
+from .parse_errors import ACTIVATION_NAMES, STATEMENT_KEYWORDS
 
 LOSS_NAMES = ("cross_entropy", "mse")
 LOSS_TENSOR = "loss"
@@ -139,6 +139,10 @@ class _Builder:
 
     def _activation_line(self, found: _Sections, stmt: ast.ActivationStmt) -> None:
         word = stmt.activation
+        if word.text not in ACTIVATION_NAMES:
+            words = STATEMENT_KEYWORDS + ACTIVATION_NAMES
+            self.error(f"unknown statement {word.text!r}{suggest(word.text, words)}", word.span)
+            return
         self._after_loss_check(found, stmt.span, word.text)
         if not found.layers:
             self.error(f"{word.text} on a line of its own applies to the layer above, "

@@ -17,6 +17,10 @@ class Stage(enum.Enum):
     IR = "ir"
 
 
+# A .cnn program is a few kilobytes; anything this large is not one (and /dev/zero never ends).
+MAX_SOURCE_BYTES = 16 * 2**20
+
+
 def read_source(path: str | Path) -> Source:
     """A .cnn file as text; a file that cannot be a program gets a one-line CnncInputError."""
     path = Path(path)
@@ -25,14 +29,19 @@ def read_source(path: str | Path) -> Source:
     def refuse(reason: str) -> CnncInputError:
         return CnncInputError.single(f"cannot read {name}: {reason}")
 
-    if not path.exists():
-        raise refuse("no such file")
-    if path.is_dir():
-        raise refuse("it is a directory, not a .cnn file")
     try:
-        data = path.read_bytes()
+        if path.is_dir():
+            raise refuse("it is a directory, not a .cnn file")
+        if not path.exists():
+            raise refuse("no such file")
+        if not path.is_file():
+            raise refuse("it is not a regular file")
+        with path.open("rb") as handle:
+            data = handle.read(MAX_SOURCE_BYTES + 1)
     except OSError as error:
-        raise refuse(error.strerror or str(error)) from None
+        raise refuse((error.strerror or str(error)).lower()) from None
+    if len(data) > MAX_SOURCE_BYTES:
+        raise refuse(f"it is larger than {MAX_SOURCE_BYTES // 2**20} MiB, not a .cnn program")
     if b"\0" in data:
         raise refuse("it is a binary file, not a .cnn program")
     try:
@@ -40,9 +49,10 @@ def read_source(path: str | Path) -> Source:
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise refuse(f"it is not valid UTF-8 (line {line}, byte offset {error.start})") from None
+    text = text.removeprefix("\ufeff")
     if not text.strip():
         raise refuse("the file is empty")
-    return Source(text.removeprefix("\ufeff"), name)
+    return Source(text, name)
 
 
 def to_source(program: str | Path | Source) -> Source:
@@ -53,7 +63,7 @@ def to_source(program: str | Path | Source) -> Source:
         return read_source(program)
     if "\n" not in program and (program.endswith(".cnn") or _is_file(program)):
         return read_source(program)
-    return Source(program, "<string>")
+    return Source(program.removeprefix("\ufeff"), "<string>")
 
 
 def _is_file(text: str) -> bool:
@@ -65,6 +75,8 @@ def _is_file(text: str) -> bool:
 
 def front_end(source: Source, dtype: str | None = None) -> Graph:
     """Parse, build the graph and infer every shape; all errors of the file in one CnncError."""
+    if dtype not in (None, "f32", "f64"):
+        raise CnncInputError.single(f"dtype must be f32 or f64, got {dtype!r}")
     program = parse(source)
     return typed_graph(program, source, dtype)
 

@@ -183,4 +183,4 @@ def _chain_note(graph: Graph, shapes: dict[str, Shape | None], failed: Node) -> 
 
 
 def _window_node_of(graph: Graph, layer: str) -> Node | None:
-    return next((n for n in graph.nodes if n.layer == layer and n.op in OpGroup.WINDOWED), None)
+    return next((n for n in graph.nodes_of(layer) if n.op in OpGroup.WINDOWED), None)

@@ -23,7 +23,7 @@ class LayerRow:
 def layer_rows(graph: Graph) -> list[LayerRow]:
     rows = []
     for layer in graph.layers:
-        nodes = [n for n in graph.nodes if n.layer == layer.name]
+        nodes = graph.nodes_of(layer.name)
         params = {p for n in nodes for p in n.inputs if graph.tensor(p).role is Role.PARAM}
         count = sum(graph.tensor(p).size for p in params)
         flops = sum(node_flops(graph, n) for n in nodes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -88,7 +89,11 @@ def bad_file(tmp_path, kind: str):
         return tmp_path / "absent.cnn"
     if kind == "directory":
         return tmp_path
+    if kind == "fifo":
+        os.mkfifo(path)
+        return path
     content = {"binary": b"\x7fELF\x00\x01\x02", "empty": b"", "blank": b"  \n\n",
+               "bom_only": b"\xef\xbb\xbf\n",
                "latin1": b"network caf\xe9\n"}[kind]
     path.write_bytes(content)
     return path
@@ -100,6 +105,8 @@ def bad_file(tmp_path, kind: str):
     ("binary", "it is a binary file, not a .cnn program"),
     ("empty", "the file is empty"),
     ("blank", "the file is empty"),
+    ("bom_only", "the file is empty"),
+    ("fifo", "it is not a regular file"),
     ("latin1", "it is not valid UTF-8 (line 1, byte offset 11)"),
 ])
 @pytest.mark.parametrize("command", ["check", "summary", "compile"])
@@ -131,3 +138,19 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith(f"{broken}:3:1: error: conv c needs an input of at least 9x9")
+
+
+def test_device_files_and_full_output_are_user_errors(capsys, monkeypatch):
+    code, _, err = run(capsys, "check", "/dev/zero")
+    assert code == 1 and err == "error: cannot read /dev/zero: it is not a regular file\n"
+
+    class FullStdout:
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr("sys.stdout", FullStdout())
+    assert main(["summary", str(EXAMPLES / "lenet.cnn")]) == 1
+    assert "cannot write to standard output: No space left on device" in capsys.readouterr().err

@@ -31,3 +31,10 @@ def test_caret_at_end_of_line_and_tabs_keep_columns():
 def test_error_without_span_names_the_file():
     error = CnncError.single("cannot", None, source=Source("", "x.cnn"))
     assert str(error) == "x.cnn: error: cannot"
+
+
+def test_quoted_line_counts_only_newlines_as_line_ends():
+    # form feeds and U+2028 are not line ends for the parser, so not for the quote either
+    source = Source("network n # a\u2028b\f\ninput: 1x4x4\nconv 0 3x3\n", "f.cnn")
+    lines = render_diagnostic(Diagnostic("m", Span.point("f.cnn", 3, 6)), source).splitlines()
+    assert lines[1:] == ["    conv 0 3x3", "         ^"]

@@ -103,6 +103,8 @@ def test_loss_labels_are_integers_and_mse_targets_float():
      [(4, 1, "the train line needs a loss line, e.g. 'loss cross_entropy', "
              "to know what to minimise")]),
     (["dense d: 2", "loss mse", "loss mse"], [(5, 1, "a second loss line; a program has one")]),
+    (["dense d: 2 -> relu", "flaten"],
+     [(4, 1, "unknown statement 'flaten'; did you mean 'flatten'?")]),
     (["relu"], [(2, 1, "the network has no layers"),
                 (3, 1, "relu on a line of its own applies to the layer above, "
                        "but there is no layer above it")]),
@@ -163,3 +165,8 @@ def test_check_takes_text_a_path_or_a_path_string(tmp_path):
         assert cnnc.check(given).tensor("d.weight").shape == (2, 36)
     with pytest.raises(cnnc.CnncInputError, match="no such file"):
         cnnc.check(str(tmp_path / "absent.cnn"))
+
+
+def test_unknown_dtype_is_a_cnnc_error():
+    with pytest.raises(cnnc.CnncError, match="dtype must be f32 or f64, got 'f16'"):
+        cnnc.check(program("4", "dense d: 2"), dtype="f16")
