@@ -272,7 +272,7 @@ class _Builder:
         elif isinstance(stmt, ast.DenseStmt):
             steps = self._dense_steps(stmt, name, owner)
         else:
-            steps = [_Step(Op.FLATTEN)]
+            steps = [_Step(Op.FLATTEN, suffix="flat")]
         activation = self._activation(line.activation)
         if activation is not None:
             steps.append(_Step(ACTIVATION_OPS[activation]))
@@ -328,7 +328,8 @@ class _Builder:
                        _option_span(stmt, "pad"))
             self.broken.add(name)
         op = Op.MAXPOOL2D if stmt.kind.text == "maxpool" else Op.AVGPOOL2D
-        return [_Step(op, (), PoolAttrs(Window(window, values["stride"] or window, pad)))]
+        return [_Step(op, (), PoolAttrs(Window(window, values["stride"] or window, pad)),
+                      "pool")]
 
     def _dense_steps(self, stmt: ast.DenseStmt, name: str, owner: str) -> list[_Step]:
         units = self._count(stmt.units, "the unit count", owner, name)

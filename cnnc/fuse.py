@@ -1,0 +1,155 @@
+"""Graph → kernels: the forward ops grouped into the units code is generated for.
+
+conv + bias + activation and dense + bias + activation become one kernel each; max pooling
+also writes the position of each maximum to a named int32 tensor `LAYER.argmax`, which the
+backward pass will read; softmax and any activation left alone are kernels of their own;
+flatten is no kernel at all, only a second name for the same memory (NCHW is contiguous).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+
+from .ir import BATCH, DType, Graph, Node, Op, OpGroup, Role, Shape, Tensor, Window
+
+
+class KernelKind(enum.Enum):
+    CONV = "conv"
+    MAXPOOL = "maxpool"
+    AVGPOOL = "avgpool"
+    DENSE = "dense"
+    SOFTMAX = "softmax"
+    ACTIVATION = "activation"
+
+
+@dataclass(frozen=True, slots=True)
+class Kernel:
+    """One generated function. `inputs` and `outputs` are storage tensors (aliases resolved)."""
+
+    kind: KernelKind
+    name: str  # the native function's name, e.g. c1_conv_relu_fwd
+    layer: str
+    inputs: tuple[str, ...]  # data input first, then weight and bias where there are any
+    outputs: tuple[str, ...]  # the result, then (max pooling) its argmax
+    window: Window | None = None
+    activation: Op | None = None
+    has_bias: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class KernelProgram:
+    """The forward pass as kernels over named storage tensors."""
+
+    graph: Graph
+    kernels: tuple[Kernel, ...]
+    storage: tuple[Tensor, ...]  # every tensor that has memory: input, params, kernel outputs
+    aliases: tuple[tuple[str, str], ...]  # (tensor, storage it shares), e.g. flatten outputs
+    output: str  # storage name of the network's output
+
+    def tensor(self, name: str) -> Tensor:
+        return next(t for t in self.storage if t.name == name)
+
+
+def fuse(graph: Graph) -> KernelProgram:
+    nodes = [n for n in graph.nodes if n.op not in OpGroup.LOSS]
+    alias: dict[str, str] = {}
+    kernels: list[Kernel] = []
+    storage: list[Tensor] = [t for t in graph.tensors if t.role in (Role.INPUT, Role.PARAM)]
+    position = 0
+    while position < len(nodes):
+        node = nodes[position]
+        if node.op is Op.FLATTEN:
+            alias[node.output] = alias.get(node.inputs[0], node.inputs[0])
+            position += 1
+            continue
+        covered = _covered(nodes, position)
+        kernel = _unique_name(_kernel(covered, alias), kernels)
+        kernels.append(kernel)
+        out = graph.tensor(covered[-1].output)
+        storage.append(out)
+        if kernel.kind is KernelKind.MAXPOOL:
+            storage.append(Tensor(argmax_name(node.layer), Role.VALUE, DType.I32, out.shape))
+        position += len(covered)
+    output = alias.get(graph.output, graph.output)
+    return KernelProgram(graph, tuple(kernels), tuple(storage), tuple(alias.items()), output)
+
+
+def _unique_name(kernel: Kernel, earlier: list[Kernel]) -> Kernel:
+    """Layer names are unique, but `a` + `_conv_fwd` could still meet a layer `a_conv`."""
+    taken = {k.name for k in earlier}
+    name, count = kernel.name, 1
+    while name in taken:
+        count += 1
+        name = f"{kernel.name}_{count}"
+    return dataclasses.replace(kernel, name=name)
+
+
+def argmax_name(layer: str) -> str:
+    return f"{layer}.argmax"
+
+
+def _covered(nodes: list[Node], start: int) -> list[Node]:
+    """The node at `start` and the bias and activation that follow it and read its result."""
+    covered = [nodes[start]]
+    if nodes[start].op not in OpGroup.WEIGHTED:
+        return covered
+    for wanted in (frozenset({Op.BIAS_ADD}), OpGroup.ACTIVATION - {Op.SOFTMAX}):
+        following = start + len(covered)
+        if (following < len(nodes) and nodes[following].op in wanted
+                and nodes[following].inputs[0] == covered[-1].output):
+            covered.append(nodes[following])
+    return covered
+
+
+def _kernel(covered: list[Node], alias: dict[str, str]) -> Kernel:
+    head = covered[0]
+    source = alias.get(head.inputs[0], head.inputs[0])
+    bias = next((n.inputs[1] for n in covered if n.op is Op.BIAS_ADD), None)
+    activation = next((n.op for n in covered if n.op in OpGroup.ACTIVATION), None)
+    output = covered[-1].output
+    layer = head.layer
+    match head.op:
+        case Op.CONV2D | Op.DENSE:
+            kind = KernelKind.CONV if head.op is Op.CONV2D else KernelKind.DENSE
+            inputs = (source, head.inputs[1]) + ((bias,) if bias else ())
+            suffix = f"_{activation.value}" if activation else ""
+            window = head.attrs.window if head.op is Op.CONV2D else None
+            return Kernel(kind, f"{layer}_{kind.value}{suffix}_fwd", layer, inputs, (output,),
+                          window, activation, bias is not None)
+        case Op.MAXPOOL2D:
+            return Kernel(KernelKind.MAXPOOL, f"{layer}_fwd", layer, (source,),
+                          (output, argmax_name(layer)), head.attrs.window)
+        case Op.AVGPOOL2D:
+            return Kernel(KernelKind.AVGPOOL, f"{layer}_fwd", layer, (source,), (output,),
+                          head.attrs.window)
+        case Op.SOFTMAX:
+            return Kernel(KernelKind.SOFTMAX, f"{layer}_softmax_fwd", layer, (source,),
+                          (output,), activation=Op.SOFTMAX)
+        case Op.RELU | Op.SIGMOID | Op.TANH:
+            return Kernel(KernelKind.ACTIVATION, f"{layer}_{head.op.value}_fwd", layer,
+                          (source,), (output,), activation=head.op)
+    raise AssertionError(f"no kernel for {head.op}")
+
+
+def format_kernels(program: KernelProgram) -> str:
+    """`--emit kernels`: storage tensors, aliases, then one line a kernel."""
+    lines = [f"kernels {program.graph.name} dtype={program.graph.dtype.value}"]
+    for tensor in program.storage:
+        lines.append(f"  {tensor.role.value:<6} {tensor.name}: {_shape(tensor.shape)} "
+                     f"{tensor.dtype.value}")
+    for name, target in program.aliases:
+        lines.append(f"  alias  {name} = {target}")
+    for kernel in program.kernels:
+        lines.append(f"  {kernel.name}({', '.join(kernel.inputs)}) -> {', '.join(kernel.outputs)}")
+    lines.append(f"  output {program.output}")
+    return "\n".join(lines) + "\n"
+
+
+def _shape(shape: Shape | None) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]" if shape is not None else "?"
+
+
+__all__ = ["BATCH", "Kernel", "KernelKind", "KernelProgram", "argmax_name", "format_kernels",
+           "fuse"]
