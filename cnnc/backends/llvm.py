@@ -1,0 +1,276 @@
+"""Loop IR → LLVM IR through llvmlite → native object code for the host CPU.
+
+Each loop function becomes one LLVM function named after its kernel (`c1_conv_relu_fwd`),
+with noalias pointer arguments; `cnnc_forward(N, buffers)` calls them in order, so running
+the network is one native call. Scalars and loop indices live in allocas that LLVM promotes
+to registers; floating-point operations carry only `contract` (FMA), so results stay within
+rounding of the reference interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import llvmlite.binding as llvm
+import llvmlite.ir as ir
+
+from ..ir import BATCH, DType
+from ..loops import (
+    Assign,
+    Binary,
+    Buffer,
+    Const,
+    Expr,
+    For,
+    If,
+    Load,
+    LoopFunction,
+    Select,
+    Stmt,
+    Store,
+    Unary,
+    Var,
+)
+
+ENTRY = "cnnc_forward"
+I64 = ir.IntType(64)
+I1 = ir.IntType(1)
+FLOAT_TYPES = {DType.F32: ir.FloatType(), DType.F64: ir.DoubleType()}
+ELEMENT_TYPES = {**FLOAT_TYPES, DType.I32: ir.IntType(32), DType.I64: I64}
+_FLAGS = ("contract",)
+_COMPARE = {"<", "<=", ">", ">=", "==", "!="}
+
+
+@dataclass(frozen=True, slots=True)
+class HostTarget:
+    triple: str
+    cpu: str
+    features: str  # LLVM's "+avx2,-avx512f,..." string
+
+
+@dataclass(frozen=True, slots=True)
+class NativeCode:
+    object_code: bytes
+    llvm_ir: str  # after optimisation
+    target: HostTarget
+
+
+@functools.cache
+def _initialise() -> None:
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+
+
+def host_target() -> HostTarget:
+    _initialise()
+    return HostTarget(llvm.get_process_triple(), llvm.get_host_cpu_name(),
+                      llvm.get_host_cpu_features().flatten())
+
+
+def target_machine(opt_level: int = 3) -> llvm.TargetMachine:
+    """A new machine for the host each time: an MCJIT engine takes ownership of its machine."""
+    host = host_target()
+    target = llvm.Target.from_triple(host.triple)
+    return target.create_target_machine(cpu=host.cpu, features=host.features, opt=opt_level,
+                                        codemodel="jitdefault")
+
+
+def compile_functions(functions: tuple[LoopFunction, ...], storage: list[str],
+                      opt_level: int = 3) -> NativeCode:
+    """Generate, verify, optimise (at -O`opt_level`) and emit object code."""
+    machine = target_machine(opt_level)
+    module = build_module(functions, storage)
+    module.triple = host_target().triple
+    module.data_layout = str(machine.target_data)
+    parsed = llvm.parse_assembly(str(module))
+    parsed.verify()
+    if opt_level > 0:
+        tuning = llvm.create_pipeline_tuning_options(speed_level=opt_level)
+        tuning.loop_vectorization = True
+        tuning.slp_vectorization = True
+        builder = llvm.create_pass_builder(machine, tuning)
+        builder.getModulePassManager().run(parsed, builder)
+    return NativeCode(machine.emit_object(parsed), str(parsed), host_target())
+
+
+def assembly(llvm_ir: str, opt_level: int = 3) -> str:
+    """Host assembly of (already optimised) LLVM IR text, for `--emit asm`."""
+    machine = target_machine(opt_level)
+    return machine.emit_assembly(llvm.parse_assembly(llvm_ir))
+
+
+def build_module(functions: tuple[LoopFunction, ...], storage: list[str]) -> ir.Module:
+    module = ir.Module(name="cnnc")
+    declared = [_declare(module, f) for f in functions]
+    for function, llvm_function in zip(functions, declared, strict=True):
+        _Emitter(module, function, llvm_function).emit()
+    _emit_entry(module, functions, declared, storage)
+    return module
+
+
+def _declare(module: ir.Module, function: LoopFunction) -> ir.Function:
+    arg_types = [I64] + [ELEMENT_TYPES[b.dtype].as_pointer() for b in function.buffers]
+    llvm_function = ir.Function(module, ir.FunctionType(ir.VoidType(), arg_types), function.name)
+    for arg in llvm_function.args[1:]:
+        arg.add_attribute("noalias")
+    return llvm_function
+
+
+def _emit_entry(module: ir.Module, functions: tuple[LoopFunction, ...],
+                declared: list[ir.Function], storage: list[str]) -> None:
+    """`void cnnc_forward(i64 N, i8** buffers)`: buffers in the order of `storage`."""
+    pointer = ir.IntType(8).as_pointer()
+    entry = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64, pointer.as_pointer()]),
+                        ENTRY)
+    builder = ir.IRBuilder(entry.append_basic_block("entry"))
+    batch, table = entry.args
+    for function, llvm_function in zip(functions, declared, strict=True):
+        args = [batch]
+        for buffer in function.buffers:
+            slot = builder.gep(table, [ir.Constant(I64, storage.index(buffer.name))],
+                               inbounds=True)
+            raw = builder.load(slot)
+            args.append(builder.bitcast(raw, ELEMENT_TYPES[buffer.dtype].as_pointer()))
+        builder.call(llvm_function, args)
+    builder.ret_void()
+
+
+class _Emitter:
+    """Emits one loop function: statements recursively, expressions to SSA values."""
+
+    def __init__(self, module: ir.Module, function: LoopFunction, llvm_function: ir.Function):
+        self.module = module
+        self.function = function
+        self.float_type = next(FLOAT_TYPES[b.dtype] for b in function.buffers
+                               if b.dtype in FLOAT_TYPES)
+        self.builder = ir.IRBuilder(llvm_function.append_basic_block("entry"))
+        self.batch = llvm_function.args[0]
+        self.pointers = {b.name: arg for b, arg in
+                         zip(function.buffers, llvm_function.args[1:], strict=True)}
+        self.slots: dict[str, ir.AllocaInstr] = {}
+
+    def emit(self) -> None:
+        for local in self.function.locals:
+            self.slots[local.name] = self.builder.alloca(ELEMENT_TYPES[local.dtype],
+                                                         name=local.name)
+        for stmt in self.function.body:
+            self.statement(stmt)
+        self.builder.ret_void()
+
+    # -- statements ---------------------------------------------------------------------------
+    def statement(self, stmt: Stmt) -> None:
+        if isinstance(stmt, For):
+            self.loop(stmt)
+        elif isinstance(stmt, If):
+            with self.builder.if_then(self.expr(stmt.cond)):
+                for inner in stmt.body:
+                    self.statement(inner)
+        elif isinstance(stmt, Assign):
+            slot = self.slots[stmt.var]
+            self.builder.store(self.convert(self.expr(stmt.value), slot.type.pointee), slot)
+        else:
+            buffer = self.function.buffer(stmt.buffer)
+            address = self.address(buffer, stmt.index)
+            self.builder.store(self.convert(self.expr(stmt.value), ELEMENT_TYPES[buffer.dtype]),
+                               address)
+
+    def loop(self, stmt: For) -> None:
+        """for (var = 0; var < extent; ++var): the index in an entry-block alloca."""
+        slot = self._index_slot(stmt.var)
+        extent = self.expr(stmt.extent)
+        self.builder.store(ir.Constant(I64, 0), slot)
+        function = self.builder.function
+        test = function.append_basic_block(f"{stmt.var}.test")
+        body = function.append_basic_block(f"{stmt.var}.body")
+        done = function.append_basic_block(f"{stmt.var}.done")
+        self.builder.branch(test)
+        self.builder.position_at_end(test)
+        current = self.builder.load(slot)
+        self.builder.cbranch(self.builder.icmp_signed("<", current, extent), body, done)
+        self.builder.position_at_end(body)
+        for inner in stmt.body:
+            self.statement(inner)
+        following = self.builder.add(self.builder.load(slot), ir.Constant(I64, 1), flags=["nsw"])
+        self.builder.store(following, slot)
+        self.builder.branch(test)
+        self.builder.position_at_end(done)
+
+    def _index_slot(self, name: str) -> ir.AllocaInstr:
+        if name not in self.slots:
+            with self.builder.goto_entry_block():
+                self.slots[name] = self.builder.alloca(I64, name=name)
+        return self.slots[name]
+
+    def address(self, buffer: Buffer, index: tuple[Expr, ...]) -> ir.Value:
+        """Row-major flat offset; only the leading (batch) dimension is not a constant."""
+        offset = None
+        for axis, item in enumerate(index):
+            stride = 1
+            for dim in buffer.shape[axis + 1:]:
+                stride *= dim
+            term = self.builder.mul(self.expr(item), ir.Constant(I64, stride), flags=["nsw"])
+            offset = term if offset is None else self.builder.add(offset, term, flags=["nsw"])
+        return self.builder.gep(self.pointers[buffer.name], [offset], inbounds=True)
+
+    # -- expressions --------------------------------------------------------------------------
+    def expr(self, expr: Expr) -> ir.Value:
+        if isinstance(expr, Var):
+            return self.batch if expr.name == BATCH else self.builder.load(self.slots[expr.name])
+        if isinstance(expr, Const):
+            kind = self.float_type if expr.is_float else I64
+            return ir.Constant(kind, expr.value)
+        if isinstance(expr, Load):
+            buffer = self.function.buffer(expr.buffer)
+            value = self.builder.load(self.address(buffer, expr.index))
+            return self.builder.sext(value, I64) if buffer.dtype is DType.I32 else value
+        if isinstance(expr, Select):
+            return self.builder.select(self.expr(expr.cond), self.expr(expr.then),
+                                       self.expr(expr.otherwise))
+        if isinstance(expr, Unary):
+            return self.unary(expr.op, self.expr(expr.operand))
+        return self.binary(expr.op, self.expr(expr.left), self.expr(expr.right))
+
+    def binary(self, op: str, left: ir.Value, right: ir.Value) -> ir.Value:
+        b = self.builder
+        if op == "and":
+            return b.and_(left, right)
+        if op == "or":
+            return b.or_(left, right)
+        is_float = not isinstance(left.type, ir.IntType)
+        if op in _COMPARE:
+            # ordered: any comparison with NaN is false, as in numpy
+            return b.fcmp_ordered(op, left, right) if is_float else b.icmp_signed(op, left, right)
+        if not is_float:
+            return {"+": b.add, "-": b.sub, "*": b.mul}[op](left, right, flags=["nsw"])
+        method = {"+": b.fadd, "-": b.fsub, "*": b.fmul, "/": b.fdiv}[op]
+        return method(left, right, flags=_FLAGS)
+
+    def unary(self, op: str, value: ir.Value) -> ir.Value:
+        if op == "neg":
+            return self.builder.fneg(value)
+        if op == "isnan":
+            return self.builder.fcmp_unordered("uno", value, value)
+        if op == "exp":
+            exp = self.module.declare_intrinsic("llvm.exp", [value.type])
+            return self.builder.call(exp, [value])
+        if op == "tanh":
+            return self.builder.call(self._libm("tanh", value.type), [value])
+        raise AssertionError(f"no LLVM lowering of {op}")
+
+    def _libm(self, name: str, kind: ir.Type) -> ir.Function:
+        """The C library's function (tanhf for float): correctly rounded to within an ulp."""
+        symbol = name + ("f" if kind == ir.FloatType() else "")
+        existing = self.module.globals.get(symbol)
+        if existing is not None:
+            return existing
+        return ir.Function(self.module, ir.FunctionType(kind, [kind]), symbol)
+
+    def convert(self, value: ir.Value, wanted: ir.Type) -> ir.Value:
+        if value.type == wanted:
+            return value
+        if isinstance(wanted, ir.IntType) and isinstance(value.type, ir.IntType):
+            if wanted.width < value.type.width:
+                return self.builder.trunc(value, wanted)
+            return self.builder.sext(value, wanted)
+        raise AssertionError(f"cannot store {value.type} as {wanted}")
