@@ -13,6 +13,8 @@ from .diagnostics import (
     CnncSyntaxError,
 )
 from .ir import Graph
+from .module import CnncModuleError
+from .runtime import CnncRuntimeError, Module, load
 
 
 def check(program: str | Path, dtype: str | None = None) -> Graph:
@@ -25,5 +27,19 @@ def check(program: str | Path, dtype: str | None = None) -> Graph:
     return front_end(to_source(program), dtype)
 
 
-__all__ = ["CnncError", "CnncInputError", "CnncSemanticError", "CnncSyntaxError", "Graph",
-           "__version__", "check"]
+def compile(program: str | Path, target: str = "cpu", dtype: str | None = None,
+            opt_level: int = 3) -> Module:
+    """Compile a program (its text, or a path to a .cnn file) to a runnable Module."""
+    from .pipeline import compile_module, front_end, to_source
+
+    if target != "cpu":
+        raise CnncInputError.single(f"target {target!r} is not available; this cnnc has cpu")
+    if opt_level not in (0, 1, 2, 3):
+        raise CnncInputError.single(f"opt_level must be 0, 1, 2 or 3, got {opt_level!r}")
+    graph = front_end(to_source(program), dtype)
+    return Module(compile_module(graph, opt_level))
+
+
+__all__ = ["CnncError", "CnncInputError", "CnncModuleError", "CnncRuntimeError",
+           "CnncSemanticError", "CnncSyntaxError", "Graph", "Module", "__version__", "check",
+           "compile", "load"]

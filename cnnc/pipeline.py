@@ -5,9 +5,10 @@ from __future__ import annotations
 import enum
 from pathlib import Path
 
-from . import irgen, shapes
+from . import __version__, irgen, shapes
 from .diagnostics import CnncInputError, CnncSemanticError, Source
 from .ir import Graph
+from .module import ModuleFile, code_hash, params_to_bytes
 from .parse import parse
 from .syntax import Program
 
@@ -93,3 +94,37 @@ def typed_graph(program: Program, source: Source, dtype: str | None = None) -> G
 def _position(diagnostic) -> tuple[int, int]:
     span = diagnostic.span
     return (0, 0) if span is None else (span.line, span.col)
+
+
+def compile_module(graph: Graph, opt_level: int = 3) -> ModuleFile:
+    """The back end: kernels, loops, native code and initial parameters in a module file."""
+    from .backends.llvm import ENTRY, compile_functions
+    from .fuse import fuse
+    from .initialise import initial_parameters
+    from .loops import format_functions, lower
+
+    program = fuse(graph)
+    functions = lower(program)
+    code = compile_functions(functions, [t.name for t in program.storage], opt_level)
+    storage = [{"name": t.name, "role": t.role.value, "dtype": t.dtype.value,
+                "shape": list(t.shape)} for t in program.storage]
+    io_shape = {name: list(graph.tensor(name).shape[1:]) for name in (graph.input, graph.output)}
+    manifest = {
+        "cnnc_version": __version__,
+        "network": graph.name,
+        "dtype": graph.dtype.value,
+        "input": {"name": graph.input, "shape": io_shape[graph.input]},
+        "output": {"name": program.output, "shape": io_shape[graph.output]},
+        "storage": storage,
+        "entry_points": {"forward": ENTRY},
+        "kernels": [f.name for f in functions],
+        "target": {"kind": "cpu", "triple": code.target.triple, "cpu": code.target.cpu,
+                   "features": [f[1:] for f in code.target.features.split(",")
+                                if f.startswith("+")]},
+        "opt_level": opt_level,
+        "code_sha256": code_hash(code.object_code, storage),
+    }
+    sections = {"object": code.object_code, "llvm_ir": code.llvm_ir.encode(),
+                "loops": format_functions(functions).encode(),
+                "params": params_to_bytes(initial_parameters(graph))}
+    return ModuleFile(manifest, sections)

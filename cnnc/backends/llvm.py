@@ -18,7 +18,6 @@ import llvmlite.ir as ir
 from ..ir import BATCH, DType
 from ..loops import (
     Assign,
-    Binary,
     Buffer,
     Const,
     Expr,
@@ -28,7 +27,6 @@ from ..loops import (
     LoopFunction,
     Select,
     Stmt,
-    Store,
     Unary,
     Var,
 )

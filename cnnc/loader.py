@@ -1,0 +1,104 @@
+"""Checks a module file's manifest against this cnnc and this machine, and maps its object
+code into memory as callable native code. Nothing here imports the front end."""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import llvmlite.binding as llvm
+
+from . import __version__
+from . import module as artifact
+from .backends.llvm import host_target, target_machine
+from .ir import DType
+
+ForwardEntry = Any  # a ctypes function: (batch: int, buffers: void*[]) -> None
+
+
+def _refuse(source: str, reason: str) -> artifact.CnncModuleError:
+    return artifact.CnncModuleError.single(f"cannot load {source}: {reason}")
+
+
+def validated_manifest(file: artifact.ModuleFile, source: str) -> dict[str, Any]:
+    """The manifest with derived fields, after checking version, target, CPU and code hash."""
+    manifest = dict(file.manifest)
+    try:
+        storage = [dict(entry) for entry in manifest["storage"]]
+        for entry in storage:
+            entry["dtype_numpy"] = artifact.numpy_dtype(DType(entry["dtype"])).name
+        names = [entry["name"] for entry in storage]
+        manifest["output_index"] = names.index(manifest["output"]["name"])
+        manifest["dtype_numpy"] = artifact.numpy_dtype(DType(manifest["dtype"])).name
+        target, made_by = manifest["target"], str(manifest["cnnc_version"])
+        required = set(target["features"])
+        expected_hash = manifest["code_sha256"]
+        _ = manifest["entry_points"]["forward"], manifest["input"]["shape"]
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise _refuse(source, f"the manifest is malformed ({type(error).__name__}: {error})") \
+            from None
+    manifest["storage"] = storage
+    if _version(made_by) > _version(__version__):
+        raise _refuse(source, f"it was made by cnnc {made_by}, newer than this cnnc "
+                              f"{__version__}")
+    _check_target(source, target, required)
+    if artifact.code_hash(file.sections["object"], file.manifest["storage"]) != expected_hash:
+        raise _refuse(source, "the code hash does not match the code and its buffer table")
+    return manifest
+
+
+def _check_target(source: str, target: dict[str, Any], required: set[str]) -> None:
+    host = host_target()
+    if target.get("kind") != "cpu":
+        raise _refuse(source, f"it was compiled for the target {target.get('kind')!r}, "
+                              "and this runtime runs cpu modules")
+    if target["triple"].split("-")[0] != host.triple.split("-")[0]:
+        raise _refuse(source, f"it was compiled for {target['triple']}, this machine is "
+                              f"{host.triple}")
+    have = {f[1:] for f in host.features.split(",") if f.startswith("+")}
+    missing = sorted(required - have)
+    if missing:
+        raise _refuse(source, "it needs CPU features this CPU lacks: " + ", ".join(missing)
+                      + "; compile it again on this machine")
+
+
+def _version(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(".")[:3])
+    except ValueError:
+        return (0,)
+
+
+def native_entry(file: artifact.ModuleFile, manifest: dict[str, Any],
+                 source: str) -> tuple[ForwardEntry, llvm.ExecutionEngine]:
+    """Map the object code (no parsing, no optimisation) and return the forward entry; the
+    engine must be kept alive as long as the entry is called."""
+    engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), target_machine())
+    try:
+        engine.add_object_file(llvm.ObjectFileRef.from_data(file.sections["object"]))
+        engine.finalize_object()
+    except RuntimeError as error:
+        raise _refuse(source, f"its object code does not load: {error}") from None
+    address = engine.get_function_address(manifest["entry_points"]["forward"])
+    if not address:
+        raise _refuse(source, "its object code has no forward entry point")
+    entry = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_void_p)(address)
+    return entry, engine
+
+
+def validated_params(file: artifact.ModuleFile, manifest: dict[str, Any],
+                     source: str) -> dict[str, Any]:
+    """The stored parameters, each with the name, shape and dtype the code was built for."""
+    try:
+        params = artifact.params_from_bytes(file.sections["params"])
+    except (OSError, ValueError, KeyError, EOFError) as error:
+        raise _refuse(source, f"its parameters cannot be read: {error}") from None
+    expected = {entry["name"]: entry for entry in manifest["storage"] if entry["role"] == "param"}
+    if set(params) != set(expected):
+        raise _refuse(source, "its parameters do not match the manifest")
+    for name, value in params.items():
+        entry = expected[name]
+        if list(value.shape) != entry["shape"] or value.dtype.name != entry["dtype_numpy"]:
+            raise _refuse(source, f"the stored parameter {name} has shape {value.shape} and "
+                                  f"dtype {value.dtype}, not {entry['shape']} {entry['dtype']}")
+    return params

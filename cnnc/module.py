@@ -1,0 +1,136 @@
+"""The compiled artifact (`.cnnm`): a manifest, the native object code, the LLVM IR and the
+loop IR for inspection, and the parameters, in one file that loads without the front end.
+
+Layout: MAGIC, the format version (u32), the manifest's length (u64) and SHA-256, the
+manifest (JSON), then the sections. The manifest records each section's offset, length and
+SHA-256, so a truncated, edited or corrupted file is refused with a message saying which
+part is wrong, before any code in it runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .diagnostics import CnncError
+from .ir import DType
+
+MAGIC = b"CNNM\r\n\x1a\n"  # the line-ending bytes catch a file mangled by a text transfer
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sIQ32s")
+
+
+class CnncModuleError(CnncError):
+    """A module file that cannot be loaded: not one, damaged, or made for another machine."""
+
+
+@dataclass(frozen=True)
+class ModuleFile:
+    manifest: dict[str, Any]
+    sections: dict[str, bytes]  # object, llvm_ir, loops, params
+
+
+def numpy_dtype(dtype: DType) -> np.dtype:
+    return np.dtype({DType.F32: np.float32, DType.F64: np.float64, DType.I32: np.int32,
+                     DType.I64: np.int64}[dtype])
+
+
+def pack(module: ModuleFile) -> bytes:
+    """The file's bytes; the section table in the manifest is filled in here."""
+    data, table = b"", {}
+    for name, blob in module.sections.items():
+        table[name] = {"offset": len(data), "length": len(blob),
+                       "sha256": hashlib.sha256(blob).hexdigest()}
+        data += blob
+    manifest = dict(module.manifest, sections=table)
+    text = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(text), hashlib.sha256(text).digest())
+    return header + text + data
+
+
+def unpack(data: bytes, name: str) -> ModuleFile:
+    """Parse and check a module file's bytes; every failure is a CnncModuleError."""
+    def refuse(reason: str) -> CnncModuleError:
+        return CnncModuleError.single(f"cannot load {name}: {reason}")
+
+    if len(data) < _HEADER.size or not data.startswith(MAGIC):
+        raise refuse("not a cnnc module file (no CNNM header)")
+    _, version, length, digest = _HEADER.unpack_from(data)
+    if version != FORMAT_VERSION:
+        raise refuse(f"module format {version}; this cnnc {__version__} reads format "
+                     f"{FORMAT_VERSION}: compile the network again")
+    text = data[_HEADER.size:_HEADER.size + length]
+    if len(text) < length:
+        raise refuse(f"the file is truncated (manifest of {length} bytes, {len(text)} present)")
+    if hashlib.sha256(text).digest() != digest:
+        raise refuse("the manifest was changed or damaged (its checksum does not match)")
+    manifest = json.loads(text)
+    start = _HEADER.size + length
+    sections = {}
+    for section, where in manifest["sections"].items():
+        blob = data[start + where["offset"]:start + where["offset"] + where["length"]]
+        if len(blob) < where["length"]:
+            raise refuse(f"the file is truncated (section {section} is incomplete)")
+        if hashlib.sha256(blob).hexdigest() != where["sha256"]:
+            raise refuse(f"section {section} was changed or damaged (its hash does not match)")
+        sections[section] = blob
+    return ModuleFile(manifest, sections)
+
+
+def read(path: str | Path) -> ModuleFile:
+    path = Path(path)
+    try:
+        if not path.is_file():
+            reason = "it is a directory" if path.is_dir() else "no such file"
+            raise CnncModuleError.single(f"cannot load {path}: {reason}")
+        data = path.read_bytes()
+    except OSError as error:
+        raise CnncModuleError.single(f"cannot load {path}: {error.strerror or error}") from None
+    return unpack(data, str(path))
+
+
+def write(module: ModuleFile, path: str | Path) -> None:
+    """Atomically: a reader never sees a half-written module."""
+    write_atomically(Path(path), pack(module))
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename it over `path`."""
+    temporary = None
+    try:
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    except OSError as error:
+        if temporary is not None and os.path.exists(temporary):
+            os.unlink(temporary)
+        raise CnncModuleError.single(f"cannot write {path}: {error.strerror or error}") from None
+
+
+def code_hash(object_code: bytes, storage: list[dict[str, Any]]) -> str:
+    """Binds the native code to the buffer table it was compiled for: shapes edited in the
+    manifest would make the code read out of bounds, so they are part of the hash."""
+    table = json.dumps(storage, sort_keys=True).encode("utf-8")
+    return hashlib.sha256(object_code + b"\0" + table).hexdigest()
+
+
+def params_to_bytes(params: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **params)
+    return buffer.getvalue()
+
+
+def params_from_bytes(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
