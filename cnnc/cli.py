@@ -1,4 +1,4 @@
-"""The `cnnc` command: check, summary, compile --emit.
+"""The `cnnc` command: check, summary, compile (or --emit a stage), inspect.
 
 Exit codes (api.md): 0 success; 1 an error in the user's program, data or files, reported
 as a message without a traceback; 2 a usage error. 3 means cnnc itself failed (a bug).
@@ -7,15 +7,23 @@ as a message without a traceback; 2 a usage error. 3 means cnnc itself failed (a
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
 from .diagnostics import CnncError
-from .ir import format_graph, format_shape
+from .backends.llvm import assembly, compile_functions
+from .fuse import format_kernels, fuse
+from .ir import Graph, format_graph, format_shape
+from .loader import validated_manifest
+from .loops import format_functions, lower
+from .module import format_manifest
+from .module import read as read_module
+from .module import write as write_module
 from .parse import parse
-from .pipeline import read_source, typed_graph
+from .pipeline import compile_module, read_source, typed_graph
 from .summary import format_table, to_json
 from .syntax import format_program
 
@@ -37,14 +45,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     compile_ = commands.add_parser("compile", help="compile a program; --emit shows a stage")
     compile_.add_argument("program", metavar="NET.cnn")
-    compile_.add_argument("--emit", choices=["ast", "ir"],
-                          help="print this stage instead of compiling")
+    compile_.add_argument("--emit", choices=list(EMIT_STAGES),
+                          help="print this stage instead of writing a module")
     compile_.add_argument("-o", "--output", metavar="FILE", help="write the result here")
     compile_.add_argument("--dtype", choices=["f32", "f64"], help="override the input dtype")
     compile_.add_argument("--target", choices=["cpu"], default="cpu")
     compile_.add_argument("-O", dest="opt_level", choices=["0", "1", "2", "3"], default="3",
                           help="optimisation level (-O0 .. -O3)")
+
+    inspect = commands.add_parser("inspect", help="what a compiled module file holds")
+    inspect.add_argument("module", metavar="NET.cnnm")
+    shown = inspect.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="the whole manifest as JSON")
+    shown.add_argument("--llvm", action="store_true", help="the stored LLVM IR")
+    shown.add_argument("--loops", action="store_true", help="the stored loop IR")
     return parser
+
+
+EMIT_STAGES = ("ast", "ir", "kernels", "loops", "llvm", "asm")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -68,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "inspect":
+        return _write(inspect_text(args), None)
     source = read_source(args.program)
     if args.command == "compile" and args.emit == "ast":
         return _write(format_program(parse(source)), args.output)
@@ -79,12 +99,40 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.command == "summary":
         return _write(to_json(graph) if args.json else format_table(graph), None)
-    if args.emit == "ir":
-        return _write(format_graph(graph), args.output)
-    print("cnnc compile: this version checks programs and prints their stages "
-          "(--emit ast or --emit ir); native code generation is not available yet",
-          file=sys.stderr)
-    return EXIT_USAGE
+    if args.emit is not None:
+        return _write(emit_stage(graph, args.emit, int(args.opt_level)), args.output)
+    output = Path(args.output) if args.output else Path(Path(args.program).stem + ".cnnm")
+    module_file = compile_module(graph, int(args.opt_level))
+    write_module(module_file, output)
+    kernels = len(module_file.manifest["kernels"])
+    print(f"wrote {output}: network {graph.name}, {kernels} kernels, "
+          f"{sum(p.size for p in graph.params):,} parameters, {graph.dtype.value}, "
+          f"-O{args.opt_level}")
+    return EXIT_OK
+
+
+def emit_stage(graph: Graph, stage: str, opt_level: int) -> str:
+    """The text of one stage after the graph: ir, kernels, loops, llvm or asm."""
+    if stage == "ir":
+        return format_graph(graph)
+    program = fuse(graph)
+    if stage == "kernels":
+        return format_kernels(program)
+    functions = lower(program)
+    if stage == "loops":
+        return format_functions(functions)
+    code = compile_functions(functions, [t.name for t in program.storage], opt_level)
+    return code.llvm_ir if stage == "llvm" else assembly(code.llvm_ir, opt_level)
+
+
+def inspect_text(args: argparse.Namespace) -> str:
+    module_file = read_module(args.module)
+    validated_manifest(module_file, args.module)
+    if args.json:
+        return json.dumps(module_file.manifest, indent=2, sort_keys=True) + "\n"
+    if args.llvm or args.loops:
+        return module_file.sections["llvm_ir" if args.llvm else "loops"].decode("utf-8")
+    return format_manifest(module_file)
 
 
 def _write(text: str, output: str | None) -> int:

@@ -134,3 +134,29 @@ def params_to_bytes(params: dict[str, np.ndarray]) -> bytes:
 def params_from_bytes(data: bytes) -> dict[str, np.ndarray]:
     with np.load(io.BytesIO(data), allow_pickle=False) as archive:
         return {name: archive[name] for name in archive.files}
+
+
+def format_manifest(module: ModuleFile) -> str:
+    """`cnnc inspect`: what the file holds, in a few readable lines."""
+    m = module.manifest
+    params = [e for e in m["storage"] if e["role"] == "param"]
+    lines = [
+        f"module {m['network']} (cnnc {m['cnnc_version']}, format {FORMAT_VERSION})",
+        f"  target   {m['target']['kind']} {m['target']['triple']} {m['target']['cpu']} "
+        f"-O{m['opt_level']}",
+        f"  dtype    {m['dtype']}",
+        f"  input    {m['input']['name']}: N x {_dims(m['input']['shape'])}",
+        f"  output   {m['output']['name']}: N x {_dims(m['output']['shape'])}",
+        f"  entry    forward = {m['entry_points']['forward']}(N, buffers)",
+        f"  kernels  {', '.join(m['kernels'])}",
+        f"  code     sha256 {m['code_sha256']}",
+        "  parameters:",
+    ]
+    lines += [f"    {e['name']}: {_dims(e['shape'])} {e['dtype']}" for e in params]
+    lines.append("  sections:")
+    lines += [f"    {name}: {where['length']:,} bytes" for name, where in m["sections"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _dims(shape: list) -> str:
+    return " x ".join(str(d) for d in shape)

@@ -64,15 +64,24 @@ class Module:
     # -- running ------------------------------------------------------------------------------
     def forward(self, x: Any) -> np.ndarray:
         """The network's output for a batch `x` of shape (N, *input_shape)."""
-        x = self._checked_input(x, "x")
-        batch = x.shape[0]
-        storage = self._manifest["storage"]
-        arrays = [self._buffer_for(entry, x, batch) for entry in storage]
-        table = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
-        self._entry(batch, table)  # `arrays` keeps every buffer alive during the call
-        return arrays[self._manifest["output_index"]]
+        return self._run(x)[self._manifest["output_index"]]
 
     __call__ = forward
+
+    def activations(self, x: Any) -> dict[str, np.ndarray]:
+        """Every tensor the kernels write for batch `x`, by name (argmax tensors included)."""
+        arrays = self._run(x)
+        return {entry["name"]: array for entry, array in zip(self._manifest["storage"], arrays,
+                                                               strict=True)
+                if entry["role"] == "value"}
+
+    def _run(self, x: Any) -> list[np.ndarray]:
+        x = self._checked_input(x, "x")
+        batch = x.shape[0]
+        arrays = [self._buffer_for(entry, x, batch) for entry in self._manifest["storage"]]
+        table = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
+        self._entry(batch, table)  # `arrays` keeps every buffer alive during the call
+        return arrays
 
     def _buffer_for(self, entry: dict[str, Any], x: np.ndarray, batch: int) -> np.ndarray:
         role, name = entry["role"], entry["name"]

@@ -1,0 +1,49 @@
+"""Helpers for numeric tests: compile a small program and compare it with the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import cnnc
+from cnnc import reference
+
+RTOL = {np.float32: 1e-5, np.float64: 1e-12}
+
+
+def assert_close(got: np.ndarray, want: np.ndarray, dtype, name: str) -> None:
+    """rtol of the dtype, with an absolute floor at rtol × the layer's largest magnitude: the
+    kernels sum in another order than numpy, so values that cancel to near 0 differ by
+    rounding of the terms, not of the result."""
+    rtol = RTOL[dtype]
+    scale = max(1.0, float(np.nanmax(np.abs(want)))) if want.size else 1.0
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale, err_msg=name)
+
+
+def random_params(module: cnnc.Module, seed: int = 0) -> dict[str, np.ndarray]:
+    """Parameters with nonzero biases, so a wrong bias index cannot hide behind zeros."""
+    rng = np.random.default_rng(seed)
+    values = {name: rng.standard_normal(p.shape).astype(p.dtype) * 0.5
+              for name, p in module.params.items()}
+    module.set_params(values)
+    return values
+
+
+def compare_with_reference(text: str, batch: int, dtype=np.float32, seed: int = 0,
+                           x: np.ndarray | None = None) -> cnnc.Module:
+    """Compile `text`, run it on random input, and check every kernel output."""
+    dtype_name = "f32" if dtype == np.float32 else "f64"
+    module = cnnc.compile(text, dtype=dtype_name)
+    graph = cnnc.check(text, dtype=dtype_name)
+    params = random_params(module, seed)
+    if x is None:
+        x = np.random.default_rng(seed + 1).standard_normal((batch, *module.input_shape))
+        x = x.astype(dtype)
+    expected = reference.run(graph, x, params)
+    for name, got in module.activations(x).items():
+        if name.endswith(".argmax"):
+            pool = graph.nodes_of(name.removesuffix(".argmax"))[0]
+            _, want = reference.maxpool2d(expected[pool.inputs[0]], pool.attrs.window)
+            np.testing.assert_array_equal(got, want, err_msg=name)
+        else:
+            assert_close(got, expected[name], dtype, name)
+    return module

@@ -1,0 +1,124 @@
+"""Every kernel kind, compiled through the loop IR and LLVM, against the numpy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cnnc
+from numerics import compare_with_reference
+
+DTYPES = [np.float32, np.float64]
+
+
+def net(shape: str, *lines: str) -> str:
+    return f"network k\ninput: {shape}\n" + "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("kernel, stride, pad", [
+    ("1x1", "1", "0"), ("3x3", "1", "1"), ("3x3", "2", "same" if False else "1"),
+    ("5x5", "1", "2"), ("5x5", "3", "0"), ("7x7", "2", "2"), ("3x1", "2x1", "1x0"),
+    ("1x3", "1", "0x1"), ("3x3", "1", "same"), ("5x5", "1", "same"), ("2x2", "3", "2"),
+    ("3x5", "2", "1x2"),
+])
+def test_conv_shapes_strides_and_pads(dtype, kernel, stride, pad):
+    compare_with_reference(net("3x11x9", f"conv c: 5 {kernel} stride={stride} pad={pad}"),
+                           batch=2, dtype=dtype)
+
+
+@pytest.mark.parametrize("channels_in, channels_out", [(1, 1), (3, 16), (16, 33), (33, 3)])
+def test_conv_channel_counts(channels_in, channels_out):
+    compare_with_reference(net(f"{channels_in}x7x5", f"conv c: {channels_out} 3x3 pad=1"),
+                           batch=3)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_batches(batch):
+    compare_with_reference(net("2x9x9", "conv c: 4 3x3 -> relu", "maxpool 2x2",
+                               "dense d: 5 -> softmax"), batch=batch)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("kind", ["maxpool", "avgpool"])
+@pytest.mark.parametrize("window, stride, pad", [
+    ("2x2", None, "0"), ("3x3", "2", "0"), ("3x3", "2", "1"), ("3x3", "1", "1"),
+    ("2x3", "1x2", "1"), ("5x5", "3", "2"),
+])
+def test_pooling_overlapping_and_padded(dtype, kind, window, stride, pad):
+    options = (f" stride={stride}" if stride else "") + f" pad={pad}"
+    compare_with_reference(net("3x13x11", f"{kind} p: {window}{options}"), batch=2, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("bias", ["true", "false"])
+@pytest.mark.parametrize("activation", ["none", "relu", "sigmoid", "tanh", "softmax"])
+def test_dense_every_activation_with_and_without_bias(dtype, bias, activation):
+    compare_with_reference(net("2x3x5", f"dense d: 7 bias={bias} -> {activation}"),
+                           batch=4, dtype=dtype)
+
+
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
+def test_conv_activations_and_activation_lines_after_pools(activation):
+    compare_with_reference(net("2x8x8", f"conv c: 3 3x3 -> {activation}", "maxpool 2x2",
+                               activation, "flatten", activation), batch=3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_softmax_of_huge_logits_does_not_overflow(dtype):
+    module = cnnc.compile(net("4", "dense d: 4 bias=false -> softmax"),
+                          dtype="f32" if dtype == np.float32 else "f64")
+    module.set_params({"d.weight": np.eye(4, dtype=dtype)})
+    x = np.array([[1e4, -1e4, 0.0, 1e4 - 1], [-1e4, -1e4, -1e4, -1e4]], dtype=dtype)
+    probabilities = module(x)
+    assert np.all(np.isfinite(probabilities))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
+    e = np.exp(-1.0)
+    np.testing.assert_allclose(probabilities[0], [1 / (1 + e), 0, 0, e / (1 + e)], rtol=1e-5)
+    np.testing.assert_allclose(probabilities[1], 0.25)
+
+
+def test_nan_input_is_allowed_and_propagates_through_max_and_relu():
+    module = cnnc.compile(net("1x2x2", "maxpool p: 2x2", "relu"))
+    x = np.array([[[[1.0, np.nan], [3.0, 2.0]]]], dtype=np.float32)
+    assert np.isnan(module(x)).all()
+    assert module.activations(x)["p.argmax"].item() == 1
+
+
+def test_argmax_is_a_named_int32_tensor_with_flat_positions():
+    module = cnnc.compile(net("1x4x4", "maxpool p: 2x2"))
+    x = np.arange(16, dtype=np.float32)[::-1].reshape(1, 1, 4, 4).copy()
+    argmax = module.activations(x)["p.argmax"]
+    assert argmax.dtype == np.int32
+    assert argmax.reshape(2, 2).tolist() == [[0, 2], [8, 10]]
+
+
+@st.composite
+def conv_cases(draw):
+    channels, height, width = draw(st.integers(1, 4)), draw(st.integers(1, 12)), \
+        draw(st.integers(1, 12))
+    kh, kw = draw(st.integers(1, min(height, 5))), draw(st.integers(1, min(width, 5)))
+    stride = f"{draw(st.integers(1, 3))}x{draw(st.integers(1, 3))}"
+    pad = f"{draw(st.integers(0, 2))}x{draw(st.integers(0, 2))}"
+    filters = draw(st.integers(1, 6))
+    pool = draw(st.sampled_from(["", "maxpool 1x1", "avgpool 1x1"]))
+    lines = [f"conv c: {filters} {kh}x{kw} stride={stride} pad={pad} -> "
+             f"{draw(st.sampled_from(['relu', 'tanh', 'none']))}"]
+    if pool:
+        lines.append(pool)
+    return net(f"{channels}x{height}x{width}", *lines), draw(st.integers(1, 5))
+
+
+@settings(max_examples=25, deadline=None)
+@given(conv_cases())
+def test_random_convolutions_match_the_reference(case):
+    text, batch = case
+    compare_with_reference(text, batch=batch)
+
+
+@pytest.mark.parametrize("name", ["lenet", "mlp", "vgg_small"])
+def test_example_networks_match_the_reference(name):
+    from conftest import EXAMPLES
+    compare_with_reference((EXAMPLES / f"{name}.cnn").read_text(), batch=3)
