@@ -63,8 +63,10 @@ def unpack(data: bytes, name: str) -> ModuleFile:
     def refuse(reason: str) -> CnncModuleError:
         return CnncModuleError.single(f"cannot load {name}: {reason}")
 
-    if len(data) < _HEADER.size or not data.startswith(MAGIC):
+    if not data.startswith(MAGIC):
         raise refuse("not a cnnc module file (no CNNM header)")
+    if len(data) < _HEADER.size:
+        raise refuse(f"the file is truncated ({len(data)} bytes, less than its header)")
     _, version, length, digest = _HEADER.unpack_from(data)
     if version != FORMAT_VERSION:
         raise refuse(f"module format {version}; this cnnc {__version__} reads format "
