@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .diagnostics import CnncError
 from .backends.llvm import assembly, compile_functions
+from .diagnostics import CnncError
 from .fuse import format_kernels, fuse
 from .ir import Graph, format_graph, format_shape
 from .loader import validated_manifest

@@ -93,7 +93,8 @@ def read(path: str | Path) -> ModuleFile:
     path = Path(path)
     try:
         if not path.is_file():
-            reason = "it is a directory" if path.is_dir() else "no such file"
+            reason = ("it is a directory" if path.is_dir() else
+                      "it is not a regular file" if path.exists() else "no such file")
             raise CnncModuleError.single(f"cannot load {path}: {reason}")
         data = path.read_bytes()
     except OSError as error:

@@ -1,4 +1,4 @@
-"""Golden texts of `--emit ast` and `--emit ir` for every example (pytest --update-golden)."""
+"""Golden texts of `--emit ast|ir|kernels|loops` for every example (pytest --update-golden)."""
 
 import pytest
 
@@ -8,7 +8,7 @@ from conftest import EXAMPLES, GOLDEN, REPO
 EXAMPLE_NAMES = sorted(p.stem for p in EXAMPLES.glob("*.cnn"))
 
 
-@pytest.mark.parametrize("stage", ["ast", "ir"])
+@pytest.mark.parametrize("stage", ["ast", "ir", "kernels", "loops"])
 @pytest.mark.parametrize("name", EXAMPLE_NAMES)
 def test_emit_matches_golden(capsys, monkeypatch, update_golden, name, stage):
     monkeypatch.chdir(REPO)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numerics import compare_with_reference
 
 import cnnc
-from numerics import compare_with_reference
 
 DTYPES = [np.float32, np.float64]
 

@@ -107,7 +107,7 @@ def test_damaged_or_foreign_files_are_refused(lenet, tmp_path, damage, message):
     _, path = lenet
     broken = tmp_path / "broken.cnnm"
     broken.write_bytes(damage(path.read_bytes()))
-    with pytest.raises(cnnc.CnncModuleError, match="cannot load .*broken.cnnm: ") as caught:
+    with pytest.raises(cnnc.CnncModuleError, match=r"cannot load .*broken\.cnnm: ") as caught:
         cnnc.load(broken)
     assert message in str(caught.value)
 

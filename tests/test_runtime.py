@@ -1,0 +1,118 @@
+"""The runtime checks every array before native code sees it; parameters and weights files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cnnc
+from cnnc import reference
+
+TEXT = "network r\ninput: 2x6x6\nconv c: 3 3x3 -> relu\nmaxpool 2x2\ndense d: 4 -> softmax\n"
+
+
+@pytest.fixture(scope="module")
+def module():
+    return cnnc.compile(TEXT)
+
+
+@pytest.fixture
+def x():
+    return np.random.default_rng(0).standard_normal((3, 2, 6, 6)).astype(np.float32)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((2, 6, 6), np.float32),
+     r"x must have shape \(N, 2, 6, 6\), got \(2, 6, 6\); for one sample, add a batch axis"),
+    (np.zeros((3, 2, 6, 5), np.float32), r"x must have shape \(N, 2, 6, 6\), got \(3, 2, 6, 5\)"),
+    (np.zeros((3, 2, 36), np.float32), r"x must have shape \(N, 2, 6, 6\), got \(3, 2, 36\)"),
+    (np.zeros((0, 2, 6, 6), np.float32), r"x is an empty batch \(N = 0\)"),
+    (np.zeros((3, 2, 6, 6), np.int64), "x must have dtype float32, got int64"),
+    (np.zeros((3, 2, 6, 6), np.float16), "x must have dtype float32, got float16"),
+    (np.zeros((3, 2, 6, 6), ">f4"), "x must be a numeric array in native byte order"),
+    (np.array([["a"]]), "x must be a numeric array"),
+    ([[1, 2], [3]], "x is not an array"),
+])
+def test_bad_inputs_are_refused_before_native_code(module, bad, message):
+    with pytest.raises(cnnc.CnncRuntimeError, match=message):
+        module(bad)
+
+
+def test_float64_input_is_rounded_and_non_contiguous_input_copied(module, x):
+    expected = module(x)
+    np.testing.assert_array_equal(module(x.astype(np.float64)), expected)
+    wide = np.zeros((3, 2, 6, 12), np.float32)
+    wide[..., ::2] = x
+    view = wide[..., ::2]
+    assert not view.flags.c_contiguous
+    np.testing.assert_array_equal(module(view), expected)
+    reversed_batch = np.ascontiguousarray(x[::-1])
+    np.testing.assert_array_equal(module(x[::-1]), module(reversed_batch))
+
+
+def test_any_batch_size_matches_the_reference(module):
+    graph = cnnc.check(TEXT)
+    for batch in (1, 2, 13):
+        x = np.random.default_rng(batch).standard_normal((batch, 2, 6, 6)).astype(np.float32)
+        np.testing.assert_allclose(module(x), reference.forward(graph, x, module.params),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_params_are_copies_and_set_params_checks_names_shapes_dtypes(module, x):
+    before = module(x)
+    params = module.params
+    params["c.weight"][:] = 0  # a copy: the module is unchanged
+    np.testing.assert_array_equal(module(x), before)
+    with pytest.raises(cnnc.CnncRuntimeError, match=r"unknown parameter 'c\.wieght'"):
+        module.set_params({"c.wieght": params["c.weight"]})
+    with pytest.raises(cnnc.CnncRuntimeError, match=r"c\.bias must have shape \(3,\), got \(4,\)"):
+        module.set_params({"c.bias": np.zeros(4, np.float32)})
+    with pytest.raises(cnnc.CnncRuntimeError, match=r"c\.bias must have dtype float32, got int64"):
+        module.set_params({"c.bias": np.zeros(3, np.int64)})
+    with pytest.raises(cnnc.CnncRuntimeError, match="set_params takes a dict"):
+        module.set_params([1, 2])
+
+
+def test_weights_files_round_trip_and_are_checked(tmp_path, x):
+    module = cnnc.compile(TEXT)
+    original = module.params
+    module.save_weights(tmp_path / "w.npz")
+    module.set_params({name: value * 2 for name, value in original.items()})
+    module.load_weights(tmp_path / "w.npz")
+    for name, value in original.items():
+        np.testing.assert_array_equal(module.params[name], value)
+    np.savez(tmp_path / "partial.npz", **{"c.weight": original["c.weight"]})
+    with pytest.raises(cnnc.CnncRuntimeError, match=r"lacks the parameters c\.bias, d\.weight"):
+        module.load_weights(tmp_path / "partial.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(cnnc.CnncRuntimeError, match="cannot read weights from"):
+        module.load_weights(tmp_path / "junk.npz")
+    np.save(tmp_path / "one.npy", original["c.bias"])
+    with pytest.raises(cnnc.CnncRuntimeError, match="single array"):
+        module.load_weights(tmp_path / "one.npy")
+    with pytest.raises(cnnc.CnncRuntimeError, match="cannot read weights"):
+        module.load_weights(tmp_path / "absent.npz")
+
+
+def test_initial_parameters_are_deterministic_and_scaled():
+    text = TEXT + "loss cross_entropy\ntrain sgd seed=7\n"
+    first, second = cnnc.compile(text).params, cnnc.compile(text).params
+    for name in first:
+        np.testing.assert_array_equal(first[name], second[name])
+    other = cnnc.compile(text.replace("seed=7", "seed=8")).params
+    assert not np.array_equal(first["c.weight"], other["c.weight"])
+    assert not first["c.bias"].any()
+    # He for the relu conv: std sqrt(2 / (2*3*3)); Glorot bound for the softmax dense.
+    big = cnnc.compile("network b\ninput: 64x8x8\nconv c: 64 3x3 -> relu\n").params["c.weight"]
+    assert abs(big.std() - np.sqrt(2 / (64 * 9))) < 0.02 * np.sqrt(2 / (64 * 9)) * 5
+    limit = np.sqrt(6 / (12 + 4))
+    assert np.abs(first["d.weight"]).max() <= limit
+
+
+def test_compile_arguments_are_checked():
+    with pytest.raises(cnnc.CnncError, match="target 'cuda' is not available"):
+        cnnc.compile(TEXT, target="cuda")
+    with pytest.raises(cnnc.CnncError, match="opt_level must be 0, 1, 2 or 3"):
+        cnnc.compile(TEXT, opt_level=5)
+    with pytest.raises(cnnc.CnncSemanticError):
+        cnnc.compile("network n\ninput: 1x2x2\nconv c: 1 3x3\n")
