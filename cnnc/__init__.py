@@ -34,7 +34,7 @@ def compile(program: str | Path, target: str = "cpu", dtype: str | None = None,
 
     if target != "cpu":
         raise CnncInputError.single(f"target {target!r} is not available; this cnnc has cpu")
-    if opt_level not in (0, 1, 2, 3):
+    if type(opt_level) is not int or opt_level not in (0, 1, 2, 3):
         raise CnncInputError.single(f"opt_level must be 0, 1, 2 or 3, got {opt_level!r}")
     graph = front_end(to_source(program), dtype)
     return Module(compile_module(graph, opt_level))

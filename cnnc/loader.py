@@ -22,6 +22,8 @@ def _refuse(source: str, reason: str) -> artifact.CnncModuleError:
 
 def validated_manifest(file: artifact.ModuleFile, source: str) -> dict[str, Any]:
     """The manifest with derived fields, after checking version, target, CPU and code hash."""
+    if not isinstance(file.manifest, dict):
+        raise _refuse(source, "the manifest is malformed (not a JSON object)")
     manifest = dict(file.manifest)
     try:
         storage = [dict(entry) for entry in manifest["storage"]]
@@ -34,7 +36,9 @@ def validated_manifest(file: artifact.ModuleFile, source: str) -> dict[str, Any]
         required = set(target["features"])
         expected_hash = manifest["code_sha256"]
         _ = manifest["entry_points"]["forward"], manifest["input"]["shape"]
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        _ = [str(k) for k in manifest["kernels"]], str(manifest["network"])
+        _ = str(target["triple"]).split("-"), int(manifest["opt_level"])
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
         raise _refuse(source, f"the manifest is malformed ({type(error).__name__}: {error})") \
             from None
     manifest["storage"] = storage
@@ -42,7 +46,7 @@ def validated_manifest(file: artifact.ModuleFile, source: str) -> dict[str, Any]
         raise _refuse(source, f"it was made by cnnc {made_by}, newer than this cnnc "
                               f"{__version__}")
     _check_target(source, target, required)
-    if artifact.code_hash(file.sections["object"], file.manifest["storage"]) != expected_hash:
+    if artifact.code_hash(file.sections["object"], file.manifest) != expected_hash:
         raise _refuse(source, "the code hash does not match the code and its buffer table")
     return manifest
 
@@ -52,7 +56,8 @@ def _check_target(source: str, target: dict[str, Any], required: set[str]) -> No
     if target.get("kind") != "cpu":
         raise _refuse(source, f"it was compiled for the target {target.get('kind')!r}, "
                               "and this runtime runs cpu modules")
-    if target["triple"].split("-")[0] != host.triple.split("-")[0]:
+    if not isinstance(target["triple"], str) or \
+            target["triple"].split("-")[0] != host.triple.split("-")[0]:
         raise _refuse(source, f"it was compiled for {target['triple']}, this machine is "
                               f"{host.triple}")
     have = {f[1:] for f in host.features.split(",") if f.startswith("+")}

@@ -284,8 +284,8 @@ def _lower_dense(kernel: Kernel, program: KernelProgram) -> LoopFunction:
 
 def _lower_softmax(kernel: Kernel, program: KernelProgram) -> LoopFunction:
     """Subtract the row maximum before exp, so logits of ±1e4 cannot overflow."""
-    x = _buffer(program, kernel.inputs[0])
-    out = _buffer(program, kernel.outputs[0], is_output=True)
+    x = _buffer(program, kernel.inputs[0], flat=True)  # a flatten's input may be N x C x H x W
+    out = _buffer(program, kernel.outputs[0], is_output=True, flat=True)
     classes = const(x.shape[1])
     item = Load(x.name, (Var("n"), Var("k")))
     larger = Binary("or", Binary(">", item, Var("top")), Unary("isnan", item))

@@ -76,16 +76,25 @@ def unpack(data: bytes, name: str) -> ModuleFile:
         raise refuse(f"the file is truncated (manifest of {length} bytes, {len(text)} present)")
     if hashlib.sha256(text).digest() != digest:
         raise refuse("the manifest was changed or damaged (its checksum does not match)")
-    manifest = json.loads(text)
+    try:
+        manifest = json.loads(text.decode("utf-8"))
+        table = manifest["sections"]
+        places = {name: (int(w["offset"]), int(w["length"]), str(w["sha256"]))
+                  for name, w in table.items()}
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
+        raise refuse(f"the manifest is malformed ({type(error).__name__})") from None
     start = _HEADER.size + length
     sections = {}
-    for section, where in manifest["sections"].items():
-        blob = data[start + where["offset"]:start + where["offset"] + where["length"]]
-        if len(blob) < where["length"]:
+    for section, (offset, size, digest) in places.items():
+        blob = data[start + offset:start + offset + size] if offset >= 0 and size >= 0 else b""
+        if len(blob) < size or offset < 0 or size < 0:
             raise refuse(f"the file is truncated (section {section} is incomplete)")
-        if hashlib.sha256(blob).hexdigest() != where["sha256"]:
+        if hashlib.sha256(blob).hexdigest() != digest:
             raise refuse(f"section {section} was changed or damaged (its hash does not match)")
         sections[section] = blob
+    missing = {"object", "llvm_ir", "loops", "params"} - set(sections)
+    if missing:
+        raise refuse("the file lacks the sections " + ", ".join(sorted(missing)))
     return ModuleFile(manifest, sections)
 
 
@@ -121,10 +130,15 @@ def write_atomically(path: Path, data: bytes) -> None:
         raise CnncModuleError.single(f"cannot write {path}: {error.strerror or error}") from None
 
 
-def code_hash(object_code: bytes, storage: list[dict[str, Any]]) -> str:
-    """Binds the native code to the buffer table it was compiled for: shapes edited in the
-    manifest would make the code read out of bounds, so they are part of the hash."""
-    table = json.dumps(storage, sort_keys=True).encode("utf-8")
+# What the native code's memory safety depends on: edited, these would make it read out of
+# bounds or call the wrong function, so they are hashed together with the code.
+CODE_BOUND_FIELDS = ("storage", "input", "output", "dtype", "entry_points")
+
+
+def code_hash(object_code: bytes, manifest: dict[str, Any]) -> str:
+    """SHA-256 of the object code and the manifest fields the code relies on."""
+    bound = {key: manifest.get(key) for key in CODE_BOUND_FIELDS}
+    table = json.dumps(bound, sort_keys=True).encode("utf-8")
     return hashlib.sha256(object_code + b"\0" + table).hexdigest()
 
 

@@ -60,6 +60,9 @@ def to_source(program: str | Path | Source) -> Source:
     """Program text, or a path: a Path, or a one-line string naming a file or ending in .cnn."""
     if isinstance(program, Source):
         return program
+    if not isinstance(program, (str, Path)):
+        raise CnncInputError.single("a program is its text or a path to a .cnn file, not "
+                                    f"{type(program).__name__}")
     if isinstance(program, Path):
         return read_source(program)
     if "\n" not in program and (program.endswith(".cnn") or _is_file(program)):
@@ -122,8 +125,8 @@ def compile_module(graph: Graph, opt_level: int = 3) -> ModuleFile:
                    "features": [f[1:] for f in code.target.features.split(",")
                                 if f.startswith("+")]},
         "opt_level": opt_level,
-        "code_sha256": code_hash(code.object_code, storage),
     }
+    manifest["code_sha256"] = code_hash(code.object_code, manifest)
     sections = {"object": code.object_code, "llvm_ir": code.llvm_ir.encode(),
                 "loops": format_functions(functions).encode(),
                 "params": params_to_bytes(initial_parameters(graph))}

@@ -64,7 +64,11 @@ class Module:
     # -- running ------------------------------------------------------------------------------
     def forward(self, x: Any) -> np.ndarray:
         """The network's output for a batch `x` of shape (N, *input_shape)."""
-        return self._run(x)[self._manifest["output_index"]]
+        arrays = self._run(x)
+        index = self._manifest["output_index"]
+        output = arrays[index].reshape(arrays[index].shape[0], *self.output_shape)
+        # a network that only flattens writes nothing: its output is its input, reshaped
+        return output.copy() if self._manifest["storage"][index]["role"] != "value" else output
 
     __call__ = forward
 
@@ -108,7 +112,11 @@ class Module:
             raise _refuse(f"{argument} must have shape {shown}, got {array.shape}")
         if array.shape[0] == 0:
             raise _refuse(f"{argument} is an empty batch (N = 0); give at least one sample")
-        return np.ascontiguousarray(self._converted(array, argument))
+        try:
+            return np.ascontiguousarray(self._converted(array, argument))
+        except MemoryError:
+            raise _refuse(f"{argument}: a batch of {array.shape[0]} does not fit in memory") \
+                from None
 
     def _converted(self, array: np.ndarray, argument: str) -> np.ndarray:
         """float64 into a float32 module is rounded; any other dtype mismatch is an error."""

@@ -122,3 +122,23 @@ def test_random_convolutions_match_the_reference(case):
 def test_example_networks_match_the_reference(name):
     from conftest import EXAMPLES
     compare_with_reference((EXAMPLES / f"{name}.cnn").read_text(), batch=3)
+
+
+@pytest.mark.parametrize("lines", [
+    ["conv 4 1x1", "flatten", "softmax"],
+    ["flatten", "softmax"],
+    ["conv c: 2 3x3", "flatten"],
+])
+def test_flatten_views_feed_softmax_and_the_output(lines):
+    compare_with_reference(net("3x4x4", *lines), batch=3)
+    module = cnnc.compile(net("3x4x4", *lines))
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    assert module(x).shape == (2, *module.output_shape)
+
+
+def test_a_network_that_only_flattens_returns_a_new_array():
+    module = cnnc.compile(net("2x3x3", "flatten"))
+    x = np.arange(36, dtype=np.float32).reshape(2, 2, 3, 3)
+    y = module(x)
+    assert y.shape == (2, 18) and not np.shares_memory(x, y)
+    np.testing.assert_array_equal(y, x.reshape(2, 18))

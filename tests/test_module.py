@@ -68,6 +68,15 @@ def rewrite(data: bytes, edit) -> bytes:
     return header + text + data[start + length:]
 
 
+def rewrite_text(data: bytes, text: bytes) -> bytes:
+    """The file with its manifest replaced by `text` and a matching header checksum."""
+    _, version, length, _ = struct.unpack_from("<8sIQ32s", data)
+    start = struct.calcsize("<8sIQ32s")
+    header = struct.pack("<8sIQ32s", artifact.MAGIC, version, len(text),
+                         hashlib.sha256(text).digest())
+    return header + text + data[start + length:]
+
+
 def _grow_buffer(manifest):
     manifest["storage"][-1]["shape"][-1] *= 100
 
@@ -88,6 +97,18 @@ def _no_storage(manifest):
     del manifest["storage"]
 
 
+def _small_input(manifest):
+    manifest["input"]["shape"] = [1, 1, 1]
+
+
+def _kernel_as_entry(manifest):
+    manifest["entry_points"]["forward"] = "c1_conv_relu_fwd"
+
+
+def _other_dtype(manifest):
+    manifest["dtype"] = "f64"
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda d: d[: len(d) // 2], "the file is truncated"),
     (lambda d: d[:40], "the file is truncated"),
@@ -101,8 +122,15 @@ def _no_storage(manifest):
     (lambda d: rewrite(d, _other_arch), "it was compiled for aarch64-unknown-linux-gnu"),
     (lambda d: rewrite(d, _future_version), "made by cnnc 99.0.0, newer than this cnnc"),
     (lambda d: rewrite(d, _no_storage), "the manifest is malformed"),
+    (lambda d: rewrite(d, _small_input), "the code hash does not match"),
+    (lambda d: rewrite(d, _kernel_as_entry), "the code hash does not match"),
+    (lambda d: rewrite(d, _other_dtype), "the code hash does not match"),
+    (lambda d: rewrite_text(d, b"{not json"), "the manifest is malformed"),
+    (lambda d: rewrite_text(d, b"null"), "the manifest is malformed"),
+    (lambda d: rewrite_text(d, b"[" * 100000), "the manifest is malformed"),
 ], ids=["half", "header-only", "empty", "zip-magic", "manifest-bit", "section-bit",
-        "format", "edited-shapes", "cpu-features", "architecture", "version", "malformed"])
+        "format", "edited-shapes", "cpu-features", "architecture", "version", "malformed",
+        "input-shape", "entry-point", "dtype", "not-json", "null", "deep-json"])
 def test_damaged_or_foreign_files_are_refused(lenet, tmp_path, damage, message):
     _, path = lenet
     broken = tmp_path / "broken.cnnm"

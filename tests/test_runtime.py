@@ -114,5 +114,9 @@ def test_compile_arguments_are_checked():
         cnnc.compile(TEXT, target="cuda")
     with pytest.raises(cnnc.CnncError, match="opt_level must be 0, 1, 2 or 3"):
         cnnc.compile(TEXT, opt_level=5)
+    with pytest.raises(cnnc.CnncError, match="opt_level must be 0, 1, 2 or 3"):
+        cnnc.compile(TEXT, opt_level=3.0)
+    with pytest.raises(cnnc.CnncInputError, match="a program is its text or a path"):
+        cnnc.compile(None)
     with pytest.raises(cnnc.CnncSemanticError):
         cnnc.compile("network n\ninput: 1x2x2\nconv c: 1 3x3\n")
