@@ -12,7 +12,7 @@ import dataclasses
 import enum
 from dataclasses import dataclass
 
-from .ir import BATCH, DType, Graph, Node, Op, OpGroup, Role, Shape, Tensor, Window
+from .ir import BATCH, Graph, Node, Op, OpGroup, Role, Shape, Tensor, Window, argmax_name
 
 
 class KernelKind(enum.Enum):
@@ -70,7 +70,7 @@ def fuse(graph: Graph) -> KernelProgram:
         out = graph.tensor(covered[-1].output)
         storage.append(out)
         if kernel.kind is KernelKind.MAXPOOL:
-            storage.append(Tensor(argmax_name(node.layer), Role.VALUE, DType.I32, out.shape))
+            storage.append(graph.tensor(argmax_name(node.layer)))
         position += len(covered)
     output = alias.get(graph.output, graph.output)
     return KernelProgram(graph, tuple(kernels), tuple(storage), tuple(alias.items()), output)
@@ -84,10 +84,6 @@ def _unique_name(kernel: Kernel, earlier: list[Kernel]) -> Kernel:
         count += 1
         name = f"{kernel.name}_{count}"
     return dataclasses.replace(kernel, name=name)
-
-
-def argmax_name(layer: str) -> str:
-    return f"{layer}.argmax"
 
 
 def _covered(nodes: list[Node], start: int) -> list[Node]:

@@ -58,6 +58,11 @@ class OpGroup:
     RESHAPE = frozenset({Op.FLATTEN})
 
 
+def argmax_name(layer: str) -> str:
+    """The int32 tensor in which max pooling records the flat position h·W + w of each max."""
+    return f"{layer}.argmax"
+
+
 ACTIVATION_OPS = {"relu": Op.RELU, "sigmoid": Op.SIGMOID, "tanh": Op.TANH, "softmax": Op.SOFTMAX}
 
 
@@ -257,9 +262,9 @@ def format_graph(graph: Graph) -> str:
     calls = [_format_call(node) for node in graph.nodes]
     call_width = max((len(c) for c in calls), default=0)
     for node, call in zip(graph.nodes, calls, strict=True):
-        out = graph.tensor(node.output)
-        lines.append(f"  {call:<{call_width}}  : {format_shape(out.shape)} {out.dtype.value}"
-                     f"  @{node.span.line}:{node.span.col}")
+        types = ", ".join(f"{format_shape(t.shape)} {t.dtype.value}"
+                          for t in map(graph.tensor, node.outputs))
+        lines.append(f"  {call:<{call_width}}  : {types}  @{node.span.line}:{node.span.col}")
     lines.append(f"  output {graph.output}")
     if graph.train is not None:
         settings = " ".join(f"{k}={_format_setting(v)}" for k, v in graph.train.settings)
@@ -268,7 +273,7 @@ def format_graph(graph: Graph) -> str:
 
 
 def _format_call(node: Node) -> str:
-    text = f"{node.output} = {node.op.value}({', '.join(node.inputs)})"
+    text = f"{', '.join(node.outputs)} = {node.op.value}({', '.join(node.inputs)})"
     attrs = node.attrs
     if isinstance(attrs, ConvAttrs):
         text += f" filters={attrs.filters} {_format_window(attrs.window)}"

@@ -32,6 +32,7 @@ from .ir import (
     Tensor,
     TrainConfig,
     Window,
+    argmax_name,
 )
 from .parse_errors import ACTIVATION_NAMES, STATEMENT_KEYWORDS
 
@@ -285,7 +286,12 @@ class _Builder:
 
     def _emit(self, step: _Step, current: str, out: str, layer: str, span: Span) -> str:
         self.tensors.append(Tensor(out, Role.VALUE, self.dtype))
-        self.nodes.append(Node(step.op, (current, *step.params), (out,), layer, span, step.attrs))
+        outputs: tuple[str, ...] = (out,)
+        if step.op is Op.MAXPOOL2D:  # where each maximum was: the backward pass reads it
+            outputs += (argmax_name(layer),)
+            self.tensors.append(Tensor(outputs[1], Role.VALUE, DType.I32))
+        self.nodes.append(Node(step.op, (current, *step.params), outputs, layer, span,
+                               step.attrs))
         return out
 
     def _param(self, name: str) -> str:

@@ -25,7 +25,9 @@ def run(graph: Graph, x: np.ndarray, params: Mapping[str, np.ndarray],
     for node in graph.nodes:
         if any(name not in values for name in node.inputs):
             continue  # the loss, when no target was given
-        values[node.output] = evaluate(node, [values[name] for name in node.inputs])
+        result = evaluate(node, [values[name] for name in node.inputs])
+        values.update(zip(node.outputs, result if isinstance(result, tuple) else (result,),
+                          strict=True))
     return values
 
 
@@ -33,8 +35,8 @@ def forward(graph: Graph, x: np.ndarray, params: Mapping[str, np.ndarray]) -> np
     return run(graph, x, params)[graph.output]
 
 
-def evaluate(node: Node, args: list[np.ndarray]) -> np.ndarray:
-    """One op, one case."""
+def evaluate(node: Node, args: list[np.ndarray]) -> np.ndarray | tuple[np.ndarray, ...]:
+    """One op, one case; an op with several outputs returns them as a tuple."""
     x = args[0]
     match node.op:
         case Op.CONV2D:
@@ -42,7 +44,7 @@ def evaluate(node: Node, args: list[np.ndarray]) -> np.ndarray:
             return conv2d(x, args[1], node.attrs.window)
         case Op.MAXPOOL2D:
             assert isinstance(node.attrs, PoolAttrs)
-            return maxpool2d(x, node.attrs.window)[0]
+            return maxpool2d(x, node.attrs.window)
         case Op.AVGPOOL2D:
             assert isinstance(node.attrs, PoolAttrs)
             return avgpool2d(x, node.attrs.window)

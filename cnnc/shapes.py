@@ -76,7 +76,8 @@ def _infer_node(node: Node, shapes: list[Shape | None], graph: Graph) -> dict[st
         case Op.MAXPOOL2D | Op.AVGPOOL2D:
             attrs = node.attrs
             assert isinstance(attrs, PoolAttrs)
-            return {node.output: _windowed(node, x, attrs.window, graph, channels=x[1])}
+            out = _windowed(node, x, attrs.window, graph, channels=x[1])
+            return dict.fromkeys(node.outputs, out)  # max pooling's argmax is shaped alike
         case Op.DENSE:
             attrs = node.attrs
             assert isinstance(attrs, DenseAttrs)
