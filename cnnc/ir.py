@@ -44,6 +44,22 @@ class Op(enum.Enum):
     SOFTMAX = "softmax"  # over axis 1 of an N x classes tensor
     CROSS_ENTROPY = "cross_entropy"  # mean over the batch of -log p[label]
     MSE = "mse"  # mean over all elements of the squared difference
+    # backward ops, made by autodiff; each names what it differentiates
+    CONV2D_GRAD_INPUT = "conv2d_grad_input"  # (dy, w) -> dx: full correlation, rotated w
+    CONV2D_GRAD_WEIGHT = "conv2d_grad_weight"  # (x, dy) -> dw: x correlated with dy
+    BIAS_GRAD = "bias_grad"  # (dy,) -> db: dy summed over all but axis 1
+    DENSE_GRAD_INPUT = "dense_grad_input"  # (dy, w) -> dx = dy · W, shaped like x
+    DENSE_GRAD_WEIGHT = "dense_grad_weight"  # (x, dy) -> dw = dyᵀ · x
+    MAXPOOL2D_GRAD = "maxpool2d_grad"  # (dy, argmax) -> dx: dy to where each max was
+    AVGPOOL2D_GRAD = "avgpool2d_grad"  # (dy,) -> dx: dy / (kh·kw) over each window
+    RELU_GRAD = "relu_grad"  # (dy, y) -> dy where y > 0
+    SIGMOID_GRAD = "sigmoid_grad"  # (dy, y) -> dy · y · (1 − y)
+    TANH_GRAD = "tanh_grad"  # (dy, y) -> dy · (1 − y²)
+    SOFTMAX_GRAD = "softmax_grad"  # (dy, y) -> y · (dy − Σ dy·y)
+    SOFTMAX_CROSS_ENTROPY_GRAD = "softmax_cross_entropy_grad"  # (p, labels) -> (p − onehot) / N
+    MSE_GRAD = "mse_grad"  # (y, t) -> 2 (y − t) / size
+    RESHAPE = "reshape"  # (dy,) -> dy shaped like the flatten's input
+    ADD = "add"  # (a, b) -> a + b: gradients of a tensor read by several ops
 
 
 class OpGroup:
@@ -55,7 +71,13 @@ class OpGroup:
     WINDOWED = frozenset({Op.CONV2D, Op.MAXPOOL2D, Op.AVGPOOL2D})
     WEIGHTED = frozenset({Op.CONV2D, Op.DENSE})
     LOSS = frozenset({Op.CROSS_ENTROPY, Op.MSE})
-    RESHAPE = frozenset({Op.FLATTEN})
+    RESHAPE = frozenset({Op.FLATTEN, Op.RESHAPE})
+    BACKWARD = frozenset({
+        Op.CONV2D_GRAD_INPUT, Op.CONV2D_GRAD_WEIGHT, Op.BIAS_GRAD, Op.DENSE_GRAD_INPUT,
+        Op.DENSE_GRAD_WEIGHT, Op.MAXPOOL2D_GRAD, Op.AVGPOOL2D_GRAD, Op.RELU_GRAD,
+        Op.SIGMOID_GRAD, Op.TANH_GRAD, Op.SOFTMAX_GRAD, Op.SOFTMAX_CROSS_ENTROPY_GRAD,
+        Op.MSE_GRAD, Op.RESHAPE, Op.ADD})
+    ACTIVATION_GRAD = frozenset({Op.RELU_GRAD, Op.SIGMOID_GRAD, Op.TANH_GRAD})
 
 
 def argmax_name(layer: str) -> str:
@@ -114,13 +136,20 @@ class DenseAttrs:
 
 
 @dataclass(frozen=True, slots=True)
+class ReshapeAttrs:
+    """The per-sample shape a reshape produces (the backward of flatten)."""
+
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class LossAttrs:
     """A target shape the program declared (`loss mse targets=10`), checked against the output."""
 
     declared: tuple[int, ...] | None = None
 
 
-Attrs = ConvAttrs | PoolAttrs | DenseAttrs | LossAttrs | None
+Attrs = ConvAttrs | PoolAttrs | DenseAttrs | LossAttrs | ReshapeAttrs | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +212,7 @@ class Graph:
     loss: str | None = None
     target: str | None = None
     train: TrainConfig | None = None
+    gradients: tuple[tuple[str, str], ...] = ()  # (tensor, its gradient) after autodiff
 
     def tensor(self, name: str) -> Tensor:
         return self._tensor_index[name]
@@ -266,6 +296,8 @@ def format_graph(graph: Graph) -> str:
                           for t in map(graph.tensor, node.outputs))
         lines.append(f"  {call:<{call_width}}  : {types}  @{node.span.line}:{node.span.col}")
     lines.append(f"  output {graph.output}")
+    for tensor, gradient in graph.gradients:
+        lines.append(f"  gradient {tensor} = {gradient}")
     if graph.train is not None:
         settings = " ".join(f"{k}={_format_setting(v)}" for k, v in graph.train.settings)
         lines.append(f"  train {graph.train.optimizer} {settings}")

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .ir import ConvAttrs, Graph, Node, Op, PoolAttrs, Window
+from .ir import BATCH, ConvAttrs, Graph, Node, Op, PoolAttrs, Window
 
 
 def run(graph: Graph, x: np.ndarray, params: Mapping[str, np.ndarray],
@@ -25,7 +25,9 @@ def run(graph: Graph, x: np.ndarray, params: Mapping[str, np.ndarray],
     for node in graph.nodes:
         if any(name not in values for name in node.inputs):
             continue  # the loss, when no target was given
-        result = evaluate(node, [values[name] for name in node.inputs])
+        batch = x.shape[0]
+        shape = tuple(batch if d == BATCH else d for d in graph.tensor(node.output).shape)
+        result = evaluate(node, [values[name] for name in node.inputs], shape)
         values.update(zip(node.outputs, result if isinstance(result, tuple) else (result,),
                           strict=True))
     return values
@@ -35,7 +37,8 @@ def forward(graph: Graph, x: np.ndarray, params: Mapping[str, np.ndarray]) -> np
     return run(graph, x, params)[graph.output]
 
 
-def evaluate(node: Node, args: list[np.ndarray]) -> np.ndarray | tuple[np.ndarray, ...]:
+def evaluate(node: Node, args: list[np.ndarray],
+             shape: tuple[int, ...] | None = None) -> np.ndarray | tuple[np.ndarray, ...]:
     """One op, one case; an op with several outputs returns them as a tuple."""
     x = args[0]
     match node.op:
@@ -69,6 +72,51 @@ def evaluate(node: Node, args: list[np.ndarray]) -> np.ndarray | tuple[np.ndarra
             return np.asarray(-np.mean(np.log(picked)), dtype=x.dtype)
         case Op.MSE:
             return np.asarray(np.mean((x - args[1]) ** 2), dtype=x.dtype)
+    assert shape is not None, "backward ops need the shape of their result"
+    return evaluate_backward(node, args, shape)
+
+
+def evaluate_backward(node: Node, args: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """The backward ops, written directly from cnn-algorithm.md section 5; `shape` is the
+    result's (the input it differentiates cannot always be told from δ's size)."""
+    dy = args[0]
+    match node.op:
+        case Op.CONV2D_GRAD_INPUT:
+            return conv2d_grad_input(dy, args[1], node.attrs.window, shape)
+        case Op.CONV2D_GRAD_WEIGHT:
+            return conv2d_grad_weight(dy, args[1], node.attrs.window)  # (x, dy)
+        case Op.BIAS_GRAD:
+            return dy.sum(axis=tuple(a for a in range(dy.ndim) if a != 1))
+        case Op.DENSE_GRAD_INPUT:
+            return (dy @ args[1]).reshape(shape)
+        case Op.DENSE_GRAD_WEIGHT:
+            x, grad = args
+            return grad.T @ x.reshape(x.shape[0], -1)
+        case Op.MAXPOOL2D_GRAD:
+            return maxpool2d_grad(dy, args[1], node.attrs.window, shape)
+        case Op.AVGPOOL2D_GRAD:
+            return avgpool2d_grad(dy, node.attrs.window, shape)
+        case Op.RELU_GRAD:
+            return np.where(args[1] > 0, dy, np.zeros_like(dy))
+        case Op.SIGMOID_GRAD:
+            return dy * args[1] * (1 - args[1])
+        case Op.TANH_GRAD:
+            return dy * (1 - args[1] * args[1])
+        case Op.SOFTMAX_GRAD:
+            y = args[1]
+            return y * (dy - (dy * y).sum(axis=1, keepdims=True))
+        case Op.SOFTMAX_CROSS_ENTROPY_GRAD:
+            p, labels = args
+            onehot = np.zeros_like(p)
+            onehot[np.arange(p.shape[0]), labels] = 1
+            return (p - onehot) / p.shape[0]
+        case Op.MSE_GRAD:
+            y, t = args
+            return 2 * (y - t) / y.size
+        case Op.RESHAPE:
+            return dy.reshape(shape)
+        case Op.ADD:
+            return dy + args[1]
     raise AssertionError(f"no reference for {node.op}")
 
 
@@ -127,3 +175,61 @@ def avgpool2d(x: np.ndarray, window: Window) -> np.ndarray:
     for _, _, patch in _windows(x, window, 0.0):
         total = patch.copy() if total is None else total + patch
     return total / (window.kernel[0] * window.kernel[1])
+
+
+def conv2d_grad_input(dy: np.ndarray, weight: np.ndarray, window: Window,
+                      input_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """δ^{l-1} = δ^l * rot180(W) as a full correlation: each δ goes back through the window
+    positions it came from (δ dilated by the stride, padding cropped off)."""
+    (kh_size, kw_size), (sh, sw), (ph, pw) = window.kernel, window.stride, window.pad
+    n, _, out_h, out_w = dy.shape
+    channels = weight.shape[1]
+    height, width = input_shape[2:] if input_shape else _input_size(dy, window)
+    padded = np.zeros((n, channels, height + 2 * ph, width + 2 * pw), dtype=dy.dtype)
+    for kh in range(kh_size):
+        for kw in range(kw_size):
+            rows = slice(kh, kh + sh * (out_h - 1) + 1, sh)
+            cols = slice(kw, kw + sw * (out_w - 1) + 1, sw)
+            padded[:, :, rows, cols] += np.einsum("nfhw,fc->nchw", dy, weight[:, :, kh, kw])
+    return padded[:, :, ph:ph + height, pw:pw + width]
+
+
+def conv2d_grad_weight(x: np.ndarray, dy: np.ndarray, window: Window) -> np.ndarray:
+    """∂J/∂W(p, q) = Σ a(i·S + p, j·S + q) · δ(i, j): the input correlated with δ."""
+    kernel = window.kernel
+    grad = np.zeros((dy.shape[1], x.shape[1], *kernel), dtype=x.dtype)
+    for kh, kw, patch in _windows(x, window, 0.0):
+        grad[:, :, kh, kw] = np.einsum("nchw,nfhw->fc", patch, dy)
+    return grad
+
+
+def maxpool2d_grad(dy: np.ndarray, argmax: np.ndarray, window: Window,
+                   input_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Each δ goes to where the forward pass found the maximum; the rest of the window gets 0."""
+    n, c = dy.shape[:2]
+    height, width = input_shape[2:] if input_shape else _input_size(dy, window)
+    grad = np.zeros((n, c, height * width), dtype=dy.dtype)
+    rows = np.arange(n)[:, None, None]
+    chans = np.arange(c)[None, :, None]
+    np.add.at(grad, (rows, chans, argmax.reshape(n, c, -1)), dy.reshape(n, c, -1))
+    return grad.reshape(n, c, height, width)
+
+
+def avgpool2d_grad(dy: np.ndarray, window: Window,
+                   input_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Each δ, divided by k·k, goes to every position of its window."""
+    (kh_size, kw_size), (sh, sw), (ph, pw) = window.kernel, window.stride, window.pad
+    n, c, out_h, out_w = dy.shape
+    height, width = input_shape[2:] if input_shape else _input_size(dy, window)
+    padded = np.zeros((n, c, height + 2 * ph, width + 2 * pw), dtype=dy.dtype)
+    share = dy / (kh_size * kw_size)
+    for kh in range(kh_size):
+        for kw in range(kw_size):
+            padded[:, :, kh:kh + sh * (out_h - 1) + 1:sh, kw:kw + sw * (out_w - 1) + 1:sw] += share
+    return padded[:, :, ph:ph + height, pw:pw + width]
+
+
+def _input_size(dy: np.ndarray, window: Window) -> tuple[int, int]:
+    """The smallest input that gives dy's size (callers with the true shape pass it)."""
+    (kh, kw), (sh, sw), (ph, pw) = window.kernel, window.stride, window.pad
+    return (dy.shape[2] - 1) * sh + kh - 2 * ph, (dy.shape[3] - 1) * sw + kw - 2 * pw
