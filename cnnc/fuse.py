@@ -22,6 +22,9 @@ class KernelKind(enum.Enum):
     DENSE = "dense"
     SOFTMAX = "softmax"
     ACTIVATION = "activation"
+    LOSS = "loss"  # the mean loss of the batch, from the output and the targets
+    GRAD = "grad"  # one backward op of the graph (its `node`)
+    UPDATE = "update"  # one parameter's optimizer step
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +39,13 @@ class Kernel:
     window: Window | None = None
     activation: Op | None = None
     has_bias: bool = False
+    node: Node | None = None  # the op of a LOSS or GRAD kernel
+
+    @property
+    def phase(self) -> str:
+        """forward, loss, backward or update: which entry points run this kernel."""
+        return {KernelKind.LOSS: "loss", KernelKind.GRAD: "backward",
+                KernelKind.UPDATE: "update"}.get(self.kind, "forward")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +61,14 @@ class KernelProgram:
     def tensor(self, name: str) -> Tensor:
         return next(t for t in self.storage if t.name == name)
 
+    def storage_of(self, name: str) -> str:
+        """The storage tensor a graph tensor lives in (itself, or what it aliases)."""
+        return dict(self.aliases).get(name, name)
+
 
 def fuse(graph: Graph) -> KernelProgram:
-    nodes = [n for n in graph.nodes if n.op not in OpGroup.LOSS]
+    """Forward kernels; for a differentiated graph also the loss and one kernel a backward op."""
+    nodes = [n for n in graph.nodes if n.op not in OpGroup.LOSS | OpGroup.BACKWARD]
     alias: dict[str, str] = {}
     kernels: list[Kernel] = []
     storage: list[Tensor] = [t for t in graph.tensors if t.role in (Role.INPUT, Role.PARAM)]
@@ -72,8 +87,30 @@ def fuse(graph: Graph) -> KernelProgram:
         if kernel.kind is KernelKind.MAXPOOL:
             storage.append(graph.tensor(argmax_name(node.layer)))
         position += len(covered)
+    if graph.gradients:
+        _backward_kernels(graph, alias, kernels, storage)
     output = alias.get(graph.output, graph.output)
     return KernelProgram(graph, tuple(kernels), tuple(storage), tuple(alias.items()), output)
+
+
+def _backward_kernels(graph: Graph, alias: dict[str, str], kernels: list[Kernel],
+                      storage: list[Tensor]) -> None:
+    """The loss kernel, then one kernel a backward op; a reshape is an alias like flatten."""
+    storage += [graph.tensor(graph.target), graph.tensor(graph.loss)]
+    for node in graph.nodes:
+        if node.op is Op.RESHAPE:
+            alias[node.output] = alias.get(node.inputs[0], node.inputs[0])
+            continue
+        if node.op in OpGroup.LOSS:
+            kind, name = KernelKind.LOSS, f"loss_{node.op.value}"
+        elif node.op in OpGroup.BACKWARD:
+            kind, name = KernelKind.GRAD, f"{node.layer}_{node.op.value}_bwd"
+        else:
+            continue
+        kernels.append(_unique_name(Kernel(kind, name, node.layer, node.inputs, node.outputs,
+                                           node=node), kernels))
+        if node.op not in OpGroup.LOSS:
+            storage.append(graph.tensor(node.output))
 
 
 def _unique_name(kernel: Kernel, earlier: list[Kernel]) -> Kernel:

@@ -94,6 +94,8 @@ class Role(enum.Enum):
     PARAM = "param"  # a trainable parameter, PyTorch layout
     VALUE = "value"  # an intermediate or output activation
     LOSS = "loss"  # the scalar loss
+    STATE = "state"  # optimizer state kept between steps (momentum, Adam's moments)
+    HYPER = "hyper"  # the optimizer's scalars for one step
 
 
 @dataclass(frozen=True, slots=True)

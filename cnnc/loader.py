@@ -74,21 +74,24 @@ def _version(text: str) -> tuple[int, ...]:
         return (0,)
 
 
-def native_entry(file: artifact.ModuleFile, manifest: dict[str, Any],
-                 source: str) -> tuple[ForwardEntry, llvm.ExecutionEngine]:
-    """Map the object code (no parsing, no optimisation) and return the forward entry; the
-    engine must be kept alive as long as the entry is called."""
+def native_entries(file: artifact.ModuleFile, manifest: dict[str, Any],
+                   source: str) -> tuple[dict[str, ForwardEntry], llvm.ExecutionEngine]:
+    """Map the object code (no parsing, no optimisation) and return every entry point by
+    its role (forward, loss, ...); the engine must live as long as they are called."""
     engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), target_machine())
     try:
         engine.add_object_file(llvm.ObjectFileRef.from_data(file.sections["object"]))
         engine.finalize_object()
     except RuntimeError as error:
         raise _refuse(source, f"its object code does not load: {error}") from None
-    address = engine.get_function_address(manifest["entry_points"]["forward"])
-    if not address:
-        raise _refuse(source, "its object code has no forward entry point")
-    entry = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_void_p)(address)
-    return entry, engine
+    signature = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_void_p)
+    entries = {}
+    for role, symbol in manifest["entry_points"].items():
+        address = engine.get_function_address(str(symbol))
+        if not address:
+            raise _refuse(source, f"its object code has no {role} entry point")
+        entries[role] = signature(address)
+    return entries, engine
 
 
 def validated_params(file: artifact.ModuleFile, manifest: dict[str, Any],

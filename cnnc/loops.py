@@ -39,14 +39,14 @@ class Load:
 
 @dataclass(frozen=True, slots=True)
 class Binary:
-    op: str  # + - * / max < <= > >= and or
+    op: str  # + - * / // % < <= > >= == and or
     left: Expr
     right: Expr
 
 
 @dataclass(frozen=True, slots=True)
 class Unary:
-    op: str  # neg exp tanh isnan
+    op: str  # neg exp log sqrt tanh isnan float (an integer as a float)
     operand: Expr
 
 
@@ -167,9 +167,12 @@ def activate(op: Op | None, value: Expr, float_zero: Const) -> Expr:
 # -- lowering, one function per kernel kind -------------------------------------------------
 
 def lower(program: KernelProgram) -> tuple[LoopFunction, ...]:
+    from .loops_backward import lower_grad
+
     lowerings = {KernelKind.CONV: _lower_conv, KernelKind.MAXPOOL: _lower_maxpool,
                  KernelKind.AVGPOOL: _lower_avgpool, KernelKind.DENSE: _lower_dense,
-                 KernelKind.SOFTMAX: _lower_softmax, KernelKind.ACTIVATION: _lower_activation}
+                 KernelKind.SOFTMAX: _lower_softmax, KernelKind.ACTIVATION: _lower_activation,
+                 KernelKind.LOSS: lower_grad, KernelKind.GRAD: lower_grad}
     return tuple(lowerings[k.kind](k, program) for k in program.kernels)
 
 

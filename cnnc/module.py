@@ -132,7 +132,8 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 # What the native code's memory safety depends on: edited, these would make it read out of
 # bounds or call the wrong function, so they are hashed together with the code.
-CODE_BOUND_FIELDS = ("storage", "input", "output", "dtype", "entry_points")
+CODE_BOUND_FIELDS = ("storage", "input", "output", "dtype", "entry_points", "loss",
+                     "gradients")
 
 
 def code_hash(object_code: bytes, manifest: dict[str, Any]) -> str:

@@ -100,17 +100,83 @@ def _position(diagnostic) -> tuple[int, int]:
 
 
 def compile_module(graph: Graph, opt_level: int = 3) -> ModuleFile:
-    """The back end: kernels, loops, native code and initial parameters in a module file."""
-    from .backends.llvm import ENTRY, compile_functions
+    """The back end: kernels, loops, native code and initial parameters in a module file.
+
+    A network with a loss line also gets its backward pass (autodiff) and the update of its
+    optimizer, with entry points for the loss, the gradients and a whole training step.
+    """
+    from .autodiff import differentiate
+    from .backends.llvm import compile_functions
     from .fuse import fuse
     from .initialise import initial_parameters
     from .loops import format_functions, lower
 
-    program = fuse(graph)
-    functions = lower(program)
-    code = compile_functions(functions, [t.name for t in program.storage], opt_level)
-    storage = [{"name": t.name, "role": t.role.value, "dtype": t.dtype.value,
-                "shape": list(t.shape)} for t in program.storage]
+    full = differentiate(graph) if graph.loss is not None else graph
+    program = fuse(full)
+    functions = list(lower(program))
+    storage = list(program.storage)
+    entries = _entries(program)
+    optimizer = None
+    if graph.loss is not None:
+        optimizer = graph.train.optimizer if graph.train else "sgd"
+        updates, extra = _update_functions(full, program, optimizer)
+        functions += updates
+        storage += extra
+        entries["cnnc_train_step"] = entries["cnnc_gradients"] + [f.name for f in updates]
+    code = compile_functions(tuple(functions), [t.name for t in storage], opt_level, entries)
+    manifest = _manifest(full, program, storage, code, opt_level, optimizer)
+    sections = {"object": code.object_code, "llvm_ir": code.llvm_ir.encode(),
+                "loops": format_functions(tuple(functions)).encode(),
+                "params": params_to_bytes(initial_parameters(graph))}
+    return ModuleFile(manifest, sections)
+
+
+ENTRY_NAMES = {"forward": "cnnc_forward", "loss": "cnnc_loss", "gradients": "cnnc_gradients",
+               "train_step": "cnnc_train_step"}
+
+
+def _entries(program) -> dict[str, list[str]]:
+    """Which kernels each entry point runs, in order."""
+    def names(*phases: str) -> list[str]:
+        return [k.name for k in program.kernels if k.phase in phases]
+
+    entries = {ENTRY_NAMES["forward"]: names("forward")}
+    if program.graph.loss is not None:
+        entries[ENTRY_NAMES["loss"]] = names("forward", "loss")
+        entries[ENTRY_NAMES["gradients"]] = names("forward", "loss", "backward")
+    return entries
+
+
+def _update_functions(graph: Graph, program, optimizer: str):
+    """One update function a parameter, its optimizer state and the shared scalars buffer."""
+    from .ir import Role, Tensor
+    from .loops import Buffer
+    from .loops_backward import HYPER_FIELDS, lower_update
+
+    hyper = Tensor("optimizer.hyper", Role.HYPER, graph.dtype, (len(HYPER_FIELDS),))
+    state_names = ("velocity",) if optimizer == "sgd" else ("adam_m", "adam_v")
+    gradient_of = dict(graph.gradients)
+    functions, extra = [], [hyper]
+    for param in graph.params:
+        size = (param.size,)
+        states = [Tensor(f"{param.name}.{s}", Role.STATE, graph.dtype, param.shape)
+                  for s in state_names]
+        extra += states
+        flat_view = [Buffer(t.name, size, graph.dtype) for t in states]
+        grad = Buffer(program.storage_of(gradient_of[param.name]), size, graph.dtype)
+        name = f"{param.name.replace('.', '_')}_{optimizer}_update"
+        functions.append(lower_update(name, optimizer, Buffer(param.name, size, graph.dtype),
+                                      grad, tuple(flat_view),
+                                      Buffer(hyper.name, hyper.shape, graph.dtype)))
+    return functions, extra
+
+
+def _manifest(graph: Graph, program, storage, code, opt_level: int,
+              optimizer: str | None) -> dict:
+    from .backends.llvm import ENTRY
+
+    table = [{"name": t.name, "role": t.role.value, "dtype": t.dtype.value,
+              "shape": list(t.shape)} for t in storage]
     io_shape = {name: list(graph.tensor(name).shape[1:]) for name in (graph.input, graph.output)}
     manifest = {
         "cnnc_version": __version__,
@@ -118,16 +184,20 @@ def compile_module(graph: Graph, opt_level: int = 3) -> ModuleFile:
         "dtype": graph.dtype.value,
         "input": {"name": graph.input, "shape": io_shape[graph.input]},
         "output": {"name": program.output, "shape": io_shape[graph.output]},
-        "storage": storage,
+        "storage": table,
         "entry_points": {"forward": ENTRY},
-        "kernels": [f.name for f in functions],
+        "kernels": [k.name for k in program.kernels],
         "target": {"kind": "cpu", "triple": code.target.triple, "cpu": code.target.cpu,
                    "features": [f[1:] for f in code.target.features.split(",")
                                 if f.startswith("+")]},
         "opt_level": opt_level,
     }
+    if graph.loss is not None:
+        manifest["entry_points"] = dict(ENTRY_NAMES)
+        manifest["loss"] = {"kind": graph.producer(graph.loss).op.value,
+                            "target": graph.target, "value": graph.loss}
+        manifest["gradients"] = {name: program.storage_of(g) for name, g in graph.gradients}
+        settings = dict(graph.train.settings) if graph.train else {"lr": 0.01, "momentum": 0.0}
+        manifest["optimizer"] = {"kind": optimizer, **settings}
     manifest["code_sha256"] = code_hash(code.object_code, manifest)
-    sections = {"object": code.object_code, "llvm_ir": code.llvm_ir.encode(),
-                "loops": format_functions(functions).encode(),
-                "params": params_to_bytes(initial_parameters(graph))}
-    return ModuleFile(manifest, sections)
+    return manifest

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import module as artifact
 from .diagnostics import CnncError
-from .loader import native_entry, validated_manifest, validated_params
+from .loader import native_entries, validated_manifest, validated_params
 
 
 class CnncRuntimeError(CnncError):
@@ -35,9 +35,14 @@ class Module:
         self._file = file
         self._manifest = validated_manifest(file, source)
         params = validated_params(file, self._manifest, source)
-        self._entry, self._engine = native_entry(file, self._manifest, source)
+        self._entries, self._engine = native_entries(file, self._manifest, source)
         self._dtype = np.dtype(self._manifest["dtype_numpy"])
         self._params = {name: np.ascontiguousarray(value) for name, value in params.items()}
+        self._state = {entry["name"]: np.zeros(entry["shape"], self._dtype)
+                       for entry in self._manifest["storage"] if entry["role"] == "state"}
+        self._step = 0  # optimizer steps taken: Adam's bias corrections need it
+        self._target: np.ndarray | None = None
+        self._hyper: np.ndarray | None = None
 
     # -- what the module is -------------------------------------------------------------------
     @property
@@ -79,12 +84,14 @@ class Module:
                                                                strict=True)
                 if entry["role"] == "value"}
 
-    def _run(self, x: Any) -> list[np.ndarray]:
+    def _run(self, x: Any, entry: str = "forward", target: Any = None) -> list[np.ndarray]:
         x = self._checked_input(x, "x")
         batch = x.shape[0]
-        arrays = [self._buffer_for(entry, x, batch) for entry in self._manifest["storage"]]
+        self._target = None if target is None else self._checked_target(target, batch)
+        arrays = [self._buffer_for(item, x, batch) for item in self._manifest["storage"]]
         table = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
-        self._entry(batch, table)  # `arrays` keeps every buffer alive during the call
+        self._entries[entry](batch, table)  # `arrays` keeps every buffer alive meanwhile
+        self._target = None
         return arrays
 
     def _buffer_for(self, entry: dict[str, Any], x: np.ndarray, batch: int) -> np.ndarray:
@@ -93,7 +100,17 @@ class Module:
             return x
         if role == "param":
             return self._params[name]
-        shape = (batch, *entry["shape"][1:])
+        if role == "target":
+            if self._target is None:  # forward alone never reads it
+                return np.zeros(1, dtype=entry["dtype_numpy"])
+            return self._target
+        if role == "state":
+            return self._state[name]
+        if role == "hyper":
+            return self._hyper if self._hyper is not None else np.zeros(8, self._dtype)
+        if role == "loss":
+            return np.zeros(1, dtype=self._dtype)
+        shape = tuple(batch if d == "N" else d for d in entry["shape"]) or (1,)
         try:
             return np.empty(shape, dtype=entry["dtype_numpy"])
         except MemoryError:
@@ -125,6 +142,80 @@ class Module:
         if array.dtype == np.float64 and self._dtype == np.float32:
             return array.astype(np.float32)
         raise _refuse(f"{argument} must have dtype {self._dtype.name}, got {array.dtype}")
+
+    # -- training -----------------------------------------------------------------------------
+    def loss(self, x: Any, y: Any) -> float:
+        """The mean loss over the batch; y: class labels (N,) or targets like the output."""
+        return float(self._named(self._run(x, "loss", self._trainable(y)))[self._loss_name()][0])
+
+    def gradients(self, x: Any, y: Any) -> dict[str, np.ndarray]:
+        """d(mean loss)/d(parameter) for every parameter, shaped like `params`."""
+        named = self._named(self._run(x, "gradients", self._trainable(y)))
+        where = self._manifest["gradients"]
+        return {name: named[where[name]].reshape(self._params[name].shape).copy()
+                for name in self._params}
+
+    def input_gradient(self, x: Any, y: Any) -> np.ndarray:
+        """d(mean loss)/dx, shaped like x."""
+        named = self._named(self._run(x, "gradients", self._trainable(y)))
+        gradient = named[self._manifest["gradients"][self._manifest["input"]["name"]]]
+        return gradient.reshape(gradient.shape[0], *self.input_shape).copy()
+
+    def train_step(self, x: Any, y: Any, lr: float | None = None) -> float:
+        """One optimizer step (the train line's, or sgd lr=0.01) in compiled code; returns
+        the loss before the step."""
+        settings = self._manifest["optimizer"]
+        self._step += 1
+        rate = settings["lr"] if lr is None else float(lr)
+        beta1, beta2 = settings.get("beta1", 0.9), settings.get("beta2", 0.999)
+        self._hyper = np.array([rate, settings.get("momentum", 0.0), beta1, beta2,
+                                settings.get("eps", 1e-8), 1 - beta1 ** self._step,
+                                1 - beta2 ** self._step, 0.0], dtype=self._dtype)
+        try:
+            arrays = self._run(x, "train_step", self._trainable(y))
+        except CnncError:
+            self._step -= 1
+            raise
+        finally:
+            self._hyper = None
+        return float(self._named(arrays)[self._loss_name()][0])
+
+    @property
+    def optimizer(self) -> dict[str, Any]:
+        """The optimizer's kind and settings, from the train line."""
+        return dict(self._manifest.get("optimizer") or {})
+
+    def _trainable(self, y: Any) -> Any:
+        if "loss" not in self._manifest:
+            raise _refuse(f"network {self.name} has no loss line, so it has no loss, "
+                          "gradients or training step")
+        return y
+
+    def _loss_name(self) -> str:
+        return self._manifest["loss"]["value"]
+
+    def _named(self, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+        return {item["name"]: array for item, array in zip(self._manifest["storage"], arrays,
+                                                            strict=True)}
+
+    def _checked_target(self, value: Any, batch: int) -> np.ndarray:
+        """Class labels in range for cross-entropy; targets of the output's shape for mse."""
+        array = _as_array(value, "y")
+        if self._manifest["loss"]["kind"] == "cross_entropy":
+            classes = self.output_shape[0]
+            if array.shape != (batch,):
+                raise _refuse(f"y must hold one class label a sample, shape ({batch},), "
+                              f"got {array.shape}")
+            if array.dtype.kind not in "iu":
+                raise _refuse(f"y must hold integer class labels, got dtype {array.dtype}")
+            if array.size and (array.min() < 0 or array.max() >= classes):
+                bad = array[(array < 0) | (array >= classes)][0]
+                raise _refuse(f"y holds the label {bad}, outside the classes 0..{classes - 1}")
+            return np.ascontiguousarray(array, dtype=np.int64)
+        wanted = (batch, *self.output_shape)
+        if array.shape != wanted:
+            raise _refuse(f"y must have shape {wanted} like the output, got {array.shape}")
+        return np.ascontiguousarray(self._converted(array, "y"))
 
     # -- parameters ---------------------------------------------------------------------------
     @property

@@ -75,10 +75,12 @@ def target_machine(opt_level: int = 3) -> llvm.TargetMachine:
 
 
 def compile_functions(functions: tuple[LoopFunction, ...], storage: list[str],
-                      opt_level: int = 3) -> NativeCode:
-    """Generate, verify, optimise (at -O`opt_level`) and emit object code."""
+                      opt_level: int = 3,
+                      entries: dict[str, list[str]] | None = None) -> NativeCode:
+    """Generate, verify, optimise (at -O`opt_level`) and emit object code. `entries` maps
+    each entry point to the kernels it runs in order (default: `cnnc_forward`, all)."""
     machine = target_machine(opt_level)
-    module = build_module(functions, storage)
+    module = build_module(functions, storage, entries)
     module.triple = host_target().triple
     module.data_layout = str(machine.target_data)
     parsed = llvm.parse_assembly(str(module))
@@ -98,12 +100,16 @@ def assembly(llvm_ir: str, opt_level: int = 3) -> str:
     return machine.emit_assembly(llvm.parse_assembly(llvm_ir))
 
 
-def build_module(functions: tuple[LoopFunction, ...], storage: list[str]) -> ir.Module:
+def build_module(functions: tuple[LoopFunction, ...], storage: list[str],
+                 entries: dict[str, list[str]] | None = None) -> ir.Module:
     module = ir.Module(name="cnnc")
     declared = [_declare(module, f) for f in functions]
     for function, llvm_function in zip(functions, declared, strict=True):
         _Emitter(module, function, llvm_function).emit()
-    _emit_entry(module, functions, declared, storage)
+    by_name = {f.name: (f, d) for f, d in zip(functions, declared, strict=True)}
+    for entry, names in (entries or {ENTRY: [f.name for f in functions]}).items():
+        chosen = [by_name[name] for name in names]
+        _emit_entry(module, entry, [c[0] for c in chosen], [c[1] for c in chosen], storage)
     return module
 
 
@@ -115,12 +121,12 @@ def _declare(module: ir.Module, function: LoopFunction) -> ir.Function:
     return llvm_function
 
 
-def _emit_entry(module: ir.Module, functions: tuple[LoopFunction, ...],
+def _emit_entry(module: ir.Module, name: str, functions: list[LoopFunction],
                 declared: list[ir.Function], storage: list[str]) -> None:
-    """`void cnnc_forward(i64 N, i8** buffers)`: buffers in the order of `storage`."""
+    """`void NAME(i64 N, i8** buffers)`: calls `functions` in order; buffers as in `storage`."""
     pointer = ir.IntType(8).as_pointer()
     entry = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64, pointer.as_pointer()]),
-                        ENTRY)
+                        name)
     builder = ir.IRBuilder(entry.append_basic_block("entry"))
     batch, table = entry.args
     for function, llvm_function in zip(functions, declared, strict=True):
@@ -240,6 +246,8 @@ class _Emitter:
             # ordered: any comparison with NaN is false, as in numpy
             return b.fcmp_ordered(op, left, right) if is_float else b.icmp_signed(op, left, right)
         if not is_float:
+            if op in ("//", "%"):  # only on indices known to be >= 0 where it matters
+                return b.sdiv(left, right) if op == "//" else b.srem(left, right)
             return {"+": b.add, "-": b.sub, "*": b.mul}[op](left, right, flags=["nsw"])
         method = {"+": b.fadd, "-": b.fsub, "*": b.fmul, "/": b.fdiv}[op]
         return method(left, right, flags=_FLAGS)
@@ -249,9 +257,11 @@ class _Emitter:
             return self.builder.fneg(value)
         if op == "isnan":
             return self.builder.fcmp_unordered("uno", value, value)
-        if op == "exp":
-            exp = self.module.declare_intrinsic("llvm.exp", [value.type])
-            return self.builder.call(exp, [value])
+        if op in ("exp", "log", "sqrt"):
+            intrinsic = self.module.declare_intrinsic(f"llvm.{op}", [value.type])
+            return self.builder.call(intrinsic, [value])
+        if op == "float":
+            return self.builder.sitofp(value, self.float_type)
         if op == "tanh":
             return self.builder.call(self._libm("tanh", value.type), [value])
         raise AssertionError(f"no LLVM lowering of {op}")
