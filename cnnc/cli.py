@@ -105,7 +105,9 @@ def _run(args: argparse.Namespace) -> int:
     module_file = compile_module(graph, int(args.opt_level))
     write_module(module_file, output)
     kernels = len(module_file.manifest["kernels"])
-    print(f"wrote {output}: network {graph.name}, {kernels} kernels, "
+    forward = sum(1 for k in module_file.manifest["kernels"] if k.endswith("_fwd"))
+    training = f" and {kernels - forward} for training" if kernels > forward else ""
+    print(f"wrote {output}: network {graph.name}, {forward} forward kernels{training}, "
           f"{sum(p.size for p in graph.params):,} parameters, {graph.dtype.value}, "
           f"-O{args.opt_level}")
     return EXIT_OK

@@ -37,6 +37,8 @@ def validated_manifest(file: artifact.ModuleFile, source: str) -> dict[str, Any]
         expected_hash = manifest["code_sha256"]
         _ = manifest["entry_points"]["forward"], manifest["input"]["shape"]
         _ = [str(k) for k in manifest["kernels"]], str(manifest["network"])
+        _ = [names.index(a) for a in manifest["activations"]]
+        _ = [names.index(g) for g in manifest.get("gradients", {}).values()]
         _ = str(target["triple"]).split("-"), int(manifest["opt_level"])
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
         raise _refuse(source, f"the manifest is malformed ({type(error).__name__}: {error})") \

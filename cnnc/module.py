@@ -133,7 +133,7 @@ def write_atomically(path: Path, data: bytes) -> None:
 # What the native code's memory safety depends on: edited, these would make it read out of
 # bounds or call the wrong function, so they are hashed together with the code.
 CODE_BOUND_FIELDS = ("storage", "input", "output", "dtype", "entry_points", "loss",
-                     "gradients")
+                     "gradients", "activations")
 
 
 def code_hash(object_code: bytes, manifest: dict[str, Any]) -> str:

@@ -187,6 +187,8 @@ def _manifest(graph: Graph, program, storage, code, opt_level: int,
         "storage": table,
         "entry_points": {"forward": ENTRY},
         "kernels": [k.name for k in program.kernels],
+        "activations": [program.storage_of(out) for k in program.kernels if k.phase == "forward"
+                        for out in k.outputs],
         "target": {"kind": "cpu", "triple": code.target.triple, "cpu": code.target.cpu,
                    "features": [f[1:] for f in code.target.features.split(",")
                                 if f.startswith("+")]},

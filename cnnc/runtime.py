@@ -79,10 +79,8 @@ class Module:
 
     def activations(self, x: Any) -> dict[str, np.ndarray]:
         """Every tensor the kernels write for batch `x`, by name (argmax tensors included)."""
-        arrays = self._run(x)
-        return {entry["name"]: array for entry, array in zip(self._manifest["storage"], arrays,
-                                                               strict=True)
-                if entry["role"] == "value"}
+        named = self._named(self._run(x))
+        return {name: named[name] for name in self._manifest["activations"]}
 
     def _run(self, x: Any, entry: str = "forward", target: Any = None) -> list[np.ndarray]:
         x = self._checked_input(x, "x")

@@ -155,7 +155,8 @@ def test_cli_compile_inspect_and_damaged_file(lenet, tmp_path, monkeypatch):
     run = [sys.executable, "-m", "cnnc"]
     made = subprocess.run([*run, "compile", str(EXAMPLES / "lenet.cnn")], capture_output=True,
                           text=True, check=False)
-    assert made.returncode == 0 and made.stdout.startswith("wrote lenet.cnnm: network lenet5")
+    assert made.returncode == 0
+    assert made.stdout.startswith("wrote lenet.cnnm: network lenet5, 8 forward kernels")
     shown = subprocess.run([*run, "inspect", "lenet.cnnm"], capture_output=True, text=True,
                            check=False)
     assert shown.returncode == 0
