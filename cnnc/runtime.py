@@ -162,6 +162,7 @@ class Module:
     def train_step(self, x: Any, y: Any, lr: float | None = None) -> float:
         """One optimizer step (the train line's, or sgd lr=0.01) in compiled code; returns
         the loss before the step."""
+        y = self._trainable(y)
         settings = self._manifest["optimizer"]
         self._step += 1
         rate = settings["lr"] if lr is None else float(lr)
@@ -170,7 +171,7 @@ class Module:
                                 settings.get("eps", 1e-8), 1 - beta1 ** self._step,
                                 1 - beta2 ** self._step, 0.0], dtype=self._dtype)
         try:
-            arrays = self._run(x, "train_step", self._trainable(y))
+            arrays = self._run(x, "train_step", y)
         except CnncError:
             self._step -= 1
             raise
