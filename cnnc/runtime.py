@@ -179,6 +179,21 @@ class Module:
             self._hyper = None
         return float(self._named(arrays)[self._loss_name()][0])
 
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """Momentum or Adam moments and the step count: with `params`, all a resume needs."""
+        state = {name: value.copy() for name, value in self._state.items()}
+        state["optimizer.step"] = np.array(self._step, dtype=np.int64)
+        return state
+
+    def set_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
+        for name, value in state.items():
+            if name == "optimizer.step":
+                self._step = int(value)
+            elif name in self._state and np.shape(value) == self._state[name].shape:
+                self._state[name] = np.ascontiguousarray(value, dtype=self._dtype).copy()
+            else:
+                raise _refuse(f"set_optimizer_state: {name!r} is not state of this optimizer")
+
     @property
     def optimizer(self) -> dict[str, Any]:
         """The optimizer's kind and settings, from the train line."""

@@ -1,0 +1,188 @@
+"""The training loop: mini-batches in a seeded order, one compiled step each, evaluation
+every epoch, an atomic checkpoint after each epoch, resume, and a stop with the layer named
+when a loss or gradient stops being finite.
+
+The loop also implements the batch gradient descent of the specification: it stops after
+`max_iter` steps (MAX), or when no parameter changed by more than `tol` (ε) in one step.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .data import CnncDataError, Dataset
+from .diagnostics import CnncError
+from .module import params_to_bytes, write_atomically
+from .runtime import Module
+
+
+class CnncTrainingError(CnncError):
+    """Training cannot go on: the loss or a gradient is no longer finite."""
+
+
+@dataclass
+class TrainOptions:
+    epochs: int = 1
+    batch: int = 64
+    lr: float | None = None  # None: the train line's
+    seed: int = 0
+    max_iter: int | None = None
+    tol: float = 0.0
+    checkpoint: Path | None = None
+    resume: Path | None = None
+    progress: bool = True
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    loss: float  # mean training loss of the epoch
+    accuracy: float | None  # on the held-out data (cross-entropy networks)
+    held_out_loss: float
+
+
+@dataclass
+class TrainResult:
+    history: list[EpochResult] = field(default_factory=list)
+    steps: int = 0
+    stopped: str = "epochs"  # epochs, max_iter or tol
+
+
+def check_data(module: Module, data: Dataset, name: str) -> None:
+    if tuple(data.x.shape[1:]) != module.input_shape:
+        raise CnncDataError.single(
+            f"the {name} samples have shape {tuple(data.x.shape[1:])}, but network "
+            f"{module.name} takes {module.input_shape}")
+
+
+def evaluate(module: Module, data: Dataset, batch: int = 500) -> tuple[float, float | None]:
+    """(mean loss, accuracy or None) over `data`, in batches."""
+    total, correct = 0.0, 0
+    classify = module.manifest["loss"]["kind"] == "cross_entropy"
+    for start in range(0, len(data), batch):
+        x, y = data.x[start:start + batch], data.y[start:start + batch]
+        total += module.loss(x, y) * len(x)
+        if classify:
+            correct += int((module(x).argmax(axis=1) == y).sum())
+    accuracy = correct / len(data) if classify else None
+    return total / len(data), accuracy
+
+
+def train(module: Module, train_data: Dataset, held_out: Dataset, options: TrainOptions,
+          report: Callable[[str], None] = print) -> TrainResult:
+    check_data(module, train_data, "training")
+    check_data(module, held_out, "held-out")
+    rng = np.random.default_rng(options.seed)
+    result, first_epoch = TrainResult(), 1
+    if options.resume is not None:
+        first_epoch, result = _resume(module, rng, options.resume)
+    for epoch in range(first_epoch, options.epochs + 1):
+        order = rng.permutation(len(train_data))
+        epoch_loss = _epoch(module, train_data, order, epoch, options, result)
+        held_loss, accuracy = evaluate(module, held_out)
+        result.history.append(EpochResult(epoch, epoch_loss, accuracy, held_loss))
+        shown = f", accuracy {accuracy:.2%}" if accuracy is not None else ""
+        report(f"epoch {epoch}/{options.epochs}: training loss {epoch_loss:.4f}, held-out "
+               f"loss {held_loss:.4f}{shown}")
+        if options.checkpoint is not None:
+            save_checkpoint(module, rng, epoch, result, options.checkpoint)
+        if result.stopped != "epochs":
+            report(f"stopped early: {result.stopped} reached after {result.steps} steps")
+            break
+    return result
+
+
+def _epoch(module: Module, data: Dataset, order: np.ndarray, epoch: int,
+           options: TrainOptions, result: TrainResult) -> float:
+    total, seen, started = 0.0, 0, time.perf_counter()
+    for start in range(0, len(order), options.batch):
+        indices = order[start:start + options.batch]
+        x, y = data.x[indices], data.y[indices]
+        before = module.params if options.tol > 0 else None
+        loss = module.train_step(x, y, lr=options.lr)
+        if not np.isfinite(loss):
+            raise _not_finite(module, x, y, epoch, result.steps + 1, loss)
+        result.steps += 1
+        total += loss * len(indices)
+        seen += len(indices)
+        if options.progress:
+            _progress(epoch, options.epochs, seen, len(order), total / seen, started)
+        if options.max_iter is not None and result.steps >= options.max_iter:
+            result.stopped = "max_iter"
+            break
+        if before is not None and _largest_change(before, module.params) < options.tol:
+            result.stopped = "tol"
+            break
+    if options.progress:
+        sys.stderr.write("\n")
+    return total / max(seen, 1)
+
+
+def _largest_change(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> float:
+    return max(float(np.abs(after[name] - before[name]).max()) for name in before)
+
+
+def _progress(epoch: int, epochs: int, seen: int, total: int, loss: float,
+              started: float) -> None:
+    width = 24
+    done = int(width * seen / total)
+    rate = seen / max(time.perf_counter() - started, 1e-9)
+    sys.stderr.write(f"\repoch {epoch}/{epochs} [{'#' * done}{'.' * (width - done)}] "
+                     f"{seen}/{total} loss {loss:.4f} {rate:,.0f} samples/s")
+    sys.stderr.flush()
+
+
+def _not_finite(module: Module, x: np.ndarray, y: np.ndarray, epoch: int, step: int,
+                loss: float) -> CnncTrainingError:
+    """Name the first layer whose forward values, or else whose gradients, are not finite."""
+    where = "the loss itself"
+    for name, value in module.activations(x).items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            where = f"the forward pass, in layer {name.split('.')[0]} (tensor {name})"
+            break
+    else:
+        for name, value in module.gradients(x, y).items():
+            if not np.isfinite(value).all():
+                where = f"the backward pass, in layer {name.split('.')[0]} (gradient of {name})"
+                break
+    return CnncTrainingError.single(
+        f"training stopped at epoch {epoch}, step {step}: the loss became {loss}; the first "
+        f"values that are not finite appear in {where}. The last checkpoint is unchanged; "
+        "a smaller learning rate (--lr) usually helps")
+
+
+def save_checkpoint(module: Module, rng: np.random.Generator, epoch: int,
+                    result: TrainResult, path: Path) -> None:
+    """Parameters, optimizer state, data-order generator and history, written atomically."""
+    meta = {"epoch": epoch, "steps": result.steps, "network": module.name,
+            "rng": rng.bit_generator.state,
+            "history": [vars(e) for e in result.history]}
+    arrays = {f"param/{k}": v for k, v in module.params.items()}
+    arrays |= {f"state/{k}": v for k, v in module.optimizer_state().items()}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    write_atomically(Path(path), params_to_bytes(arrays))
+
+
+def _resume(module: Module, rng: np.random.Generator,
+            path: Path) -> tuple[int, TrainResult]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+        meta = json.loads(arrays.pop("meta").tobytes())
+    except (OSError, ValueError, KeyError, EOFError) as error:
+        raise CnncDataError.single(f"cannot resume from {path}: {error}") from None
+    if meta.get("network") != module.name:
+        raise CnncDataError.single(f"{path} is a checkpoint of network {meta.get('network')}, "
+                                   f"not {module.name}")
+    module.set_params({k[6:]: v for k, v in arrays.items() if k.startswith("param/")})
+    module.set_optimizer_state({k[6:]: v for k, v in arrays.items() if k.startswith("state/")})
+    rng.bit_generator.state = meta["rng"]
+    result = TrainResult([EpochResult(**e) for e in meta["history"]], meta["steps"])
+    return meta["epoch"] + 1, result
