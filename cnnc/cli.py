@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="parse and shape-check a .cnn program")
     check.add_argument("program", metavar="NET.cnn")
+    check.add_argument("--grad", action="store_true",
+                       help="also compare every generated gradient with finite differences")
+    check.add_argument("--tolerance", type=float, default=1e-6,
+                       help="largest relative error --grad accepts (default 1e-6)")
 
     summary = commands.add_parser("summary", help="per-layer shapes, parameters and FLOPs")
     summary.add_argument("program", metavar="NET.cnn")
@@ -53,6 +57,26 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("-O", dest="opt_level", choices=["0", "1", "2", "3"], default="3",
                           help="optimisation level (-O0 .. -O3)")
 
+    train = commands.add_parser("train", help="train a network on MNIST or an .npz dataset")
+    train.add_argument("network", metavar="NET.cnn|NET.cnnm")
+    train.add_argument("--data", required=True, help="an MNIST folder or an .npz with x and y")
+    train.add_argument("--epochs", type=int, help="passes over the data (train line's)")
+    train.add_argument("--batch", type=int, help="mini-batch size (train line's)")
+    train.add_argument("--lr", type=float, help="learning rate (train line's)")
+    train.add_argument("--seed", type=int, help="data order (train line's)")
+    train.add_argument("--val-split", type=float, default=0.2,
+                       help="held-out fraction when the data has one split (default 0.2)")
+    train.add_argument("--out", help="final weights (.npz; default NETWORK.weights.npz)")
+    train.add_argument("--checkpoint", help="checkpoint after each epoch "
+                                            "(default NETWORK.ckpt.npz)")
+    train.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    evaluate = commands.add_parser("eval", help="loss and accuracy of trained weights")
+    evaluate.add_argument("network", metavar="NET.cnnm|NET.cnn")
+    evaluate.add_argument("--weights", required=True, help="weights (.npz)")
+    evaluate.add_argument("--data", required=True, help="an MNIST folder or an .npz")
+
     inspect = commands.add_parser("inspect", help="what a compiled module file holds")
     inspect.add_argument("module", metavar="NET.cnnm")
     shown = inspect.add_mutually_exclusive_group()
@@ -62,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-EMIT_STAGES = ("ast", "ir", "kernels", "loops", "llvm", "asm")
+EMIT_STAGES = ("ast", "ir", "grad", "kernels", "loops", "llvm", "asm")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,10 +112,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "inspect":
         return _write(inspect_text(args), None)
+    if args.command in ("train", "eval"):
+        from .commands import run_eval, run_train
+
+        return run_train(args) if args.command == "train" else run_eval(args)
     source = read_source(args.program)
     if args.command == "compile" and args.emit == "ast":
         return _write(format_program(parse(source)), args.output)
     graph = typed_graph(parse(source), source, getattr(args, "dtype", None))
+    if args.command == "check" and args.grad:
+        from .commands import run_gradient_check
+
+        return run_gradient_check(graph, source, args.tolerance)
     if args.command == "check":
         print(f"{source.name}: ok: network {graph.name}, {len(graph.layers) - 1} layers, "
               f"{sum(p.size for p in graph.params):,} parameters, input "
@@ -117,6 +149,10 @@ def emit_stage(graph: Graph, stage: str, opt_level: int) -> str:
     """The text of one stage after the graph: ir, kernels, loops, llvm or asm."""
     if stage == "ir":
         return format_graph(graph)
+    if stage == "grad":
+        from .autodiff import differentiate
+
+        return format_graph(differentiate(graph))
     program = fuse(graph)
     if stage == "kernels":
         return format_kernels(program)

@@ -1,0 +1,104 @@
+"""The work behind `cnnc train`, `cnnc eval` and `cnnc check --grad`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .data import Dataset, load, load_mnist_split, load_npz
+from .diagnostics import CnncError, Source
+from .ir import Graph
+from .runtime import Module
+from .runtime import load as load_module
+
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+def open_network(path: str, dtype: str | None = None) -> Module:
+    """A compiled module file as it is, or a .cnn program compiled now."""
+    from . import compile as compile_program
+
+    if path.endswith(".cnnm"):
+        return load_module(path)
+    return compile_program(Path(path), dtype=dtype)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .train import TrainOptions, train
+
+    module = open_network(args.network)
+    if "loss" not in module.manifest:
+        raise CnncError.single(f"network {module.name} has no loss line; training needs one")
+    settings = module.optimizer
+    options = TrainOptions(
+        epochs=args.epochs or settings.get("epochs") or 1,
+        batch=args.batch or settings.get("batch") or 64,
+        lr=args.lr, seed=args.seed if args.seed is not None else settings.get("seed") or 0,
+        max_iter=settings.get("max_iter"), tol=settings.get("tol") or 0.0,
+        checkpoint=Path(args.checkpoint or f"{module.name}.ckpt.npz"),
+        resume=Path(args.resume) if args.resume else None, progress=not args.no_progress)
+    if min(options.epochs, options.batch) < 1 or (options.lr is not None and options.lr <= 0):
+        raise CnncError.single("--epochs and --batch must be at least 1 and --lr above 0")
+    train_data, held_out = load(args.data, args.val_split, options.seed)
+    rate = options.lr if options.lr is not None else settings["lr"]
+    extras = " ".join(f"{k}={settings[k]}" for k in ("momentum", "beta1", "beta2")
+                      if k in settings)
+    print(f"training {module.name}: {settings['kind']} lr={rate} {extras}, batch "
+          f"{options.batch}, {options.epochs} epochs, {len(train_data):,} samples "
+          f"({len(held_out):,} held out)")
+    train(module, train_data, held_out, options)
+    out = Path(args.out or f"{module.name}.weights.npz")
+    module.save_weights(out)
+    print(f"wrote {out} (checkpoints: {options.checkpoint})")
+    return EXIT_OK
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .train import check_data, evaluate
+
+    module = open_network(args.network)
+    if "loss" not in module.manifest:
+        raise CnncError.single(f"network {module.name} has no loss line to evaluate")
+    module.load_weights(args.weights)
+    data = _evaluation_data(Path(args.data))
+    check_data(module, data, "evaluation")
+    loss, accuracy = evaluate(module, data)
+    shown = f", accuracy {accuracy:.2%}" if accuracy is not None else ""
+    print(f"{module.name} on {len(data):,} samples: loss {loss:.4f}{shown}")
+    return EXIT_OK
+
+
+def _evaluation_data(path: Path) -> Dataset:
+    """An MNIST folder's test split (its train split if that is all), or a whole .npz."""
+    if path.is_dir():
+        for split in ("test", "train"):
+            data = load_mnist_split(path, split)
+            if data is not None:
+                return data
+    elif path.is_file():
+        return load_npz(path)
+    return load(path)[1]  # raises the right error
+
+
+def run_gradient_check(graph: Graph, source: Source, tolerance: float) -> int:
+    from .gradcheck import check_gradients
+    from .pipeline import compile_module
+
+    if graph.loss is None:
+        raise CnncError.single(f"network {graph.name} has no loss line, so no gradients")
+    f64 = graph if graph.dtype.value == "f64" else None
+    if f64 is None:
+        from .pipeline import front_end
+
+        f64 = front_end(source, "f64")
+    module = Module(compile_module(f64, opt_level=1))
+    reports = check_gradients(module)
+    width = max(len(r.name) for r in reports)
+    print(f"{'parameter':<{width}}  relative error  (elements checked)")
+    for report in reports:
+        flag = "" if report.worst_relative_error <= tolerance else "  <- above tolerance"
+        print(f"{report.name:<{width}}  {report.worst_relative_error:.3e}  "
+              f"({report.checked}){flag}")
+    failed = [r for r in reports if r.worst_relative_error > tolerance]
+    print(f"{len(reports) - len(failed)} of {len(reports)} parameters within {tolerance:g}")
+    return EXIT_FAILED if failed else EXIT_OK
