@@ -1,0 +1,154 @@
+"""The training loop: resume equality, checkpoints that survive a kill, the NaN stop, the
+train/eval/check --grad commands, and LeNet-5 on real MNIST digits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cnnc
+from cnnc.cli import main
+from cnnc.data import Dataset, load_mnist_split
+from cnnc.train import CnncTrainingError, TrainOptions, train
+from conftest import EXAMPLES
+
+MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+SMALL = ("network small\ninput: 1x6x6\nconv c: 3 3x3 -> relu\nmaxpool 2x2\n"
+         "dense out: 3 -> softmax\nloss cross_entropy\ntrain sgd lr=0.1 momentum=0.9 seed=4\n")
+
+
+def synthetic(count: int, seed: int) -> Dataset:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, count)
+    x = rng.standard_normal((count, 1, 6, 6)).astype(np.float32) * 0.3
+    x[np.arange(count), 0, y, y] += 2.0  # a learnable signal
+    return Dataset(x, y)
+
+
+def quiet(**kwargs) -> TrainOptions:
+    return TrainOptions(batch=8, progress=False, **kwargs)
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    data, held = synthetic(64, 0), synthetic(16, 1)
+    straight = cnnc.compile(SMALL)
+    train(straight, data, held, quiet(epochs=3), report=lambda _: None)
+    first = cnnc.compile(SMALL)
+    train(first, data, held, quiet(epochs=1, checkpoint=tmp_path / "c.npz"), report=lambda _: None)
+    resumed = cnnc.compile(SMALL)
+    result = train(resumed, data, held, quiet(epochs=3, resume=tmp_path / "c.npz"),
+                   report=lambda _: None)
+    assert [e.epoch for e in result.history] == [1, 2, 3]
+    for name, value in straight.params.items():
+        np.testing.assert_array_equal(resumed.params[name], value, err_msg=name)
+
+
+def test_training_learns_and_stops_at_max_iter():
+    data, held = synthetic(96, 2), synthetic(48, 3)
+    module = cnnc.compile(SMALL)
+    result = train(module, data, held, quiet(epochs=8), report=lambda _: None)
+    assert result.history[-1].accuracy > 0.9
+    assert result.history[-1].loss < result.history[0].loss
+    capped = train(cnnc.compile(SMALL), data, held, quiet(epochs=8, max_iter=5),
+                   report=lambda _: None)
+    assert capped.steps == 5 and capped.stopped == "max_iter"
+
+
+def test_tol_stops_when_no_parameter_moves():
+    data, held = synthetic(32, 2), synthetic(8, 3)
+    result = train(cnnc.compile(SMALL.replace("lr=0.1", "lr=0.0000001")), data, held,
+                   quiet(epochs=5, tol=1e-3), report=lambda _: None)
+    assert result.stopped == "tol" and result.steps == 1
+
+
+def test_overflow_stops_with_the_layer_named_and_checkpoint_intact(tmp_path):
+    text = ("network blowup\ninput: 4\ndense h: 16 -> relu\ndense out: 2\nloss mse\n"
+            "train sgd lr=1e30\n")
+    rng = np.random.default_rng(0)
+    data = Dataset(rng.standard_normal((32, 4)).astype(np.float32) * 100,
+                   rng.standard_normal((32, 2)).astype(np.float32))
+    checkpoint = tmp_path / "ckpt.npz"
+    checkpoint.write_bytes(b"previous checkpoint")
+    with pytest.raises(CnncTrainingError, match=r"not finite appear in the (forward|backward) "
+                                                r"pass, in layer (h|out)"):
+        train(cnnc.compile(text), data, data, quiet(epochs=3, checkpoint=checkpoint),
+              report=lambda _: None)
+    assert checkpoint.read_bytes() == b"previous checkpoint"
+
+
+WRITER = """
+import sys, numpy as np, cnnc
+from cnnc.train import TrainResult, save_checkpoint
+module = cnnc.compile(sys.argv[2])
+rng = np.random.default_rng(0)
+while True:  # until killed
+    save_checkpoint(module, rng, 1, TrainResult(), sys.argv[1])
+"""
+
+
+def test_a_kill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    big = SMALL.replace("dense out: 3", "dense wide: 4000\ndense out: 3")
+    child = subprocess.Popen([sys.executable, "-c", WRITER, str(path), big])
+    try:
+        deadline = time.monotonic() + 60
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    module = cnnc.compile(big)
+    train(module, synthetic(8, 0), synthetic(8, 1), quiet(epochs=2, resume=path),
+          report=lambda _: None)  # loads the checkpoint, then trains epoch 2
+
+
+def test_train_and_eval_commands(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    data = synthetic(80, 5)
+    np.savez(tmp_path / "d.npz", x=data.x, y=data.y)
+    (tmp_path / "small.cnn").write_text(SMALL)
+    assert main(["train", "small.cnn", "--data", "d.npz", "--epochs", "2", "--batch", "16",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "training small: sgd lr=0.1 momentum=0.9, batch 16, 2 epochs, 64 samples" in out
+    assert "epoch 2/2: training loss" in out and (tmp_path / "small.weights.npz").exists()
+    assert main(["eval", "small.cnn", "--weights", "small.weights.npz", "--data", "d.npz"]) == 0
+    assert "small on 80 samples: loss" in capsys.readouterr().out
+    assert main(["train", "small.cnn", "--data", "absent.npz"]) == 1
+    assert "no data at absent.npz" in capsys.readouterr().err
+    np.savez(tmp_path / "wrong.npz", x=np.zeros((4, 3, 6, 6)), y=np.zeros(4, int))
+    assert main(["train", "small.cnn", "--data", "wrong.npz", "--no-progress"]) == 1
+    assert "samples have shape (3, 6, 6), but network small takes (1, 6, 6)" in \
+        capsys.readouterr().err
+
+
+def test_check_grad_command(capsys):
+    assert main(["check", "--grad", str(EXAMPLES / "lenet.cnn")]) == 0
+    out = capsys.readouterr().out
+    assert "10 of 10 parameters within 1e-06" in out and "c1.weight" in out
+    assert main(["check", "--grad", "--tolerance", "1e-30", str(EXAMPLES / "mlp.cnn")]) == 1
+
+
+@pytest.mark.skipif(not MNIST.is_dir(), reason="../shared/data/mnist is not here")
+def test_lenet_reaches_97_percent_on_mnist_within_5_epochs():
+    digits = load_mnist_split(MNIST, "test")
+    training = Dataset(digits.x[:8000], digits.y[:8000])
+    held_out = Dataset(digits.x[8000:], digits.y[8000:])
+    module = cnnc.compile(EXAMPLES / "lenet.cnn")
+    accuracies = []
+    for epoch in range(1, 6):
+        result = train(module, training, held_out,
+                       TrainOptions(epochs=1, batch=64, seed=epoch, progress=False),
+                       report=lambda _: None)
+        accuracies.append(result.history[-1].accuracy)
+        if accuracies[-1] >= 0.97:
+            break
+    assert max(accuracies) >= 0.97, accuracies
