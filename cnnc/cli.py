@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    download = commands.add_parser("download", help="fetch MNIST into a folder, verified")
+    download.add_argument("folder", metavar="DIR")
+    download.add_argument("--split", choices=["train", "test", "both"], default="both")
+    download.add_argument("--mirror", action="append", metavar="URL",
+                          help="a base URL to try (repeatable; default: the known mirrors)")
+    download.add_argument("--timeout", type=float, default=60.0, help="seconds a request")
+
     evaluate = commands.add_parser("eval", help="loss and accuracy of trained weights")
     evaluate.add_argument("network", metavar="NET.cnnm|NET.cnn")
     evaluate.add_argument("--weights", required=True, help="weights (.npz)")
@@ -112,6 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "inspect":
         return _write(inspect_text(args), None)
+    if args.command == "download":
+        from .download import DEFAULT_MIRRORS, download_mnist
+
+        splits = ("train", "test") if args.split == "both" else (args.split,)
+        download_mnist(args.folder, splits, args.mirror or DEFAULT_MIRRORS, args.timeout)
+        return EXIT_OK
     if args.command in ("train", "eval"):
         from .commands import run_eval, run_train
 
