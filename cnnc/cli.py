@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch", type=int, help="mini-batch size (train line's)")
     train.add_argument("--lr", type=float, help="learning rate (train line's)")
     train.add_argument("--seed", type=int, help="data order (train line's)")
+    train.add_argument("--max-iter", type=int, help="MAX: stop after this many steps")
+    train.add_argument("--tol", type=float,
+                       help="ε: stop when no parameter changes more than this in a step")
     train.add_argument("--val-split", type=float, default=0.2,
                        help="held-out fraction when the data has one split (default 0.2)")
     train.add_argument("--out", help="final weights (.npz; default NETWORK.weights.npz)")

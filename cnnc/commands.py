@@ -34,11 +34,14 @@ def run_train(args: argparse.Namespace) -> int:
         epochs=args.epochs or settings.get("epochs") or 1,
         batch=args.batch or settings.get("batch") or 64,
         lr=args.lr, seed=args.seed if args.seed is not None else settings.get("seed") or 0,
-        max_iter=settings.get("max_iter"), tol=settings.get("tol") or 0.0,
+        max_iter=args.max_iter if args.max_iter is not None else settings.get("max_iter"),
+        tol=args.tol if args.tol is not None else settings.get("tol") or 0.0,
         checkpoint=Path(args.checkpoint or f"{module.name}.ckpt.npz"),
         resume=Path(args.resume) if args.resume else None, progress=not args.no_progress)
-    if min(options.epochs, options.batch) < 1 or (options.lr is not None and options.lr <= 0):
-        raise CnncError.single("--epochs and --batch must be at least 1 and --lr above 0")
+    if (min(options.epochs, options.batch, options.max_iter or 1) < 1 or options.tol < 0
+            or (options.lr is not None and options.lr <= 0)):
+        raise CnncError.single("--epochs, --batch and --max-iter must be at least 1, --lr "
+                               "above 0 and --tol at least 0")
     train_data, held_out = load(args.data, args.val_split, options.seed)
     rate = options.lr if options.lr is not None else settings["lr"]
     extras = " ".join(f"{k}={settings[k]}" for k in ("momentum", "beta1", "beta2")

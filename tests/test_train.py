@@ -122,6 +122,11 @@ def test_train_and_eval_commands(tmp_path, monkeypatch, capsys):
     assert "epoch 2/2: training loss" in out and (tmp_path / "small.weights.npz").exists()
     assert main(["eval", "small.cnn", "--weights", "small.weights.npz", "--data", "d.npz"]) == 0
     assert "small on 80 samples: loss" in capsys.readouterr().out
+    assert main(["train", "small.cnn", "--data", "d.npz", "--batch", "8", "--max-iter", "3",
+                 "--no-progress"]) == 0
+    assert "stopped early: max_iter reached after 3 steps" in capsys.readouterr().out
+    assert main(["train", "small.cnn", "--data", "d.npz", "--batch", "0"]) == 1
+    assert "--batch and --max-iter must be at least 1" in capsys.readouterr().err
     assert main(["train", "small.cnn", "--data", "absent.npz"]) == 1
     assert "no data at absent.npz" in capsys.readouterr().err
     np.savez(tmp_path / "wrong.npz", x=np.zeros((4, 3, 6, 6)), y=np.zeros(4, int))
