@@ -31,8 +31,8 @@ def run_train(args: argparse.Namespace) -> int:
         raise CnncError.single(f"network {module.name} has no loss line; training needs one")
     settings = module.optimizer
     options = TrainOptions(
-        epochs=args.epochs or settings.get("epochs") or 1,
-        batch=args.batch or settings.get("batch") or 64,
+        epochs=args.epochs if args.epochs is not None else settings.get("epochs") or 1,
+        batch=args.batch if args.batch is not None else settings.get("batch") or 64,
         lr=args.lr, seed=args.seed if args.seed is not None else settings.get("seed") or 0,
         max_iter=args.max_iter if args.max_iter is not None else settings.get("max_iter"),
         tol=args.tol if args.tol is not None else settings.get("tol") or 0.0,
