@@ -105,9 +105,10 @@ def _epoch(module: Module, data: Dataset, order: np.ndarray, epoch: int,
     for start in range(0, len(order), options.batch):
         indices = order[start:start + options.batch]
         x, y = data.x[indices], data.y[indices]
-        before = module.params if options.tol > 0 else None
+        before = module.params  # a copy: the last good parameters
         loss = module.train_step(x, y, lr=options.lr)
-        if not np.isfinite(loss):
+        if not np.isfinite(loss) or not _all_finite(module.params):
+            module.set_params(before)  # diagnose (and leave the module) as it was
             raise _not_finite(module, x, y, epoch, result.steps + 1, loss)
         result.steps += 1
         total += loss * len(indices)
@@ -117,12 +118,16 @@ def _epoch(module: Module, data: Dataset, order: np.ndarray, epoch: int,
         if options.max_iter is not None and result.steps >= options.max_iter:
             result.stopped = "max_iter"
             break
-        if before is not None and _largest_change(before, module.params) < options.tol:
+        if options.tol > 0 and _largest_change(before, module.params) < options.tol:
             result.stopped = "tol"
             break
     if options.progress:
         sys.stderr.write("\n")
     return total / max(seen, 1)
+
+
+def _all_finite(params: dict[str, np.ndarray]) -> bool:
+    return all(np.isfinite(value).all() for value in params.values())
 
 
 def _largest_change(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> float:
@@ -152,8 +157,10 @@ def _not_finite(module: Module, x: np.ndarray, y: np.ndarray, epoch: int, step: 
             if not np.isfinite(value).all():
                 where = f"the backward pass, in layer {name.split('.')[0]} (gradient of {name})"
                 break
+    what = f"the loss became {loss}" if not np.isfinite(loss) else \
+        "a gradient stopped being finite"
     return CnncTrainingError.single(
-        f"training stopped at epoch {epoch}, step {step}: the loss became {loss}; the first "
+        f"training stopped at epoch {epoch}, step {step}: {what}; the first "
         f"values that are not finite appear in {where}. The last checkpoint is unchanged; "
         "a smaller learning rate (--lr) usually helps")
 
