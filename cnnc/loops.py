@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from .fuse import Kernel, KernelKind, KernelProgram
-from .ir import BATCH, DType, Op, Shape
+from .ir import BATCH, DType, Op, Shape, Window
 
 # -- expressions ----------------------------------------------------------------------------
 
@@ -193,10 +193,10 @@ def _source_index(out_var: str, kernel_var: str, stride: int, pad: int) -> Expr:
     return Binary("-", position, const(pad)) if pad else position
 
 
-def _inside(kernel: Kernel, ih: Expr, iw: Expr, height: int, width: int) -> Expr | None:
+def _inside(window: Window, ih: Expr, iw: Expr, height: int, width: int) -> Expr | None:
     """The bounds test of a padded window position; None where no padding can be read."""
     tests = []
-    for index, size, pad in ((ih, height, kernel.window.pad[0]), (iw, width, kernel.window.pad[1])):
+    for index, size, pad in ((ih, height, window.pad[0]), (iw, width, window.pad[1])):
         if pad:
             tests.append(Binary("and", Binary(">=", index, const(0)),
                                 Binary("<", index, const(size))))
@@ -205,15 +205,21 @@ def _inside(kernel: Kernel, ih: Expr, iw: Expr, height: int, width: int) -> Expr
     return tests[0] if len(tests) == 1 else Binary("and", tests[0], tests[1])
 
 
-def _guarded(cond: Expr | None, body: tuple[Stmt, ...]) -> tuple[Stmt, ...]:
+def guarded(cond: Expr | None, body: tuple[Stmt, ...]) -> tuple[Stmt, ...]:
     return body if cond is None else (If(cond, body),)
 
 
-def _window_indices(kernel: Kernel, x_shape: Shape) -> tuple[Expr, Expr, Expr | None]:
-    (sh, sw), (ph, pw) = kernel.window.stride, kernel.window.pad
+def window_position(window: Window, height: int, width: int) -> tuple[Expr, Expr, Expr | None]:
+    """(ih, iw, in-bounds test or None) of window position (kh, kw) of output (oh, ow), for
+    an input of `height` x `width`: the same geometry forward and backward."""
+    (sh, sw), (ph, pw) = window.stride, window.pad
     ih = _source_index("oh", "kh", sh, ph)
     iw = _source_index("ow", "kw", sw, pw)
-    return ih, iw, _inside(kernel, ih, iw, x_shape[2], x_shape[3])
+    return ih, iw, _inside(window, ih, iw, height, width)
+
+
+def _window_indices(kernel: Kernel, x_shape: Shape) -> tuple[Expr, Expr, Expr | None]:
+    return window_position(kernel.window, x_shape[2], x_shape[3])
 
 
 def _lower_conv(kernel: Kernel, program: KernelProgram) -> LoopFunction:
@@ -225,7 +231,7 @@ def _lower_conv(kernel: Kernel, program: KernelProgram) -> LoopFunction:
     product = mul(Load(x.name, (Var("n"), Var("c"), ih, iw)),
                   Load(weight.name, (Var("f"), Var("c"), Var("kh"), Var("kw"))))
     reduce = loop_nest(["c", "kh", "kw"], list(weight.shape[1:]),
-                       _guarded(inside, (Assign("acc", add(Var("acc"), product)),)))
+                       guarded(inside, (Assign("acc", add(Var("acc"), product)),)))
     start = Load(kernel.inputs[2], (Var("f"),)) if kernel.has_bias else zero
     body = (Assign("acc", start), reduce,
             Store(out.name, (Var("n"), Var("f"), Var("oh"), Var("ow")),
@@ -247,7 +253,7 @@ def _lower_maxpool(kernel: Kernel, program: KernelProgram) -> LoopFunction:
     visit = (Assign("value", Load(x.name, (Var("n"), Var("c"), ih, iw))),
              If(take, (Assign("best", value),
                        Assign("index", add(mul(ih, const(x.shape[3])), iw)))))
-    window = loop_nest(["kh", "kw"], list(kernel.window.kernel), _guarded(inside, visit))
+    window = loop_nest(["kh", "kw"], list(kernel.window.kernel), guarded(inside, visit))
     where = (Var("n"), Var("c"), Var("oh"), Var("ow"))
     body = (Assign("best", Const(-math.inf, True)), Assign("index", const(-1)), window,
             Store(out.name, where, Var("best")), Store(argmax.name, where, Var("index")))
@@ -261,7 +267,7 @@ def _lower_avgpool(kernel: Kernel, program: KernelProgram) -> LoopFunction:
     out = _buffer(program, kernel.outputs[0], is_output=True)
     ih, iw, inside = _window_indices(kernel, x.shape)
     accumulate = Assign("acc", add(Var("acc"), Load(x.name, (Var("n"), Var("c"), ih, iw))))
-    window = loop_nest(["kh", "kw"], list(kernel.window.kernel), _guarded(inside, (accumulate,)))
+    window = loop_nest(["kh", "kw"], list(kernel.window.kernel), guarded(inside, (accumulate,)))
     area = Const(float(kernel.window.kernel[0] * kernel.window.kernel[1]), True)
     body = (Assign("acc", Const(0.0, True)), window,
             Store(out.name, (Var("n"), Var("c"), Var("oh"), Var("ow")),

@@ -30,8 +30,10 @@ from .loops import (
     add,
     const,
     extent_expr,
+    guarded,
     loop_nest,
     mul,
+    window_position,
 )
 
 
@@ -105,17 +107,11 @@ def _conv_grad_weight(kernel: Kernel, program: KernelProgram) -> LoopFunction:
     x_name, dy_name = kernel.inputs
     x, dy = view(program, x_name), view(program, dy_name)
     dw = view(program, kernel.outputs[0], is_output=True)
-    window = kernel.node.attrs.window
-    (sh, sw), (ph, pw) = window.stride, window.pad
-    ih = Binary("-", add(mul(Var("oh"), const(sh)), Var("kh")), const(ph))
-    iw = Binary("-", add(mul(Var("ow"), const(sw)), Var("kw")), const(pw))
-    inside = Binary("and", Binary("and", Binary(">=", ih, const(0)),
-                                  Binary("<", ih, const(x.shape[2]))),
-                    Binary("and", Binary(">=", iw, const(0)), Binary("<", iw, const(x.shape[3]))))
+    ih, iw, inside = window_position(kernel.node.attrs.window, x.shape[2], x.shape[3])
     term = mul(Load(dy.name, (Var("n"), Var("f"), Var("oh"), Var("ow"))),
                Load(x.name, (Var("n"), Var("c"), ih, iw)))
     reduce = loop_nest(["n", "oh", "ow"], [Var(BATCH), dy.shape[2], dy.shape[3]],
-                       (If(inside, (Assign("acc", add(Var("acc"), term)),)),))
+                       guarded(inside, (Assign("acc", add(Var("acc"), term)),)))
     body = (Assign("acc", Const(0.0, True)), reduce,
             Store(dw.name, (Var("f"), Var("c"), Var("kh"), Var("kw")), Var("acc")))
     nest = loop_nest(["f", "c", "kh", "kw"], list(dw.shape), body)
@@ -174,17 +170,12 @@ def _avgpool_grad(kernel: Kernel, program: KernelProgram) -> LoopFunction:
     dy = view(program, kernel.inputs[0])
     dx = view(program, kernel.outputs[0], is_output=True)
     window = kernel.node.attrs.window
-    (sh, sw), (ph, pw) = window.stride, window.pad
-    ih = Binary("-", add(mul(Var("oh"), const(sh)), Var("kh")), const(ph))
-    iw = Binary("-", add(mul(Var("ow"), const(sw)), Var("kw")), const(pw))
-    inside = Binary("and", Binary("and", Binary(">=", ih, const(0)),
-                                  Binary("<", ih, const(dx.shape[2]))),
-                    Binary("and", Binary(">=", iw, const(0)), Binary("<", iw, const(dx.shape[3]))))
+    ih, iw, inside = window_position(window, dx.shape[2], dx.shape[3])
     area = Const(float(window.kernel[0] * window.kernel[1]), True)
     target = (Var("n"), Var("c"), ih, iw)
     share = Binary("/", Load(dy.name, (Var("n"), Var("c"), Var("oh"), Var("ow"))), area)
-    spread = loop_nest(["kh", "kw"], list(window.kernel),
-                       (If(inside, (Store(dx.name, target, add(Load(dx.name, target), share)),)),))
+    accumulate = Store(dx.name, target, add(Load(dx.name, target), share))
+    spread = loop_nest(["kh", "kw"], list(window.kernel), guarded(inside, (accumulate,)))
     nest = loop_nest(["n", "c", "oh", "ow"], [extent_expr(d) for d in dy.shape], (spread,))
     return LoopFunction(kernel.name, (dy, dx), (), (_zero_fill(dx), nest))
 
