@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from .data import Dataset, load, load_mnist_split, load_npz
@@ -38,10 +39,11 @@ def run_train(args: argparse.Namespace) -> int:
         tol=args.tol if args.tol is not None else settings.get("tol") or 0.0,
         checkpoint=Path(args.checkpoint or f"{module.name}.ckpt.npz"),
         resume=Path(args.resume) if args.resume else None, progress=not args.no_progress)
-    if (min(options.epochs, options.batch, options.max_iter or 1) < 1 or options.tol < 0
-            or (options.lr is not None and options.lr <= 0)):
-        raise CnncError.single("--epochs, --batch and --max-iter must be at least 1, --lr "
-                               "above 0 and --tol at least 0")
+    if (min(options.epochs, options.batch, options.max_iter or 1) < 1 or options.seed < 0
+            or not math.isfinite(options.tol) or options.tol < 0
+            or (options.lr is not None and not (math.isfinite(options.lr) and options.lr > 0))):
+        raise CnncError.single("--epochs, --batch and --max-iter must be at least 1, --seed at "
+                               "least 0, --lr a finite number above 0 and --tol at least 0")
     train_data, held_out = load(args.data, args.val_split, options.seed)
     rate = options.lr if options.lr is not None else settings["lr"]
     extras = " ".join(f"{k}={settings[k]}" for k in ("momentum", "beta1", "beta2")
@@ -89,6 +91,8 @@ def run_gradient_check(graph: Graph, source: Source, tolerance: float) -> int:
 
     if graph.loss is None:
         raise CnncError.single(f"network {graph.name} has no loss line, so no gradients")
+    if not (math.isfinite(tolerance) and tolerance > 0):
+        raise CnncError.single(f"--tolerance must be a finite number above 0, got {tolerance}")
     f64 = graph if graph.dtype.value == "f64" else None
     if f64 is None:
         from .pipeline import front_end

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,10 +94,15 @@ def load_npz(path: Path) -> Dataset:
                 raise _refuse(f"{path} must hold the arrays x and y, it has "
                               + ", ".join(archive.files))
             x, y = archive["x"], archive["y"]
-    except (OSError, ValueError, EOFError) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise _refuse(f"cannot read {path}: {error}") from None
+    if x.ndim < 2 or y.ndim < 1:
+        raise _refuse(f"{path}: x must hold samples along its first axis (got shape {x.shape})"
+                      f" and y one label or target a sample (got shape {y.shape})")
     if len(x) != len(y):
         raise _refuse(f"{path}: x has {len(x)} samples but y has {len(y)}")
+    if y.dtype.kind == "u" and y.size and y.max() > np.iinfo(np.int64).max:
+        raise _refuse(f"{path}: y holds labels too large for any class")
     y = y.astype(np.int64) if y.dtype.kind in "iu" else y
     return Dataset(x, y)
 
@@ -126,6 +132,8 @@ def hold_out(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Datase
     """Split off the last `fraction` of a seeded permutation as held-out data."""
     if not 0 < fraction < 1:
         raise _refuse(f"the validation split must be between 0 and 1, got {fraction}")
+    if len(data) < 2:
+        raise _refuse(f"{len(data)} samples are too few to hold some out for evaluation")
     order = np.random.default_rng(seed).permutation(len(data))
     held = max(1, round(len(data) * fraction))
     return data.take(order[:-held]), data.take(order[-held:])

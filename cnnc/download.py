@@ -48,7 +48,11 @@ def download_mnist(folder: str | Path, splits: Sequence[str] = ("train", "test")
                    report: Callable[[str], None] = print) -> list[Path]:
     """The files of `splits` in `folder`; files already there and intact are kept."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CnncDataError.single(f"cannot make the folder {folder}: "
+                                   f"{error.strerror or error}") from None
     written = []
     for split in splits:
         for stem in MNIST_FILES[split]:

@@ -164,8 +164,8 @@ class Module:
         the loss before the step."""
         y = self._trainable(y)
         settings = self._manifest["optimizer"]
+        rate = settings["lr"] if lr is None else _positive_rate(lr)
         self._step += 1
-        rate = settings["lr"] if lr is None else float(lr)
         beta1, beta2 = settings.get("beta1", 0.9), settings.get("beta2", 0.999)
         self._hyper = np.array([rate, settings.get("momentum", 0.0), beta1, beta2,
                                 settings.get("eps", 1e-8), 1 - beta1 ** self._step,
@@ -185,14 +185,24 @@ class Module:
         state["optimizer.step"] = np.array(self._step, dtype=np.int64)
         return state
 
-    def set_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
+    def set_optimizer_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what `optimizer_state` returned (all checked before anything changes)."""
+        if not isinstance(state, Mapping):
+            raise _refuse("set_optimizer_state takes the dict optimizer_state returned")
+        step, arrays = self._step, {}
         for name, value in state.items():
             if name == "optimizer.step":
-                self._step = int(value)
-            elif name in self._state and np.shape(value) == self._state[name].shape:
-                self._state[name] = np.ascontiguousarray(value, dtype=self._dtype).copy()
+                step = _step_count(value)
+            elif name in self._state:
+                array = _as_array(value, name)
+                if array.shape != self._state[name].shape or array.dtype.kind != "f":
+                    raise _refuse(f"set_optimizer_state: {name} must be a float array of "
+                                  f"shape {self._state[name].shape}")
+                arrays[name] = np.ascontiguousarray(array, dtype=self._dtype).copy()
             else:
                 raise _refuse(f"set_optimizer_state: {name!r} is not state of this optimizer")
+        self._step = step
+        self._state.update(arrays)
 
     @property
     def optimizer(self) -> dict[str, Any]:
@@ -203,6 +213,8 @@ class Module:
         if "loss" not in self._manifest:
             raise _refuse(f"network {self.name} has no loss line, so it has no loss, "
                           "gradients or training step")
+        if y is None:
+            raise _refuse("y is required: class labels (N,) or targets shaped like the output")
         return y
 
     def _loss_name(self) -> str:
@@ -255,10 +267,14 @@ class Module:
 
     def save_weights(self, path: str | Path) -> None:
         """A plain .npz of every parameter (no pickle)."""
+        if not isinstance(path, (str, Path)):
+            raise _refuse(f"save_weights takes a path, got {type(path).__name__}")
         artifact.write_atomically(Path(path), artifact.params_to_bytes(self._params))
 
     def load_weights(self, path: str | Path) -> None:
         """Every parameter from an .npz written by save_weights (or numpy.savez)."""
+        if not isinstance(path, (str, Path)):
+            raise _refuse(f"load_weights takes a path, got {type(path).__name__}")
         values = _read_npz(Path(path))
         missing = [name for name in self._params if name not in values]
         if missing:
@@ -273,6 +289,23 @@ class Module:
     def __repr__(self) -> str:
         return (f"<cnnc.Module {self.name}: {self.input_shape} -> {self.output_shape} "
                 f"{self._dtype.name}>")
+
+
+def _positive_rate(value: Any) -> float:
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        raise _refuse(f"lr must be a number, got {value!r}") from None
+    if not np.isfinite(rate) or rate <= 0:
+        raise _refuse(f"lr must be a finite number above 0, got {value!r}")
+    return rate
+
+
+def _step_count(value: Any) -> int:
+    array = np.asarray(value)
+    if array.shape != () or array.dtype.kind not in "iu" or int(array) < 0:
+        raise _refuse(f"set_optimizer_state: optimizer.step must be a count, got {value!r}")
+    return int(array)
 
 
 def _as_array(value: Any, argument: str) -> np.ndarray:

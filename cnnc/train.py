@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,8 @@ class TrainResult:
 
 
 def check_data(module: Module, data: Dataset, name: str) -> None:
+    if len(data) == 0:
+        raise CnncDataError.single(f"the {name} data has no samples")
     if tuple(data.x.shape[1:]) != module.input_shape:
         raise CnncDataError.single(
             f"the {name} samples have shape {tuple(data.x.shape[1:])}, but network "
@@ -183,13 +186,17 @@ def _resume(module: Module, rng: np.random.Generator,
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
         meta = json.loads(arrays.pop("meta").tobytes())
-    except (OSError, ValueError, KeyError, EOFError) as error:
-        raise CnncDataError.single(f"cannot resume from {path}: {error}") from None
-    if meta.get("network") != module.name:
-        raise CnncDataError.single(f"{path} is a checkpoint of network {meta.get('network')}, "
-                                   f"not {module.name}")
-    module.set_params({k[6:]: v for k, v in arrays.items() if k.startswith("param/")})
-    module.set_optimizer_state({k[6:]: v for k, v in arrays.items() if k.startswith("state/")})
-    rng.bit_generator.state = meta["rng"]
-    result = TrainResult([EpochResult(**e) for e in meta["history"]], meta["steps"])
-    return meta["epoch"] + 1, result
+        if meta.get("network") != module.name:
+            raise CnncDataError.single(f"{path} is a checkpoint of network "
+                                       f"{meta.get('network')}, not {module.name}")
+        history = [EpochResult(**entry) for entry in meta["history"]]
+        result, epoch = TrainResult(history, int(meta["steps"])), int(meta["epoch"])
+        module.set_params({k[6:]: v for k, v in arrays.items() if k.startswith("param/")})
+        module.set_optimizer_state({k[6:]: v for k, v in arrays.items()
+                                    if k.startswith("state/")})
+        rng.bit_generator.state = meta["rng"]
+    except (OSError, ValueError, KeyError, EOFError, TypeError, AttributeError,
+            zipfile.BadZipFile) as error:
+        raise CnncDataError.single(f"cannot resume from {path}: it is not a usable "
+                                   f"checkpoint ({type(error).__name__}: {error})") from None
+    return epoch + 1, result

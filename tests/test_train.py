@@ -157,3 +157,30 @@ def test_lenet_reaches_97_percent_on_mnist_within_5_epochs():
         if accuracies[-1] >= 0.97:
             break
     assert max(accuracies) >= 0.97, accuracies
+
+
+def test_bad_data_checkpoints_and_options_are_user_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "small.cnn").write_text(SMALL)
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 1, 6, 6)), y=np.zeros(0, int))
+    np.savez(tmp_path / "scalar.npz", x=np.array(1.0), y=np.array(2))
+    np.savez(tmp_path / "one.npz", x=np.zeros((1, 1, 6, 6)), y=np.zeros(1, int))
+    (tmp_path / "zip.npz").write_bytes(b"PK\x03\x04" + b"junk" * 10)
+    (tmp_path / "ckpt.npz").write_bytes(b"PK\x03\x04 not a checkpoint")
+    data = synthetic(16, 0)
+    np.savez(tmp_path / "d.npz", x=data.x, y=data.y)
+    cases = [
+        (["--data", "empty.npz"], "too few to hold some out"),
+        (["--data", "scalar.npz"], "x must hold samples along its first axis"),
+        (["--data", "one.npz"], "1 samples are too few"),
+        (["--data", "zip.npz"], "cannot read zip.npz"),
+        (["--data", "d.npz", "--resume", "ckpt.npz"], "cannot resume from ckpt.npz"),
+        (["--data", "d.npz", "--seed", "-1"], "--seed at least 0"),
+        (["--data", "d.npz", "--lr", "nan"], "--lr a finite number above 0"),
+    ]
+    for extra, message in cases:
+        assert main(["train", "small.cnn", "--no-progress", *extra]) == 1, extra
+        assert message in capsys.readouterr().err, extra
+    (tmp_path / "file").write_text("x")
+    assert main(["download", str(tmp_path / "file" / "sub")]) == 1
+    assert "cannot make the folder" in capsys.readouterr().err

@@ -128,3 +128,22 @@ def test_target_checks(tmp_path):
     inference = cnnc.compile("network n\ninput: 4\ndense d: 3\n")
     with pytest.raises(cnnc.CnncRuntimeError, match="has no loss line"):
         inference.train_step(x, np.zeros((2, 3)))
+
+
+def test_training_arguments_are_checked_before_native_code():
+    module = cnnc.compile(net("5", "dense d: 3 -> softmax", loss="cross_entropy"))
+    x = np.ones((4, 5), np.float32)
+    for method in (module.loss, module.gradients, module.input_gradient, module.train_step):
+        with pytest.raises(cnnc.CnncRuntimeError, match="y is required"):
+            method(x, None)
+    for bad in ("abc", [1], float("nan"), -1.0, 0):
+        with pytest.raises(cnnc.CnncRuntimeError, match="lr must be"):
+            module.train_step(x, np.zeros(4, int), lr=bad)
+    assert module.optimizer_state()["optimizer.step"] == 0  # refused steps are not counted
+    for bad in ({"optimizer.step": "abc"}, {"optimizer.step": np.array([1, 2])},
+                {"d.weight.velocity": np.array(["a"] * 15).reshape(3, 5)}, [1], None):
+        with pytest.raises(cnnc.CnncRuntimeError,
+                           match=r"set_optimizer_state|must be a numeric array"):
+            module.set_optimizer_state(bad)
+    with pytest.raises(cnnc.CnncRuntimeError, match="load_weights takes a path"):
+        module.load_weights(None)
