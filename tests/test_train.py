@@ -122,6 +122,11 @@ def test_train_and_eval_commands(tmp_path, monkeypatch, capsys):
     assert "epoch 2/2: training loss" in out and (tmp_path / "small.weights.npz").exists()
     assert main(["eval", "small.cnn", "--weights", "small.weights.npz", "--data", "d.npz"]) == 0
     assert "small on 80 samples: loss" in capsys.readouterr().out
+    assert main(["compile", "small.cnn", "-O1"]) == 0  # a module file trains the same way
+    assert main(["train", "small.cnnm", "--data", "d.npz", "--epochs", "1", "--out", "m.npz",
+                 "--no-progress"]) == 0
+    assert (tmp_path / "m.npz").exists() and "epoch 1/1" in capsys.readouterr().out
+    assert main(["eval", "small.cnnm", "--weights", "m.npz", "--data", "d.npz"]) == 0
     assert main(["train", "small.cnn", "--data", "d.npz", "--batch", "8", "--max-iter", "3",
                  "--no-progress"]) == 0
     assert "stopped early: max_iter reached after 3 steps" in capsys.readouterr().out
