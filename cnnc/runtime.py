@@ -41,8 +41,6 @@ class Module:
         self._state = {entry["name"]: np.zeros(entry["shape"], self._dtype)
                        for entry in self._manifest["storage"] if entry["role"] == "state"}
         self._step = 0  # optimizer steps taken: Adam's bias corrections need it
-        self._target: np.ndarray | None = None
-        self._hyper: np.ndarray | None = None
 
     # -- what the module is -------------------------------------------------------------------
     @property
@@ -82,30 +80,35 @@ class Module:
         named = self._named(self._run(x))
         return {name: named[name] for name in self._manifest["activations"]}
 
-    def _run(self, x: Any, entry: str = "forward", target: Any = None) -> list[np.ndarray]:
+    def _run(self, x: Any, entry: str = "forward", target: Any = None,
+             hyper: np.ndarray | None = None) -> list[np.ndarray]:
+        """Check the arguments, gather every buffer (in the manifest's order), call `entry`.
+
+        Everything a call needs is local to it, so calls from several threads do not mix.
+        """
         x = self._checked_input(x, "x")
         batch = x.shape[0]
-        self._target = None if target is None else self._checked_target(target, batch)
-        arrays = [self._buffer_for(item, x, batch) for item in self._manifest["storage"]]
+        given = {"input": x}
+        if target is not None:
+            given["target"] = self._checked_target(target, batch)
+        if hyper is not None:
+            given["hyper"] = hyper
+        arrays = [self._buffer_for(item, given, batch) for item in self._manifest["storage"]]
         table = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
         self._entries[entry](batch, table)  # `arrays` keeps every buffer alive meanwhile
-        self._target = None
         return arrays
 
-    def _buffer_for(self, entry: dict[str, Any], x: np.ndarray, batch: int) -> np.ndarray:
+    def _buffer_for(self, entry: dict[str, Any], given: dict[str, np.ndarray],
+                    batch: int) -> np.ndarray:
         role, name = entry["role"], entry["name"]
-        if role == "input":
-            return x
+        if role in given:
+            return given[role]
         if role == "param":
             return self._params[name]
-        if role == "target":
-            if self._target is None:  # forward alone never reads it
-                return np.zeros(1, dtype=entry["dtype_numpy"])
-            return self._target
         if role == "state":
             return self._state[name]
-        if role == "hyper":
-            return self._hyper if self._hyper is not None else np.zeros(8, self._dtype)
+        if role in ("target", "hyper"):  # entry points that do not read them
+            return np.zeros(8, dtype=entry["dtype_numpy"])
         if role == "loss":
             return np.zeros(1, dtype=self._dtype)
         shape = tuple(batch if d == "N" else d for d in entry["shape"]) or (1,)
@@ -165,18 +168,13 @@ class Module:
         y = self._trainable(y)
         settings = self._manifest["optimizer"]
         rate = settings["lr"] if lr is None else _positive_rate(lr)
-        self._step += 1
+        step = self._step + 1
         beta1, beta2 = settings.get("beta1", 0.9), settings.get("beta2", 0.999)
-        self._hyper = np.array([rate, settings.get("momentum", 0.0), beta1, beta2,
-                                settings.get("eps", 1e-8), 1 - beta1 ** self._step,
-                                1 - beta2 ** self._step, 0.0], dtype=self._dtype)
-        try:
-            arrays = self._run(x, "train_step", y)
-        except CnncError:
-            self._step -= 1
-            raise
-        finally:
-            self._hyper = None
+        hyper = np.array([rate, settings.get("momentum", 0.0), beta1, beta2,
+                          settings.get("eps", 1e-8), 1 - beta1 ** step, 1 - beta2 ** step, 0.0],
+                         dtype=self._dtype)
+        arrays = self._run(x, "train_step", y, hyper)
+        self._step = step
         return float(self._named(arrays)[self._loss_name()][0])
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
