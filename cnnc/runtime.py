@@ -8,8 +8,10 @@ buffer the kernels write, and makes one native call.
 from __future__ import annotations
 
 import ctypes
+import os
 import zipfile
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,8 @@ def _refuse(message: str) -> CnncRuntimeError:
 class Module:
     """A compiled network. Make one with `cnnc.compile(...)` or `cnnc.load(path)`."""
 
-    def __init__(self, file: artifact.ModuleFile, source: str = "<compiled>") -> None:
+    def __init__(self, file: artifact.ModuleFile, source: str = "<compiled>",
+                 threads: int | None = None) -> None:
         self._file = file
         self._manifest = validated_manifest(file, source)
         params = validated_params(file, self._manifest, source)
@@ -41,6 +44,8 @@ class Module:
         self._state = {entry["name"]: np.zeros(entry["shape"], self._dtype)
                        for entry in self._manifest["storage"] if entry["role"] == "state"}
         self._step = 0  # optimizer steps taken: Adam's bias corrections need it
+        self._threads = thread_count(threads)
+        self._pool: ThreadPoolExecutor | None = None
 
     # -- what the module is -------------------------------------------------------------------
     @property
@@ -66,14 +71,39 @@ class Module:
 
     # -- running ------------------------------------------------------------------------------
     def forward(self, x: Any) -> np.ndarray:
-        """The network's output for a batch `x` of shape (N, *input_shape)."""
+        """The network's output for a batch `x` of shape (N, *input_shape).
+
+        With several threads a large batch is cut into one slice a thread; samples are
+        independent, so the result is the same, bit for bit, for any thread count.
+        """
+        x = self._checked_input(x, "x")
+        slices = _slices(len(x), self._threads)
+        if len(slices) == 1:
+            return self._forward_one(x)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="cnnc")
+        parts = list(self._pool.map(lambda part: self._forward_one(x[part]), slices))
+        return np.concatenate(parts)
+
+    __call__ = forward
+
+    @property
+    def threads(self) -> int:
+        return self._threads
+
+    def set_threads(self, threads: int | None) -> None:
+        """How many threads `forward` may use (None: CNNC_NUM_THREADS, else every core)."""
+        self._threads = thread_count(threads)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _forward_one(self, x: np.ndarray) -> np.ndarray:
         arrays = self._run(x)
         index = self._manifest["output_index"]
         output = arrays[index].reshape(arrays[index].shape[0], *self.output_shape)
         # a network that only flattens writes nothing: its output is its input, reshaped
         return output.copy() if self._manifest["storage"][index]["role"] != "value" else output
-
-    __call__ = forward
 
     def activations(self, x: Any) -> dict[str, np.ndarray]:
         """Every tensor the kernels write for batch `x`, by name (argmax tensors included)."""
@@ -331,6 +361,34 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise _refuse(f"cannot read weights from {path}: {error}") from None
 
 
-def load(path: str | Path) -> Module:
+def load(path: str | Path, threads: int | None = None) -> Module:
     """A module from its .cnnm file: no parsing, no LLVM optimisation."""
-    return Module(artifact.read(path), str(path))
+    return Module(artifact.read(path), str(path), threads)
+
+
+# Below this many samples a thread, the hand-off to a thread costs more than it saves.
+MIN_SAMPLES_PER_THREAD = 4
+
+
+def thread_count(requested: int | None) -> int:
+    """The argument, else the CNNC_NUM_THREADS environment variable, else every core."""
+    if requested is None:
+        text = os.environ.get("CNNC_NUM_THREADS", "")
+        if not text:
+            return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                       else os.cpu_count() or 1)
+        try:
+            requested = int(text)
+        except ValueError:
+            raise _refuse(f"CNNC_NUM_THREADS must be a whole number, got {text!r}") from None
+    if type(requested) is not int or requested < 1:
+        raise _refuse(f"the thread count must be a whole number of at least 1, got "
+                      f"{requested!r}")
+    return requested
+
+
+def _slices(batch: int, threads: int) -> list[slice]:
+    """Near-equal consecutive slices, one a thread, none smaller than the hand-off is worth."""
+    count = max(1, min(threads, batch // MIN_SAMPLES_PER_THREAD))
+    bounds = [batch * i // count for i in range(count + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(count)]

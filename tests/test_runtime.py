@@ -120,3 +120,29 @@ def test_compile_arguments_are_checked():
         cnnc.compile(None)
     with pytest.raises(cnnc.CnncSemanticError):
         cnnc.compile("network n\ninput: 1x2x2\nconv c: 1 3x3\n")
+
+
+@pytest.mark.parametrize("batch", [1, 7, 13, 64])
+def test_thread_counts_1_2_and_3_give_identical_results(module, batch):
+    x = np.random.default_rng(batch).standard_normal((batch, 2, 6, 6)).astype(np.float32)
+    results = []
+    for threads in (1, 2, 3):
+        module.set_threads(threads)
+        results.append(module(x))
+    module.set_threads(1)
+    for result in results[1:]:
+        np.testing.assert_array_equal(result, results[0])
+    np.testing.assert_allclose(results[0], reference.forward(cnnc.check(TEXT), x, module.params),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_thread_count_option_and_environment(monkeypatch):
+    monkeypatch.setenv("CNNC_NUM_THREADS", "3")
+    assert cnnc.compile(TEXT).threads == 3
+    assert cnnc.compile(TEXT, threads=2).threads == 2
+    monkeypatch.setenv("CNNC_NUM_THREADS", "many")
+    with pytest.raises(cnnc.CnncRuntimeError, match="CNNC_NUM_THREADS must be a whole number"):
+        cnnc.compile(TEXT)
+    monkeypatch.delenv("CNNC_NUM_THREADS")
+    with pytest.raises(cnnc.CnncRuntimeError, match="at least 1, got 0"):
+        cnnc.compile(TEXT, threads=0)
