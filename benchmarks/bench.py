@@ -1,0 +1,158 @@
+"""Side-by-side speed of cnnc and the tools people use today, on this machine, in one run.
+
+    python benchmarks/bench.py [--repeats 7] [--json results.json] [--only W1,W3] [--threads 2]
+
+Workloads W1-W4 (see issue 5 in the project's tracker and README "Performance"). Every
+system's result is checked against cnnc's numpy reference before it is timed; timings are
+medians of interleaved repeats (each repeat runs every system once, in turn). Peers that are
+not installed are left out of the table. Not a test: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+import cnnc
+from cnnc import reference
+from cnnc.summary import layer_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+CONV_W3 = "network w3\ninput: 64x56x56\nconv c: 64 3x3 pad=1 -> relu\nloss mse\n"
+CONV_W4 = "network w4\ninput: 32x64x64\nconv c: 64 3x3 stride=2 pad=1\nloss mse\n"
+WORKLOADS = [  # (id, program, batch, mode)
+    ("W1", ROOT / "examples/lenet.cnn", 64, "forward"),
+    ("W1", ROOT / "examples/lenet.cnn", 64, "train step"),
+    ("W1", ROOT / "examples/lenet.cnn", 256, "train step"),
+    ("W1", ROOT / "examples/lenet.cnn", 1, "forward"),
+    ("W2", ROOT / "examples/vgg_small.cnn", 64, "forward"),
+    ("W2", ROOT / "examples/vgg_small.cnn", 64, "train step"),
+    ("W3", CONV_W3, 8, "forward"),
+    ("W3", CONV_W3, 8, "fwd+bwd"),
+    ("W4", CONV_W4, 16, "forward"),
+    ("W4", CONV_W4, 16, "fwd+bwd"),
+]
+
+
+def peak_gflops(repeats: int) -> float:
+    """numpy's float32 2048³ matmul: the machine's practical peak."""
+    a = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)
+    a @ a
+    best = min(_seconds(lambda: a @ a) for _ in range(repeats))
+    return 2 * 2048**3 / best / 1e9
+
+
+def _seconds(call: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def flops(graph, batch: int, mode: str) -> float:
+    """2 × multiply-adds of conv and dense layers; backward counted as twice forward."""
+    forward = sum(r.flops for r in layer_rows(graph)) * batch
+    return forward if mode == "forward" else 3 * forward
+
+
+def data_for(module: cnnc.Module, batch: int):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, *module.input_shape)).astype(np.float32)
+    if module.manifest["loss"]["kind"] == "cross_entropy":
+        return x, rng.integers(0, module.output_shape[0], batch)
+    return x, rng.standard_normal((batch, *module.output_shape)).astype(np.float32)
+
+
+def cnnc_call(module: cnnc.Module, mode: str, x, y) -> Callable[[], object]:
+    if mode == "forward":
+        return lambda: module(x)
+    if mode == "fwd+bwd":
+        return lambda: module.gradients(x, y)
+    return lambda: module.train_step(x, y)
+
+
+def torch_peers(graph, module: cnnc.Module, mode: str, x, y, compiled: bool) -> dict:
+    """PyTorch eager (and torch.compile) doing the same work, checked before timing."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    from torch_model import build, step_function
+
+    torch.set_num_threads(module.threads)
+    model = build(graph, module.params)
+    peers = {"PyTorch eager": step_function(model, graph, mode, x, y, module)}
+    if compiled:
+        peers["torch.compile"] = step_function(torch.compile(model), graph, mode, x, y, module)
+    if mode == "forward":
+        from torch_model import onnx_runtime
+
+        runner = onnx_runtime(model, x, module.threads)
+        if runner is not None:
+            peers["ONNX Runtime"] = runner
+    return peers
+
+
+def run_workload(workload, repeats: int, threads: int, compiled: bool) -> list[dict]:
+    name, program, batch, mode = workload
+    module = cnnc.compile(program, threads=threads)
+    graph = cnnc.check(program)
+    x, y = data_for(module, batch)
+    expected = reference.forward(graph, x, module.params)
+    np.testing.assert_allclose(module(x), expected, rtol=1e-4, atol=1e-5)
+    systems = {"cnnc": cnnc_call(module, mode, x, y)}
+    systems |= torch_peers(graph, module, mode, x, y, compiled)
+    for call in systems.values():
+        call()  # warm up (and compile, for torch.compile)
+    times: dict[str, list[float]] = {s: [] for s in systems}
+    for _ in range(repeats):
+        for system, call in systems.items():
+            times[system].append(_seconds(call))
+    work = flops(graph, batch, mode)
+    return [{"workload": name, "mode": mode, "batch": batch, "system": system,
+             "ms": statistics.median(t) * 1e3, "gflops": work / statistics.median(t) / 1e9}
+            for system, t in times.items()]
+
+
+def print_table(rows: list[dict], peak: float) -> None:
+    print(f"peak (numpy float32 2048^3 matmul): {peak:.0f} GFLOP/s")
+    print(f"{'workload':<10} {'mode':<11} {'batch':>5}  {'system':<14} {'ms':>9} "
+          f"{'GFLOP/s':>8} {'of peak':>8} {'vs best peer':>12}")
+    for key in dict.fromkeys((r["workload"], r["mode"], r["batch"]) for r in rows):
+        group = [r for r in rows if (r["workload"], r["mode"], r["batch"]) == key]
+        peers = [r["ms"] for r in group if r["system"] != "cnnc"]
+        best = min(peers) if peers else math.nan
+        for r in group:
+            ratio = best / r["ms"] if r["system"] == "cnnc" and peers else math.nan
+            shown = f"{ratio:.2f}x" if not math.isnan(ratio) else ""
+            print(f"{r['workload']:<10} {r['mode']:<11} {r['batch']:>5}  {r['system']:<14} "
+                  f"{r['ms']:>9.2f} {r['gflops']:>8.1f} {r['gflops'] / peak:>8.0%} "
+                  f"{shown:>12}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", help="comma-separated workload ids, e.g. W1,W3")
+    parser.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    chosen = [w for w in WORKLOADS if not args.only or w[0] in args.only.split(",")]
+    peak = peak_gflops(args.repeats)
+    rows = []
+    for workload in chosen:
+        rows += run_workload(workload, args.repeats, args.threads, args.torch_compile)
+    print_table(rows, peak)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"peak_gflops": peak, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
