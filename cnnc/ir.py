@@ -96,6 +96,7 @@ class Role(enum.Enum):
     LOSS = "loss"  # the scalar loss
     STATE = "state"  # optimizer state kept between steps (momentum, Adam's moments)
     HYPER = "hyper"  # the optimizer's scalars for one step
+    SCRATCH = "scratch"  # a kernel's working memory: repacked weights, padded inputs
 
 
 @dataclass(frozen=True, slots=True)

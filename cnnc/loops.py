@@ -57,7 +57,34 @@ class Select:
     otherwise: Expr
 
 
-Expr = Var | Const | Load | Binary | Unary | Select
+@dataclass(frozen=True, slots=True)
+class VecLoad:
+    """`lanes` consecutive elements; `index` names the first, the last axis advances."""
+
+    buffer: str
+    index: tuple[Expr, ...]
+    lanes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    """A scalar copied into every lane of a vector."""
+
+    value: Expr
+    lanes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """One element of a vector."""
+
+    vector: Expr
+    lane: int
+
+
+# Arithmetic, comparisons and `select` apply lane by lane when an operand is a vector; a
+# scalar operand beside a vector is broadcast.
+Expr = Var | Const | Load | Binary | Unary | Select | VecLoad | Broadcast | Lane
 
 # -- statements -----------------------------------------------------------------------------
 
@@ -96,7 +123,16 @@ class Store:
     value: Expr
 
 
-Stmt = For | If | Assign | Store
+@dataclass(frozen=True, slots=True)
+class VecStore:
+    """Stores the lanes of a vector value to consecutive elements from `index`."""
+
+    buffer: str
+    index: tuple[Expr, ...]
+    value: Expr
+
+
+Stmt = For | If | Assign | Store | VecStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +149,7 @@ class Buffer:
 class Local:
     name: str
     dtype: DType
+    lanes: int = 1  # above 1: a vector, kept in a register across the loops that update it
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,13 +204,18 @@ def activate(op: Op | None, value: Expr, float_zero: Const) -> Expr:
 # -- lowering, one function per kernel kind -------------------------------------------------
 
 def lower(program: KernelProgram) -> tuple[LoopFunction, ...]:
+    """Every kernel as its plain, unscheduled loop nest."""
+    return tuple(lower_kernel(k, program) for k in program.kernels)
+
+
+def lower_kernel(kernel: Kernel, program: KernelProgram) -> LoopFunction:
     from .loops_backward import lower_grad
 
     lowerings = {KernelKind.CONV: _lower_conv, KernelKind.MAXPOOL: _lower_maxpool,
                  KernelKind.AVGPOOL: _lower_avgpool, KernelKind.DENSE: _lower_dense,
                  KernelKind.SOFTMAX: _lower_softmax, KernelKind.ACTIVATION: _lower_activation,
                  KernelKind.LOSS: lower_grad, KernelKind.GRAD: lower_grad}
-    return tuple(lowerings[k.kind](k, program) for k in program.kernels)
+    return lowerings[kernel.kind](kernel, program)
 
 
 def _buffer(program: KernelProgram, name: str, is_output: bool = False,
@@ -332,7 +374,8 @@ def format_function(function: LoopFunction) -> str:
     params = ", ".join(f"{'out ' if b.is_output else ''}{b.name}: {b.dtype.value}"
                        f"[{', '.join(str(d) for d in b.shape)}]" for b in function.buffers)
     lines = [f"func {function.name}(N, {params})"]
-    lines += [f"  local {local.name}: {local.dtype.value}" for local in function.locals]
+    lines += [f"  local {local.name}: {local.dtype.value}"
+              + (f"x{local.lanes}" if local.lanes > 1 else "") for local in function.locals]
     for stmt in function.body:
         _format_stmt(stmt, 1, lines)
     return "\n".join(lines) + "\n"
@@ -350,6 +393,9 @@ def _format_stmt(stmt: Stmt, depth: int, lines: list[str]) -> None:
             _format_stmt(inner, depth + 1, lines)
     elif isinstance(stmt, Assign):
         lines.append(f"{pad}{stmt.var} = {format_expr(stmt.value)}")
+    elif isinstance(stmt, VecStore):
+        lines.append(f"{pad}{_format_access(stmt.buffer, stmt.index)}..+lanes = "
+                     f"{format_expr(stmt.value)}")
     else:
         lines.append(f"{pad}{_format_access(stmt.buffer, stmt.index)} = {format_expr(stmt.value)}")
 
@@ -363,6 +409,12 @@ def format_expr(expr: Expr, nested: bool = False) -> str:
         return _format_access(expr.buffer, expr.index)
     if isinstance(expr, Unary):
         return f"{expr.op}({format_expr(expr.operand)})"
+    if isinstance(expr, VecLoad):
+        return f"{_format_access(expr.buffer, expr.index)}..+{expr.lanes}"
+    if isinstance(expr, Broadcast):
+        return f"broadcast{expr.lanes}({format_expr(expr.value)})"
+    if isinstance(expr, Lane):
+        return f"{format_expr(expr.vector, True)}[lane {expr.lane}]"
     if isinstance(expr, Select):
         return (f"select({format_expr(expr.cond)}, {format_expr(expr.then)}, "
                 f"{format_expr(expr.otherwise)})")

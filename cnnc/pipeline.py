@@ -99,7 +99,26 @@ def _position(diagnostic) -> tuple[int, int]:
     return (0, 0) if span is None else (span.line, span.col)
 
 
-def compile_module(graph: Graph, opt_level: int = 3) -> ModuleFile:
+def lower_program(program, scheduled: bool = True):
+    """Loop functions of every kernel, the scratch tensors they add to the buffer table, and
+    the schedules applied; `scheduled=False` gives the plain loop nests everywhere."""
+    from .loops import lower_kernel
+    from .loops_blocked import lower_blocked
+    from .schedule import host_machine
+
+    functions, scratch, schedules = [], [], []
+    for kernel in program.kernels:
+        blocked = lower_blocked(kernel, program, host_machine()) if scheduled else None
+        if blocked is None:
+            functions.append(lower_kernel(kernel, program))
+            continue
+        functions.append(blocked.function)
+        scratch += blocked.scratch
+        schedules.append(blocked.schedule)
+    return functions, scratch, schedules
+
+
+def compile_module(graph: Graph, opt_level: int = 3, scheduled: bool = True) -> ModuleFile:
     """The back end: kernels, loops, native code and initial parameters in a module file.
 
     A network with a loss line also gets its backward pass (autodiff) and the update of its
@@ -109,12 +128,12 @@ def compile_module(graph: Graph, opt_level: int = 3) -> ModuleFile:
     from .backends.llvm import compile_functions
     from .fuse import fuse
     from .initialise import initial_parameters
-    from .loops import format_functions, lower
+    from .loops import format_functions
 
     full = differentiate(graph) if graph.loss is not None else graph
     program = fuse(full)
-    functions = list(lower(program))
-    storage = list(program.storage)
+    functions, scratch, _ = lower_program(program, scheduled)
+    storage = list(program.storage) + scratch
     entries = _entries(program)
     optimizer = None
     if graph.loss is not None:

@@ -18,17 +18,21 @@ import llvmlite.ir as ir
 from ..ir import BATCH, DType
 from ..loops import (
     Assign,
+    Broadcast,
     Buffer,
     Const,
     Expr,
     For,
     If,
+    Lane,
     Load,
     LoopFunction,
     Select,
     Stmt,
     Unary,
     Var,
+    VecLoad,
+    VecStore,
 )
 
 ENTRY = "cnnc_forward"
@@ -156,8 +160,10 @@ class _Emitter:
 
     def emit(self) -> None:
         for local in self.function.locals:
-            self.slots[local.name] = self.builder.alloca(ELEMENT_TYPES[local.dtype],
-                                                         name=local.name)
+            kind = ELEMENT_TYPES[local.dtype]
+            if local.lanes > 1:
+                kind = ir.VectorType(kind, local.lanes)
+            self.slots[local.name] = self.builder.alloca(kind, name=local.name)
         for stmt in self.function.body:
             self.statement(stmt)
         self.builder.ret_void()
@@ -173,6 +179,10 @@ class _Emitter:
         elif isinstance(stmt, Assign):
             slot = self.slots[stmt.var]
             self.builder.store(self.convert(self.expr(stmt.value), slot.type.pointee), slot)
+        elif isinstance(stmt, VecStore):
+            value = self.expr(stmt.value)
+            pointer = self.vector_pointer(stmt.buffer, stmt.index, value.type.count)
+            self.builder.store(value, pointer, align=self._element_bytes(stmt.buffer))
         else:
             buffer = self.function.buffer(stmt.buffer)
             address = self.address(buffer, stmt.index)
@@ -217,6 +227,31 @@ class _Emitter:
             offset = term if offset is None else self.builder.add(offset, term, flags=["nsw"])
         return self.builder.gep(self.pointers[buffer.name], [offset], inbounds=True)
 
+    def vector_pointer(self, name: str, index: tuple[Expr, ...], lanes: int) -> ir.Value:
+        buffer = self.function.buffer(name)
+        kind = ir.VectorType(ELEMENT_TYPES[buffer.dtype], lanes)
+        return self.builder.bitcast(self.address(buffer, index), kind.as_pointer())
+
+    def _element_bytes(self, name: str) -> int:
+        """Vector accesses promise only element alignment: numpy aligns no further."""
+        return 8 if self.function.buffer(name).dtype in (DType.F64, DType.I64) else 4
+
+    def splat(self, value: ir.Value, lanes: int) -> ir.Value:
+        vector_type = ir.VectorType(value.type, lanes)
+        single = self.builder.insert_element(ir.Constant(vector_type, ir.Undefined), value,
+                                             ir.Constant(ir.IntType(32), 0))
+        mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+        return self.builder.shuffle_vector(single, ir.Constant(vector_type, ir.Undefined), mask)
+
+    def matched(self, left: ir.Value, right: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """A scalar beside a vector is broadcast to the vector's lanes."""
+        left_vector = isinstance(left.type, ir.VectorType)
+        if left_vector == isinstance(right.type, ir.VectorType):
+            return left, right
+        if left_vector:
+            return left, self.splat(right, left.type.count)
+        return self.splat(left, right.type.count), right
+
     # -- expressions --------------------------------------------------------------------------
     def expr(self, expr: Expr) -> ir.Value:
         if isinstance(expr, Var):
@@ -228,12 +263,25 @@ class _Emitter:
             buffer = self.function.buffer(expr.buffer)
             value = self.builder.load(self.address(buffer, expr.index))
             return self.builder.sext(value, I64) if buffer.dtype is DType.I32 else value
+        if isinstance(expr, VecLoad):
+            pointer = self.vector_pointer(expr.buffer, expr.index, expr.lanes)
+            return self.builder.load(pointer, align=self._element_bytes(expr.buffer))
+        if isinstance(expr, Broadcast):
+            return self.splat(self.expr(expr.value), expr.lanes)
+        if isinstance(expr, Lane):
+            return self.builder.extract_element(self.expr(expr.vector),
+                                                ir.Constant(ir.IntType(32), expr.lane))
         if isinstance(expr, Select):
-            return self.builder.select(self.expr(expr.cond), self.expr(expr.then),
-                                       self.expr(expr.otherwise))
+            values = [self.expr(e) for e in (expr.cond, expr.then, expr.otherwise)]
+            lanes = max((v.type.count for v in values if isinstance(v.type, ir.VectorType)),
+                        default=0)
+            if lanes:
+                values = [v if isinstance(v.type, ir.VectorType) else self.splat(v, lanes)
+                          for v in values]
+            return self.builder.select(*values)
         if isinstance(expr, Unary):
             return self.unary(expr.op, self.expr(expr.operand))
-        return self.binary(expr.op, self.expr(expr.left), self.expr(expr.right))
+        return self.binary(expr.op, *self.matched(self.expr(expr.left), self.expr(expr.right)))
 
     def binary(self, op: str, left: ir.Value, right: ir.Value) -> ir.Value:
         b = self.builder
@@ -241,7 +289,8 @@ class _Emitter:
             return b.and_(left, right)
         if op == "or":
             return b.or_(left, right)
-        is_float = not isinstance(left.type, ir.IntType)
+        element = left.type.element if isinstance(left.type, ir.VectorType) else left.type
+        is_float = not isinstance(element, ir.IntType)
         if op in _COMPARE:
             # ordered: any comparison with NaN is false, as in numpy
             return b.fcmp_ordered(op, left, right) if is_float else b.icmp_signed(op, left, right)
@@ -277,6 +326,8 @@ class _Emitter:
     def convert(self, value: ir.Value, wanted: ir.Type) -> ir.Value:
         if value.type == wanted:
             return value
+        if isinstance(wanted, ir.VectorType) and value.type == wanted.element:
+            return self.splat(value, wanted.count)
         if isinstance(wanted, ir.IntType) and isinstance(value.type, ir.IntType):
             if wanted.width < value.type.width:
                 return self.builder.trunc(value, wanted)

@@ -1,0 +1,573 @@
+"""Kernel + schedule → register-blocked loop IR, for the kernels that do the arithmetic.
+
+Three patterns cover every convolution and dense kernel, forward and backward:
+
+- correlation: out[n, f, q·M + A, ...] = act(bias + Σ src[n, c, q·S + tap + offset] · w),
+  vectorized over output channels f with weights repacked channel-blocked ([fb, c, kh, kw,
+  lanes]) and the source zero-padded once, so the inner loop has no bounds tests. Forward
+  convolution is one; the gradient of the input is one per stride phase (a, b): the outputs
+  with (ih + P) mod S = a see only the taps kh ≡ a (mod S), which makes a dense stride-1
+  correlation of δ, so no dilated δ is ever materialised.
+- filter gradient: dw[f, c, kh, kw] = Σ_{n,oh,ow} δ[n, f, oh, ow] · x[n, c, oh·S + kh, ...],
+  vectorized over f with δ transposed to [n, oh, ow, f] and the taps as register rows.
+- matrix product: out[m, j] = act(bias + Σ_k A[m, k] · B[k, j]) for dense layers and their
+  gradients, vectorized over j with B repacked and zero-padded to whole vectors.
+
+Each kernel packs what it needs into scratch buffers of its own at the start of the call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .fuse import Kernel, KernelKind, KernelProgram
+from .ir import BATCH, DType, Op, Role, Tensor
+from .loops import (
+    Assign,
+    Binary,
+    Broadcast,
+    Buffer,
+    Const,
+    Expr,
+    For,
+    If,
+    Lane,
+    Load,
+    Local,
+    LoopFunction,
+    Stmt,
+    Store,
+    Var,
+    VecLoad,
+    VecStore,
+    activate,
+    add,
+    const,
+    extent_expr,
+    loop_nest,
+    mul,
+)
+from .loops_backward import flat, view
+from .schedule import Block, Machine, Schedule, choose_block, filter_tile_rows
+
+ZERO = Const(0.0, True)
+
+
+@dataclass
+class _Function:
+    """A loop function under construction: its buffers, locals and scratch tensors."""
+
+    name: str
+    dtype: DType
+    buffers: list[Buffer]
+    scratch: list[Tensor]
+    locals: list[Local]
+    body: list[Stmt]
+
+    def add_scratch(self, suffix: str, shape: tuple) -> str:
+        name = f"{self.name}.{suffix}"
+        self.scratch.append(Tensor(name, Role.SCRATCH, self.dtype, shape))
+        self.buffers.append(Buffer(name, shape, self.dtype, is_output=True))
+        return name
+
+    def finished(self) -> LoopFunction:
+        return LoopFunction(self.name, tuple(self.buffers), tuple(self.locals),
+                            tuple(self.body))
+
+
+@dataclass(frozen=True, slots=True)
+class Lowered:
+    function: LoopFunction
+    scratch: tuple[Tensor, ...]
+    schedule: Schedule
+
+
+def lower_blocked(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lowered | None:
+    """The scheduled loop function of `kernel`, or None for kernels without a schedule."""
+    op = kernel.node.op if kernel.node is not None else None
+    if kernel.kind is KernelKind.CONV:
+        return _conv_forward(kernel, program, machine)
+    if kernel.kind is KernelKind.DENSE:
+        return _dense_forward(kernel, program, machine)
+    if op is Op.CONV2D_GRAD_INPUT:
+        return _conv_grad_input(kernel, program, machine)
+    if op is Op.CONV2D_GRAD_WEIGHT:
+        return _conv_grad_weight(kernel, program, machine)
+    if op is Op.DENSE_GRAD_INPUT:
+        return _dense_grad_input(kernel, program, machine)
+    if op is Op.DENSE_GRAD_WEIGHT:
+        return _dense_grad_weight(kernel, program, machine)
+    return None
+
+
+# -- the register block ---------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class _BlockCode:
+    """What a register block computes; each callable gets the row r (and vector v)."""
+
+    reduction: tuple[tuple[str, Expr], ...]  # (loop variable, extent), outermost first
+    broadcast: Callable[[int], Expr]  # the scalar operand of row r
+    vector: Callable[[int], Expr]  # the vector operand v (a VecLoad)
+    init: Callable[[int, int], Expr]  # the starting value of accumulator (r, v)
+    finish: Callable[[int, int, Expr], tuple[Stmt, ...]]  # consumes accumulator (r, v)
+
+
+def _register_block(f: _Function, tag: str, block: Block, rows: int,
+                    code: _BlockCode) -> tuple[Stmt, ...]:
+    """rows x vectors accumulators that live in registers through the reduction loops."""
+    lanes, vectors = block.lanes, block.vectors
+    acc = [[f"{tag}_acc{r}_{v}" for v in range(vectors)] for r in range(rows)]
+    weights = [f"{tag}_vec{v}" for v in range(vectors)]
+    scalar = f"{tag}_scalar"
+    f.locals += [Local(n, f.dtype, lanes) for row in acc for n in row]
+    f.locals += [Local(n, f.dtype, lanes) for n in weights] + [Local(scalar, f.dtype)]
+    start = [Assign(acc[r][v], code.init(r, v)) for r in range(rows) for v in range(vectors)]
+    step: list[Stmt] = [Assign(weights[v], code.vector(v)) for v in range(vectors)]
+    for r in range(rows):
+        step.append(Assign(scalar, code.broadcast(r)))
+        spread = Broadcast(Var(scalar), lanes)
+        step += [Assign(acc[r][v], add(Var(acc[r][v]), mul(spread, Var(weights[v]))))
+                 for v in range(vectors)]
+    names = [name for name, _ in code.reduction]
+    nest = loop_nest(names, [extent for _, extent in code.reduction], tuple(step))
+    end = [s for r in range(rows) for v in range(vectors)
+           for s in code.finish(r, v, Var(acc[r][v]))]
+    return (*start, nest, *end)
+
+
+def _row_tiles(f: _Function, var: str, extent: int | None, block: Block,
+               code_at: Callable[[Expr], _BlockCode]) -> tuple[Stmt, ...]:
+    """Rows 0..extent in blocks of block.rows and a smaller tail block; `code_at` gets the
+    first row of a block. An extent of None is the batch, known only at run time."""
+    size = block.rows
+    if extent is None:
+        full = Binary("//", Var(BATCH), const(size))
+        main = For(var, full, _register_block(f, f"{var}m", block, size,
+                                              code_at(mul(Var(var), const(size)))))
+        last = add(mul(full, const(size)), Var(f"{var}t"))
+        tail = For(f"{var}t", Binary("%", Var(BATCH), const(size)),
+                   _register_block(f, f"{var}t", Block(1, block.vectors, block.lanes), 1,
+                                   code_at(last)))
+        return (main, tail) if size > 1 else (main,)
+    full, rest = divmod(extent, size)
+    stmts: list[Stmt] = []
+    if full:
+        stmts.append(For(var, const(full), _register_block(
+            f, f"{var}m", block, size, code_at(mul(Var(var), const(size))))))
+    if rest:
+        stmts += _register_block(f, f"{var}t", block, rest, code_at(const(full * size)))
+    return tuple(stmts)
+
+
+def _lane_stores(out: str, index_of: Callable[[Expr], tuple[Expr, ...]], first: Expr,
+                 limit: int, ragged: bool, vector: Expr, activation: Op | None,
+                 lanes: int) -> tuple[Stmt, ...]:
+    """Lane j, activated, goes to out[index_of(first + j)]; tested against `limit` where
+    `ragged` (the last block of a channel count that is not a whole number of vectors)."""
+    stmts: list[Stmt] = []
+    for j in range(lanes):
+        position = add(first, const(j))
+        store = Store(out, index_of(position), activate(activation, Lane(vector, j), ZERO))
+        stmts.append(If(Binary("<", position, const(limit)), (store,)) if ragged else store)
+    return tuple(stmts)
+
+
+# -- packing --------------------------------------------------------------------------------
+
+def _pack_blocked(f: _Function, suffix: str, outer: list[tuple[str, int]], extent: int,
+                  width: int, value: Callable[[Expr, list[Expr]], Expr]) -> str:
+    """scratch[b, *outer, lane] = value(b·width + lane, outer) for channels below `extent`,
+    and 0 in the lanes past it: a channel-blocked copy whose vectors need no tail test."""
+    blocks = math.ceil(extent / width)
+    shape = (blocks, *(e for _, e in outer), width)
+    name = f.add_scratch(suffix, shape)
+    names = ["pb", *(n for n, _ in outer), "pl"]
+    where = tuple(Var(n) for n in names)
+    channel = add(mul(Var("pb"), const(width)), Var("pl"))
+    outer_vars = [Var(n) for n, _ in outer]
+    inside = Binary("<", channel, const(extent))
+    body = (Store(name, where, ZERO), If(inside, (Store(name, where, value(channel, outer_vars)),)))
+    f.body.append(loop_nest(names, [blocks, *(e for _, e in outer), width], body))
+    return name
+
+
+def _pad(f: _Function, source: Buffer, top: int, left: int, height: int,
+         width: int) -> str:
+    """scratch[n, c, top + i, left + j] = source[n, c, i, j], zero around it; or the source
+    itself where nothing needs padding."""
+    _, channels, rows, cols = source.shape
+    if (top, left, height, width) == (0, 0, rows, cols):
+        return source.name
+    name = f.add_scratch("pad", (BATCH, channels, height, width))
+    right, below = width - left - cols, height - top - rows
+
+    def zeros(row: Expr, start: int, count: int) -> For:
+        return For("pj", const(count), (Store(name, (Var("pn"), Var("pc"), row,
+                                                     add(Var("pj"), const(start))), ZERO),))
+
+    copy = For("pj", const(cols), (Store(name, (Var("pn"), Var("pc"), add(Var("pi"), const(top)),
+                                                add(Var("pj"), const(left))),
+                                         Load(source.name, (Var("pn"), Var("pc"), Var("pi"),
+                                                            Var("pj")))),))
+    inside_row = add(Var("pi"), const(top))
+    row_loops = [
+        For("pt", const(top), (zeros(Var("pt"), 0, width),)) if top else None,
+        For("pi", const(rows), tuple(s for s in (
+            zeros(inside_row, 0, left) if left else None, copy,
+            zeros(inside_row, left + cols, right) if right else None) if s is not None)),
+        For("pz", const(below), (zeros(add(Var("pz"), const(top + rows)), 0, width),))
+        if below else None]
+    f.body.append(loop_nest(["pn", "pc"], [Var(BATCH), channels],
+                            tuple(s for s in row_loops if s is not None)))
+    return name
+
+
+# -- correlation: forward convolution and the gradient of its input ---------------------------
+
+@dataclass(frozen=True, slots=True)
+class _Grid:
+    """Output positions q·scale + shift for q in start..start+count, one axis."""
+
+    start: int
+    count: int
+    scale: int
+    shift: int
+    taps: int
+    source_stride: int
+    source_offset: int  # source index = q·source_stride + tap + source_offset
+
+
+def _correlation(f: _Function, tag: str, src: str, src_channels: int, out: Buffer,
+                 rows: _Grid, cols: _Grid, packed_weights: str, bias: str | None,
+                 activation: Op | None, block: Block) -> Stmt:
+    out_channels = out.shape[1]
+    width = block.width
+
+    def code_at(first_col: Expr) -> _BlockCode:
+        def source_index(r: int) -> tuple[Expr, ...]:
+            col = add(first_col, const(cols.start + r))
+            return (Var("n"), Var("c"),
+                    _affine(add(Var("q"), const(rows.start)), rows.source_stride,
+                            add(Var("th"), const(rows.source_offset))),
+                    _affine(col, cols.source_stride, add(Var("tw"), const(cols.source_offset))))
+
+        def init(r: int, v: int) -> Expr:
+            if bias is None:
+                return ZERO
+            return VecLoad(bias, (Var("fb"), const(v * block.lanes)), block.lanes)
+
+        def finish(r: int, v: int, acc: Expr) -> tuple[Stmt, ...]:
+            row = _affine(add(Var("q"), const(rows.start)), rows.scale, const(rows.shift))
+            col = _affine(add(first_col, const(cols.start + r)), cols.scale, const(cols.shift))
+            first = add(mul(Var("fb"), const(width)), const(v * block.lanes))
+            return _lane_stores(out.name, lambda ch: (Var("n"), ch, row, col), first,
+                                out_channels, out_channels % width != 0, acc, activation,
+                                block.lanes)
+
+        return _BlockCode(
+            reduction=(("c", const(src_channels)), ("th", const(rows.taps)),
+                       ("tw", const(cols.taps))),
+            broadcast=lambda r: Load(src, source_index(r)),
+            vector=lambda v: VecLoad(packed_weights, (Var("fb"), Var("c"), Var("th"), Var("tw"),
+                                                      const(v * block.lanes)), block.lanes),
+            init=init, finish=finish)
+
+    tiles = _row_tiles(f, f"{tag}w", cols.count, block, code_at)
+    blocks = math.ceil(out_channels / width)
+    return loop_nest(["n", "fb", "q"], [Var(BATCH), blocks, rows.count], tiles)
+
+
+def _affine(q: Expr, scale: int, shift: Expr) -> Expr:
+    scaled = q if scale == 1 else mul(q, const(scale))
+    if isinstance(shift, Const) and shift.value == 0:
+        return scaled
+    return add(scaled, shift)
+
+
+def _conv_forward(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lowered:
+    x, weight = (view(program, n) for n in kernel.inputs[:2])
+    out = view(program, kernel.outputs[0], is_output=True)
+    f = _Function(kernel.name, out.dtype, [x, weight], [], [], [])
+    if kernel.has_bias:
+        f.buffers.append(view(program, kernel.inputs[2]))
+    f.buffers.append(out)
+    channels_out, channels_in, kh, kw = weight.shape
+    (sh, sw), (ph, pw) = kernel.window.stride, kernel.window.pad
+    oh, ow = out.shape[2], out.shape[3]
+    block, score = choose_block(machine, out.dtype, ow, channels_out)
+    width = block.width
+    src = _pad(f, x, ph, pw, max(x.shape[2] + 2 * ph, (oh - 1) * sh + kh),
+               max(x.shape[3] + 2 * pw, (ow - 1) * sw + kw))
+    packed = _pack_blocked(f, "w", [("pc", channels_in), ("ph", kh), ("pw", kw)],
+                           channels_out, width,
+                           lambda ch, o: Load(weight.name, (ch, *o)))
+    bias = None
+    if kernel.has_bias:
+        bias = _pack_blocked(f, "b", [], channels_out, width,
+                             lambda ch, o: Load(kernel.inputs[2], (ch,)))
+    rows = _Grid(0, oh, 1, 0, kh, sh, 0)
+    cols = _Grid(0, ow, 1, 0, kw, sw, 0)
+    f.body.append(_correlation(f, "o", src, channels_in, out, rows, cols, packed, bias,
+                               kernel.activation, block))
+    schedule = Schedule(kernel.name, "correlation", block, "output column", ow,
+                        "output channel", channels_out, ("input channel", "kh", "kw"),
+                        ("weights [fb, c, kh, kw, lanes]", "bias", "input zero-padded"),
+                        efficiency=score, reason=_block_reason(block, ow, channels_out))
+    return Lowered(f.finished(), tuple(f.scratch), schedule)
+
+
+def _block_reason(block: Block, rows: int | None, vector_extent: int) -> str:
+    return (f"{block.rows * block.vectors} accumulators + {block.vectors} vector loads + 1 "
+            f"broadcast fit the registers; best estimate over every block for "
+            f"{'N' if rows is None else rows} rows x {vector_extent} channels")
+
+
+def _stride_phases(kernel_size: int, stride: int, pad: int, size: int) -> list[tuple]:
+    """Per phase a of one axis: (a, taps, first q, count of q), for outputs ih = q·S + a − P
+    inside 0..size, which see the taps a, a + S, ... of the kernel."""
+    phases = []
+    for a in range(stride):
+        taps = len(range(a, kernel_size, stride))
+        first = -((a - pad) // stride)  # ceil((P − a) / S)
+        last = (size - 1 + pad - a) // stride
+        if last >= first:
+            phases.append((a, taps, first, last - first + 1))
+    return phases
+
+
+def _conv_grad_input(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lowered:
+    dy, weight = view(program, kernel.inputs[0]), view(program, kernel.inputs[1])
+    dx = view(program, kernel.outputs[0], is_output=True)
+    f = _Function(kernel.name, dx.dtype, [dy, weight, dx], [], [], [])
+    filters, channels, kh, kw = weight.shape
+    window = kernel.node.attrs.window
+    (sh, sw), (ph, pw) = window.stride, window.pad
+    phases_h = _stride_phases(kh, sh, ph, dx.shape[2])
+    phases_w = _stride_phases(kw, sw, pw, dx.shape[3])
+    # δ row q − t (t = 0..taps−1) must exist in the padded copy for every q of every phase
+    top = max([0] + [taps - 1 - first for _, taps, first, _ in phases_h])
+    left = max([0] + [taps - 1 - first for _, taps, first, _ in phases_w])
+    height = top + max([dy.shape[2]] + [first + count for _, _, first, count in phases_h])
+    width_ = left + max([dy.shape[3]] + [first + count for _, _, first, count in phases_w])
+    widest = max(count for *_, count in phases_w)
+    block, score = choose_block(machine, dx.dtype, widest, channels)
+    src = _pad(f, dy, top, left, height, width_)
+    covered: set[tuple[int, int]] = set()
+    for a, taps_h, first_h, count_h in phases_h:
+        for b, taps_w, first_w, count_w in phases_w:
+            covered.add((a, b))
+            packed = _pack_blocked(
+                f, f"w{a}{b}", [("pf", filters), ("ph", max(taps_h, 1)), ("pw", max(taps_w, 1))],
+                channels, block.width,
+                lambda ch, o, a=a, b=b, th=taps_h, tw=taps_w: ZERO if not (th and tw) else Load(
+                    weight.name, (o[0], ch, _flipped_tap(o[1], a, sh, th),
+                                  _flipped_tap(o[2], b, sw, tw))))
+            rows = _Grid(first_h, count_h, sh, a - ph, taps_h, 1, top - (taps_h - 1))
+            cols = _Grid(first_w, count_w, sw, b - pw, taps_w, 1, left - (taps_w - 1))
+            f.body.append(_correlation(f, f"p{a}{b}", src, filters, dx, rows, cols, packed,
+                                       None, None, block))
+    schedule = Schedule(kernel.name, f"correlation of δ, {len(covered)} stride phase(s)",
+                        block, "input column", widest, "input channel", channels,
+                        ("output channel", "kh", "kw"),
+                        ("weights flipped per phase [cb, f, kh, kw, lanes]", "δ zero-padded"),
+                        efficiency=score, reason=_block_reason(block, widest, channels))
+    return Lowered(f.finished(), tuple(f.scratch), schedule)
+
+
+def _flipped_tap(index: Expr, phase: int, stride: int, taps: int) -> Expr:
+    """Tap t' of a phase reads kernel position phase + S·(taps − 1 − t')."""
+    return add(const(phase), mul(const(stride), Binary("-", const(taps - 1), index)))
+
+
+# -- filter gradient --------------------------------------------------------------------------
+
+def _conv_grad_weight(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lowered:
+    x, dy = view(program, kernel.inputs[0]), view(program, kernel.inputs[1])
+    dw = view(program, kernel.outputs[0], is_output=True)
+    f = _Function(kernel.name, dw.dtype, [x, dy, dw], [], [], [])
+    filters, channels, kh, kw = dw.shape
+    window = kernel.node.attrs.window
+    (sh, sw), (ph, pw) = window.stride, window.pad
+    oh, ow = dy.shape[2], dy.shape[3]
+    taps = kh * kw
+    block, score = choose_block(machine, dw.dtype, taps, filters)
+    width = block.width
+    blocks = math.ceil(filters / width)
+    itemsize = 8 if dw.dtype is DType.F64 else 4
+    src_w = max(x.shape[3] + 2 * pw, (ow - 1) * sw + kw)
+    tile = filter_tile_rows(machine, itemsize, ow, width, channels, src_w, sh, kh)
+    src = _pad(f, x, ph, pw, max(x.shape[2] + 2 * ph, (oh - 1) * sh + kh), src_w)
+    delta = _transpose_delta(f, dy, blocks * width)
+    acc = f.add_scratch("acc", (blocks, channels, taps, width))
+    f.body.append(loop_nest(["zb", "zc", "zt", "zl"], [blocks, channels, taps, width],
+                            (Store(acc, (Var("zb"), Var("zc"), Var("zt"), Var("zl")), ZERO),)))
+    tiles = math.ceil(oh / tile)
+    remaining = Binary("-", const(oh), mul(Var("ot"), const(tile)))
+    rows_here = const(tile) if oh % tile == 0 else \
+        _smaller(remaining, const(tile))
+    out_row = add(mul(Var("ot"), const(tile)), Var("i"))
+
+    def code_at(first_tap: Expr) -> _BlockCode:
+        def tap(r: int) -> tuple[Expr, Expr]:
+            t = add(first_tap, const(r))
+            return Binary("//", t, const(kw)), Binary("%", t, const(kw))
+
+        def broadcast(r: int) -> Expr:
+            tap_h, tap_w = tap(r)
+            return Load(src, (Var("n"), Var("c"), _affine(out_row, sh, tap_h),
+                              _affine(Var("j"), sw, tap_w)))
+
+        def where(r: int, v: int) -> tuple[Expr, ...]:
+            return (Var("fb"), Var("c"), add(first_tap, const(r)), const(v * block.lanes))
+
+        return _BlockCode(
+            reduction=(("i", rows_here), ("j", const(ow))),
+            broadcast=broadcast,
+            vector=lambda v: VecLoad(delta, (Var("n"), out_row, Var("j"), add(
+                mul(Var("fb"), const(width)), const(v * block.lanes))), block.lanes),
+            init=lambda r, v: VecLoad(acc, where(r, v), block.lanes),
+            finish=lambda r, v, value: (VecStore(acc, where(r, v), value),))
+
+    body = _row_tiles(f, "t", taps, block, code_at)
+    f.body.append(loop_nest(["n", "ot", "fb", "c"], [Var(BATCH), tiles, blocks, channels], body))
+    unpack = Load(acc, (Binary("//", Var("uf"), const(width)), Var("uc"),
+                        add(mul(Var("uh"), const(kw)), Var("uw")),
+                        Binary("%", Var("uf"), const(width))))
+    f.body.append(loop_nest(["uf", "uc", "uh", "uw"], [filters, channels, kh, kw],
+                            (Store(dw.name, (Var("uf"), Var("uc"), Var("uh"), Var("uw")),
+                                   unpack),)))
+    schedule = Schedule(kernel.name, "filter gradient", block, "kernel tap", taps,
+                        "output channel", filters, ("output row in tile", "output column"),
+                        ("δ as [n, oh, ow, f]", "input zero-padded",
+                         "accumulators [fb, c, tap, lanes]"),
+                        tile_rows=tile, efficiency=score,
+                        reason=_block_reason(block, taps, filters))
+    return Lowered(f.finished(), tuple(f.scratch), schedule)
+
+
+def _smaller(a: Expr, b: Expr) -> Expr:
+    from .loops import Select
+
+    return Select(Binary("<", a, b), a, b)
+
+
+def _transpose_delta(f: _Function, dy: Buffer, padded_channels: int) -> str:
+    """δ[n, f, oh, ow] as [n, oh, ow, f], f padded with zeros to whole vectors."""
+    _, filters, oh, ow = dy.shape
+    name = f.add_scratch("delta", (BATCH, oh, ow, padded_channels))
+    copy = Store(name, (Var("tn"), Var("th"), Var("tw"), Var("tf")),
+                 Load(dy.name, (Var("tn"), Var("tf"), Var("th"), Var("tw"))))
+    f.body.append(loop_nest(["tn", "tf", "th", "tw"], [Var(BATCH), filters, oh, ow], (copy,)))
+    if padded_channels > filters:
+        zero = Store(name, (Var("tn"), Var("th"), Var("tw"), add(Var("tz"), const(filters))),
+                     ZERO)
+        f.body.append(loop_nest(["tn", "th", "tw", "tz"],
+                                [Var(BATCH), oh, ow, padded_channels - filters], (zero,)))
+    return name
+
+
+# -- matrix products: dense layers and their gradients ------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class _Product:
+    """out[m, j] = act(bias[j] + Σ_k a(m, k) · b(k, j)); None as an extent is the batch."""
+
+    rows: int | None
+    columns: int
+    depth: int | None
+    a: Callable[[Expr, Expr], Expr]
+    b: Callable[[Expr, Expr], Expr]
+    out: str
+    bias: str | None = None
+    activation: Op | None = None
+
+
+def _matrix_product(f: _Function, p: _Product, block: Block) -> None:
+    width = block.width
+    blocks = math.ceil(p.columns / width)
+    depth = extent_expr(BATCH if p.depth is None else p.depth)
+    packed = f.add_scratch("b", (BATCH if p.depth is None else p.depth, blocks * width))
+    f.body.append(loop_nest(["pk", "pj"], [depth, blocks * width],
+                            (Store(packed, (Var("pk"), Var("pj")), ZERO),)))
+    f.body.append(loop_nest(["pk", "pj"], [depth, p.columns],
+                            (Store(packed, (Var("pk"), Var("pj")), p.b(Var("pk"), Var("pj"))),)))
+    bias = None
+    if p.bias is not None:
+        bias = _pack_blocked(f, "bias", [], p.columns, width,
+                             lambda ch, o: Load(p.bias, (ch,)))
+
+    def code_at(first_row: Expr) -> _BlockCode:
+        def init(r: int, v: int) -> Expr:
+            if bias is None:
+                return ZERO
+            return VecLoad(bias, (Var("jb"), const(v * block.lanes)), block.lanes)
+
+        def finish(r: int, v: int, acc: Expr) -> tuple[Stmt, ...]:
+            first = add(mul(Var("jb"), const(width)), const(v * block.lanes))
+            row = add(first_row, const(r))
+            return _lane_stores(p.out, lambda column: (row, column), first, p.columns,
+                                p.columns % width != 0, acc, p.activation, block.lanes)
+
+        return _BlockCode(
+            reduction=(("k", depth),),
+            broadcast=lambda r: p.a(add(first_row, const(r)), Var("k")),
+            vector=lambda v: VecLoad(packed, (Var("k"), add(mul(Var("jb"), const(width)),
+                                                            const(v * block.lanes))),
+                                     block.lanes),
+            init=init, finish=finish)
+
+    f.body.append(For("jb", const(blocks), _row_tiles(f, "m", p.rows, block, code_at)))
+
+
+def _product_schedule(kernel: Kernel, p: _Product, block: Block, score: float,
+                      rows: str, columns: str, depth: str) -> Schedule:
+    return Schedule(kernel.name, "matrix product", block, rows, p.rows, columns, p.columns,
+                    (depth,), (f"B as [{depth}, {columns} blocks of {block.width}]",),
+                    efficiency=score, reason=_block_reason(block, p.rows, p.columns))
+
+
+def _dense_forward(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lowered:
+    x = flat(program, kernel.inputs[0])
+    weight = view(program, kernel.inputs[1])
+    out = view(program, kernel.outputs[0], is_output=True)
+    f = _Function(kernel.name, out.dtype, [x, weight], [], [], [])
+    if kernel.has_bias:
+        f.buffers.append(view(program, kernel.inputs[2]))
+    f.buffers.append(out)
+    units, features = weight.shape
+    p = _Product(None, units, features, lambda m, k: Load(x.name, (m, k)),
+                 lambda k, j: Load(weight.name, (j, k)), out.name,
+                 kernel.inputs[2] if kernel.has_bias else None, kernel.activation)
+    block, score = choose_block(machine, out.dtype, None, units)
+    _matrix_product(f, p, block)
+    schedule = _product_schedule(kernel, p, block, score, "sample", "unit", "input feature")
+    return Lowered(f.finished(), tuple(f.scratch), schedule)
+
+
+def _dense_grad_input(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lowered:
+    dy, weight = view(program, kernel.inputs[0]), view(program, kernel.inputs[1])
+    dx = flat(program, kernel.outputs[0], is_output=True)
+    f = _Function(kernel.name, dx.dtype, [dy, weight, dx], [], [], [])
+    units, features = weight.shape
+    p = _Product(None, features, units, lambda m, k: Load(dy.name, (m, k)),
+                 lambda k, j: Load(weight.name, (k, j)), dx.name)
+    block, score = choose_block(machine, dx.dtype, None, features)
+    _matrix_product(f, p, block)
+    schedule = _product_schedule(kernel, p, block, score, "sample", "input feature", "unit")
+    return Lowered(f.finished(), tuple(f.scratch), schedule)
+
+
+def _dense_grad_weight(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lowered:
+    x, dy = flat(program, kernel.inputs[0]), view(program, kernel.inputs[1])
+    dw = view(program, kernel.outputs[0], is_output=True)
+    f = _Function(kernel.name, dw.dtype, [x, dy, dw], [], [], [])
+    units, features = dw.shape
+    p = _Product(units, features, None, lambda m, k: Load(dy.name, (k, m)),
+                 lambda k, j: Load(x.name, (k, j)), dw.name)
+    block, score = choose_block(machine, dw.dtype, units, features)
+    _matrix_product(f, p, block)
+    schedule = _product_schedule(kernel, p, block, score, "unit", "input feature", "sample")
+    return Lowered(f.finished(), tuple(f.scratch), schedule)
