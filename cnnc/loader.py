@@ -10,7 +10,7 @@ import llvmlite.binding as llvm
 
 from . import __version__
 from . import module as artifact
-from .backends.llvm import host_target, target_machine
+from .backends.llvm import host_target, target_machine, unpack_objects
 from .ir import DType
 
 ForwardEntry = Any  # a ctypes function: (batch: int, buffers: void*[]) -> None
@@ -80,19 +80,35 @@ def native_entries(file: artifact.ModuleFile, manifest: dict[str, Any],
                    source: str) -> tuple[dict[str, ForwardEntry], llvm.ExecutionEngine]:
     """Map the object code (no parsing, no optimisation) and return every entry point by
     its role (forward, loss, ...); the engine must live as long as they are called."""
-    engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), target_machine())
     try:
-        engine.add_object_file(llvm.ObjectFileRef.from_data(file.sections["object"]))
-        engine.finalize_object()
+        entries, engine = native_entries_from_object(file.sections["object"],
+                                                     list(manifest["entry_points"].values()))
     except RuntimeError as error:
         raise _refuse(source, f"its object code does not load: {error}") from None
+    except KeyError as error:
+        raise _refuse(source, f"its object code has no entry point {error}") from None
+    by_role = {role: entries[symbol] for role, symbol in manifest["entry_points"].items()}
+    return by_role, engine
+
+
+def native_entries_from_object(object_code: bytes, symbols: list[str]
+                               ) -> tuple[dict[str, ForwardEntry], llvm.ExecutionEngine]:
+    """Map object code and look up `symbols` (KeyError for a missing one)."""
+    try:
+        objects = unpack_objects(object_code)
+    except ValueError as error:
+        raise RuntimeError(str(error)) from None
+    engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), target_machine())
+    for obj in objects:
+        engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
+    engine.finalize_object()
     signature = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_void_p)
     entries = {}
-    for role, symbol in manifest["entry_points"].items():
+    for symbol in symbols:
         address = engine.get_function_address(str(symbol))
         if not address:
-            raise _refuse(source, f"its object code has no {role} entry point")
-        entries[role] = signature(address)
+            raise KeyError(str(symbol))
+        entries[str(symbol)] = signature(address)
     return entries, engine
 
 

@@ -292,9 +292,12 @@ def _lower_maxpool(kernel: Kernel, program: KernelProgram) -> LoopFunction:
     value = Var("value")
     take = Binary("or", Binary("or", Binary("<", Var("index"), const(0)),
                                Binary(">", value, Var("best"))), Unary("isnan", value))
+    # selects, not a branch: which element wins is data, and mispredicted branches cost
+    # more than the comparison
     visit = (Assign("value", Load(x.name, (Var("n"), Var("c"), ih, iw))),
-             If(take, (Assign("best", value),
-                       Assign("index", add(mul(ih, const(x.shape[3])), iw)))))
+             Assign("index", Select(take, add(mul(ih, const(x.shape[3])), iw), Var("index"))),
+             Assign("best", Select(Binary("==", Var("index"), add(mul(ih, const(x.shape[3])),
+                                                                  iw)), value, Var("best"))))
     window = loop_nest(["kh", "kw"], list(kernel.window.kernel), guarded(inside, visit))
     where = (Var("n"), Var("c"), Var("oh"), Var("ow"))
     body = (Assign("best", Const(-math.inf, True)), Assign("index", const(-1)), window,

@@ -33,7 +33,6 @@ from .loops import (
     Expr,
     For,
     If,
-    Lane,
     Load,
     Local,
     LoopFunction,
@@ -67,7 +66,10 @@ class _Function:
     body: list[Stmt]
 
     def add_scratch(self, suffix: str, shape: tuple) -> str:
+        """A scratch buffer of this function; asking again for one returns the same."""
         name = f"{self.name}.{suffix}"
+        if any(t.name == name for t in self.scratch):
+            return name
         self.scratch.append(Tensor(name, Role.SCRATCH, self.dtype, shape))
         self.buffers.append(Buffer(name, shape, self.dtype, is_output=True))
         return name
@@ -113,6 +115,7 @@ class _BlockCode:
     vector: Callable[[int], Expr]  # the vector operand v (a VecLoad)
     init: Callable[[int, int], Expr]  # the starting value of accumulator (r, v)
     finish: Callable[[int, int, Expr], tuple[Stmt, ...]]  # consumes accumulator (r, v)
+    epilogue: Callable[[int], tuple[Stmt, ...]] = lambda rows: ()  # after all, given rows
 
 
 def _register_block(f: _Function, tag: str, block: Block, rows: int,
@@ -135,7 +138,7 @@ def _register_block(f: _Function, tag: str, block: Block, rows: int,
     nest = loop_nest(names, [extent for _, extent in code.reduction], tuple(step))
     end = [s for r in range(rows) for v in range(vectors)
            for s in code.finish(r, v, Var(acc[r][v]))]
-    return (*start, nest, *end)
+    return (*start, nest, *end, *code.epilogue(rows))
 
 
 def _row_tiles(f: _Function, var: str, extent: int | None, block: Block,
@@ -162,17 +165,31 @@ def _row_tiles(f: _Function, var: str, extent: int | None, block: Block,
     return tuple(stmts)
 
 
-def _lane_stores(out: str, index_of: Callable[[Expr], tuple[Expr, ...]], first: Expr,
-                 limit: int, ragged: bool, vector: Expr, activation: Op | None,
-                 lanes: int) -> tuple[Stmt, ...]:
-    """Lane j, activated, goes to out[index_of(first + j)]; tested against `limit` where
-    `ragged` (the last block of a channel count that is not a whole number of vectors)."""
-    stmts: list[Stmt] = []
-    for j in range(lanes):
-        position = add(first, const(j))
-        store = Store(out, index_of(position), activate(activation, Lane(vector, j), ZERO))
-        stmts.append(If(Binary("<", position, const(limit)), (store,)) if ragged else store)
-    return tuple(stmts)
+def _tile_store(tile: str, block: Block) -> Callable[[int, int, Expr], tuple[Stmt, ...]]:
+    """Accumulator (r, v) as one vector store into the block's tile."""
+    return lambda r, v, acc: (VecStore(tile, (const(r), const(v * block.lanes)), acc),)
+
+
+def _tile_scatter(tile: str, out: str, index_of: Callable[[Expr, Expr], tuple[Expr, ...]],
+                  first: Expr, limit: int, width: int,
+                  activation: Op | None) -> Callable[[int], tuple[Stmt, ...]]:
+    """The tile's rows x channels, activated, to out[index_of(row, first + j)], as a loop
+    (compact code) over the channels below `limit`."""
+    remaining = Binary("-", const(limit), first)
+    channels = const(width) if limit % width == 0 else \
+        _smaller(remaining, const(width))
+
+    def epilogue(rows: int) -> tuple[Stmt, ...]:
+        value = activate(activation, Load(tile, (Var("er"), Var("ej"))), ZERO)
+        store = Store(out, index_of(Var("er"), add(first, Var("ej"))), value)
+        return (loop_nest(["er", "ej"], [const(rows), channels], (store,)),)
+
+    return epilogue
+
+
+def _tile(f: _Function, block: Block) -> str:
+    """Where a block's accumulators go before they are scattered to the output."""
+    return f.add_scratch("tile", (block.rows, block.width))
 
 
 # -- packing --------------------------------------------------------------------------------
@@ -245,6 +262,7 @@ def _correlation(f: _Function, tag: str, src: str, src_channels: int, out: Buffe
                  activation: Op | None, block: Block) -> Stmt:
     out_channels = out.shape[1]
     width = block.width
+    tile = _tile(f, block)
 
     def code_at(first_col: Expr) -> _BlockCode:
         def source_index(r: int) -> tuple[Expr, ...]:
@@ -259,13 +277,12 @@ def _correlation(f: _Function, tag: str, src: str, src_channels: int, out: Buffe
                 return ZERO
             return VecLoad(bias, (Var("fb"), const(v * block.lanes)), block.lanes)
 
-        def finish(r: int, v: int, acc: Expr) -> tuple[Stmt, ...]:
-            row = _affine(add(Var("q"), const(rows.start)), rows.scale, const(rows.shift))
-            col = _affine(add(first_col, const(cols.start + r)), cols.scale, const(cols.shift))
-            first = add(mul(Var("fb"), const(width)), const(v * block.lanes))
-            return _lane_stores(out.name, lambda ch: (Var("n"), ch, row, col), first,
-                                out_channels, out_channels % width != 0, acc, activation,
-                                block.lanes)
+        row = _affine(add(Var("q"), const(rows.start)), rows.scale, const(rows.shift))
+
+        def out_index(r: Expr, channel: Expr) -> tuple[Expr, ...]:
+            col = _affine(add(add(first_col, r), const(cols.start)), cols.scale,
+                          const(cols.shift))
+            return (Var("n"), channel, row, col)
 
         return _BlockCode(
             reduction=(("c", const(src_channels)), ("th", const(rows.taps)),
@@ -273,7 +290,10 @@ def _correlation(f: _Function, tag: str, src: str, src_channels: int, out: Buffe
             broadcast=lambda r: Load(src, source_index(r)),
             vector=lambda v: VecLoad(packed_weights, (Var("fb"), Var("c"), Var("th"), Var("tw"),
                                                       const(v * block.lanes)), block.lanes),
-            init=init, finish=finish)
+            finish=_tile_store(tile, block),
+            epilogue=_tile_scatter(tile, out.name, out_index, mul(Var("fb"), const(width)),
+                                   out_channels, width, activation),
+            init=init)
 
     tiles = _row_tiles(f, f"{tag}w", cols.count, block, code_at)
     blocks = math.ceil(out_channels / width)
@@ -499,17 +519,13 @@ def _matrix_product(f: _Function, p: _Product, block: Block) -> None:
         bias = _pack_blocked(f, "bias", [], p.columns, width,
                              lambda ch, o: Load(p.bias, (ch,)))
 
+    tile = _tile(f, block)
+
     def code_at(first_row: Expr) -> _BlockCode:
         def init(r: int, v: int) -> Expr:
             if bias is None:
                 return ZERO
             return VecLoad(bias, (Var("jb"), const(v * block.lanes)), block.lanes)
-
-        def finish(r: int, v: int, acc: Expr) -> tuple[Stmt, ...]:
-            first = add(mul(Var("jb"), const(width)), const(v * block.lanes))
-            row = add(first_row, const(r))
-            return _lane_stores(p.out, lambda column: (row, column), first, p.columns,
-                                p.columns % width != 0, acc, p.activation, block.lanes)
 
         return _BlockCode(
             reduction=(("k", depth),),
@@ -517,7 +533,11 @@ def _matrix_product(f: _Function, p: _Product, block: Block) -> None:
             vector=lambda v: VecLoad(packed, (Var("k"), add(mul(Var("jb"), const(width)),
                                                             const(v * block.lanes))),
                                      block.lanes),
-            init=init, finish=finish)
+            finish=_tile_store(tile, block),
+            epilogue=_tile_scatter(tile, p.out, lambda r, j: (add(first_row, r), j),
+                                   mul(Var("jb"), const(width)), p.columns, width,
+                                   p.activation),
+            init=init)
 
     f.body.append(For("jb", const(blocks), _row_tiles(f, "m", p.rows, block, code_at)))
 

@@ -141,7 +141,9 @@ def compile_module(graph: Graph, opt_level: int = 3, scheduled: bool = True) -> 
         updates, extra = _update_functions(full, program, optimizer)
         functions += updates
         storage += extra
-        entries["cnnc_train_step"] = entries["cnnc_gradients"] + [f.name for f in updates]
+        entries[ENTRY_NAMES["update"]] = [f.name for f in updates]
+        entries[ENTRY_NAMES["train_step"]] = entries[ENTRY_NAMES["gradients"]] + \
+            entries[ENTRY_NAMES["update"]]
     code = compile_functions(tuple(functions), [t.name for t in storage], opt_level, entries)
     manifest = _manifest(full, program, storage, code, opt_level, optimizer)
     sections = {"object": code.object_code, "llvm_ir": code.llvm_ir.encode(),
@@ -151,18 +153,25 @@ def compile_module(graph: Graph, opt_level: int = 3, scheduled: bool = True) -> 
 
 
 ENTRY_NAMES = {"forward": "cnnc_forward", "loss": "cnnc_loss", "gradients": "cnnc_gradients",
-               "train_step": "cnnc_train_step"}
+               "input_gradient": "cnnc_input_gradient", "train_step": "cnnc_train_step",
+               "update": "cnnc_update"}
 
 
 def _entries(program) -> dict[str, list[str]]:
-    """Which kernels each entry point runs, in order."""
+    """Which kernels each entry point runs, in order. Training needs no gradient of the
+    network's input, so only `cnnc_input_gradient` runs the kernel that makes it."""
     def names(*phases: str) -> list[str]:
         return [k.name for k in program.kernels if k.phase in phases]
 
     entries = {ENTRY_NAMES["forward"]: names("forward")}
     if program.graph.loss is not None:
+        graph = program.graph
+        input_gradient = program.storage_of(dict(graph.gradients).get(graph.input, ""))
+        needed = [k.name for k in program.kernels
+                  if k.phase == "backward" and input_gradient not in k.outputs]
         entries[ENTRY_NAMES["loss"]] = names("forward", "loss")
-        entries[ENTRY_NAMES["gradients"]] = names("forward", "loss", "backward")
+        entries[ENTRY_NAMES["gradients"]] = names("forward", "loss") + needed
+        entries[ENTRY_NAMES["input_gradient"]] = names("forward", "loss", "backward")
     return entries
 
 

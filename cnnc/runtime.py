@@ -80,9 +80,7 @@ class Module:
         slices = _slices(len(x), self._threads)
         if len(slices) == 1:
             return self._forward_one(x)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="cnnc")
-        parts = list(self._pool.map(lambda part: self._forward_one(x[part]), slices))
+        parts = list(self._thread_pool().map(lambda part: self._forward_one(x[part]), slices))
         return np.concatenate(parts)
 
     __call__ = forward
@@ -181,14 +179,44 @@ class Module:
 
     def gradients(self, x: Any, y: Any) -> dict[str, np.ndarray]:
         """d(mean loss)/d(parameter) for every parameter, shaped like `params`."""
-        named = self._named(self._run(x, "gradients", self._trainable(y)))
+        named, _ = self._split_gradients(x, self._trainable(y))
         where = self._manifest["gradients"]
         return {name: named[where[name]].reshape(self._params[name].shape).copy()
                 for name in self._params}
 
+    def _split_gradients(self, x: Any, y: Any) -> tuple[dict[str, np.ndarray], float]:
+        """Buffers after the gradients entry, and the loss, for the whole batch.
+
+        With several threads each takes a slice of the batch; a slice's gradients are of its
+        own mean loss, so the batch's are the slices' weighted by their share of samples.
+        """
+        x = self._checked_input(x, "x")
+        y = self._checked_target(_as_array(y, "y"), len(x))
+        slices = _slices(len(x), self._threads)
+        if len(slices) == 1:
+            named = self._named(self._run(x, "gradients", y))
+            return named, float(named[self._loss_name()][0])
+        parts = list(self._thread_pool().map(
+            lambda part: self._named(self._run(x[part], "gradients", y[part])), slices))
+        shares = [(s.stop - s.start) / len(x) for s in slices]
+        named = parts[0]
+        with np.errstate(all="ignore"):  # an overflow stays Inf/NaN for the caller to see
+            for storage in dict.fromkeys(self._manifest["gradients"][p] for p in self._params):
+                total = named[storage] * shares[0]
+                for part, share in zip(parts[1:], shares[1:], strict=True):
+                    total += part[storage] * share
+                named[storage][...] = total
+        loss = sum(float(p[self._loss_name()][0]) * w for p, w in zip(parts, shares, strict=True))
+        return named, loss
+
+    def _thread_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="cnnc")
+        return self._pool
+
     def input_gradient(self, x: Any, y: Any) -> np.ndarray:
         """d(mean loss)/dx, shaped like x."""
-        named = self._named(self._run(x, "gradients", self._trainable(y)))
+        named = self._named(self._run(x, "input_gradient", self._trainable(y)))
         gradient = named[self._manifest["gradients"][self._manifest["input"]["name"]]]
         return gradient.reshape(gradient.shape[0], *self.input_shape).copy()
 
@@ -203,9 +231,20 @@ class Module:
         hyper = np.array([rate, settings.get("momentum", 0.0), beta1, beta2,
                           settings.get("eps", 1e-8), 1 - beta1 ** step, 1 - beta2 ** step, 0.0],
                          dtype=self._dtype)
-        arrays = self._run(x, "train_step", y, hyper)
+        x = self._checked_input(x, "x")
+        if len(_slices(len(x), self._threads)) == 1 or "update" not in self._entries:
+            arrays = self._run(x, "train_step", y, hyper)
+            loss = float(self._named(arrays)[self._loss_name()][0])
+        else:  # gradients in threads, then one update with their weighted sum
+            named, loss = self._split_gradients(x, y)
+            arrays = [named[item["name"]] for item in self._manifest["storage"]]
+            for index, item in enumerate(self._manifest["storage"]):
+                if item["role"] in ("param", "state", "hyper"):
+                    arrays[index] = self._buffer_for(item, {"hyper": hyper}, 1)
+            table = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
+            self._entries["update"](len(x), table)
         self._step = step
-        return float(self._named(arrays)[self._loss_name()][0])
+        return loss
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         """Momentum or Adam moments and the step count: with `params`, all a resume needs."""

@@ -10,6 +10,11 @@ rounding of the reference interpreter.
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import os
+import struct
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import llvmlite.binding as llvm
@@ -53,7 +58,7 @@ class HostTarget:
 
 @dataclass(frozen=True, slots=True)
 class NativeCode:
-    object_code: bytes
+    object_code: bytes  # object files, one per LLVM module, joined by `pack_objects`
     llvm_ir: str  # after optimisation
     target: HostTarget
 
@@ -78,16 +83,63 @@ def target_machine(opt_level: int = 3) -> llvm.TargetMachine:
                                         codemodel="jitdefault")
 
 
+# Kernels are spread over this many LLVM modules, optimised and code-generated at the same
+# time on as many cores as there are: LLVM's passes are most of a compile. A fixed number
+# keeps the object code the same on every machine, whatever its core count.
+MODULE_COUNT = 4
+MODULE_SEPARATOR = "\n; ---- next module ----\n"
+OBJECTS_MAGIC = b"CNNCOBJS"
+
+
 def compile_functions(functions: tuple[LoopFunction, ...], storage: list[str],
                       opt_level: int = 3,
                       entries: dict[str, list[str]] | None = None) -> NativeCode:
     """Generate, verify, optimise (at -O`opt_level`) and emit object code. `entries` maps
     each entry point to the kernels it runs in order (default: `cnnc_forward`, all)."""
+    entries = entries or {ENTRY: [f.name for f in functions]}
+    texts = [str(build_module(group, storage, {})) for group in _groups(functions)]
+    texts.append(str(build_entry_module(functions, storage, entries)))
+    results = _compile_texts(texts, opt_level)
+    objects = tuple(obj for obj, _ in results)
+    return NativeCode(pack_objects(objects), MODULE_SEPARATOR.join(t for _, t in results),
+                      host_target())
+
+
+def _compile_texts(texts: list[str], opt_level: int) -> list[tuple[bytes, str]]:
+    """Every module compiled, in forked worker processes where there are several cores:
+    llvmlite serialises all calls behind one lock, so threads would not run LLVM at once."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    workers = min(len(texts), cores)
+    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return [_compile_text(text, opt_level) for text in texts]
+    context = multiprocessing.get_context("fork")
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            return list(pool.map(_compile_text, texts, [opt_level] * len(texts)))
+    except (OSError, BrokenProcessPool):  # no processes to be had: compile here instead
+        return [_compile_text(text, opt_level) for text in texts]
+
+
+def _groups(functions: tuple[LoopFunction, ...]) -> list[tuple[LoopFunction, ...]]:
+    """Kernels in MODULE_COUNT groups of about equal size, largest kernels placed first."""
+    from ..loops import format_function
+
+    sizes = {f.name: len(format_function(f)) for f in functions}
+    bins: list[list[LoopFunction]] = [[] for _ in range(MODULE_COUNT)]
+    totals = [0] * MODULE_COUNT
+    for function in sorted(functions, key=lambda f: -sizes[f.name]):
+        smallest = totals.index(min(totals))
+        bins[smallest].append(function)
+        totals[smallest] += sizes[function.name]
+    return [tuple(group) for group in bins if group]
+
+
+def _compile_text(text: str, opt_level: int) -> tuple[bytes, str]:
+    """One module, in an LLVM context of its own."""
     machine = target_machine(opt_level)
-    module = build_module(functions, storage, entries)
-    module.triple = host_target().triple
-    module.data_layout = str(machine.target_data)
-    parsed = llvm.parse_assembly(str(module))
+    parsed = llvm.parse_assembly(text, context=llvm.create_context())
+    parsed.triple = host_target().triple
+    parsed.data_layout = str(machine.target_data)
     parsed.verify()
     if opt_level > 0:
         tuning = llvm.create_pipeline_tuning_options(speed_level=opt_level)
@@ -95,26 +147,68 @@ def compile_functions(functions: tuple[LoopFunction, ...], storage: list[str],
         tuning.slp_vectorization = True
         builder = llvm.create_pass_builder(machine, tuning)
         builder.getModulePassManager().run(parsed, builder)
-    return NativeCode(machine.emit_object(parsed), str(parsed), host_target())
+    return machine.emit_object(parsed), str(parsed)
+
+
+def pack_objects(objects: tuple[bytes, ...]) -> bytes:
+    """Several object files as one byte string: magic, count, lengths, then the files."""
+    header = OBJECTS_MAGIC + struct.pack("<I", len(objects))
+    header += b"".join(struct.pack("<Q", len(obj)) for obj in objects)
+    return header + b"".join(objects)
+
+
+def unpack_objects(data: bytes) -> list[bytes]:
+    """The object files `pack_objects` joined (ValueError where `data` is not that)."""
+    if not data.startswith(OBJECTS_MAGIC) or len(data) < len(OBJECTS_MAGIC) + 4:
+        raise ValueError("not a set of object files")
+    (count,) = struct.unpack_from("<I", data, len(OBJECTS_MAGIC))
+    offset = len(OBJECTS_MAGIC) + 4
+    if count > 4096 or len(data) < offset + 8 * count:
+        raise ValueError("the object file table is damaged")
+    lengths = struct.unpack_from(f"<{count}Q", data, offset)
+    offset += 8 * count
+    if offset + sum(lengths) != len(data):
+        raise ValueError("the object files do not fill the section exactly")
+    objects = []
+    for length in lengths:
+        objects.append(data[offset:offset + length])
+        offset += length
+    return objects
 
 
 def assembly(llvm_ir: str, opt_level: int = 3) -> str:
     """Host assembly of (already optimised) LLVM IR text, for `--emit asm`."""
-    machine = target_machine(opt_level)
-    return machine.emit_assembly(llvm.parse_assembly(llvm_ir))
+    return "".join(target_machine(opt_level).emit_assembly(llvm.parse_assembly(text))
+                   for text in llvm_ir.split(MODULE_SEPARATOR))
 
 
 def build_module(functions: tuple[LoopFunction, ...], storage: list[str],
                  entries: dict[str, list[str]] | None = None) -> ir.Module:
+    """The kernels `functions`, and the entry points `entries` (default: none)."""
     module = ir.Module(name="cnnc")
     declared = [_declare(module, f) for f in functions]
     for function, llvm_function in zip(functions, declared, strict=True):
         _Emitter(module, function, llvm_function).emit()
+    _emit_entries(module, functions, declared, storage, entries or {})
+    return module
+
+
+def build_entry_module(functions: tuple[LoopFunction, ...], storage: list[str],
+                       entries: dict[str, list[str]]) -> ir.Module:
+    """The entry points only, calling kernels defined in the other modules."""
+    module = ir.Module(name="cnnc_entries")
+    declared = [_declare(module, f) for f in functions]
+    _emit_entries(module, functions, declared, storage, entries)
+    return module
+
+
+def _emit_entries(module: ir.Module, functions: tuple[LoopFunction, ...],
+                  declared: list[ir.Function], storage: list[str],
+                  entries: dict[str, list[str]]) -> None:
     by_name = {f.name: (f, d) for f, d in zip(functions, declared, strict=True)}
-    for entry, names in (entries or {ENTRY: [f.name for f in functions]}).items():
+    for entry, names in entries.items():
         chosen = [by_name[name] for name in names]
         _emit_entry(module, entry, [c[0] for c in chosen], [c[1] for c in chosen], storage)
-    return module
 
 
 def _declare(module: ir.Module, function: LoopFunction) -> ir.Function:

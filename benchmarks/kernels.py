@@ -1,0 +1,73 @@
+"""Time every kernel of a network on its own, one thread: where the time of a step goes.
+
+    python benchmarks/kernels.py NET.cnn [--batch 64] [--repeats 7] [--plain]
+
+Each kernel is compiled as an entry point of its own and run on buffers of the right shapes
+(random values; argmax positions and labels kept in range). Not a test: nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import time
+
+import numpy as np
+
+from cnnc.autodiff import differentiate
+from cnnc.backends.llvm import compile_functions
+from cnnc.fuse import fuse
+from cnnc.loader import native_entries_from_object
+from cnnc.module import numpy_dtype
+from cnnc.pipeline import front_end, lower_program, to_source
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("program")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--plain", action="store_true", help="unscheduled loops")
+    args = parser.parse_args()
+    graph = front_end(to_source(args.program))
+    full = differentiate(graph) if graph.loss is not None else graph
+    program = fuse(full)
+    functions, scratch, _ = lower_program(program, not args.plain)
+    storage = list(program.storage) + scratch
+    names = [t.name for t in storage]
+    alone = {f"run_{f.name}": [f.name] for f in functions}
+    code = compile_functions(tuple(functions), names, 3, alone)
+    entries, engine = native_entries_from_object(code.object_code, list(alone))
+    arrays = [_buffer(t, args.batch, graph) for t in storage]
+    table = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
+    total = 0.0
+    print(f"{'kernel':<40} {'ms':>8}")
+    for function in functions:
+        call = entries[f"run_{function.name}"]
+        call(args.batch, table)
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            call(args.batch, table)
+            times.append(time.perf_counter() - start)
+        median = statistics.median(times) * 1e3
+        total += median
+        print(f"{function.name:<40} {median:>8.3f}")
+    print(f"{'total':<40} {total:>8.3f}")
+    del engine
+
+
+def _buffer(tensor, batch: int, graph) -> np.ndarray:
+    shape = tuple(batch if d == "N" else d for d in (tensor.shape or (1,))) or (1,)
+    dtype = numpy_dtype(tensor.dtype)
+    rng = np.random.default_rng(0)
+    if tensor.role.value == "target" and dtype.kind == "i":
+        return rng.integers(0, 2, shape).astype(dtype)
+    if tensor.name.endswith(".argmax"):
+        return np.zeros(shape, dtype)
+    return rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.zeros(shape, dtype)
+
+
+if __name__ == "__main__":
+    main()
