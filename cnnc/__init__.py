@@ -28,8 +28,11 @@ def check(program: str | Path, dtype: str | None = None) -> Graph:
 
 
 def compile(program: str | Path, target: str = "cpu", dtype: str | None = None,
-            opt_level: int = 3, threads: int | None = None) -> Module:
-    """Compile a program (its text, or a path to a .cnn file) to a runnable Module."""
+            opt_level: int = 3, threads: int | None = None, schedule: bool = True) -> Module:
+    """Compile a program (its text, or a path to a .cnn file) to a runnable Module.
+
+    `schedule=False` keeps every kernel a plain loop nest: slow, but the simplest code, for
+    comparing with the scheduled kernels."""
     from .pipeline import compile_module, front_end, to_source
 
     if target != "cpu":
@@ -37,7 +40,7 @@ def compile(program: str | Path, target: str = "cpu", dtype: str | None = None,
     if type(opt_level) is not int or opt_level not in (0, 1, 2, 3):
         raise CnncInputError.single(f"opt_level must be 0, 1, 2 or 3, got {opt_level!r}")
     graph = front_end(to_source(program), dtype)
-    return Module(compile_module(graph, opt_level), threads=threads)
+    return Module(compile_module(graph, opt_level, bool(schedule)), threads=threads)
 
 
 __all__ = ["CnncError", "CnncInputError", "CnncModuleError", "CnncRuntimeError",

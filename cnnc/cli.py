@@ -18,12 +18,12 @@ from .diagnostics import CnncError
 from .fuse import format_kernels, fuse
 from .ir import Graph, format_graph, format_shape
 from .loader import validated_manifest
-from .loops import format_functions, lower
+from .loops import format_functions
 from .module import format_manifest
 from .module import read as read_module
 from .module import write as write_module
 from .parse import parse
-from .pipeline import compile_module, read_source, typed_graph
+from .pipeline import compile_module, lower_program, read_source, typed_graph
 from .summary import format_table, to_json
 from .syntax import format_program
 
@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--target", choices=["cpu"], default="cpu")
     compile_.add_argument("-O", dest="opt_level", choices=["0", "1", "2", "3"], default="3",
                           help="optimisation level (-O0 .. -O3)")
+    compile_.add_argument("--explain-schedule", action="store_true",
+                          help="print each kernel's schedule and why it was chosen")
+    compile_.add_argument("--no-schedule", action="store_true",
+                          help="plain loop nests for every kernel (slow; for comparison)")
 
     train = commands.add_parser("train", help="train a network on MNIST or an .npz dataset")
     train.add_argument("network", metavar="NET.cnn|NET.cnnm")
@@ -147,10 +151,13 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.command == "summary":
         return _write(to_json(graph) if args.json else format_table(graph), None)
+    scheduled = not args.no_schedule
+    if args.explain_schedule:
+        return _write(explain_schedules(graph, scheduled), args.output)
     if args.emit is not None:
-        return _write(emit_stage(graph, args.emit, int(args.opt_level)), args.output)
+        return _write(emit_stage(graph, args.emit, int(args.opt_level), scheduled), args.output)
     output = Path(args.output) if args.output else Path(Path(args.program).stem + ".cnnm")
-    module_file = compile_module(graph, int(args.opt_level))
+    module_file = compile_module(graph, int(args.opt_level), scheduled)
     write_module(module_file, output)
     kernels = len(module_file.manifest["kernels"])
     forward = sum(1 for k in module_file.manifest["kernels"] if k.endswith("_fwd"))
@@ -161,7 +168,18 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def emit_stage(graph: Graph, stage: str, opt_level: int) -> str:
+def explain_schedules(graph: Graph, scheduled: bool) -> str:
+    """Every kernel the module would have (the backward ones too, with a loss line)."""
+    from .autodiff import differentiate
+    from .schedule import explain, host_machine
+
+    full = differentiate(graph) if graph.loss is not None else graph
+    _, _, schedules = lower_program(fuse(full), scheduled)
+    plain = "no kernel is scheduled (--no-schedule)\n" if not schedules else ""
+    return explain(schedules, host_machine()) + plain
+
+
+def emit_stage(graph: Graph, stage: str, opt_level: int, scheduled: bool = True) -> str:
     """The text of one stage after the graph: ir, kernels, loops, llvm or asm."""
     if stage == "ir":
         return format_graph(graph)
@@ -172,10 +190,11 @@ def emit_stage(graph: Graph, stage: str, opt_level: int) -> str:
     program = fuse(graph)
     if stage == "kernels":
         return format_kernels(program)
-    functions = lower(program)
+    functions, scratch, _ = lower_program(program, scheduled)
     if stage == "loops":
-        return format_functions(functions)
-    code = compile_functions(functions, [t.name for t in program.storage], opt_level)
+        return format_functions(tuple(functions))
+    code = compile_functions(tuple(functions), [t.name for t in program.storage + tuple(scratch)],
+                             opt_level)
     return code.llvm_ir if stage == "llvm" else assembly(code.llvm_ir, opt_level)
 
 

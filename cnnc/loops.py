@@ -170,6 +170,11 @@ def const(value: float | int) -> Const:
 
 
 def add(a: Expr, b: Expr) -> Expr:
+    """a + b, or just one of them where the other is the integer 0."""
+    if isinstance(b, Const) and not b.is_float and b.value == 0:
+        return a
+    if isinstance(a, Const) and not a.is_float and a.value == 0:
+        return b
     return Binary("+", a, b)
 
 

@@ -1,0 +1,220 @@
+"""Scheduled kernels against the plain loop nests and the reference interpreter: hypothesis
+draws shapes, strides, pads, channel counts that are not whole vectors and batch sizes that
+are not whole register blocks or thread counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from numerics import assert_close, random_params
+
+import cnnc
+from cnnc import reference
+from cnnc.autodiff import differentiate
+from cnnc.backends.llvm import pack_objects, unpack_objects
+from cnnc.ir import DType
+from cnnc.schedule import Block, Machine, choose_block, host_machine
+
+FEW = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def conv_programs(draw) -> str:
+    """A conv layer (any stride, pad, channels) and a dense head, with an mse loss."""
+    channels = draw(st.integers(1, 11))
+    height, width = draw(st.integers(3, 13)), draw(st.integers(3, 13))
+    kh, kw = draw(st.integers(1, min(5, height))), draw(st.integers(1, min(5, width)))
+    stride = draw(st.integers(1, 3))
+    pad = draw(st.integers(0, min(kh, kw) - 1))
+    filters = draw(st.integers(1, 20))
+    units = draw(st.integers(1, 19))
+    activation = draw(st.sampled_from(["", " -> relu", " -> tanh"]))
+    return (f"network t\ninput: {channels}x{height}x{width}\n"
+            f"conv c: {filters} {kh}x{kw} stride={stride} pad={pad}{activation}\n"
+            f"flatten\ndense d: {units}\nloss mse\n")
+
+
+def _run_all(module: cnnc.Module, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+    values = {"output": module(x), "input gradient": module.input_gradient(x, y)}
+    values.update(module.gradients(x, y))
+    return values
+
+
+def _expected(text: str, x: np.ndarray, y: np.ndarray, params) -> dict[str, np.ndarray]:
+    graph = differentiate(cnnc.check(text))
+    values = reference.run(graph, x, params, y)
+    wanted = {"output": values[graph.output],
+              "input gradient": values[dict(graph.gradients)[graph.input]]}
+    wanted.update({name: values[g] for name, g in graph.gradients if name != graph.input})
+    return wanted
+
+
+def _check_schedules(text: str, batch: int) -> None:
+    scheduled = cnnc.compile(text, opt_level=1, threads=1)
+    plain = cnnc.compile(text, opt_level=1, threads=1, schedule=False)
+    params = random_params(scheduled)
+    plain.set_params(params)
+    rng = np.random.default_rng(batch)
+    x = rng.standard_normal((batch, *scheduled.input_shape)).astype(np.float32)
+    y = rng.standard_normal((batch, *scheduled.output_shape)).astype(np.float32)
+    want = _expected(text, x, y, params)
+    got_scheduled, got_plain = _run_all(scheduled, x, y), _run_all(plain, x, y)
+    for name, value in want.items():
+        expected = value.reshape(got_scheduled[name].shape)
+        assert_close(got_scheduled[name], expected, np.float32, f"scheduled {name}\n{text}")
+        assert_close(got_plain[name], expected, np.float32, f"plain {name}\n{text}")
+
+
+@FEW
+@given(conv_programs(), st.integers(1, 7))
+def test_scheduled_conv_and_dense_kernels_match_plain_loops_and_reference(text, batch):
+    _check_schedules(text, batch)
+
+
+@pytest.mark.parametrize("text", [
+    # LeNet's small layers: 1 -> 6 and 6 -> 16 channels, 5x5, pooled
+    "network a\ninput: 1x12x12\nconv c1: 6 5x5 -> relu\nmaxpool 2x2\n"
+    "conv c3: 16 3x3 -> relu\nflatten\ndense d: 10\nloss mse\n",
+    # whole vectors of channels, stride 2: four stride phases in the input gradient
+    "network b\ninput: 16x9x9\nconv c: 16 3x3 stride=2 pad=1\nflatten\ndense d: 8\nloss mse\n",
+    # a kernel smaller than its stride: some input positions get no gradient at all
+    "network c\ninput: 3x8x8\nconv c: 9 1x1 stride=2\nflatten\ndense d: 5\nloss mse\n",
+    "network d\ninput: 2x7x7\nconv c: 5 2x3 stride=3 pad=1\nflatten\ndense d: 17\nloss mse\n",
+])
+def test_named_schedule_corner_cases(text):
+    _check_schedules(text, batch=5)
+
+
+def test_float64_modules_are_scheduled_with_half_the_lanes():
+    text = "network t\ninput: 3x6x6\nconv c: 7 3x3 pad=1\nflatten\ndense d: 5\nloss mse\n"
+    module = cnnc.compile(text, dtype="f64", opt_level=1)
+    plain = cnnc.compile(text, dtype="f64", opt_level=1, schedule=False)
+    params = random_params(module)
+    plain.set_params(params)
+    x = np.random.default_rng(3).standard_normal((4, 3, 6, 6))
+    y = np.random.default_rng(4).standard_normal((4, 5))
+    np.testing.assert_allclose(module(x), plain(x), rtol=1e-12, atol=1e-12)
+    for name, value in module.gradients(x, y).items():
+        np.testing.assert_allclose(value, plain.gradients(x, y)[name], rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 13])
+def test_thread_counts_one_two_three_agree(batch):
+    text = ("network t\ninput: 2x10x10\nconv c: 9 3x3 pad=1 -> relu\nmaxpool 2x2\nflatten\n"
+            "dense d: 4 -> softmax\nloss cross_entropy\ntrain sgd lr=0.1 momentum=0.9\n")
+    modules = [cnnc.compile(text, opt_level=1, threads=t) for t in (1, 2, 3)]
+    params = random_params(modules[0])
+    for module in modules[1:]:
+        module.set_params(params)
+    rng = np.random.default_rng(batch)
+    x = rng.standard_normal((batch * 4, 2, 10, 10)).astype(np.float32)
+    y = rng.integers(0, 4, batch * 4)
+    outputs = [m(x) for m in modules]
+    np.testing.assert_array_equal(outputs[0], outputs[1])  # samples are independent
+    np.testing.assert_array_equal(outputs[0], outputs[2])
+    gradients = [m.gradients(x, y) for m in modules]
+    losses = [[m.train_step(x, y) for _ in range(3)] for m in modules]
+    for other in (1, 2):
+        for name in params:
+            assert_close(gradients[other][name], gradients[0][name], np.float32, name)
+            assert_close(modules[other].params[name], modules[0].params[name], np.float32, name)
+        np.testing.assert_allclose(losses[other], losses[0], rtol=1e-5)
+
+
+def test_threaded_training_step_equals_the_reference_step():
+    """The weighted sum of the slices' gradients is the batch's gradient: one sgd step with
+    three threads lands where the reference's full-batch gradient says."""
+    text = ("network t\ninput: 1x6x6\nconv c: 3 3x3\nflatten\ndense d: 3 -> softmax\n"
+            "loss cross_entropy\ntrain sgd lr=0.5\n")
+    module = cnnc.compile(text, opt_level=1, threads=3)
+    params = random_params(module)
+    x = np.random.default_rng(1).standard_normal((14, 1, 6, 6)).astype(np.float32)
+    y = np.random.default_rng(2).integers(0, 3, 14)
+    graph = differentiate(cnnc.check(text))
+    values = reference.run(graph, x, params, y)
+    loss = module.train_step(x, y)
+    np.testing.assert_allclose(loss, values[graph.loss], rtol=1e-5)
+    for name, gradient in graph.gradients:
+        if name in params:
+            assert_close(module.params[name], params[name] - 0.5 * values[gradient],
+                         np.float32, name)
+
+
+def test_cost_model_keeps_half_the_registers_for_accumulators():
+    machine = Machine(256, 16, 32 * 1024, 512 * 1024)
+    for rows, channels in [(56, 64), (10, 16), (28, 6), (None, 120), (9, 64)]:
+        block, score = choose_block(machine, DType.F32, rows, channels)
+        assert block.lanes == 8
+        assert block.rows * block.vectors <= 8
+        assert 0 < score <= 1
+    wide = Machine(512, 32, 48 * 1024, 1024 * 1024)
+    block, _ = choose_block(wide, DType.F32, 56, 64)
+    assert block.lanes == 16 and block.rows * block.vectors <= 16
+    assert choose_block(wide, DType.F64, 56, 64)[0].lanes == 8
+
+
+def test_cost_model_prefers_blocks_without_waste():
+    machine = Machine(256, 16, 32 * 1024, 512 * 1024)
+    block, score = choose_block(machine, DType.F32, 56, 64)
+    assert 56 % block.rows == 0 and 64 % block.width == 0 and score == 1.0
+    # six channels fill six of eight lanes whatever the block: the estimate says so
+    assert choose_block(machine, DType.F32, 28, 6)[1] <= 0.75
+
+
+def test_host_machine_reads_vector_width_and_caches():
+    machine = host_machine()
+    assert machine.vector_bits in (128, 256, 512)
+    assert machine.l1_bytes >= 16 * 1024 and machine.l2_bytes >= machine.l1_bytes
+
+
+def test_object_files_pack_and_unpack():
+    objects = (b"\x7fELF one", b"", b"\x7fELF three")
+    assert unpack_objects(pack_objects(objects)) == list(objects)
+    packed = pack_objects(objects)
+    for damaged in (packed[:-1], packed + b"x", b"garbage", packed[:10]):
+        with pytest.raises(ValueError):
+            unpack_objects(damaged)
+
+
+def test_block_width():
+    assert Block(4, 2, 8).width == 16
+
+
+def test_explain_schedule_names_every_scheduled_kernel_and_its_block(capsys, monkeypatch):
+    from pathlib import Path
+
+    from cnnc.cli import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    assert main(["compile", "examples/lenet.cnn", "--explain-schedule"]) == 0
+    out = capsys.readouterr().out
+    machine = host_machine()
+    assert f"{machine.vector_bits}-bit vectors, {machine.registers} vector registers" in out
+    for kernel, pattern in [("c1_conv_relu_fwd", "correlation"),
+                            ("c3_conv2d_grad_input_bwd", "correlation of δ"),
+                            ("c3_conv2d_grad_weight_bwd", "filter gradient"),
+                            ("f5_dense_relu_fwd", "matrix product"),
+                            ("f5_dense_grad_weight_bwd", "matrix product")]:
+        assert f"{kernel}: {pattern}" in out
+    block, _ = choose_block(machine, DType.F32, 28, 6)  # c1: 28 output columns, 6 channels
+    assert (f"register block {block.rows} x {block.vectors} vectors of {block.lanes}"
+            in out.split("c1_conv_relu_fwd")[1])
+    assert main(["compile", "examples/lenet.cnn", "--explain-schedule", "--no-schedule"]) == 0
+    assert "no kernel is scheduled" in capsys.readouterr().out
+
+
+def test_no_schedule_module_gives_the_same_output(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from cnnc.cli import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    plain, scheduled = tmp_path / "plain.cnnm", tmp_path / "scheduled.cnnm"
+    assert main(["compile", "examples/mlp.cnn", "-O1", "--no-schedule", "-o", str(plain)]) == 0
+    assert main(["compile", "examples/mlp.cnn", "-O1", "-o", str(scheduled)]) == 0
+    a, b = cnnc.load(plain), cnnc.load(scheduled)
+    x = np.random.default_rng(0).standard_normal((9, *a.input_shape)).astype(np.float32)
+    assert_close(b(x), a(x), np.float32, "mlp output")
+    assert "c1_conv_relu_fwd.pad" not in a.manifest["storage"]
