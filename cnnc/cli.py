@@ -23,7 +23,7 @@ from .module import format_manifest
 from .module import read as read_module
 from .module import write as write_module
 from .parse import parse
-from .pipeline import compile_module, lower_program, read_source, typed_graph
+from .pipeline import compile_module, entry_points, lower_program, read_source, typed_graph
 from .summary import format_table, to_json
 from .syntax import format_program
 
@@ -181,20 +181,21 @@ def explain_schedules(graph: Graph, scheduled: bool) -> str:
 
 def emit_stage(graph: Graph, stage: str, opt_level: int, scheduled: bool = True) -> str:
     """The text of one stage after the graph: ir, kernels, loops, llvm or asm."""
+    from .autodiff import differentiate
+
     if stage == "ir":
         return format_graph(graph)
     if stage == "grad":
-        from .autodiff import differentiate
-
         return format_graph(differentiate(graph))
-    program = fuse(graph)
+    # what the module holds: with a loss line, the backward kernels too
+    program = fuse(differentiate(graph) if graph.loss is not None else graph)
     if stage == "kernels":
         return format_kernels(program)
     functions, scratch, _ = lower_program(program, scheduled)
     if stage == "loops":
         return format_functions(tuple(functions))
     code = compile_functions(tuple(functions), [t.name for t in program.storage + tuple(scratch)],
-                             opt_level)
+                             opt_level, entry_points(program))
     return code.llvm_ir if stage == "llvm" else assembly(code.llvm_ir, opt_level)
 
 

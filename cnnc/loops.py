@@ -39,7 +39,7 @@ class Load:
 
 @dataclass(frozen=True, slots=True)
 class Binary:
-    op: str  # + - * / // % < <= > >= == and or
+    op: str  # + - * / // % < <= > >= == and or, max (of floats; NaN if either is NaN)
     left: Expr
     right: Expr
 
@@ -289,7 +289,8 @@ def _lower_conv(kernel: Kernel, program: KernelProgram) -> LoopFunction:
 
 
 def _lower_maxpool(kernel: Kernel, program: KernelProgram) -> LoopFunction:
-    """The first in-bounds position is always taken, later ones when larger or NaN."""
+    """The first in-bounds position is always taken, later ones when larger or NaN; the
+    value is the NaN-propagating maximum, which is the value at that position."""
     x = _buffer(program, kernel.inputs[0])
     out = _buffer(program, kernel.outputs[0], is_output=True)
     argmax = _buffer(program, kernel.outputs[1], is_output=True)
@@ -301,8 +302,7 @@ def _lower_maxpool(kernel: Kernel, program: KernelProgram) -> LoopFunction:
     # more than the comparison
     visit = (Assign("value", Load(x.name, (Var("n"), Var("c"), ih, iw))),
              Assign("index", Select(take, add(mul(ih, const(x.shape[3])), iw), Var("index"))),
-             Assign("best", Select(Binary("==", Var("index"), add(mul(ih, const(x.shape[3])),
-                                                                  iw)), value, Var("best"))))
+             Assign("best", Binary("max", Var("best"), value)))
     window = loop_nest(["kh", "kw"], list(kernel.window.kernel), guarded(inside, visit))
     where = (Var("n"), Var("c"), Var("oh"), Var("ow"))
     body = (Assign("best", Const(-math.inf, True)), Assign("index", const(-1)), window,

@@ -134,7 +134,7 @@ def compile_module(graph: Graph, opt_level: int = 3, scheduled: bool = True) -> 
     program = fuse(full)
     functions, scratch, _ = lower_program(program, scheduled)
     storage = list(program.storage) + scratch
-    entries = _entries(program)
+    entries = entry_points(program)
     optimizer = None
     if graph.loss is not None:
         optimizer = graph.train.optimizer if graph.train else "sgd"
@@ -157,7 +157,7 @@ ENTRY_NAMES = {"forward": "cnnc_forward", "loss": "cnnc_loss", "gradients": "cnn
                "update": "cnnc_update"}
 
 
-def _entries(program) -> dict[str, list[str]]:
+def entry_points(program) -> dict[str, list[str]]:
     """Which kernels each entry point runs, in order. Training needs no gradient of the
     network's input, so only `cnnc_input_gradient` runs the kernel that makes it."""
     def names(*phases: str) -> list[str]:

@@ -372,10 +372,16 @@ class _Emitter:
             if lanes:
                 values = [v if isinstance(v.type, ir.VectorType) else self.splat(v, lanes)
                           for v in values]
-            return self.builder.select(*values)
+            return self.select(*values)
         if isinstance(expr, Unary):
             return self.unary(expr.op, self.expr(expr.operand))
         return self.binary(expr.op, *self.matched(self.expr(expr.left), self.expr(expr.right)))
+
+    def select(self, cond: ir.Value, then: ir.Value, otherwise: ir.Value) -> ir.Value:
+        chosen = self.builder.select(cond, then, otherwise)
+        # which side wins is data (max pooling, relu): a branch would be mispredicted
+        chosen.set_metadata("unpredictable", self.module.add_metadata([]))
+        return chosen
 
     def binary(self, op: str, left: ir.Value, right: ir.Value) -> ir.Value:
         b = self.builder
@@ -392,6 +398,12 @@ class _Emitter:
             if op in ("//", "%"):  # only on indices known to be >= 0 where it matters
                 return b.sdiv(left, right) if op == "//" else b.srem(left, right)
             return {"+": b.add, "-": b.sub, "*": b.mul}[op](left, right, flags=["nsw"])
+        if op == "max":  # NaN-propagating, branch-free on x86
+            suffix = "f32" if left.type == ir.FloatType() else "f64"
+            name = f"llvm.maximum.{suffix}"
+            intrinsic = self.module.globals.get(name) or ir.Function(
+                self.module, ir.FunctionType(left.type, [left.type, left.type]), name)
+            return b.call(intrinsic, [left, right])
         method = {"+": b.fadd, "-": b.fsub, "*": b.fmul, "/": b.fdiv}[op]
         return method(left, right, flags=_FLAGS)
 
