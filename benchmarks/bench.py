@@ -13,16 +13,29 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
+# Several thread pools share two cores here: numpy's BLAS (for the reference checks),
+# PyTorch's OpenMP, ONNX Runtime's and cnnc's. Idle pools that spin-wait steal the cores
+# from whichever system runs next, and the interleaved timings measured 2-4x slow for every
+# system. So no pool spins: BLAS has one thread in this process (the peak is measured in a
+# child process with `--threads` BLAS threads), OpenMP waits passively, and ONNX Runtime's
+# spinning is turned off.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+for _variable in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
 
-import cnnc
-from cnnc import reference
-from cnnc.summary import layer_rows
+import numpy as np  # noqa: E402
+
+import cnnc  # noqa: E402
+from cnnc import reference  # noqa: E402
+from cnnc.summary import layer_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONV_W3 = "network w3\ninput: 64x56x56\nconv c: 64 3x3 pad=1 -> relu\nloss mse\n"
@@ -41,12 +54,28 @@ WORKLOADS = [  # (id, program, batch, mode)
 ]
 
 
-def peak_gflops(repeats: int) -> float:
-    """numpy's float32 2048³ matmul: the machine's practical peak."""
-    a = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)
+PEAK_SCRIPT = """
+import sys, time
+import numpy as np
+a = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)
+a @ a
+best = float("inf")
+for _ in range(int(sys.argv[1])):
+    start = time.perf_counter()
     a @ a
-    best = min(_seconds(lambda: a @ a) for _ in range(repeats))
-    return 2 * 2048**3 / best / 1e9
+    best = min(best, time.perf_counter() - start)
+print(2 * 2048**3 / best / 1e9)
+"""
+
+
+def peak_gflops(repeats: int, threads: int) -> float:
+    """numpy's float32 2048³ matmul with `threads` BLAS threads: the practical peak,
+    measured in a child process so that its BLAS threads are gone before any timing here."""
+    environment = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads),
+                       MKL_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(repeats)], env=environment,
+                            capture_output=True, text=True, check=True)
+    return float(result.stdout)
 
 
 def _seconds(call: Callable[[], object]) -> float:
@@ -120,6 +149,21 @@ def run_workload(workload, repeats: int, threads: int, compiled: bool) -> list[d
             for system, t in times.items()]
 
 
+def compile_and_load_seconds(repeats: int) -> tuple[float, float]:
+    """Median wall time of compiling LeNet-5 forward + backward at -O3 (front end included),
+    and of loading the saved module file."""
+    import tempfile
+
+    program = ROOT / "examples/lenet.cnn"
+    compiles, loads = [], []
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "lenet.cnnm"
+        for _ in range(max(3, repeats // 2)):
+            compiles.append(_seconds(lambda: cnnc.compile(program).save(path)))
+            loads.append(_seconds(lambda: cnnc.load(path)))
+    return statistics.median(compiles), statistics.median(loads)
+
+
 def print_table(rows: list[dict], peak: float) -> None:
     print(f"peak (numpy float32 2048^3 matmul): {peak:.0f} GFLOP/s")
     print(f"{'workload':<10} {'mode':<11} {'batch':>5}  {'system':<14} {'ms':>9} "
@@ -145,13 +189,18 @@ def main() -> None:
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     chosen = [w for w in WORKLOADS if not args.only or w[0] in args.only.split(",")]
-    peak = peak_gflops(args.repeats)
+    peak = peak_gflops(args.repeats, args.threads)
     rows = []
     for workload in chosen:
         rows += run_workload(workload, args.repeats, args.threads, args.torch_compile)
     print_table(rows, peak)
+    compile_s, load_s = compile_and_load_seconds(args.repeats)
+    print(f"compile LeNet-5 forward + backward at -O3, and save: {compile_s:.2f} s; "
+          f"cnnc.load: {load_s * 1e3:.1f} ms")
     if args.json:
-        Path(args.json).write_text(json.dumps({"peak_gflops": peak, "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"peak_gflops": peak, "rows": rows,
+                                               "compile_lenet_s": compile_s,
+                                               "load_lenet_s": load_s}, indent=2))
 
 
 if __name__ == "__main__":

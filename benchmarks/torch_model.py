@@ -95,6 +95,8 @@ def onnx_runtime(model, x: np.ndarray, threads: int):
                       dynamic_axes={"x": {0: "n"}}, dynamo=False)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
+    # idle workers sleep instead of spinning, as every system here does (see bench.py)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(str(path), options,
                                            providers=["CPUExecutionProvider"])
     expected = model(torch.from_numpy(x)).detach().numpy()

@@ -503,17 +503,27 @@ class _Product:
     out: str
     bias: str | None = None
     activation: Op | None = None
+    b_runs_along_k: bool = False  # b's source is contiguous along k (else along j)
 
 
 def _matrix_product(f: _Function, p: _Product, block: Block) -> None:
     width = block.width
     blocks = math.ceil(p.columns / width)
     depth = extent_expr(BATCH if p.depth is None else p.depth)
-    packed = f.add_scratch("b", (BATCH if p.depth is None else p.depth, blocks * width))
-    f.body.append(loop_nest(["pk", "pj"], [depth, blocks * width],
-                            (Store(packed, (Var("pk"), Var("pj")), ZERO),)))
-    f.body.append(loop_nest(["pk", "pj"], [depth, p.columns],
-                            (Store(packed, (Var("pk"), Var("pj")), p.b(Var("pk"), Var("pj"))),)))
+    # [block, k, lanes]: one block's operand is one contiguous run, page after page
+    packed = f.add_scratch("b", (blocks, BATCH if p.depth is None else p.depth, width))
+
+    def b_at(k: Expr, block_index: Expr, lane: Expr) -> tuple[Expr, ...]:
+        return (block_index, k, lane)
+
+    column = add(mul(Var("pb"), const(width)), Var("pl"))
+    copy = (Store(packed, b_at(Var("pk"), Var("pb"), Var("pl")), ZERO),
+            If(Binary("<", column, const(p.columns)),
+               (Store(packed, b_at(Var("pk"), Var("pb"), Var("pl")), p.b(Var("pk"), column)),)))
+    # read the source in its own order: strided reads of a large weight miss every time
+    order = (["pb", "pl", "pk"], [blocks, width, depth]) if p.b_runs_along_k else \
+        (["pk", "pb", "pl"], [depth, blocks, width])
+    f.body.append(loop_nest(order[0], order[1], copy))
     bias = None
     if p.bias is not None:
         bias = _pack_blocked(f, "bias", [], p.columns, width,
@@ -530,8 +540,7 @@ def _matrix_product(f: _Function, p: _Product, block: Block) -> None:
         return _BlockCode(
             reduction=(("k", depth),),
             broadcast=lambda r: p.a(add(first_row, const(r)), Var("k")),
-            vector=lambda v: VecLoad(packed, (Var("k"), add(mul(Var("jb"), const(width)),
-                                                            const(v * block.lanes))),
+            vector=lambda v: VecLoad(packed, b_at(Var("k"), Var("jb"), const(v * block.lanes)),
                                      block.lanes),
             finish=_tile_store(tile, block),
             epilogue=_tile_scatter(tile, p.out, lambda r, j: (add(first_row, r), j),
@@ -560,7 +569,8 @@ def _dense_forward(kernel: Kernel, program: KernelProgram, machine: Machine) -> 
     units, features = weight.shape
     p = _Product(None, units, features, lambda m, k: Load(x.name, (m, k)),
                  lambda k, j: Load(weight.name, (j, k)), out.name,
-                 kernel.inputs[2] if kernel.has_bias else None, kernel.activation)
+                 kernel.inputs[2] if kernel.has_bias else None, kernel.activation,
+                 b_runs_along_k=True)
     block, score = choose_block(machine, out.dtype, None, units)
     _matrix_product(f, p, block)
     schedule = _product_schedule(kernel, p, block, score, "sample", "unit", "input feature")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,10 @@ class Module:
         self._step = 0  # optimizer steps taken: Adam's bias corrections need it
         self._threads = thread_count(threads)
         self._pool: ThreadPoolExecutor | None = None
+        self._local = threading.local()  # each thread's workspace, see _workspace
+        # (index, role, name) of every buffer a call supplies rather than the workspace
+        self._supplied = [(i, e["role"], e["name"]) for i, e in enumerate(self._manifest["storage"])
+                          if e["role"] in ("input", "target", "hyper", "param", "state")]
 
     # -- what the module is -------------------------------------------------------------------
     @property
@@ -80,7 +85,7 @@ class Module:
         slices = _slices(len(x), self._threads)
         if len(slices) == 1:
             return self._forward_one(x)
-        parts = list(self._thread_pool().map(lambda part: self._forward_one(x[part]), slices))
+        parts = self._in_threads(lambda part: self._forward_one(x[part]), slices)
         return np.concatenate(parts)
 
     __call__ = forward
@@ -99,20 +104,21 @@ class Module:
     def _forward_one(self, x: np.ndarray) -> np.ndarray:
         arrays = self._run(x)
         index = self._manifest["output_index"]
-        output = arrays[index].reshape(arrays[index].shape[0], *self.output_shape)
-        # a network that only flattens writes nothing: its output is its input, reshaped
-        return output.copy() if self._manifest["storage"][index]["role"] != "value" else output
+        # a copy: the buffer is this thread's workspace, overwritten by its next call
+        return arrays[index].reshape(arrays[index].shape[0], *self.output_shape).copy()
 
     def activations(self, x: Any) -> dict[str, np.ndarray]:
         """Every tensor the kernels write for batch `x`, by name (argmax tensors included)."""
         named = self._named(self._run(x))
-        return {name: named[name] for name in self._manifest["activations"]}
+        return {name: named[name].copy() for name in self._manifest["activations"]}
 
     def _run(self, x: Any, entry: str = "forward", target: Any = None,
              hyper: np.ndarray | None = None) -> list[np.ndarray]:
         """Check the arguments, gather every buffer (in the manifest's order), call `entry`.
 
-        Everything a call needs is local to it, so calls from several threads do not mix.
+        The buffers kernels write are the calling thread's workspace, kept for its next call
+        with the same batch size (fresh memory would be page-faulted in on every call), so
+        calls from several threads do not mix.
         """
         x = self._checked_input(x, "x")
         batch = x.shape[0]
@@ -121,21 +127,36 @@ class Module:
             given["target"] = self._checked_target(target, batch)
         if hyper is not None:
             given["hyper"] = hyper
-        arrays = [self._buffer_for(item, given, batch) for item in self._manifest["storage"]]
-        table = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
+        buffers, table = self._workspace(batch)
+        arrays = list(buffers)
+        for index, role, name in self._supplied:
+            array = given.get(role) if role in ("input", "target", "hyper") else \
+                (self._params if role == "param" else self._state)[name]
+            if array is None:  # an entry that does not read it: the placeholder, never a
+                array = buffers[index]  # pointer left from an earlier call's array
+            arrays[index] = array
+            table[index] = array.ctypes.data
         self._entries[entry](batch, table)  # `arrays` keeps every buffer alive meanwhile
         return arrays
 
-    def _buffer_for(self, entry: dict[str, Any], given: dict[str, np.ndarray],
-                    batch: int) -> np.ndarray:
+    def _workspace(self, batch: int) -> tuple[list[np.ndarray | None], Any]:
+        """This thread's buffers for a batch of `batch` and their pointer table (the slots
+        of supplied arrays are filled in by each call)."""
+        local = self._local
+        if getattr(local, "batch", None) == batch:
+            return local.buffers, local.table
+        local.batch, local.buffers, local.table = None, None, None  # free the old ones first
+        buffers = [self._buffer_for(item, batch) for item in self._manifest["storage"]]
+        table = (ctypes.c_void_p * len(buffers))(
+            *[0 if b is None else b.ctypes.data for b in buffers])
+        local.batch, local.buffers, local.table = batch, buffers, table
+        return buffers, table
+
+    def _buffer_for(self, entry: dict[str, Any], batch: int) -> np.ndarray | None:
         role, name = entry["role"], entry["name"]
-        if role in given:
-            return given[role]
-        if role == "param":
-            return self._params[name]
-        if role == "state":
-            return self._state[name]
-        if role in ("target", "hyper"):  # entry points that do not read them
+        if role in ("input", "param", "state"):
+            return None
+        if role in ("target", "hyper"):  # for entry points that do not read them
             return np.zeros(8, dtype=entry["dtype_numpy"])
         if role == "loss":
             return np.zeros(1, dtype=self._dtype)
@@ -196,8 +217,8 @@ class Module:
         if len(slices) == 1:
             named = self._named(self._run(x, "gradients", y))
             return named, float(named[self._loss_name()][0])
-        parts = list(self._thread_pool().map(
-            lambda part: self._named(self._run(x[part], "gradients", y[part])), slices))
+        parts = self._in_threads(
+            lambda part: self._named(self._run(x[part], "gradients", y[part])), slices)
         shares = [(s.stop - s.start) / len(x) for s in slices]
         named = parts[0]
         with np.errstate(all="ignore"):  # an overflow stays Inf/NaN for the caller to see
@@ -208,6 +229,12 @@ class Module:
                 named[storage][...] = total
         loss = sum(float(p[self._loss_name()][0]) * w for p, w in zip(parts, shares, strict=True))
         return named, loss
+
+    def _in_threads(self, work: Callable[[slice], Any], slices: list[slice]) -> list[Any]:
+        """work(slice) for every slice: the first on this thread, the others in the pool."""
+        others = [self._thread_pool().submit(work, part) for part in slices[1:]]
+        first = work(slices[0])
+        return [first] + [future.result() for future in others]
 
     def _thread_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -239,8 +266,12 @@ class Module:
             named, loss = self._split_gradients(x, y)
             arrays = [named[item["name"]] for item in self._manifest["storage"]]
             for index, item in enumerate(self._manifest["storage"]):
-                if item["role"] in ("param", "state", "hyper"):
-                    arrays[index] = self._buffer_for(item, {"hyper": hyper}, 1)
+                if item["role"] == "param":
+                    arrays[index] = self._params[item["name"]]
+                elif item["role"] == "state":
+                    arrays[index] = self._state[item["name"]]
+                elif item["role"] == "hyper":
+                    arrays[index] = hyper
             table = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
             self._entries["update"](len(x), table)
         self._step = step

@@ -311,13 +311,20 @@ class _Emitter:
         return self.slots[name]
 
     def address(self, buffer: Buffer, index: tuple[Expr, ...]) -> ir.Value:
-        """Row-major flat offset; only the leading (batch) dimension is not a constant."""
+        """Row-major flat offset; a batch extent N may be any dimension."""
         offset = None
         for axis, item in enumerate(index):
             stride = 1
+            batch_inside = False
             for dim in buffer.shape[axis + 1:]:
-                stride *= dim
-            term = self.builder.mul(self.expr(item), ir.Constant(I64, stride), flags=["nsw"])
+                if dim == BATCH:
+                    batch_inside = True
+                else:
+                    stride *= dim
+            scale: ir.Value = ir.Constant(I64, stride)
+            if batch_inside:
+                scale = self.builder.mul(scale, self.batch, flags=["nsw"])
+            term = self.builder.mul(self.expr(item), scale, flags=["nsw"])
             offset = term if offset is None else self.builder.add(offset, term, flags=["nsw"])
         return self.builder.gep(self.pointers[buffer.name], [offset], inbounds=True)
 
