@@ -202,33 +202,39 @@ class Module:
         """d(mean loss)/d(parameter) for every parameter, shaped like `params`."""
         named, _ = self._split_gradients(x, self._trainable(y))
         where = self._manifest["gradients"]
-        return {name: named[where[name]].reshape(self._params[name].shape).copy()
+        return {name: named[where[name]].reshape(self._params[name].shape)
                 for name in self._params}
 
     def _split_gradients(self, x: Any, y: Any) -> tuple[dict[str, np.ndarray], float]:
-        """Buffers after the gradients entry, and the loss, for the whole batch.
+        """Every parameter gradient's storage tensor by name, and the loss, for the batch.
 
         With several threads each takes a slice of the batch; a slice's gradients are of its
         own mean loss, so the batch's are the slices' weighted by their share of samples.
+        Each slice's gradients are copied out of its thread's workspace at once: one pool
+        thread may run two slices in turn.
         """
         x = self._checked_input(x, "x")
         y = self._checked_target(_as_array(y, "y"), len(x))
+        storages = list(dict.fromkeys(self._manifest["gradients"][p] for p in self._params))
+
+        def gradients_of(part: slice) -> tuple[dict[str, np.ndarray], float]:
+            named = self._named(self._run(x[part], "gradients", y[part]))
+            return ({name: named[name].copy() for name in storages},
+                    float(named[self._loss_name()][0]))
+
         slices = _slices(len(x), self._threads)
         if len(slices) == 1:
-            named = self._named(self._run(x, "gradients", y))
-            return named, float(named[self._loss_name()][0])
-        parts = self._in_threads(
-            lambda part: self._named(self._run(x[part], "gradients", y[part])), slices)
+            return gradients_of(slices[0])
+        parts = self._in_threads(gradients_of, slices)
         shares = [(s.stop - s.start) / len(x) for s in slices]
-        named = parts[0]
+        total = parts[0][0]
         with np.errstate(all="ignore"):  # an overflow stays Inf/NaN for the caller to see
-            for storage in dict.fromkeys(self._manifest["gradients"][p] for p in self._params):
-                total = named[storage] * shares[0]
-                for part, share in zip(parts[1:], shares[1:], strict=True):
-                    total += part[storage] * share
-                named[storage][...] = total
-        loss = sum(float(p[self._loss_name()][0]) * w for p, w in zip(parts, shares, strict=True))
-        return named, loss
+            for name in storages:
+                total[name] *= shares[0]
+                for (gradients, _), share in zip(parts[1:], shares[1:], strict=True):
+                    total[name] += gradients[name] * share
+        loss = sum(part_loss * w for (_, part_loss), w in zip(parts, shares, strict=True))
+        return total, loss
 
     def _in_threads(self, work: Callable[[slice], Any], slices: list[slice]) -> list[Any]:
         """work(slice) for every slice: the first on this thread, the others in the pool."""
@@ -263,15 +269,15 @@ class Module:
             arrays = self._run(x, "train_step", y, hyper)
             loss = float(self._named(arrays)[self._loss_name()][0])
         else:  # gradients in threads, then one update with their weighted sum
-            named, loss = self._split_gradients(x, y)
-            arrays = [named[item["name"]] for item in self._manifest["storage"]]
-            for index, item in enumerate(self._manifest["storage"]):
-                if item["role"] == "param":
-                    arrays[index] = self._params[item["name"]]
-                elif item["role"] == "state":
-                    arrays[index] = self._state[item["name"]]
-                elif item["role"] == "hyper":
-                    arrays[index] = hyper
+            gradients, loss = self._split_gradients(x, y)
+            # the update kernels read only parameters, gradients, state and the scalars
+            unused = np.zeros(1, dtype=self._dtype)
+            arrays = []
+            for item in self._manifest["storage"]:
+                role, name = item["role"], item["name"]
+                arrays.append(self._params[name] if role == "param" else
+                              self._state[name] if role == "state" else
+                              hyper if role == "hyper" else gradients.get(name, unused))
             table = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
             self._entries["update"](len(x), table)
         self._step = step
