@@ -318,6 +318,11 @@ def _conv_forward(kernel: Kernel, program: KernelProgram, machine: Machine) -> L
     (sh, sw), (ph, pw) = kernel.window.stride, kernel.window.pad
     oh, ow = out.shape[2], out.shape[3]
     block, score = choose_block(machine, out.dtype, ow, channels_out)
+    if sw == 1:
+        # few channels fill few lanes: a block over output columns may waste fewer
+        by_width, width_score = choose_block(machine, out.dtype, channels_out, ow)
+        if width_score > score * 1.05:
+            return _conv_forward_by_width(kernel, f, x, weight, out, by_width, width_score)
     width = block.width
     src = _pad(f, x, ph, pw, max(x.shape[2] + 2 * ph, (oh - 1) * sh + kh),
                max(x.shape[3] + 2 * pw, (ow - 1) * sw + kw))
@@ -336,6 +341,54 @@ def _conv_forward(kernel: Kernel, program: KernelProgram, machine: Machine) -> L
                         "output channel", channels_out, ("input channel", "kh", "kw"),
                         ("weights [fb, c, kh, kw, lanes]", "bias", "input zero-padded"),
                         efficiency=score, reason=_block_reason(block, ow, channels_out))
+    return Lowered(f.finished(), tuple(f.scratch), schedule)
+
+
+def _conv_forward_by_width(kernel: Kernel, f: _Function, x: Buffer, weight: Buffer,
+                           out: Buffer, block: Block, score: float) -> Lowered:
+    """Stride-1 forward convolution vectorized over output columns, for layers with few
+    output channels: rows are output channels, each weight is a broadcast scalar, and the
+    vectors are consecutive columns of the zero-padded input (padded on the right to whole
+    vectors, so the last block reads zeros, not past the buffer)."""
+    channels_out, channels_in, kh, kw = weight.shape
+    (sh, _), (ph, pw) = kernel.window.stride, kernel.window.pad
+    oh, ow = out.shape[2], out.shape[3]
+    width = block.width
+    column_blocks = math.ceil(ow / width)
+    src = _pad(f, x, ph, pw, max(x.shape[2] + 2 * ph, (oh - 1) * sh + kh),
+               max(x.shape[3] + 2 * pw, column_blocks * width + kw - 1))
+    tile = _tile(f, block)
+    first_column = mul(Var("ob"), const(width))
+
+    def code_at(first_channel: Expr) -> _BlockCode:
+        def init(r: int, v: int) -> Expr:
+            if not kernel.has_bias:
+                return ZERO
+            return Broadcast(Load(kernel.inputs[2], (add(first_channel, const(r)),)),
+                             block.lanes)
+
+        def out_index(r: Expr, column: Expr) -> tuple[Expr, ...]:
+            return (Var("n"), add(first_channel, r), Var("q"), column)
+
+        return _BlockCode(
+            reduction=(("c", const(channels_in)), ("th", const(kh)), ("tw", const(kw))),
+            broadcast=lambda r: Load(weight.name, (add(first_channel, const(r)), Var("c"),
+                                                   Var("th"), Var("tw"))),
+            vector=lambda v: VecLoad(src, (Var("n"), Var("c"), _affine(Var("q"), sh, Var("th")),
+                                           add(add(first_column, const(v * block.lanes)),
+                                               Var("tw"))), block.lanes),
+            init=init, finish=_tile_store(tile, block),
+            epilogue=_tile_scatter(tile, out.name, out_index, first_column, ow, width,
+                                   kernel.activation))
+
+    tiles = _row_tiles(f, "ch", channels_out, block, code_at)
+    f.body.append(loop_nest(["n", "q", "ob"], [Var(BATCH), oh, column_blocks], tiles))
+    schedule = Schedule(kernel.name, "correlation over output width", block, "output channel",
+                        channels_out, "output column", ow, ("input channel", "kh", "kw"),
+                        ("input zero-padded (right edge to whole vectors)",),
+                        efficiency=score,
+                        reason=_block_reason(block, channels_out, ow) + "; better than a "
+                        "block over output channels, which fills fewer lanes")
     return Lowered(f.finished(), tuple(f.scratch), schedule)
 
 

@@ -193,14 +193,15 @@ def test_explain_schedule_names_every_scheduled_kernel_and_its_block(capsys, mon
     machine = host_machine()
     assert f"{machine.vector_bits}-bit vectors, {machine.registers} vector registers" in out
     for kernel, pattern in [("c1_conv_relu_fwd", "correlation"),
+                            ("c3_conv_relu_fwd", "correlation"),
                             ("c3_conv2d_grad_input_bwd", "correlation of δ"),
                             ("c3_conv2d_grad_weight_bwd", "filter gradient"),
                             ("f5_dense_relu_fwd", "matrix product"),
                             ("f5_dense_grad_weight_bwd", "matrix product")]:
         assert f"{kernel}: {pattern}" in out
-    block, _ = choose_block(machine, DType.F32, 28, 6)  # c1: 28 output columns, 6 channels
+    block, _ = choose_block(machine, DType.F32, 10, 16)  # c3: 10 output columns, 16 channels
     assert (f"register block {block.rows} x {block.vectors} vectors of {block.lanes}"
-            in out.split("c1_conv_relu_fwd")[1])
+            in out.split("c3_conv_relu_fwd")[1])
     assert main(["compile", "examples/lenet.cnn", "--explain-schedule", "--no-schedule"]) == 0
     assert "no kernel is scheduled" in capsys.readouterr().out
 
@@ -218,3 +219,27 @@ def test_no_schedule_module_gives_the_same_output(tmp_path, monkeypatch):
     x = np.random.default_rng(0).standard_normal((9, *a.input_shape)).astype(np.float32)
     assert_close(b(x), a(x), np.float32, "mlp output")
     assert "c1_conv_relu_fwd.pad" not in a.manifest["storage"]
+
+
+FEW_CHANNELS = ("network w\ninput: 3x7x19\nconv c: 2 3x3 pad=1 -> relu\nconv d: 3 1x4\n"
+                "flatten\ndense e: 4\nloss mse\n")
+
+
+def test_few_output_channels_vectorize_over_output_width():
+    """2 or 3 channels would fill 2 or 3 of 8 lanes; 17 or 16 columns fill most of them."""
+    from cnnc.fuse import fuse
+    from cnnc.loops_blocked import lower_blocked
+
+    program = fuse(differentiate(cnnc.check(FEW_CHANNELS)))
+    avx2 = Machine(256, 16, 32 * 1024, 512 * 1024)
+    patterns = {k.name: lower_blocked(k, program, avx2).schedule.pattern
+                for k in program.kernels if k.name in ("c_conv_relu_fwd", "d_conv_fwd")}
+    assert patterns == {"c_conv_relu_fwd": "correlation over output width",
+                        "d_conv_fwd": "correlation over output width"}
+    strided = fuse(cnnc.check(FEW_CHANNELS.replace("1x4", "1x4 stride=2")))
+    kernel = next(k for k in strided.kernels if k.name == "d_conv_fwd")
+    assert lower_blocked(kernel, strided, avx2).schedule.pattern == "correlation"
+
+
+def test_width_schedule_matches_plain_loops_and_reference():
+    _check_schedules(FEW_CHANNELS, batch=3)
