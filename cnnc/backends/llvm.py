@@ -97,27 +97,41 @@ def compile_functions(functions: tuple[LoopFunction, ...], storage: list[str],
     """Generate, verify, optimise (at -O`opt_level`) and emit object code. `entries` maps
     each entry point to the kernels it runs in order (default: `cnnc_forward`, all)."""
     entries = entries or {ENTRY: [f.name for f in functions]}
-    texts = [str(build_module(group, storage, {})) for group in _groups(functions)]
-    texts.append(str(build_entry_module(functions, storage, entries)))
-    results = _compile_texts(texts, opt_level)
+    # each job builds its LLVM IR in the worker too: in Python, that is a quarter of the work
+    jobs = [(group, storage, None, opt_level) for group in _groups(functions)]
+    jobs.append((functions, storage, entries, opt_level))
+    results = _run_jobs(jobs)
     objects = tuple(obj for obj, _ in results)
     return NativeCode(pack_objects(objects), MODULE_SEPARATOR.join(t for _, t in results),
                       host_target())
 
 
-def _compile_texts(texts: list[str], opt_level: int) -> list[tuple[bytes, str]]:
+Job = tuple[tuple[LoopFunction, ...], list[str], dict[str, list[str]] | None, int]
+
+
+def _run_jobs(jobs: list[Job]) -> list[tuple[bytes, str]]:
     """Every module compiled, in forked worker processes where there are several cores:
     llvmlite serialises all calls behind one lock, so threads would not run LLVM at once."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-    workers = min(len(texts), cores)
+    workers = min(len(jobs), cores)
     if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        return [_compile_text(text, opt_level) for text in texts]
+        return [_compile_job(job) for job in jobs]
     context = multiprocessing.get_context("fork")
     try:
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            return list(pool.map(_compile_text, texts, [opt_level] * len(texts)))
+            return list(pool.map(_compile_job, jobs))
     except (OSError, BrokenProcessPool):  # no processes to be had: compile here instead
-        return [_compile_text(text, opt_level) for text in texts]
+        return [_compile_job(job) for job in jobs]
+
+
+def _compile_job(job: Job) -> tuple[bytes, str]:
+    """A module of kernels (entries None) or of the entry points calling them, compiled."""
+    functions, storage, entries, opt_level = job
+    if entries is None:
+        module = build_module(functions, storage, {})
+    else:
+        module = build_entry_module(functions, storage, entries)
+    return _compile_text(str(module), opt_level)
 
 
 def _groups(functions: tuple[LoopFunction, ...]) -> list[tuple[LoopFunction, ...]]:
