@@ -165,7 +165,8 @@ def format_manifest(module: ModuleFile) -> str:
         f"  dtype    {m['dtype']}",
         f"  input    {m['input']['name']}: N x {_dims(m['input']['shape'])}",
         f"  output   {m['output']['name']}: N x {_dims(m['output']['shape'])}",
-        f"  entry    forward = {m['entry_points']['forward']}(N, buffers)",
+        "  entry    " + ", ".join(f"{role} = {symbol}(N, buffers)"
+                               for role, symbol in m["entry_points"].items()),
         f"  kernels  {', '.join(m['kernels'])}",
         f"  code     sha256 {m['code_sha256']}",
         "  parameters:",
