@@ -69,8 +69,10 @@ class _Function:
     def add_scratch(self, suffix: str, shape: tuple) -> str:
         """A scratch buffer of this function; asking again for one returns the same."""
         name = f"{self.name}.{suffix}"
-        if any(t.name == name for t in self.scratch):
-            return name
+        for tensor in self.scratch:
+            if tensor.name == name:
+                assert tensor.shape == shape, f"scratch {name} asked for with two shapes"
+                return name
         self.scratch.append(Tensor(name, Role.SCRATCH, self.dtype, shape))
         self.buffers.append(Buffer(name, shape, self.dtype, is_output=True))
         return name
@@ -436,14 +438,14 @@ def _conv_grad_input(kernel: Kernel, program: KernelProgram, machine: Machine) -
         for b, taps_w, first_w, count_w in phases_w:
             covered.add((a, b))
             packed = _pack_blocked(
-                f, f"w{a}{b}", [("pf", filters), ("ph", max(taps_h, 1)), ("pw", max(taps_w, 1))],
+                f, f"w{a}_{b}", [("pf", filters), ("ph", max(taps_h, 1)), ("pw", max(taps_w, 1))],
                 channels, block.width,
                 lambda ch, o, a=a, b=b, th=taps_h, tw=taps_w: ZERO if not (th and tw) else Load(
                     weight.name, (o[0], ch, _flipped_tap(o[1], a, sh, th),
                                   _flipped_tap(o[2], b, sw, tw))))
             rows = _Grid(first_h, count_h, sh, a - ph, taps_h, 1, top - (taps_h - 1))
             cols = _Grid(first_w, count_w, sw, b - pw, taps_w, 1, left - (taps_w - 1))
-            f.body.append(_correlation(f, f"p{a}{b}", src, filters, dx, rows, cols, packed,
+            f.body.append(_correlation(f, f"p{a}_{b}", src, filters, dx, rows, cols, packed,
                                        None, None, block))
     schedule = Schedule(kernel.name, f"correlation of δ, {len(covered)} stride phase(s)",
                         block, "input column", widest, "input channel", channels,
