@@ -10,7 +10,7 @@ import llvmlite.binding as llvm
 
 from . import __version__
 from . import module as artifact
-from .backends.llvm import host_target, target_machine, unpack_objects
+from .backends.llvm import LLVM_LOCK, host_target, target_machine, unpack_objects
 from .ir import DType
 
 ForwardEntry = Any  # a ctypes function: (batch: int, buffers: void*[]) -> None
@@ -98,17 +98,19 @@ def native_entries_from_object(object_code: bytes, symbols: list[str]
         objects = unpack_objects(object_code)
     except ValueError as error:
         raise RuntimeError(str(error)) from None
-    engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), target_machine())
-    for obj in objects:
-        engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
-    engine.finalize_object()
+    with LLVM_LOCK:  # see LLVM_LOCK: compiling may fork meanwhile
+        engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), target_machine())
+        for obj in objects:
+            engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
+        engine.finalize_object()
+        addresses = {str(symbol): engine.get_function_address(str(symbol))
+                     for symbol in symbols}
     signature = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_void_p)
     entries = {}
-    for symbol in symbols:
-        address = engine.get_function_address(str(symbol))
+    for symbol, address in addresses.items():
         if not address:
-            raise KeyError(str(symbol))
-        entries[str(symbol)] = signature(address)
+            raise KeyError(symbol)
+        entries[symbol] = signature(address)
     return entries, engine
 
 

@@ -245,3 +245,33 @@ def test_few_output_channels_vectorize_over_output_width():
 
 def test_width_schedule_matches_plain_loops_and_reference():
     _check_schedules(FEW_CHANNELS, batch=3)
+
+
+def test_compiles_from_several_threads_at_once_finish_and_agree():
+    """Compiling forks workers; a fork while another thread was inside llvmlite used to
+    leave a child waiting forever on llvmlite's inherited lock."""
+    import threading
+
+    text = ("network t\ninput: 3x9x11\nconv c: 13 3x3 stride=2 pad=1 -> relu\nmaxpool 2x2\n"
+            "flatten\ndense d: 5 -> softmax\nloss cross_entropy\n")
+    x = np.random.default_rng(0).standard_normal((4, 3, 9, 11)).astype(np.float32)
+    results: dict[int, np.ndarray] = {}
+
+    def compile_and_run(k: int) -> None:
+        for _ in range(2):
+            module = cnnc.compile(text, opt_level=1)
+            module.set_params(reference_params)
+            results[k] = module(x)
+
+    reference_params = random_params(cnnc.compile(text, opt_level=1))
+    threads = [threading.Thread(target=compile_and_run, args=(k,), daemon=True)
+               for k in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a compile never finished"
+    graph = cnnc.check(text)
+    expected = reference.forward(graph, x, reference_params)
+    for k in range(3):
+        assert_close(results[k], expected, np.float32, f"thread {k}")

@@ -13,6 +13,7 @@ import functools
 import multiprocessing
 import os
 import struct
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -63,16 +64,19 @@ class NativeCode:
     target: HostTarget
 
 
+# Held by every call cnnc makes into LLVM in this process. Compiling forks worker
+# processes while holding it, so that no other thread of cnnc is inside llvmlite at that
+# moment: a child would inherit llvmlite's own lock locked, and wait on it forever.
+LLVM_LOCK = threading.RLock()
+
+
 @functools.cache
-def _initialise() -> None:
-    llvm.initialize_native_target()
-    llvm.initialize_native_asmprinter()
-
-
 def host_target() -> HostTarget:
-    _initialise()
-    return HostTarget(llvm.get_process_triple(), llvm.get_host_cpu_name(),
-                      llvm.get_host_cpu_features().flatten())
+    with LLVM_LOCK:
+        llvm.initialize_native_target()
+        llvm.initialize_native_asmprinter()
+        return HostTarget(llvm.get_process_triple(), llvm.get_host_cpu_name(),
+                          llvm.get_host_cpu_features().flatten())
 
 
 def target_machine(opt_level: int = 3) -> llvm.TargetMachine:
@@ -100,7 +104,9 @@ def compile_functions(functions: tuple[LoopFunction, ...], storage: list[str],
     # each job builds its LLVM IR in the worker too: in Python, that is a quarter of the work
     jobs = [(group, storage, None, opt_level) for group in _groups(functions)]
     jobs.append((functions, storage, entries, opt_level))
-    results = _run_jobs(jobs)
+    host_target()  # known before any fork, so the workers need not ask LLVM
+    with LLVM_LOCK:
+        results = _run_jobs(jobs)
     objects = tuple(obj for obj, _ in results)
     return NativeCode(pack_objects(objects), MODULE_SEPARATOR.join(t for _, t in results),
                       host_target())
@@ -192,7 +198,8 @@ def unpack_objects(data: bytes) -> list[bytes]:
 
 def assembly(llvm_ir: str, opt_level: int = 3) -> str:
     """Host assembly of (already optimised) LLVM IR text, for `--emit asm`."""
-    return "".join(target_machine(opt_level).emit_assembly(llvm.parse_assembly(text))
+    with LLVM_LOCK:
+        return "".join(target_machine(opt_level).emit_assembly(llvm.parse_assembly(text))
                    for text in llvm_ir.split(MODULE_SEPARATOR))
 
 
