@@ -238,7 +238,11 @@ class Module:
 
     def _in_threads(self, work: Callable[[slice], Any], slices: list[slice]) -> list[Any]:
         """work(slice) for every slice: the first on this thread, the others in the pool."""
-        others = [self._thread_pool().submit(work, part) for part in slices[1:]]
+        pool = self._thread_pool()
+        try:
+            others = [pool.submit(work, part) for part in slices[1:]]
+        except RuntimeError:  # set_threads shut this pool down meanwhile: do it all here
+            return [work(part) for part in slices]
         first = work(slices[0])
         return [first] + [future.result() for future in others]
 

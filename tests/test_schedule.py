@@ -275,3 +275,14 @@ def test_compiles_from_several_threads_at_once_finish_and_agree():
     expected = reference.forward(graph, x, reference_params)
     for k in range(3):
         assert_close(results[k], expected, np.float32, f"thread {k}")
+
+
+def test_a_pool_shut_down_under_a_threaded_call_does_not_fail_it():
+    """set_threads from another thread may shut the pool down while a call is handing out
+    slices; the call then computes the slices itself."""
+    text = "network t\ninput: 2x6x6\nconv c: 3 3x3\nflatten\ndense d: 4\n"
+    module = cnnc.compile(text, opt_level=1, threads=2)
+    x = np.random.default_rng(0).standard_normal((16, 2, 6, 6)).astype(np.float32)
+    expected = module(x)
+    module._thread_pool().shutdown(wait=True)  # what a concurrent set_threads leaves behind
+    np.testing.assert_array_equal(module(x), expected)
