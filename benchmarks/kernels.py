@@ -15,12 +15,10 @@ import time
 
 import numpy as np
 
-from cnnc.autodiff import differentiate
 from cnnc.backends.llvm import compile_functions
-from cnnc.fuse import fuse
 from cnnc.loader import native_entries_from_object
 from cnnc.module import numpy_dtype
-from cnnc.pipeline import front_end, lower_program, to_source
+from cnnc.pipeline import front_end, lower_program, module_kernels, to_source
 
 
 def main() -> None:
@@ -31,8 +29,7 @@ def main() -> None:
     parser.add_argument("--plain", action="store_true", help="unscheduled loops")
     args = parser.parse_args()
     graph = front_end(to_source(args.program))
-    full = differentiate(graph) if graph.loss is not None else graph
-    program = fuse(full)
+    program = module_kernels(graph)
     functions, scratch, _ = lower_program(program, not args.plain)
     storage = list(program.storage) + scratch
     names = [t.name for t in storage]

@@ -15,7 +15,7 @@ from pathlib import Path
 from . import __version__
 from .backends.llvm import assembly, compile_functions
 from .diagnostics import CnncError
-from .fuse import format_kernels, fuse
+from .fuse import format_kernels
 from .ir import Graph, format_graph, format_shape
 from .loader import validated_manifest
 from .loops import format_functions
@@ -23,7 +23,14 @@ from .module import format_manifest
 from .module import read as read_module
 from .module import write as write_module
 from .parse import parse
-from .pipeline import compile_module, entry_points, lower_program, read_source, typed_graph
+from .pipeline import (
+    compile_module,
+    entry_points,
+    lower_program,
+    module_kernels,
+    read_source,
+    typed_graph,
+)
 from .summary import format_table, to_json
 from .syntax import format_program
 
@@ -170,11 +177,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def explain_schedules(graph: Graph, scheduled: bool) -> str:
     """Every kernel the module would have (the backward ones too, with a loss line)."""
-    from .autodiff import differentiate
     from .schedule import explain, host_machine
 
-    full = differentiate(graph) if graph.loss is not None else graph
-    _, _, schedules = lower_program(fuse(full), scheduled)
+    _, _, schedules = lower_program(module_kernels(graph), scheduled)
     plain = "no kernel is scheduled (--no-schedule)\n" if not schedules else ""
     return explain(schedules, host_machine()) + plain
 
@@ -187,8 +192,7 @@ def emit_stage(graph: Graph, stage: str, opt_level: int, scheduled: bool = True)
         return format_graph(graph)
     if stage == "grad":
         return format_graph(differentiate(graph))
-    # what the module holds: with a loss line, the backward kernels too
-    program = fuse(differentiate(graph) if graph.loss is not None else graph)
+    program = module_kernels(graph)
     if stage == "kernels":
         return format_kernels(program)
     functions, scratch, _ = lower_program(program, scheduled)

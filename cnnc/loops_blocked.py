@@ -37,6 +37,7 @@ from .loops import (
     Load,
     Local,
     LoopFunction,
+    Select,
     Stmt,
     Store,
     Var,
@@ -527,8 +528,6 @@ def _conv_grad_weight(kernel: Kernel, program: KernelProgram, machine: Machine) 
 
 
 def _smaller(a: Expr, b: Expr) -> Expr:
-    from .loops import Select
-
     return Select(Binary("<", a, b), a, b)
 
 
@@ -609,11 +608,17 @@ def _matrix_product(f: _Function, p: _Product, block: Block) -> None:
     f.body.append(For("jb", const(blocks), _row_tiles(f, "m", p.rows, block, code_at)))
 
 
-def _product_schedule(kernel: Kernel, p: _Product, block: Block, score: float,
-                      rows: str, columns: str, depth: str) -> Schedule:
-    return Schedule(kernel.name, "matrix product", block, rows, p.rows, columns, p.columns,
-                    (depth,), (f"B as [{depth}, {columns} blocks of {block.width}]",),
-                    efficiency=score, reason=_block_reason(block, p.rows, p.columns))
+def _lowered_product(kernel: Kernel, f: _Function, p: _Product, machine: Machine,
+                     axes: tuple[str, str, str]) -> Lowered:
+    """Block choice, lowering and schedule of a product; `axes` names its rows, columns and
+    reduction for --explain-schedule."""
+    rows, columns, depth = axes
+    block, score = choose_block(machine, f.dtype, p.rows, p.columns)
+    _matrix_product(f, p, block)
+    schedule = Schedule(kernel.name, "matrix product", block, rows, p.rows, columns, p.columns,
+                        (depth,), (f"B as [{columns} blocks, {depth}, {block.width} lanes]",),
+                        efficiency=score, reason=_block_reason(block, p.rows, p.columns))
+    return Lowered(f.finished(), tuple(f.scratch), schedule)
 
 
 def _dense_forward(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lowered:
@@ -629,10 +634,7 @@ def _dense_forward(kernel: Kernel, program: KernelProgram, machine: Machine) -> 
                  lambda k, j: Load(weight.name, (j, k)), out.name,
                  kernel.inputs[2] if kernel.has_bias else None, kernel.activation,
                  b_runs_along_k=True)
-    block, score = choose_block(machine, out.dtype, None, units)
-    _matrix_product(f, p, block)
-    schedule = _product_schedule(kernel, p, block, score, "sample", "unit", "input feature")
-    return Lowered(f.finished(), tuple(f.scratch), schedule)
+    return _lowered_product(kernel, f, p, machine, ("sample", "unit", "input feature"))
 
 
 def _dense_grad_input(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lowered:
@@ -642,10 +644,7 @@ def _dense_grad_input(kernel: Kernel, program: KernelProgram, machine: Machine) 
     units, features = weight.shape
     p = _Product(None, features, units, lambda m, k: Load(dy.name, (m, k)),
                  lambda k, j: Load(weight.name, (k, j)), dx.name)
-    block, score = choose_block(machine, dx.dtype, None, features)
-    _matrix_product(f, p, block)
-    schedule = _product_schedule(kernel, p, block, score, "sample", "input feature", "unit")
-    return Lowered(f.finished(), tuple(f.scratch), schedule)
+    return _lowered_product(kernel, f, p, machine, ("sample", "input feature", "unit"))
 
 
 def _dense_grad_weight(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lowered:
@@ -655,10 +654,7 @@ def _dense_grad_weight(kernel: Kernel, program: KernelProgram, machine: Machine)
     units, features = dw.shape
     p = _Product(units, features, None, lambda m, k: Load(dy.name, (k, m)),
                  lambda k, j: Load(x.name, (k, j)), dw.name)
-    block, score = choose_block(machine, dw.dtype, units, features)
-    _matrix_product(f, p, block)
-    schedule = _product_schedule(kernel, p, block, score, "unit", "input feature", "sample")
-    return Lowered(f.finished(), tuple(f.scratch), schedule)
+    return _lowered_product(kernel, f, p, machine, ("unit", "input feature", "sample"))
 
 
 # -- bias gradient: a sum over contiguous positions ----------------------------------------------

@@ -99,6 +99,14 @@ def _position(diagnostic) -> tuple[int, int]:
     return (0, 0) if span is None else (span.line, span.col)
 
 
+def module_kernels(graph: Graph):
+    """The kernels a module of `graph` holds: with a loss line, the backward ones too."""
+    from .autodiff import differentiate
+    from .fuse import fuse
+
+    return fuse(differentiate(graph) if graph.loss is not None else graph)
+
+
 def lower_program(program, scheduled: bool = True):
     """Loop functions of every kernel, the scratch tensors they add to the buffer table, and
     the schedules applied; `scheduled=False` gives the plain loop nests everywhere."""
@@ -124,14 +132,12 @@ def compile_module(graph: Graph, opt_level: int = 3, scheduled: bool = True) -> 
     A network with a loss line also gets its backward pass (autodiff) and the update of its
     optimizer, with entry points for the loss, the gradients and a whole training step.
     """
-    from .autodiff import differentiate
     from .backends.llvm import compile_functions
-    from .fuse import fuse
     from .initialise import initial_parameters
     from .loops import format_functions
 
-    full = differentiate(graph) if graph.loss is not None else graph
-    program = fuse(full)
+    program = module_kernels(graph)
+    full = program.graph
     functions, scratch, _ = lower_program(program, scheduled)
     storage = list(program.storage) + scratch
     entries = entry_points(program)
