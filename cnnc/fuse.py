@@ -1,9 +1,11 @@
 """Graph → kernels: the forward ops grouped into the units code is generated for.
 
-conv + bias + activation and dense + bias + activation become one kernel each; max pooling
-also writes the position of each maximum to a named int32 tensor `LAYER.argmax`, which the
-backward pass will read; softmax and any activation left alone are kernels of their own;
-flatten is no kernel at all, only a second name for the same memory (NCHW is contiguous).
+conv + bias + activation and dense + bias + activation become one kernel each, and a max pool
+that reads a convolution's result joins its kernel too (the pool of a sample runs while the
+sample's convolution output is still in cache); max pooling also writes the position of each
+maximum to a named int32 tensor `LAYER.argmax`, which the backward pass will read; softmax
+and any activation left alone are kernels of their own; flatten is no kernel at all, only a
+second name for the same memory (NCHW is contiguous).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class Kernel:
     """One generated function. `inputs` and `outputs` are storage tensors (aliases resolved)."""
 
     kind: KernelKind
-    name: str  # the native function's name, e.g. c1_conv_relu_fwd
+    name: str  # the native function's name, e.g. c1_conv_relu_maxpool_fwd
     layer: str
     inputs: tuple[str, ...]  # data input first, then weight and bias where there are any
     outputs: tuple[str, ...]  # the result, then (max pooling) its argmax
@@ -40,6 +42,16 @@ class Kernel:
     activation: Op | None = None
     has_bias: bool = False
     node: Node | None = None  # the op of a LOSS or GRAD kernel
+    pool: Window | None = None  # a max pool fused after a CONV; outputs: conv, pool, argmax
+
+    def unfused(self) -> tuple[Kernel, ...]:
+        """The convolution and the max pool a fused kernel is made of; or the kernel alone."""
+        if self.pool is None:
+            return (self,)
+        conv = dataclasses.replace(self, outputs=self.outputs[:1], pool=None)
+        pool = Kernel(KernelKind.MAXPOOL, self.name, self.layer, self.outputs[:1],
+                      self.outputs[1:], self.pool)
+        return conv, pool
 
     @property
     def phase(self) -> str:
@@ -82,10 +94,7 @@ def fuse(graph: Graph) -> KernelProgram:
         covered = _covered(nodes, position)
         kernel = _unique_name(_kernel(covered, alias), kernels)
         kernels.append(kernel)
-        out = graph.tensor(covered[-1].output)
-        storage.append(out)
-        if kernel.kind is KernelKind.MAXPOOL:
-            storage.append(graph.tensor(argmax_name(node.layer)))
+        storage += [graph.tensor(name) for name in kernel.outputs]
         position += len(covered)
     if graph.gradients:
         _backward_kernels(graph, alias, kernels, storage)
@@ -124,11 +133,15 @@ def _unique_name(kernel: Kernel, earlier: list[Kernel]) -> Kernel:
 
 
 def _covered(nodes: list[Node], start: int) -> list[Node]:
-    """The node at `start` and the bias and activation that follow it and read its result."""
+    """The node at `start` and the bias, activation and (after a convolution) max pool that
+    follow it and read its result."""
     covered = [nodes[start]]
     if nodes[start].op not in OpGroup.WEIGHTED:
         return covered
-    for wanted in (frozenset({Op.BIAS_ADD}), OpGroup.ACTIVATION - {Op.SOFTMAX}):
+    following_ops = [frozenset({Op.BIAS_ADD}), OpGroup.ACTIVATION - {Op.SOFTMAX}]
+    if nodes[start].op is Op.CONV2D:
+        following_ops.append(frozenset({Op.MAXPOOL2D}))
+    for wanted in following_ops:
         following = start + len(covered)
         if (following < len(nodes) and nodes[following].op in wanted
                 and nodes[following].inputs[0] == covered[-1].output):
@@ -145,12 +158,8 @@ def _kernel(covered: list[Node], alias: dict[str, str]) -> Kernel:
     layer = head.layer
     match head.op:
         case Op.CONV2D | Op.DENSE:
-            kind = KernelKind.CONV if head.op is Op.CONV2D else KernelKind.DENSE
-            inputs = (source, head.inputs[1]) + ((bias,) if bias else ())
-            suffix = f"_{activation.value}" if activation else ""
-            window = head.attrs.window if head.op is Op.CONV2D else None
-            return Kernel(kind, f"{layer}_{kind.value}{suffix}_fwd", layer, inputs, (output,),
-                          window, activation, bias is not None)
+            return _weighted_kernel(covered, source, bias, activation)
+
         case Op.MAXPOOL2D:
             return Kernel(KernelKind.MAXPOOL, f"{layer}_fwd", layer, (source,),
                           (output, argmax_name(layer)), head.attrs.window)
@@ -164,6 +173,23 @@ def _kernel(covered: list[Node], alias: dict[str, str]) -> Kernel:
             return Kernel(KernelKind.ACTIVATION, f"{layer}_{head.op.value}_fwd", layer,
                           (source,), (output,), activation=head.op)
     raise AssertionError(f"no kernel for {head.op}")
+
+
+def _weighted_kernel(covered: list[Node], source: str, bias: str | None,
+                     activation: Op | None) -> Kernel:
+    """conv or dense + bias + activation, and a conv's max pool, as one kernel."""
+    head, layer = covered[0], covered[0].layer
+    kind = KernelKind.CONV if head.op is Op.CONV2D else KernelKind.DENSE
+    inputs = (source, head.inputs[1]) + ((bias,) if bias else ())
+    name = f"{layer}_{kind.value}" + (f"_{activation.value}" if activation else "")
+    window = head.attrs.window if head.op is Op.CONV2D else None
+    pool = covered[-1] if covered[-1].op is Op.MAXPOOL2D else None
+    if pool is None:
+        return Kernel(kind, f"{name}_fwd", layer, inputs, (covered[-1].output,), window,
+                      activation, bias is not None)
+    outputs = (covered[-2].output, pool.output, argmax_name(pool.layer))
+    return Kernel(kind, f"{name}_maxpool_fwd", layer, inputs, outputs, window,
+                  activation, bias is not None, pool=pool.attrs.window)
 
 
 def format_kernels(program: KernelProgram) -> str:

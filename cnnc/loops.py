@@ -59,11 +59,12 @@ class Select:
 
 @dataclass(frozen=True, slots=True)
 class VecLoad:
-    """`lanes` consecutive elements; `index` names the first, the last axis advances."""
+    """`lanes` elements `stride` apart along the last axis; `index` names the first."""
 
     buffer: str
     index: tuple[Expr, ...]
     lanes: int
+    stride: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,15 @@ class Broadcast:
     """A scalar copied into every lane of a vector."""
 
     value: Expr
+    lanes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ramp:
+    """The integer vector base, base + step, ..., base + (lanes − 1)·step."""
+
+    base: Expr
+    step: int
     lanes: int
 
 
@@ -84,7 +94,7 @@ class Lane:
 
 # Arithmetic, comparisons and `select` apply lane by lane when an operand is a vector; a
 # scalar operand beside a vector is broadcast.
-Expr = Var | Const | Load | Binary | Unary | Select | VecLoad | Broadcast | Lane
+Expr = Var | Const | Load | Binary | Unary | Select | VecLoad | Broadcast | Ramp | Lane
 
 # -- statements -----------------------------------------------------------------------------
 
@@ -215,6 +225,10 @@ def lower(program: KernelProgram) -> tuple[LoopFunction, ...]:
 
 def lower_kernel(kernel: Kernel, program: KernelProgram) -> LoopFunction:
     from .loops_backward import lower_grad
+
+    if kernel.pool is not None:
+        conv, pool = kernel.unfused()
+        return fuse_batch_loops(lower_kernel(conv, program), lower_kernel(pool, program))
 
     lowerings = {KernelKind.CONV: _lower_conv, KernelKind.MAXPOOL: _lower_maxpool,
                  KernelKind.AVGPOOL: _lower_avgpool, KernelKind.DENSE: _lower_dense,
@@ -372,6 +386,28 @@ def _lower_activation(kernel: Kernel, program: KernelProgram) -> LoopFunction:
     return LoopFunction(kernel.name, (x, out), (), (nest,))
 
 
+def fuse_batch_loops(first: LoopFunction, second: LoopFunction) -> LoopFunction:
+    """One function that runs `second` on each sample right after `first` made it.
+
+    Both functions must end in their loop over the batch; whatever comes before it (packing,
+    padding) runs first, once. Sample n of `first`'s output is still in cache when `second`
+    reads it. Loop variables may repeat: the two loop nests run one after the other.
+    """
+    first_loop, second_loop = first.body[-1], second.body[-1]
+    for loop in (first_loop, second_loop):
+        assert isinstance(loop, For) and loop.var == "n" and loop.extent == Var(BATCH), \
+            f"{first.name}: only functions that end in their batch loop can be fused"
+    names = {b.name for b in first.buffers}
+    known = {local.name: local for local in first.locals}
+    for local in second.locals:
+        assert known.get(local.name, local) == local, f"local {local.name} has two types"
+    batch = For("n", Var(BATCH), first_loop.body + second_loop.body, first_loop.kind)
+    return LoopFunction(
+        first.name, first.buffers + tuple(b for b in second.buffers if b.name not in names),
+        first.locals + tuple(lo for lo in second.locals if lo.name not in known),
+        first.body[:-1] + second.body[:-1] + (batch,))
+
+
 # -- printing -------------------------------------------------------------------------------
 
 def format_functions(functions: tuple[LoopFunction, ...]) -> str:
@@ -418,7 +454,10 @@ def format_expr(expr: Expr, nested: bool = False) -> str:
     if isinstance(expr, Unary):
         return f"{expr.op}({format_expr(expr.operand)})"
     if isinstance(expr, VecLoad):
-        return f"{_format_access(expr.buffer, expr.index)}..+{expr.lanes}"
+        step = f" step {expr.stride}" if expr.stride != 1 else ""
+        return f"{_format_access(expr.buffer, expr.index)}..+{expr.lanes}{step}"
+    if isinstance(expr, Ramp):
+        return f"ramp{expr.lanes}({format_expr(expr.base)}, step {expr.step})"
     if isinstance(expr, Broadcast):
         return f"broadcast{expr.lanes}({format_expr(expr.value)})"
     if isinstance(expr, Lane):

@@ -18,6 +18,7 @@ Each kernel packs what it needs into scratch buffers of its own at the start of 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,9 +38,11 @@ from .loops import (
     Load,
     Local,
     LoopFunction,
+    Ramp,
     Select,
     Stmt,
     Store,
+    Unary,
     Var,
     VecLoad,
     VecStore,
@@ -47,7 +50,9 @@ from .loops import (
     add,
     const,
     extent_expr,
+    fuse_batch_loops,
     loop_nest,
+    lower_kernel,
     mul,
 )
 from .loops_backward import flat, view
@@ -93,6 +98,8 @@ class Lowered:
 def lower_blocked(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lowered | None:
     """The scheduled loop function of `kernel`, or None for kernels without a schedule."""
     op = kernel.node.op if kernel.node is not None else None
+    if kernel.pool is not None:
+        return _with_pool(kernel, program, machine)
     if kernel.kind is KernelKind.CONV:
         return _conv_forward(kernel, program, machine)
     if kernel.kind is KernelKind.DENSE:
@@ -348,6 +355,70 @@ def _conv_forward(kernel: Kernel, program: KernelProgram, machine: Machine) -> L
                         ("weights [fb, c, kh, kw, lanes]", "bias", "input zero-padded"),
                         efficiency=score, reason=_block_reason(block, ow, channels_out))
     return Lowered(f.finished(), tuple(f.scratch), schedule)
+
+
+def _with_pool(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lowered:
+    """The scheduled convolution, with the max pool of each sample in its batch loop."""
+    conv, pool = kernel.unfused()
+    lowered = lower_blocked(conv, program, machine)
+    assert lowered is not None
+    window = pool.window
+    fused = (f"max pool {window.kernel[0]}x{window.kernel[1]} stride "
+             f"{window.stride[0]}x{window.stride[1]} of each sample, inside the batch loop")
+    pooled = _maxpool_by_columns(pool, program, machine)
+    if pooled is None:
+        pooled = lower_kernel(pool, program)
+        fused += " (scalar: it is padded or its output has a single column)"
+    else:
+        fused += f", {pooled.locals[0].lanes} output columns a vector"
+    return Lowered(fuse_batch_loops(lowered.function, pooled), lowered.scratch,
+                   dataclasses.replace(lowered.schedule, fused=fused))
+
+
+def _maxpool_by_columns(kernel: Kernel, program: KernelProgram,
+                        machine: Machine) -> LoopFunction | None:
+    """Max pooling vectorized over output columns, with strided vector loads; None where the
+    window is padded (lanes would need bounds tests) or the output has one column.
+
+    The first tap is always taken, a later one where it is larger or NaN, as in the plain
+    loops. A last block that would run past the row starts earlier instead and recomputes a
+    few columns: every column gets the same value either way, and no scalar tail is needed.
+    """
+    window = kernel.window
+    x = view(program, kernel.inputs[0])
+    out, argmax = (view(program, name, is_output=True) for name in kernel.outputs)
+    _, channels, rows, columns = out.shape
+    lanes = min(machine.lanes(out.dtype), 1 << (columns.bit_length() - 1))
+    if any(window.pad) or lanes < 2:
+        return None
+    (kh, kw), (sh, sw) = window.kernel, window.stride
+    best, value, index = "pool_best", "pool_value", "pool_index"
+
+    def block(start: Expr) -> tuple[Stmt, ...]:
+        def tap(i: int, j: int) -> tuple[Expr, Expr]:
+            row, column = _affine(Var("oh"), sh, const(i)), _affine(start, sw, const(j))
+            position = add(mul(row, const(x.shape[3])), column)
+            return (VecLoad(x.name, (Var("n"), Var("c"), row, column), lanes, sw),
+                    Ramp(position, sw, lanes))
+
+        first, first_position = tap(0, 0)
+        stmts: list[Stmt] = [Assign(best, first), Assign(index, first_position)]
+        for i, j in ((i, j) for i in range(kh) for j in range(kw) if (i, j) != (0, 0)):
+            load, position = tap(i, j)
+            take = Binary("or", Binary(">", Var(value), Var(best)), Unary("isnan", Var(value)))
+            stmts += [Assign(value, load), Assign(index, Select(take, position, Var(index))),
+                      Assign(best, Binary("max", Var(best), Var(value)))]
+        where = (Var("n"), Var("c"), Var("oh"), start)
+        return (*stmts, VecStore(out.name, where, Var(best)),
+                VecStore(argmax.name, where, Var(index)))
+
+    full, rest = divmod(columns, lanes)
+    body = (For("ob", const(full), block(mul(Var("ob"), const(lanes)))),
+            *(block(const(columns - lanes)) if rest else ()))
+    nest = loop_nest(["n", "c", "oh"], [Var(BATCH), channels, rows], body)
+    locals_ = (Local(best, out.dtype, lanes), Local(value, out.dtype, lanes),
+               Local(index, DType.I64, lanes))
+    return LoopFunction(kernel.name, (x, out, argmax), locals_, (nest,))
 
 
 def _conv_forward_by_width(kernel: Kernel, f: _Function, x: Buffer, weight: Buffer,

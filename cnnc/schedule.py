@@ -100,6 +100,7 @@ class Schedule:
     tile_rows: int = 0  # filter gradient: output rows per cache tile
     efficiency: float = 0.0  # the cost model's estimate, of the FMA peak
     reason: str = ""
+    fused: str = ""  # what else runs in the kernel, e.g. a max pool per sample
 
 
 def choose_block(machine: Machine, dtype: DType, row_extent: int | None,
@@ -180,5 +181,7 @@ def explain(schedules: list[Schedule], machine: Machine) -> str:
         if s.tile_rows:
             lines.append(f"  cache tile: {s.tile_rows} output rows per pass (fits half of L2)")
         lines.append(f"  estimated FMA use {s.efficiency:.0%}; {s.reason}")
+        if s.fused:
+            lines.append(f"  fused: {s.fused}")
         lines.append("  parallel: the batch is split across threads by the runtime")
     return "\n".join(lines) + "\n"

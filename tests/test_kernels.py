@@ -66,6 +66,53 @@ def test_conv_activations_and_activation_lines_after_pools(activation):
                                activation, "flatten", activation), batch=3)
 
 
+def _kernel_names(text: str) -> list[str]:
+    from cnnc.fuse import fuse
+    from cnnc.pipeline import front_end, to_source
+
+    return [k.name for k in fuse(front_end(to_source(text))).kernels]
+
+
+@pytest.mark.parametrize("lines, kernels", [
+    (["conv c: 3 3x3 -> relu", "maxpool p: 2x2"], ["c_conv_relu_maxpool_fwd"]),
+    (["conv c: 3 3x3 bias=false", "maxpool p: 2x2"], ["c_conv_maxpool_fwd"]),
+    (["conv c: 3 3x3", "tanh", "maxpool p: 2x2"], ["c_conv_tanh_maxpool_fwd"]),
+    # only the first pool reads the convolution; an average pool is not fused
+    (["conv c: 3 3x3", "maxpool p: 2x2", "maxpool q: 2x2"], ["c_conv_maxpool_fwd", "q_fwd"]),
+    (["conv c: 3 3x3", "avgpool p: 2x2"], ["c_conv_fwd", "p_fwd"]),
+    (["conv c: 3 3x3 bias=false", "relu", "maxpool p: 2x2"],
+     ["c_conv_relu_maxpool_fwd"]),
+])
+def test_a_max_pool_after_a_convolution_joins_its_kernel(lines, kernels):
+    text = net("2x10x10", *lines)
+    assert _kernel_names(text) == kernels
+    compare_with_reference(text, batch=3)
+
+
+@pytest.mark.parametrize("schedule", [True, False], ids=["scheduled", "plain"])
+def test_fused_pool_keeps_the_convolution_output_argmax_and_nan(schedule):
+    module = cnnc.compile(net("1x4x4", "conv c: 2 1x1 bias=false", "maxpool p: 2x2 stride=2"),
+                          schedule=schedule)
+    module.set_params({"c.weight": np.array([1.0, -1.0], np.float32).reshape(2, 1, 1, 1)})
+    x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    x[0, 0, 3, 2] = np.nan
+    values = module.activations(x)
+    np.testing.assert_array_equal(values["c"][0, 0], x[0, 0])  # the conv result is kept
+    assert values["p.argmax"][0].tolist() == [[[5, 7], [13, 14]], [[0, 2], [8, 14]]]
+    assert np.isnan(values["p"][0, :, 1, 1]).all()
+    assert values["p"][0, 0, 0].tolist() == [5.0, 7.0]
+
+
+@pytest.mark.parametrize("schedule", [True, False], ids=["scheduled", "plain"])
+def test_fused_pool_ties_go_to_the_first_position_of_each_window(schedule):
+    module = cnnc.compile(net("1x6x20", "conv c: 1 1x1 bias=false", "maxpool p: 2x2"),
+                          schedule=schedule)
+    module.set_params({"c.weight": np.ones((1, 1, 1, 1), np.float32)})
+    argmax = module.activations(np.ones((2, 1, 6, 20), np.float32))["p.argmax"]
+    rows, columns = np.meshgrid(np.arange(3), np.arange(10), indexing="ij")
+    np.testing.assert_array_equal(argmax[1, 0], rows * 2 * 20 + columns * 2)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_softmax_of_huge_logits_does_not_overflow(dtype):
     module = cnnc.compile(net("4", "dense d: 4 bias=false -> softmax"),

@@ -53,7 +53,8 @@ def test_saved_parameters_and_manifest_survive_a_round_trip(lenet, tmp_path):
     for name, value in changed.items():
         np.testing.assert_array_equal(loaded.params[name], value)
     assert loaded.input_shape == (1, 28, 28) and loaded.output_shape == (10,)
-    assert loaded.manifest["kernels"][:2] == ["c1_conv_relu_fwd", "maxpool1_fwd"]
+    assert loaded.manifest["kernels"][:3] == ["c1_conv_relu_maxpool_fwd",
+                                              "c3_conv_relu_maxpool_fwd", "f5_dense_relu_fwd"]
 
 
 def rewrite(data: bytes, edit) -> bytes:
@@ -102,7 +103,7 @@ def _small_input(manifest):
 
 
 def _kernel_as_entry(manifest):
-    manifest["entry_points"]["forward"] = "c1_conv_relu_fwd"
+    manifest["entry_points"]["forward"] = "c1_conv_relu_maxpool_fwd"
 
 
 def _other_dtype(manifest):
@@ -156,12 +157,12 @@ def test_cli_compile_inspect_and_damaged_file(lenet, tmp_path, monkeypatch):
     made = subprocess.run([*run, "compile", str(EXAMPLES / "lenet.cnn")], capture_output=True,
                           text=True, check=False)
     assert made.returncode == 0
-    assert made.stdout.startswith("wrote lenet.cnnm: network lenet5, 8 forward kernels")
+    assert made.stdout.startswith("wrote lenet.cnnm: network lenet5, 6 forward kernels")
     shown = subprocess.run([*run, "inspect", "lenet.cnnm"], capture_output=True, text=True,
                            check=False)
     assert shown.returncode == 0
     assert "    c1.weight: 6 x 1 x 5 x 5 f32" in shown.stdout
-    assert "kernels  c1_conv_relu_fwd, maxpool1_fwd," in shown.stdout
+    assert "kernels  c1_conv_relu_maxpool_fwd, c3_conv_relu_maxpool_fwd," in shown.stdout
     (tmp_path / "bad.cnnm").write_bytes(b"CNNM")
     bad = subprocess.run([*run, "inspect", "bad.cnnm"], capture_output=True, text=True,
                          check=False)
@@ -170,10 +171,11 @@ def test_cli_compile_inspect_and_damaged_file(lenet, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("stage, expected", [
-    ("llvm", "define void @c1_conv_relu_fwd("),
-    ("asm", "maxpool1_fwd:"),
+    ("llvm", "define void @c1_conv_relu_maxpool_fwd("),
+    ("asm", "c3_conv_relu_maxpool_fwd:"),
     ("loops", "func f5_dense_relu_fwd(N, maxpool2: f32[N, 400]"),
-    ("kernels", "maxpool1_fwd(c1) -> maxpool1, maxpool1.argmax"),
+    ("kernels", "c1_conv_relu_maxpool_fwd(image, c1.weight, c1.bias) -> c1, maxpool1, "
+                "maxpool1.argmax"),
 ])
 def test_emit_backend_stages_name_kernels_after_layers(capsys, monkeypatch, stage, expected):
     from cnnc.cli import main

@@ -22,7 +22,8 @@ FEW = settings(max_examples=12, deadline=None, suppress_health_check=[HealthChec
 
 @st.composite
 def conv_programs(draw) -> str:
-    """A conv layer (any stride, pad, channels) and a dense head, with an mse loss."""
+    """A conv layer (any stride, pad, channels), often followed by a max pool that fuses into
+    its kernel, and a dense head, with an mse loss."""
     channels = draw(st.integers(1, 11))
     height, width = draw(st.integers(3, 13)), draw(st.integers(3, 13))
     kh, kw = draw(st.integers(1, min(5, height))), draw(st.integers(1, min(5, width)))
@@ -31,9 +32,16 @@ def conv_programs(draw) -> str:
     filters = draw(st.integers(1, 20))
     units = draw(st.integers(1, 19))
     activation = draw(st.sampled_from(["", " -> relu", " -> tanh"]))
+    out_h = (height + 2 * pad - kh) // stride + 1
+    out_w = (width + 2 * pad - kw) // stride + 1
+    pool = ""
+    if draw(st.booleans()):
+        window = draw(st.integers(1, min(3, out_h, out_w)))
+        pool = (f"maxpool {window}x{window} stride={draw(st.integers(1, 3))} "
+                f"pad={draw(st.integers(0, window // 2))}\n")
     return (f"network t\ninput: {channels}x{height}x{width}\n"
             f"conv c: {filters} {kh}x{kw} stride={stride} pad={pad}{activation}\n"
-            f"flatten\ndense d: {units}\nloss mse\n")
+            f"{pool}flatten\ndense d: {units}\nloss mse\n")
 
 
 def _run_all(module: cnnc.Module, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
@@ -194,8 +202,8 @@ def test_explain_schedule_names_every_scheduled_kernel_and_its_block(capsys, mon
     out = capsys.readouterr().out
     machine = host_machine()
     assert f"{machine.vector_bits}-bit vectors, {machine.registers} vector registers" in out
-    for kernel, pattern in [("c1_conv_relu_fwd", "correlation"),
-                            ("c3_conv_relu_fwd", "correlation"),
+    for kernel, pattern in [("c1_conv_relu_maxpool_fwd", "correlation"),
+                            ("c3_conv_relu_maxpool_fwd", "correlation"),
                             ("c3_conv2d_grad_input_bwd", "correlation of δ"),
                             ("c3_conv2d_grad_weight_bwd", "filter gradient"),
                             ("f5_dense_relu_fwd", "matrix product"),
@@ -203,7 +211,8 @@ def test_explain_schedule_names_every_scheduled_kernel_and_its_block(capsys, mon
         assert f"{kernel}: {pattern}" in out
     block, _ = choose_block(machine, DType.F32, 10, 16)  # c3: 10 output columns, 16 channels
     assert (f"register block {block.rows} x {block.vectors} vectors of {block.lanes}"
-            in out.split("c3_conv_relu_fwd")[1])
+            in out.split("c3_conv_relu_maxpool_fwd")[1])
+    assert "fused: max pool 2x2 stride 2x2 of each sample" in out.split("c3_conv_relu")[1]
     assert main(["compile", "examples/lenet.cnn", "--explain-schedule", "--no-schedule"]) == 0
     assert "no kernel is scheduled" in capsys.readouterr().out
 
@@ -220,7 +229,8 @@ def test_no_schedule_module_gives_the_same_output(tmp_path, monkeypatch):
     a, b = cnnc.load(plain), cnnc.load(scheduled)
     x = np.random.default_rng(0).standard_normal((9, *a.input_shape)).astype(np.float32)
     assert_close(b(x), a(x), np.float32, "mlp output")
-    assert "c1_conv_relu_fwd.pad" not in a.manifest["storage"]
+    roles = [{t["role"] for t in m.manifest["storage"]} for m in (a, b)]
+    assert "scratch" not in roles[0] and "scratch" in roles[1]  # packed copies: scheduled only
 
 
 FEW_CHANNELS = ("network w\ninput: 3x7x19\nconv c: 2 3x3 pad=1 -> relu\nconv d: 3 1x4\n"

@@ -33,6 +33,7 @@ from ..loops import (
     Lane,
     Load,
     LoopFunction,
+    Ramp,
     Select,
     Stmt,
     Unary,
@@ -296,6 +297,8 @@ class _Emitter:
             self.builder.store(self.convert(self.expr(stmt.value), slot.type.pointee), slot)
         elif isinstance(stmt, VecStore):
             value = self.expr(stmt.value)
+            element = ELEMENT_TYPES[self.function.buffer(stmt.buffer).dtype]
+            value = self.convert(value, ir.VectorType(element, value.type.count))
             pointer = self.vector_pointer(stmt.buffer, stmt.index, value.type.count)
             self.builder.store(value, pointer, align=self._element_bytes(stmt.buffer))
         else:
@@ -354,6 +357,20 @@ class _Emitter:
         kind = ir.VectorType(ELEMENT_TYPES[buffer.dtype], lanes)
         return self.builder.bitcast(self.address(buffer, index), kind.as_pointer())
 
+    def vector_load(self, expr: VecLoad) -> ir.Value:
+        """A strided load reads the span from the first lane's element to the last one's
+        (never past it) and keeps every stride-th: a few wide loads and a shuffle, where
+        lanes separate loads would each cost an instruction."""
+        span = (expr.lanes - 1) * expr.stride + 1
+        pointer = self.vector_pointer(expr.buffer, expr.index, span)
+        loaded = self.builder.load(pointer, align=self._element_bytes(expr.buffer))
+        if expr.stride == 1:
+            return loaded
+        picks = ir.Constant(ir.VectorType(ir.IntType(32), expr.lanes),
+                            [i * expr.stride for i in range(expr.lanes)])
+        return self.builder.shuffle_vector(loaded, ir.Constant(loaded.type, ir.Undefined),
+                                           picks)
+
     def _element_bytes(self, name: str) -> int:
         """Vector accesses promise only element alignment: numpy aligns no further."""
         return 8 if self.function.buffer(name).dtype in (DType.F64, DType.I64) else 4
@@ -386,10 +403,14 @@ class _Emitter:
             value = self.builder.load(self.address(buffer, expr.index))
             return self.builder.sext(value, I64) if buffer.dtype is DType.I32 else value
         if isinstance(expr, VecLoad):
-            pointer = self.vector_pointer(expr.buffer, expr.index, expr.lanes)
-            return self.builder.load(pointer, align=self._element_bytes(expr.buffer))
+            return self.vector_load(expr)
         if isinstance(expr, Broadcast):
             return self.splat(self.expr(expr.value), expr.lanes)
+        if isinstance(expr, Ramp):
+            steps = ir.Constant(ir.VectorType(I64, expr.lanes),
+                                [i * expr.step for i in range(expr.lanes)])
+            return self.builder.add(self.splat(self.expr(expr.base), expr.lanes), steps,
+                                    flags=["nsw"])
         if isinstance(expr, Lane):
             return self.builder.extract_element(self.expr(expr.vector),
                                                 ir.Constant(ir.IntType(32), expr.lane))
@@ -427,7 +448,9 @@ class _Emitter:
                 return b.sdiv(left, right) if op == "//" else b.srem(left, right)
             return {"+": b.add, "-": b.sub, "*": b.mul}[op](left, right, flags=["nsw"])
         if op == "max":  # NaN-propagating, branch-free on x86
-            suffix = "f32" if left.type == ir.FloatType() else "f64"
+            suffix = "f32" if element == ir.FloatType() else "f64"
+            if isinstance(left.type, ir.VectorType):
+                suffix = f"v{left.type.count}{suffix}"
             name = f"llvm.maximum.{suffix}"
             intrinsic = self.module.globals.get(name) or ir.Function(
                 self.module, ir.FunctionType(left.type, [left.type, left.type]), name)
@@ -462,8 +485,14 @@ class _Emitter:
             return value
         if isinstance(wanted, ir.VectorType) and value.type == wanted.element:
             return self.splat(value, wanted.count)
-        if isinstance(wanted, ir.IntType) and isinstance(value.type, ir.IntType):
-            if wanted.width < value.type.width:
+        if _integer_width(wanted) and _integer_width(value.type):
+            if _integer_width(wanted) < _integer_width(value.type):
                 return self.builder.trunc(value, wanted)
             return self.builder.sext(value, wanted)
         raise AssertionError(f"cannot store {value.type} as {wanted}")
+
+
+def _integer_width(kind: ir.Type) -> int:
+    """Bits of an integer or of each lane of an integer vector; 0 for anything else."""
+    element = kind.element if isinstance(kind, ir.VectorType) else kind
+    return element.width if isinstance(element, ir.IntType) else 0
