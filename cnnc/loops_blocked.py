@@ -272,17 +272,29 @@ class _Grid:
 
 def _correlation(f: _Function, tag: str, src: str, src_channels: int, out: Buffer,
                  rows: _Grid, cols: _Grid, packed_weights: str, bias: str | None,
-                 activation: Op | None, block: Block) -> Stmt:
+                 activation: Op | None, block: Block,
+                 live_rows: tuple[int, int] | None = None) -> Stmt:
+    """`live_rows`: the source rows [start, stop) that are not zero padding. Where skipping
+    the taps that read only padding saves enough, each output row runs only the row taps
+    that reach live rows (a loop of varying length, which LLVM no longer unrolls)."""
     out_channels = out.shape[1]
     width = block.width
     tile = _tile(f, block)
+    row_taps, tap_row = const(rows.taps), Var("th")
+    if live_rows is not None and _dead_tap_share(rows, live_rows) >= 0.15:
+        base = _affine(add(Var("q"), const(rows.start)), rows.source_stride,
+                       const(rows.source_offset))
+        first = _larger(const(0), Binary("-", const(live_rows[0]), base))
+        row_taps = Binary("-", _smaller(const(rows.taps), Binary("-", const(live_rows[1]), base)),
+                          first)
+        tap_row = add(Var("th"), first)
 
     def code_at(first_col: Expr) -> _BlockCode:
         def source_index(r: int) -> tuple[Expr, ...]:
             col = add(first_col, const(cols.start + r))
             return (Var("n"), Var("c"),
                     _affine(add(Var("q"), const(rows.start)), rows.source_stride,
-                            add(Var("th"), const(rows.source_offset))),
+                            add(tap_row, const(rows.source_offset))),
                     _affine(col, cols.source_stride, add(Var("tw"), const(cols.source_offset))))
 
         def init(r: int, v: int) -> Expr:
@@ -298,10 +310,9 @@ def _correlation(f: _Function, tag: str, src: str, src_channels: int, out: Buffe
             return (Var("n"), channel, row, col)
 
         return _BlockCode(
-            reduction=(("c", const(src_channels)), ("th", const(rows.taps)),
-                       ("tw", const(cols.taps))),
+            reduction=(("c", const(src_channels)), ("th", row_taps), ("tw", const(cols.taps))),
             broadcast=lambda r: Load(src, source_index(r)),
-            vector=lambda v: VecLoad(packed_weights, (Var("fb"), Var("c"), Var("th"), Var("tw"),
+            vector=lambda v: VecLoad(packed_weights, (Var("fb"), Var("c"), tap_row, Var("tw"),
                                                       const(v * block.lanes)), block.lanes),
             finish=_tile_store(tile, block),
             epilogue=_tile_scatter(tile, out.name, out_index, mul(Var("fb"), const(width)),
@@ -311,6 +322,15 @@ def _correlation(f: _Function, tag: str, src: str, src_channels: int, out: Buffe
     tiles = _row_tiles(f, f"{tag}w", cols.count, block, code_at)
     blocks = math.ceil(out_channels / width)
     return loop_nest(["n", "fb", "q"], [Var(BATCH), blocks, rows.count], tiles)
+
+
+def _dead_tap_share(rows: _Grid, live_rows: tuple[int, int]) -> float:
+    """The share of row taps, over all output rows, that read only padding rows."""
+    live = 0
+    for q in range(rows.start, rows.start + rows.count):
+        base = q * rows.source_stride + rows.source_offset
+        live += max(0, min(rows.taps, live_rows[1] - base) - max(0, live_rows[0] - base))
+    return 1 - live / max(1, rows.taps * rows.count)
 
 
 def _affine(q: Expr, scale: int, shift: Expr) -> Expr:
@@ -518,7 +538,7 @@ def _conv_grad_input(kernel: Kernel, program: KernelProgram, machine: Machine) -
             rows = _Grid(first_h, count_h, sh, a - ph, taps_h, 1, top - (taps_h - 1))
             cols = _Grid(first_w, count_w, sw, b - pw, taps_w, 1, left - (taps_w - 1))
             f.body.append(_correlation(f, f"p{a}_{b}", src, filters, dx, rows, cols, packed,
-                                       None, None, block))
+                                       None, None, block, (top, top + dy.shape[2])))
     schedule = Schedule(kernel.name, f"correlation of δ, {len(covered)} stride phase(s)",
                         block, "input column", widest, "input channel", channels,
                         ("output channel", "kh", "kw"),
@@ -596,6 +616,10 @@ def _conv_grad_weight(kernel: Kernel, program: KernelProgram, machine: Machine) 
                         tile_rows=tile, efficiency=score,
                         reason=_block_reason(block, taps, filters))
     return Lowered(f.finished(), tuple(f.scratch), schedule)
+
+
+def _larger(a: Expr, b: Expr) -> Expr:
+    return Select(Binary("<", a, b), b, a)
 
 
 def _smaller(a: Expr, b: Expr) -> Expr:
