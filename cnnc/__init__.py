@@ -31,15 +31,24 @@ def compile(program: str | Path, target: str = "cpu", dtype: str | None = None,
             opt_level: int = 3, threads: int | None = None, schedule: bool = True) -> Module:
     """Compile a program (its text, or a path to a .cnn file) to a runnable Module.
 
+    `target="cuda"` makes a module whose kernels run on an NVIDIA GPU through Numba (or in
+    Numba's CUDA simulator, NUMBA_ENABLE_CUDASIM=1); `opt_level` and `schedule` are the
+    CPU's.
+
     `schedule=False` keeps every kernel a plain loop nest: slow, but the simplest code, for
     comparing with the scheduled kernels."""
-    from .pipeline import compile_module, front_end, to_source
+    from .pipeline import compile_cuda_module, compile_module, front_end, to_source
 
-    if target != "cpu":
-        raise CnncInputError.single(f"target {target!r} is not available; this cnnc has cpu")
+    if target not in ("cpu", "cuda"):
+        raise CnncInputError.single(f"target {target!r} is not available; the targets are "
+                                    "cpu and cuda")
     if type(opt_level) is not int or opt_level not in (0, 1, 2, 3):
         raise CnncInputError.single(f"opt_level must be 0, 1, 2 or 3, got {opt_level!r}")
     graph = front_end(to_source(program), dtype)
+    if target == "cuda":
+        from .runtime_cuda import CudaModule
+
+        return CudaModule(compile_cuda_module(graph))
     return Module(compile_module(graph, opt_level, bool(schedule)), threads=threads)
 
 

@@ -14,16 +14,17 @@ from pathlib import Path
 
 from . import __version__
 from .backends.llvm import assembly, compile_functions
-from .diagnostics import CnncError
+from .diagnostics import CnncError, CnncInputError
 from .fuse import format_kernels
 from .ir import Graph, format_graph, format_shape
 from .loader import validated_manifest
 from .loops import format_functions
-from .module import format_manifest
+from .module import format_manifest, target_kind
 from .module import read as read_module
 from .module import write as write_module
 from .parse import parse
 from .pipeline import (
+    compile_cuda_module,
     compile_module,
     entry_points,
     lower_program,
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="print this stage instead of writing a module")
     compile_.add_argument("-o", "--output", metavar="FILE", help="write the result here")
     compile_.add_argument("--dtype", choices=["f32", "f64"], help="override the input dtype")
-    compile_.add_argument("--target", choices=["cpu"], default="cpu")
+    compile_.add_argument("--target", choices=["cpu", "cuda"], default="cpu",
+                          help="cpu (native code, default) or cuda (Numba CUDA kernels)")
     compile_.add_argument("-O", dest="opt_level", choices=["0", "1", "2", "3"], default="3",
                           help="optimisation level (-O0 .. -O3)")
     compile_.add_argument("--explain-schedule", action="store_true",
@@ -85,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(default NETWORK.ckpt.npz)")
     train.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--target", choices=["cpu", "cuda"], default="cpu",
+                       help="where a .cnn program is compiled to run (a .cnnm file has its own)")
 
     download = commands.add_parser("download", help="fetch MNIST into a folder, verified")
     download.add_argument("folder", metavar="DIR")
@@ -104,10 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     shown.add_argument("--json", action="store_true", help="the whole manifest as JSON")
     shown.add_argument("--llvm", action="store_true", help="the stored LLVM IR")
     shown.add_argument("--loops", action="store_true", help="the stored loop IR")
+    shown.add_argument("--cuda", action="store_true", help="the stored CUDA kernel source")
     return parser
 
 
-EMIT_STAGES = ("ast", "ir", "grad", "kernels", "loops", "llvm", "asm")
+EMIT_STAGES = ("ast", "ir", "grad", "kernels", "loops", "llvm", "asm", "cuda")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -159,11 +164,24 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "summary":
         return _write(to_json(graph) if args.json else format_table(graph), None)
     scheduled = not args.no_schedule
+    if args.target == "cuda" and (args.explain_schedule or args.emit in ("llvm", "asm")):
+        shown = "--explain-schedule" if args.explain_schedule else f"--emit {args.emit}"
+        print(f"error: {shown} shows CPU code; for --target cuda, --emit cuda shows the "
+              "kernels", file=sys.stderr)
+        return EXIT_USAGE
     if args.explain_schedule:
         return _write(explain_schedules(graph, scheduled), args.output)
     if args.emit is not None:
         return _write(emit_stage(graph, args.emit, int(args.opt_level), scheduled), args.output)
     output = Path(args.output) if args.output else Path(Path(args.program).stem + ".cnnm")
+    if args.target == "cuda":
+        module_file = compile_cuda_module(graph)
+        write_module(module_file, output)
+        launches = len(module_file.manifest["entry_points"]["forward"])
+        print(f"wrote {output}: network {graph.name}, target cuda, {launches} kernel launches "
+              f"forward, {sum(p.size for p in graph.params):,} parameters, "
+              f"{graph.dtype.value}")
+        return EXIT_OK
     module_file = compile_module(graph, int(args.opt_level), scheduled)
     write_module(module_file, output)
     kernels = len(module_file.manifest["kernels"])
@@ -195,6 +213,8 @@ def emit_stage(graph: Graph, stage: str, opt_level: int, scheduled: bool = True)
     program = module_kernels(graph)
     if stage == "kernels":
         return format_kernels(program)
+    if stage == "cuda":
+        return compile_cuda_module(graph).sections["cuda"].decode("utf-8")
     functions, scratch, _ = lower_program(program, scheduled)
     if stage == "loops":
         return format_functions(tuple(functions))
@@ -205,11 +225,17 @@ def emit_stage(graph: Graph, stage: str, opt_level: int, scheduled: bool = True)
 
 def inspect_text(args: argparse.Namespace) -> str:
     module_file = read_module(args.module)
-    validated_manifest(module_file, args.module)
+    kind = target_kind(module_file.manifest)
+    validated_manifest(module_file, args.module, kind)
     if args.json:
         return json.dumps(module_file.manifest, indent=2, sort_keys=True) + "\n"
-    if args.llvm or args.loops:
-        return module_file.sections["llvm_ir" if args.llvm else "loops"].decode("utf-8")
+    section = "llvm_ir" if args.llvm else "cuda" if args.cuda else "loops" if args.loops \
+        else None
+    if section is not None and section not in module_file.sections:
+        raise CnncInputError.single(f"{args.module} is a {kind} module and holds no "
+                                    f"{'LLVM IR' if args.llvm else 'CUDA source'}")
+    if section is not None:
+        return module_file.sections[section].decode("utf-8")
     return format_manifest(module_file)
 
 

@@ -15,19 +15,23 @@ from .runtime import load as load_module
 EXIT_OK, EXIT_FAILED = 0, 1
 
 
-def open_network(path: str, dtype: str | None = None) -> Module:
-    """A compiled module file as it is, or a .cnn program compiled now."""
+def open_network(path: str, dtype: str | None = None, target: str = "cpu") -> Module:
+    """A compiled module file as it is, or a .cnn program compiled now for `target`."""
     from . import compile as compile_program
 
     if path.endswith(".cnnm"):
-        return load_module(path)
-    return compile_program(Path(path), dtype=dtype)
+        module = load_module(path)
+        if module.target != target and target != "cpu":
+            raise CnncError.single(f"{path} is a {module.target} module; compile the .cnn "
+                                   f"program with --target {target} to run it there")
+        return module
+    return compile_program(Path(path), target=target, dtype=dtype)
 
 
 def run_train(args: argparse.Namespace) -> int:
     from .train import TrainOptions, train
 
-    module = open_network(args.network)
+    module = open_network(args.network, target=getattr(args, "target", "cpu"))
     if "loss" not in module.manifest:
         raise CnncError.single(f"network {module.name} has no loss line; training needs one")
     settings = module.optimizer
@@ -48,8 +52,8 @@ def run_train(args: argparse.Namespace) -> int:
     rate = options.lr if options.lr is not None else settings["lr"]
     extras = " ".join(f"{k}={settings[k]}" for k in ("momentum", "beta1", "beta2")
                       if k in settings)
-    print(f"training {module.name}: {settings['kind']} lr={rate} {extras}, batch "
-          f"{options.batch}, {options.epochs} epochs, {len(train_data):,} samples "
+    print(f"training {module.name} on {module.target}: {settings['kind']} lr={rate} {extras}, "
+          f"batch {options.batch}, {options.epochs} epochs, {len(train_data):,} samples "
           f"({len(held_out):,} held out)")
     train(module, train_data, held_out, options)
     out = Path(args.out or f"{module.name}.weights.npz")

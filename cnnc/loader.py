@@ -20,8 +20,10 @@ def _refuse(source: str, reason: str) -> artifact.CnncModuleError:
     return artifact.CnncModuleError.single(f"cannot load {source}: {reason}")
 
 
-def validated_manifest(file: artifact.ModuleFile, source: str) -> dict[str, Any]:
-    """The manifest with derived fields, after checking version, target, CPU and code hash."""
+def validated_manifest(file: artifact.ModuleFile, source: str,
+                       kind: str = "cpu") -> dict[str, Any]:
+    """The manifest with derived fields, after checking version, target (`kind`: the
+    runtime's, cpu or cuda), CPU and code hash."""
     if not isinstance(file.manifest, dict):
         raise _refuse(source, "the manifest is malformed (not a JSON object)")
     manifest = dict(file.manifest)
@@ -47,17 +49,20 @@ def validated_manifest(file: artifact.ModuleFile, source: str) -> dict[str, Any]
     if _version(made_by) > _version(__version__):
         raise _refuse(source, f"it was made by cnnc {made_by}, newer than this cnnc "
                               f"{__version__}")
-    _check_target(source, target, required)
-    if artifact.code_hash(file.sections["object"], file.manifest) != expected_hash:
+    if target.get("kind") != kind:
+        raise _refuse(source, f"it was compiled for the target {target.get('kind')!r}, and "
+                              f"this runtime runs {kind} modules; cnnc.load picks the runtime "
+                              "from the file")
+    if kind == "cpu":
+        _check_target(source, target, required)
+    code = file.sections[artifact.code_section(file.manifest)]
+    if artifact.code_hash(code, file.manifest) != expected_hash:
         raise _refuse(source, "the code hash does not match the code and its buffer table")
     return manifest
 
 
 def _check_target(source: str, target: dict[str, Any], required: set[str]) -> None:
     host = host_target()
-    if target.get("kind") != "cpu":
-        raise _refuse(source, f"it was compiled for the target {target.get('kind')!r}, "
-                              "and this runtime runs cpu modules")
     if not isinstance(target["triple"], str) or \
             target["triple"].split("-")[0] != host.triple.split("-")[0]:
         raise _refuse(source, f"it was compiled for {target['triple']}, this machine is "

@@ -37,7 +37,7 @@ class CnncModuleError(CnncError):
 @dataclass(frozen=True)
 class ModuleFile:
     manifest: dict[str, Any]
-    sections: dict[str, bytes]  # object, llvm_ir, loops, params
+    sections: dict[str, bytes]  # object, llvm_ir, loops, params; cuda: cuda, loops, params
 
 
 def numpy_dtype(dtype: DType) -> np.dtype:
@@ -92,10 +92,26 @@ def unpack(data: bytes, name: str) -> ModuleFile:
         if hashlib.sha256(blob).hexdigest() != digest:
             raise refuse(f"section {section} was changed or damaged (its hash does not match)")
         sections[section] = blob
-    missing = {"object", "llvm_ir", "loops", "params"} - set(sections)
+    missing = required_sections(manifest) - set(sections)
     if missing:
         raise refuse("the file lacks the sections " + ", ".join(sorted(missing)))
     return ModuleFile(manifest, sections)
+
+
+def target_kind(manifest: dict[str, Any]) -> str:
+    target = manifest.get("target")
+    return str(target.get("kind")) if isinstance(target, dict) else "cpu"
+
+
+def code_section(manifest: dict[str, Any]) -> str:
+    """The section whose bytes are the module's code: native objects, or CUDA source."""
+    return "cuda" if target_kind(manifest) == "cuda" else "object"
+
+
+def required_sections(manifest: dict[str, Any]) -> set[str]:
+    if target_kind(manifest) == "cuda":
+        return {"cuda", "loops", "params"}
+    return {"object", "llvm_ir", "loops", "params"}
 
 
 def read(path: str | Path) -> ModuleFile:
@@ -165,8 +181,7 @@ def format_manifest(module: ModuleFile) -> str:
         f"  dtype    {m['dtype']}",
         f"  input    {m['input']['name']}: N x {_dims(m['input']['shape'])}",
         f"  output   {m['output']['name']}: N x {_dims(m['output']['shape'])}",
-        "  entry    " + ", ".join(f"{role} = {symbol}(N, buffers)"
-                               for role, symbol in m["entry_points"].items()),
+        "  entry    " + ", ".join(_entry(role, code) for role, code in m["entry_points"].items()),
         f"  kernels  {', '.join(m['kernels'])}",
         f"  code     sha256 {m['code_sha256']}",
         "  parameters:",
@@ -175,6 +190,12 @@ def format_manifest(module: ModuleFile) -> str:
     lines.append("  sections:")
     lines += [f"    {name}: {where['length']:,} bytes" for name, where in m["sections"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _entry(role: str, code: Any) -> str:
+    if isinstance(code, list):  # cuda: the kernel launches it runs
+        return f"{role} = {len(code)} launches"
+    return f"{role} = {code}(N, buffers)"
 
 
 def _dims(shape: list) -> str:

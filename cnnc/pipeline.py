@@ -151,7 +151,13 @@ def compile_module(graph: Graph, opt_level: int = 3, scheduled: bool = True) -> 
         entries[ENTRY_NAMES["train_step"]] = entries[ENTRY_NAMES["gradients"]] + \
             entries[ENTRY_NAMES["update"]]
     code = compile_functions(tuple(functions), [t.name for t in storage], opt_level, entries)
-    manifest = _manifest(full, program, storage, code, opt_level, optimizer)
+    target = {"kind": "cpu", "triple": code.target.triple, "cpu": code.target.cpu,
+              "features": [f[1:] for f in code.target.features.split(",") if f.startswith("+")]}
+    from .backends.llvm import ENTRY
+
+    entry_table = dict(ENTRY_NAMES) if graph.loss is not None else {"forward": ENTRY}
+    manifest = _manifest(full, program, storage, (code.object_code, target, entry_table),
+                         opt_level, optimizer)
     sections = {"object": code.object_code, "llvm_ir": code.llvm_ir.encode(),
                 "loops": format_functions(tuple(functions)).encode(),
                 "params": params_to_bytes(initial_parameters(graph))}
@@ -205,10 +211,47 @@ def _update_functions(graph: Graph, program, optimizer: str):
     return functions, extra
 
 
-def _manifest(graph: Graph, program, storage, code, opt_level: int,
-              optimizer: str | None) -> dict:
-    from .backends.llvm import ENTRY
+def compile_cuda_module(graph: Graph) -> ModuleFile:
+    """A module for NVIDIA GPUs: the plain loop nests of every kernel as Numba CUDA source,
+    which the runtime compiles when it loads the module. A max pool fused into its
+    convolution on the CPU is two launches here (the grid covers each one's outputs)."""
+    from .backends.cuda import generate, launches_to_json
+    from .initialise import initial_parameters
+    from .loops import format_functions, lower_kernel
 
+    program = module_kernels(graph)
+    full = program.graph
+    kernels = [(k.name, tuple(lower_kernel(part, program) for part in k.unfused()))
+               for k in program.kernels]
+    storage = list(program.storage)
+    entries = entry_points(program)
+    optimizer = None
+    if graph.loss is not None:
+        optimizer = graph.train.optimizer if graph.train else "sgd"
+        updates, extra = _update_functions(full, program, optimizer)
+        kernels += [(f.name, (f,)) for f in updates]
+        storage += extra
+        entries[ENTRY_NAMES["update"]] = [f.name for f in updates]
+        entries[ENTRY_NAMES["train_step"]] = entries[ENTRY_NAMES["gradients"]] + \
+            entries[ENTRY_NAMES["update"]]
+    code = generate(kernels, full.dtype)
+    launches = launches_to_json(code.launches)
+    # each entry point is its launches, in order: what the runtime runs for it
+    entry_table = {role: [launch for name in entries[symbol] for launch in launches[name]]
+                   for role, symbol in ENTRY_NAMES.items() if symbol in entries}
+    target = {"kind": "cuda", "triple": "nvptx64-nvidia-cuda", "cpu": "numba", "features": []}
+    source = code.source.encode()
+    manifest = _manifest(full, program, storage, (source, target, entry_table), 0, optimizer)
+    functions = tuple(f for _, group in kernels for f in group)
+    sections = {"cuda": source, "loops": format_functions(functions).encode(),
+                "params": params_to_bytes(initial_parameters(graph))}
+    return ModuleFile(manifest, sections)
+
+
+def _manifest(graph: Graph, program, storage, code: tuple[bytes, dict, dict], opt_level: int,
+              optimizer: str | None) -> dict:
+    """`code`: the code's bytes, its target and its entry points by role."""
+    code_bytes, target, entry_table = code
     table = [{"name": t.name, "role": t.role.value, "dtype": t.dtype.value,
               "shape": list(t.shape)} for t in storage]
     io_shape = {name: list(graph.tensor(name).shape[1:]) for name in (graph.input, graph.output)}
@@ -219,21 +262,18 @@ def _manifest(graph: Graph, program, storage, code, opt_level: int,
         "input": {"name": graph.input, "shape": io_shape[graph.input]},
         "output": {"name": program.output, "shape": io_shape[graph.output]},
         "storage": table,
-        "entry_points": {"forward": ENTRY},
+        "entry_points": entry_table,
         "kernels": [k.name for k in program.kernels],
         "activations": [program.storage_of(out) for k in program.kernels if k.phase == "forward"
                         for out in k.outputs],
-        "target": {"kind": "cpu", "triple": code.target.triple, "cpu": code.target.cpu,
-                   "features": [f[1:] for f in code.target.features.split(",")
-                                if f.startswith("+")]},
+        "target": target,
         "opt_level": opt_level,
     }
     if graph.loss is not None:
-        manifest["entry_points"] = dict(ENTRY_NAMES)
         manifest["loss"] = {"kind": graph.producer(graph.loss).op.value,
                             "target": graph.target, "value": graph.loss}
         manifest["gradients"] = {name: program.storage_of(g) for name, g in graph.gradients}
         settings = dict(graph.train.settings) if graph.train else {"lr": 0.01, "momentum": 0.0}
         manifest["optimizer"] = {"kind": optimizer, **settings}
-    manifest["code_sha256"] = code_hash(code.object_code, manifest)
+    manifest["code_sha256"] = code_hash(code_bytes, manifest)
     return manifest

@@ -74,6 +74,11 @@ class Module:
     def manifest(self) -> dict[str, Any]:
         return dict(self._manifest)
 
+    @property
+    def target(self) -> str:
+        """Where the kernels run: cpu, or cuda (a `CudaModule`)."""
+        return "cpu"
+
     # -- running ------------------------------------------------------------------------------
     def forward(self, x: Any) -> np.ndarray:
         """The network's output for a batch `x` of shape (N, *input_shape).
@@ -442,8 +447,14 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def load(path: str | Path, threads: int | None = None) -> Module:
-    """A module from its .cnnm file: no parsing, no LLVM optimisation."""
-    return Module(artifact.read(path), str(path), threads)
+    """A module from its .cnnm file: no parsing, no LLVM optimisation. A cuda module gets
+    the GPU runtime (`CudaModule`)."""
+    file = artifact.read(path)
+    if artifact.target_kind(file.manifest) == "cuda":
+        from .runtime_cuda import CudaModule
+
+        return CudaModule(file, str(path))
+    return Module(file, str(path), threads)
 
 
 # Below this many samples a thread, the hand-off to a thread costs more than it saves.

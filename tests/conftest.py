@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# The CUDA tests run in Numba's simulator unless told otherwise (NUMBA_ENABLE_CUDASIM=0 on
+# a machine with a GPU, as benchmarks/gpu_check.sh does); numba reads this at its import.
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 from cnnc.diagnostics import CnncError, Source
 from cnnc.ir import Graph

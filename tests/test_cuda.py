@@ -1,0 +1,202 @@
+"""The CUDA backend: every kernel kind against the numpy reference, forward and backward.
+
+Without a GPU these run in Numba's CUDA simulator (tests/conftest.py sets
+NUMBA_ENABLE_CUDASIM=1 unless it is set already), on small shapes: the simulator runs each
+GPU thread as a Python thread. `benchmarks/gpu_check.sh` runs them on a real GPU with
+NUMBA_ENABLE_CUDASIM=0, where the tests marked `gpu` also run, on larger shapes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from numerics import assert_close, random_params
+
+import cnnc
+from cnnc import reference
+from cnnc.autodiff import differentiate
+from cnnc.backends.cuda import grid
+from conftest import EXAMPLES
+
+cuda = pytest.importorskip("numba.cuda", reason="numba is not installed")
+SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+if not cuda.is_available():
+    pytest.skip("no CUDA GPU and no simulator (NUMBA_ENABLE_CUDASIM=1)", allow_module_level=True)
+gpu = pytest.mark.skipif(SIMULATED, reason="needs a real NVIDIA GPU (NUMBA_ENABLE_CUDASIM=0)")
+
+
+def _expected(text: str, x, y, params, dtype: str):
+    graph = differentiate(cnnc.check(text, dtype=dtype))
+    values = reference.run(graph, x, params, y)
+    wanted = {"output": values[graph.output], "loss": values[graph.loss],
+              "input gradient": values[dict(graph.gradients)[graph.input]]}
+    wanted.update({name: values[g] for name, g in graph.gradients if name != graph.input})
+    return wanted, values
+
+
+def check_against_reference(text: str, batch: int, dtype: str = "f32") -> cnnc.Module:
+    """Forward, every activation and argmax, the loss, the input gradient and every
+    parameter gradient of the cuda module, against the reference interpreter."""
+    numpy_dtype = np.float32 if dtype == "f32" else np.float64
+    module = cnnc.compile(text, target="cuda", dtype=dtype)
+    params = random_params(module)
+    rng = np.random.default_rng(batch)
+    x = rng.standard_normal((batch, *module.input_shape)).astype(numpy_dtype)
+    if module.manifest["loss"]["kind"] == "cross_entropy":
+        y = rng.integers(0, module.output_shape[0], batch)
+    else:
+        y = rng.standard_normal((batch, *module.output_shape)).astype(numpy_dtype)
+    want, values = _expected(text, x, y, params, dtype)
+    got = {"output": module(x), "loss": np.array(module.loss(x, y)),
+           "input gradient": module.input_gradient(x, y), **module.gradients(x, y)}
+    for name, value in want.items():
+        assert_close(got[name], np.asarray(value).reshape(got[name].shape), numpy_dtype,
+                     f"{name}\n{text}")
+    for name, value in module.activations(x).items():
+        if not name.endswith(".argmax"):
+            assert_close(value, values[name], numpy_dtype, name)
+    return module
+
+
+def net(shape: str, *lines: str, loss: str = "loss mse") -> str:
+    return f"network k\ninput: {shape}\n" + "\n".join(lines) + f"\n{loss}\n"
+
+
+@pytest.mark.parametrize("conv", [
+    "conv c: 3 3x3", "conv c: 2 3x3 stride=2 pad=1 -> relu", "conv c: 2 2x3 stride=2x1 pad=1x0",
+    "conv c: 3 1x1 bias=false -> tanh", "conv c: 2 5x5 pad=2 -> sigmoid",
+])
+def test_convolutions_forward_and_backward(conv):
+    check_against_reference(net("2x6x5", conv, "flatten", "dense d: 3"), batch=2)
+
+
+@pytest.mark.parametrize("pool", ["maxpool p: 2x2", "maxpool p: 3x3 stride=2 pad=1",
+                                  "avgpool p: 2x2", "avgpool p: 3x3 stride=1 pad=1"])
+def test_pooling_overlapping_and_padded_with_its_gradient(pool):
+    check_against_reference(net("2x5x6", "conv c: 2 1x1", pool, "flatten", "dense d: 2"),
+                            batch=2)
+
+
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh", "softmax"])
+def test_dense_activations_and_cross_entropy(activation):
+    loss = "loss cross_entropy" if activation == "softmax" else "loss mse"
+    check_against_reference(net("7", "dense a: 5 -> relu", f"dense b: 4 -> {activation}",
+                                loss=loss), batch=3)
+
+
+def test_lenet_shaped_network_in_float64():
+    check_against_reference(net("1x8x8", "conv c1: 2 3x3 -> relu", "maxpool 2x2",
+                                "conv c2: 3 2x2 -> relu", "maxpool 2x2 stride=1", "flatten",
+                                "dense d: 3 -> softmax", loss="loss cross_entropy"),
+                            batch=2, dtype="f64")
+
+
+TRAINABLE = ("network t\ninput: 1x5x5\nconv c: 2 3x3 -> relu\nmaxpool 2x2 stride=1\nflatten\n"
+             "dense d: 3 -> softmax\nloss cross_entropy\ntrain {optimizer}\n")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd lr=0.1 momentum=0.9", "adam lr=0.01"])
+def test_training_steps_match_the_cpu_module_checked_against_the_reference(optimizer):
+    """Three steps on the GPU and on the CPU from the same start: the CPU's optimizer and
+    gradients are checked against the reference and finite differences elsewhere."""
+    text = TRAINABLE.format(optimizer=optimizer)
+    gpu_module, cpu_module = cnnc.compile(text, target="cuda"), cnnc.compile(text, threads=1)
+    cpu_module.set_params(random_params(gpu_module))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 1, 5, 5)).astype(np.float32)
+    y = rng.integers(0, 3, 3)
+    params = gpu_module.params
+    want, _ = _expected(text, x, y, params, "f32")
+    first = gpu_module.train_step(x, y)
+    assert first == pytest.approx(float(want["loss"]), rel=1e-5)
+    assert first == pytest.approx(cpu_module.train_step(x, y), rel=1e-5)
+    for _ in range(2):
+        assert gpu_module.train_step(x, y) == pytest.approx(cpu_module.train_step(x, y),
+                                                            rel=1e-5)
+    for name, value in cpu_module.params.items():
+        assert_close(gpu_module.params[name], value, np.float32, name)
+    assert not np.allclose(gpu_module.params["d.weight"], params["d.weight"])
+    state = gpu_module.optimizer_state()
+    for name, value in cpu_module.optimizer_state().items():
+        np.testing.assert_allclose(state[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_module_round_trip_in_a_fresh_process(tmp_path):
+    text = TRAINABLE.format(optimizer="sgd lr=0.1")
+    module = cnnc.compile(text, target="cuda")
+    params = random_params(module)
+    module.save(tmp_path / "m.cnnm")
+    x = np.random.default_rng(1).standard_normal((2, 1, 5, 5)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    script = ("import sys, numpy as np, cnnc\n"
+              "m = cnnc.load(sys.argv[1])\n"
+              "assert m.target == 'cuda', m\n"
+              "np.save(sys.argv[3], m(np.load(sys.argv[2])))\n")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "m.cnnm"),
+                    str(tmp_path / "x.npy"), str(tmp_path / "y.npy")], check=True,
+                   env={**os.environ})
+    expected = reference.run(cnnc.check(text), x, params)
+    got = np.load(tmp_path / "y.npy")
+    assert_close(got, expected[cnnc.check(text).output], np.float32, "output after load")
+    assert_close(module(x), got, np.float32, "same module before and after")
+
+
+def test_forward_reads_a_device_array_in_place_and_checks_it():
+    module = cnnc.compile(TRAINABLE.format(optimizer="sgd"), target="cuda")
+    x = np.random.default_rng(2).standard_normal((2, 1, 5, 5)).astype(np.float32)
+    on_device = cuda.to_device(x)
+    np.testing.assert_array_equal(module(on_device), module(x))
+    with pytest.raises(cnnc.CnncRuntimeError, match="dtype float32"):
+        module(cuda.to_device(x.astype(np.float64)))
+    with pytest.raises(cnnc.CnncRuntimeError, match=r"shape \(N, 1, 5, 5\)"):
+        module(cuda.to_device(x[:, 0]))
+    with pytest.raises(cnnc.CnncRuntimeError, match="label 7"):
+        module.train_step(x, np.array([0, 7]))
+
+
+def test_emit_cuda_and_compile_target_cuda_from_the_command_line(tmp_path, capsys):
+    from cnnc.cli import main
+
+    program = tmp_path / "t.cnn"
+    program.write_text(TRAINABLE.format(optimizer="sgd"))
+    assert main(["compile", str(program), "--emit", "cuda"]) == 0
+    source = capsys.readouterr().out
+    assert "@cuda.jit\ndef c_conv_relu_maxpool_fwd_0(N, b0, b1, b2, b3):" in source
+    compile(source, "emitted", "exec")  # valid Python
+    assert main(["compile", str(program), "--target", "cuda", "-o",
+                 str(tmp_path / "t.cnnm")]) == 0
+    assert "target cuda" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "t.cnnm"), "--cuda"]) == 0
+    assert capsys.readouterr().out == source
+    assert main(["inspect", str(tmp_path / "t.cnnm"), "--llvm"]) == 1
+    assert "cuda module and holds no LLVM IR" in capsys.readouterr().err
+    assert main(["compile", str(program), "--target", "cuda", "--emit", "llvm"]) == 2
+
+
+def test_thread_grid_covers_every_output_once():
+    assert grid((), 5) == (1, 32)
+    assert grid(("N", 6, 28, 28), 64) == (-(-64 * 6 * 28 * 28 // 128), 128)
+    assert grid((10,), 1) == (1, 32)
+
+
+def test_reductions_and_scatters_get_race_free_thread_grids():
+    """Threads never share an element they write: filter and bias gradients get a thread
+    per result, max pooling's backward a thread per (sample, channel) plane."""
+    module = cnnc.compile(TRAINABLE.format(optimizer="sgd"), target="cuda")
+    launches = {launch["kernel"]: launch["threads"]
+                for launch in module.manifest["entry_points"]["input_gradient"]}
+    assert launches["c_conv2d_grad_weight_bwd_0"] == [2, 1, 3, 3]
+    assert launches["c_bias_grad_bwd_0"] == [2]
+    assert launches["maxpool1_maxpool2d_grad_bwd_0"] == ["N", 2, 9]  # zero fill
+    assert launches["maxpool1_maxpool2d_grad_bwd_1"] == ["N", 2]  # scatter
+    assert launches["loss_cross_entropy_0"] == []  # one thread sums the batch
+
+
+@gpu
+@pytest.mark.parametrize("batch", [1, 37, 256])
+def test_lenet_on_a_real_gpu_matches_the_reference(batch):
+    check_against_reference((EXAMPLES / "lenet.cnn").read_text(), batch)
