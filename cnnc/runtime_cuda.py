@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import module as artifact
-from .backends.cuda import Launch, grid
+from .backends.cuda import BLOCK_THREADS, grid, launch_from_json
 from .loader import validated_manifest, validated_params
 from .runtime import CnncRuntimeError, Module, _positive_rate
 
@@ -37,6 +37,14 @@ def _cuda():
     return cuda
 
 
+SIMULATOR_SUM_THREADS = 4
+
+
+def _simulated(cuda: Any) -> bool:
+    """Whether numba.cuda is Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1)."""
+    return hasattr(cuda.devicearray, "FakeCUDAArray")
+
+
 class CudaModule(Module):
     """A compiled network on the GPU. Make one with `cnnc.compile(..., target="cuda")` or
     `cnnc.load(path)` of a cuda module file."""
@@ -49,8 +57,7 @@ class CudaModule(Module):
         self._dtype = np.dtype(self._manifest["dtype_numpy"])
         params = validated_params(file, self._manifest, source)
         self._kernels = _compiled_kernels(file.sections["cuda"], source)
-        self._launches = {role: tuple(Launch(item["kernel"], tuple(item["buffers"]),
-                                             tuple(item["threads"])) for item in launches)
+        self._launches = {role: tuple(launch_from_json(item) for item in launches)
                           for role, launches in self._manifest["entry_points"].items()}
         # the host copies only answer shapes and validate; the device arrays are the values
         self._params = {name: np.ascontiguousarray(value) for name, value in params.items()}
@@ -60,6 +67,9 @@ class CudaModule(Module):
                         for name, value in {**self._params, **self._state}.items()}
         self._step = 0
         self._threads = 1
+        # threads a block of a sum: the simulator runs each as a Python thread, where fewer
+        # (still a tree of several levels) keep the tests fast
+        self._sum_threads = SIMULATOR_SUM_THREADS if _simulated(self._cuda) else BLOCK_THREADS
         self._pool = None
         self._workspace_batch: int | None = None
         self._workspace_buffers: dict[str, Any] = {}
@@ -130,7 +140,7 @@ class CudaModule(Module):
             buffers["optimizer.hyper"] = self._cuda.to_device(hyper)
         buffers.update(self._device)
         for launch in self._launches[role]:
-            blocks, per_block = grid(launch.threads, batch)
+            blocks, per_block = grid(launch, batch, self._sum_threads)
             arguments = [buffers[name] for name in launch.buffers]
             self._kernels[launch.kernel][blocks, per_block](batch, *arguments)
         self._cuda.synchronize()
@@ -138,8 +148,7 @@ class CudaModule(Module):
 
     def _device_input(self, x: Any) -> Any:
         """A device array is used in place, after the checks a numpy array gets."""
-        simulated = getattr(self._cuda.devicearray, "FakeCUDAArray", None)
-        if simulated is not None and isinstance(x, simulated):
+        if _simulated(self._cuda) and isinstance(x, self._cuda.devicearray.FakeCUDAArray):
             array = x  # the simulator's device arrays have no __cuda_array_interface__
         elif hasattr(x, "__cuda_array_interface__"):
             array = self._cuda.as_cuda_array(x)

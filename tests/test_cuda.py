@@ -19,7 +19,7 @@ from numerics import assert_close, random_params
 import cnnc
 from cnnc import reference
 from cnnc.autodiff import differentiate
-from cnnc.backends.cuda import grid
+from cnnc.backends.cuda import BLOCK_THREADS, Launch, grid
 from conftest import EXAMPLES
 
 cuda = pytest.importorskip("numba.cuda", reason="numba is not installed")
@@ -71,13 +71,13 @@ def net(shape: str, *lines: str, loss: str = "loss mse") -> str:
     "conv c: 3 1x1 bias=false -> tanh", "conv c: 2 5x5 pad=2 -> sigmoid",
 ])
 def test_convolutions_forward_and_backward(conv):
-    check_against_reference(net("2x6x5", conv, "flatten", "dense d: 3"), batch=2)
+    check_against_reference(net("2x5x4", conv, "flatten", "dense d: 2"), batch=2)
 
 
 @pytest.mark.parametrize("pool", ["maxpool p: 2x2", "maxpool p: 3x3 stride=2 pad=1",
                                   "avgpool p: 2x2", "avgpool p: 3x3 stride=1 pad=1"])
 def test_pooling_overlapping_and_padded_with_its_gradient(pool):
-    check_against_reference(net("2x5x6", "conv c: 2 1x1", pool, "flatten", "dense d: 2"),
+    check_against_reference(net("2x5x4", "conv c: 2 1x1", pool, "flatten", "dense d: 1"),
                             batch=2)
 
 
@@ -178,22 +178,33 @@ def test_emit_cuda_and_compile_target_cuda_from_the_command_line(tmp_path, capsy
 
 
 def test_thread_grid_covers_every_output_once():
-    assert grid((), 5) == (1, 32)
-    assert grid(("N", 6, 28, 28), 64) == (-(-64 * 6 * 28 * 28 // 128), 128)
-    assert grid((10,), 1) == (1, 32)
+    assert grid(Launch("k", (), ()), 5) == (1, 32)
+    assert grid(Launch("k", (), ("N", 6, 28, 28)), 64) == (-(-64 * 6 * 28 * 28 // 128), 128)
+    assert grid(Launch("k", (), (10,)), 1) == (1, 32)
+    assert grid(Launch("k", (), (6, 1, 5, 5), block_reduce=True), 64) == (150, BLOCK_THREADS)
+    assert grid(Launch("k", (), (), block_reduce=True), 64, 8) == (1, 8)
 
 
 def test_reductions_and_scatters_get_race_free_thread_grids():
-    """Threads never share an element they write: filter and bias gradients get a thread
-    per result, max pooling's backward a thread per (sample, channel) plane."""
+    """Threads never share an element they write: sums over the batch get a block per
+    result, max pooling's backward a thread per (sample, channel) plane."""
     module = cnnc.compile(TRAINABLE.format(optimizer="sgd"), target="cuda")
-    launches = {launch["kernel"]: launch["threads"]
+    launches = {launch["kernel"]: (launch["threads"], launch["block_reduce"])
                 for launch in module.manifest["entry_points"]["input_gradient"]}
-    assert launches["c_conv2d_grad_weight_bwd_0"] == [2, 1, 3, 3]
-    assert launches["c_bias_grad_bwd_0"] == [2]
-    assert launches["maxpool1_maxpool2d_grad_bwd_0"] == ["N", 2, 9]  # zero fill
-    assert launches["maxpool1_maxpool2d_grad_bwd_1"] == ["N", 2]  # scatter
-    assert launches["loss_cross_entropy_0"] == []  # one thread sums the batch
+    assert launches["c_conv2d_grad_weight_bwd_0"] == ([2, 1, 3, 3], True)
+    assert launches["c_bias_grad_bwd_0"] == ([2], True)
+    assert launches["d_dense_grad_weight_bwd_0"] == ([3, 8], True)
+    assert launches["maxpool1_maxpool2d_grad_bwd_0"] == (["N", 2, 9], False)  # zero fill
+    assert launches["maxpool1_maxpool2d_grad_bwd_1"] == (["N", 2], False)  # scatter
+    assert launches["loss_cross_entropy_0"] == ([], True)  # one block sums the batch
+    assert launches["c_conv_relu_maxpool_fwd_0"] == (["N", 2, 3, 3], False)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 19])
+def test_block_sums_with_more_terms_than_threads_and_fewer(batch):
+    """19 samples: the threads of a block take two or three terms of the bias gradient sum
+    (4 threads a block in the simulator, 128 on a GPU)."""
+    check_against_reference(net("1x1x1", "dense d: 2 -> tanh"), batch=batch)
 
 
 @gpu

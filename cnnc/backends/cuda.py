@@ -9,12 +9,16 @@ The same plain loop nests the CPU backend starts from become GPU kernels:
   on consecutive threads (coalesced stores). The loops inside stay loops of each thread.
   The test is on the loop IR itself: loop `v` is parallel when every load and store of each
   written buffer indexes some axis with `v` alone, the same axis each time.
-- Reductions (filter, bias and dense weight gradients, the loss) therefore have one thread
-  per result, which sums serially: no two threads write one element, so no atomics and no
-  races. Max pooling's backward scatters into the windows of one (sample, channel) plane per
+- A sum over the batch into a result whose count does not grow with the batch (filter,
+  bias and dense weight gradients, the loss) would leave few threads each with a long
+  serial sum. It gets one thread block per result instead: the block's threads take every
+  block-width-th term of the sum (BLOCK_THREADS on a GPU; the runtime chooses), then add
+  their partial sums in a tree in shared memory, and thread 0 writes the result. No two
+  blocks write one element: no atomics, no races, and the same order of additions on every
+  run.
+- Max pooling's backward scatters into the windows of one (sample, channel) plane per
   thread, because overlapping windows would race.
-- A function whose body is not only loop nests (the loss: a sum, then a division) is one
-  thread.
+- Any other function whose body is not only loop nests is one thread.
 
 The kernels are compiled by Numba when the module is loaded (`runtime_cuda`), on a GPU, or
 in Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) where there is none.
@@ -75,6 +79,7 @@ class Launch:
     kernel: str
     buffers: tuple[str, ...]
     threads: tuple[int | str, ...]
+    block_reduce: bool = False  # a block per thread of `threads`, summing in shared memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +99,10 @@ def generate(kernels: list[tuple[str, tuple[LoopFunction, ...]]], dtype: DType) 
         for function in functions:
             for nest in _launch_groups(function):
                 kernel = f"{_identifier(name)}_{len(made)}"
-                text, threads = _kernel_source(kernel, function, nest)
+                text, threads, reduce = _kernel_source(kernel, function, nest)
                 parts.append(text)
-                made.append(Launch(kernel, tuple(b.name for b in function.buffers), threads))
+                made.append(Launch(kernel, tuple(b.name for b in function.buffers), threads,
+                                   reduce))
         launches[name] = tuple(made)
     return CudaCode("\n\n".join(parts) + "\n", launches)
 
@@ -108,17 +114,21 @@ def _launch_groups(function: LoopFunction) -> list[tuple[Stmt, ...]]:
     return [function.body]
 
 
-def _kernel_source(name: str, function: LoopFunction,
-                   group: tuple[Stmt, ...]) -> tuple[str, tuple[int | str, ...]]:
+def _kernel_source(name: str, function: LoopFunction, group: tuple[Stmt, ...]
+                   ) -> tuple[str, tuple[int | str, ...], bool]:
+    """The kernel's text, the extents its threads (or blocks) cover, and whether it is a
+    block reduction."""
     parallel: list[For] = []
     if len(group) == 1 and isinstance(group[0], For):
         parallel = _parallel_prefix(group[0])
     body = parallel[-1].body if parallel else group
+    threads = tuple(_extent(loop.extent) for loop in parallel)
     names = {b.name: f"b{i}" for i, b in enumerate(function.buffers)}
     emitter = _Emitter(function, names)
     args = ", ".join(["N", *names.values()])
-    lines = [f"@cuda.jit\ndef {name}({args}):", "    thread_index = cuda.grid(1)"]
-    threads: tuple[int | str, ...] = ()
+    lines = [f"@cuda.jit\ndef {name}({args}):"]
+    sum_ = _batch_sum(body) if "N" not in threads else None
+    lines.append("    thread_index = " + ("cuda.blockIdx.x" if sum_ else "cuda.grid(1)"))
     if parallel:
         extents = [emitter.expr(loop.extent) for loop in parallel]
         lines.append(f"    if thread_index >= {' * '.join(extents)}:")
@@ -126,12 +136,96 @@ def _kernel_source(name: str, function: LoopFunction,
         for loop, extent in zip(reversed(parallel), reversed(extents), strict=True):
             lines.append(f"    {loop.var} = thread_index % {extent}")
             lines.append(f"    thread_index = thread_index // {extent}")
-        threads = tuple(_extent(loop.extent) for loop in parallel)
-    else:
+    elif not sum_:
         lines += ["    if thread_index != 0:", "        return"]
-    for stmt in body:
-        emitter.statement(stmt, 1, lines)
-    return "\n".join(lines), threads
+    if sum_:
+        _block_sum(emitter, sum_, lines)
+    else:
+        for stmt in body:
+            emitter.statement(stmt, 1, lines)
+    return "\n".join(lines), threads, sum_ is not None
+
+
+@dataclass(frozen=True, slots=True)
+class _Sum:
+    """acc = init; for the loops: acc += ...; then `after` (which reads acc)."""
+
+    acc: str
+    init: Expr
+    loops: tuple[For, ...]  # perfectly nested, outermost first
+    terms: tuple[Stmt, ...]  # the innermost loop's body: acc += term, maybe under an If
+    after: tuple[Stmt, ...]
+
+
+def _batch_sum(body: tuple[Stmt, ...]) -> _Sum | None:
+    """`body` as a sum over loops that include the batch, or None."""
+    if len(body) < 3 or not isinstance(body[0], Assign) or not isinstance(body[1], For):
+        return None
+    acc, loops = body[0].var, [body[1]]
+    while len(loops[-1].body) == 1 and isinstance(loops[-1].body[0], For):
+        loops.append(loops[-1].body[0])
+    if not all(_extent_is_fixed(loop.extent) for loop in loops) or \
+            Var(BATCH) not in [loop.extent for loop in loops]:
+        return None
+    if not all(_adds_to(stmt, acc) for stmt in loops[-1].body):
+        return None
+    if not all(isinstance(stmt, Store) for stmt in body[2:]):
+        return None
+    return _Sum(acc, body[0].value, tuple(loops), loops[-1].body, body[2:])
+
+
+def _adds_to(stmt: Stmt, acc: str) -> bool:
+    """Whether `stmt` only ever does acc = acc + (something without acc)."""
+    if isinstance(stmt, If):
+        return all(_adds_to(inner, acc) for inner in stmt.body)
+    return (isinstance(stmt, Assign) and stmt.var == acc and isinstance(stmt.value, Binary)
+            and stmt.value.op == "+" and stmt.value.left == Var(acc)
+            and Var(acc) not in _vars(stmt.value.right))
+
+
+def _vars(expr: Expr) -> list[Var]:
+    if isinstance(expr, Var):
+        return [expr]
+    children: list[Expr] = []
+    if isinstance(expr, Load):
+        children = list(expr.index)
+    elif isinstance(expr, Binary):
+        children = [expr.left, expr.right]
+    elif isinstance(expr, Unary):
+        children = [expr.operand]
+    elif isinstance(expr, Select):
+        children = [expr.cond, expr.then, expr.otherwise]
+    return [v for child in children for v in _vars(child)]
+
+
+def _block_sum(emitter: _Emitter, sum_: _Sum, lines: list[str]) -> None:
+    """Each thread of the block sums every BLOCK_THREADS-th term, then a tree in shared
+    memory adds the partial sums; thread 0 adds the initial value and stores."""
+    extents = [emitter.expr(loop.extent) for loop in sum_.loops]
+    lines += [f"    partial = cuda.shared.array({BLOCK_THREADS}, F)",
+              "    lane = cuda.threadIdx.x",
+              "    width = cuda.blockDim.x  # a power of two, at most BLOCK_THREADS",
+              f"    {sum_.acc} = F(0.0)",
+              "    term = lane",
+              f"    while term < {' * '.join(extents)}:",
+              "        rest = term"]
+    for loop, extent in zip(reversed(sum_.loops), reversed(extents), strict=True):
+        lines += [f"        {loop.var} = rest % {extent}", f"        rest = rest // {extent}"]
+    for stmt in sum_.terms:
+        emitter.statement(stmt, 2, lines)
+    lines += ["        term += width",
+              f"    partial[lane] = {sum_.acc}",
+              "    cuda.syncthreads()",
+              "    half = width // 2",
+              "    while half > 0:",
+              "        if lane < half:",
+              "            partial[lane] += partial[lane + half]",
+              "        cuda.syncthreads()",
+              "        half //= 2",
+              "    if lane == 0:",
+              f"        {sum_.acc} = {emitter.expr(sum_.init)} + partial[0]"]
+    for stmt in sum_.after:
+        emitter.statement(stmt, 2, lines)
 
 
 def _extent(expr: Expr) -> int | str:
@@ -297,27 +391,31 @@ def _identifier(name: str) -> str:
 
 def launches_to_json(launches: dict[str, tuple[Launch, ...]]) -> dict[str, list[dict]]:
     return {name: [{"kernel": launch.kernel, "buffers": list(launch.buffers),
-                    "threads": list(launch.threads)} for launch in group]
+                    "threads": list(launch.threads), "block_reduce": launch.block_reduce}
+                   for launch in group]
             for name, group in launches.items()}
 
 
-def launches_from_json(data: dict[str, list[dict]]) -> dict[str, tuple[Launch, ...]]:
-    return {str(name): tuple(Launch(str(item["kernel"]), tuple(map(str, item["buffers"])),
-                                    tuple(t if t == "N" else int(t) for t in item["threads"]))
-                             for item in group)
-            for name, group in data.items()}
+def launch_from_json(item: dict) -> Launch:
+    return Launch(str(item["kernel"]), tuple(map(str, item["buffers"])),
+                  tuple(t if t == "N" else int(t) for t in item["threads"]),
+                  bool(item.get("block_reduce", False)))
 
 
 def thread_count(threads: tuple[int | str, ...], batch: int) -> int:
     return math.prod(batch if t == "N" else t for t in threads)
 
 
-def grid(threads: tuple[int | str, ...], batch: int) -> tuple[int, int]:
-    """(blocks, threads a block) covering the launch's threads (one where there are none)."""
-    total = max(1, thread_count(threads, batch))
+def grid(launch: Launch, batch: int, sum_threads: int = BLOCK_THREADS) -> tuple[int, int]:
+    """(blocks, threads a block): a thread per iteration of the thread loops, or for a block
+    reduction a block of `sum_threads` (a power of two up to BLOCK_THREADS) per result."""
+    total = max(1, thread_count(launch.threads, batch))
+    if launch.block_reduce:
+        assert 0 < sum_threads <= BLOCK_THREADS and sum_threads & (sum_threads - 1) == 0
+        return total, sum_threads
     per_block = min(BLOCK_THREADS, -(-total // 32) * 32)
     return -(-total // per_block), per_block
 
 
-__all__ = ["BLOCK_THREADS", "CudaCode", "Launch", "generate", "grid", "launches_from_json",
+__all__ = ["BLOCK_THREADS", "CudaCode", "Launch", "generate", "grid", "launch_from_json",
            "launches_to_json"]
