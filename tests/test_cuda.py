@@ -211,3 +211,47 @@ def test_block_sums_with_more_terms_than_threads_and_fewer(batch):
 @pytest.mark.parametrize("batch", [1, 37, 256])
 def test_lenet_on_a_real_gpu_matches_the_reference(batch):
     check_against_reference((EXAMPLES / "lenet.cnn").read_text(), batch)
+
+
+def test_train_command_on_cuda_ends_where_the_cpu_does(tmp_path, monkeypatch, capsys):
+    """Same program, data, seed and order: the GPU's weights after training equal the
+    CPU's (whose training is checked against the reference elsewhere)."""
+    from cnnc.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((10, 1, 5, 5)).astype(np.float32),
+             y=rng.integers(0, 3, 10))
+    (tmp_path / "t.cnn").write_text(TRAINABLE.format(optimizer="sgd lr=0.1 momentum=0.9"))
+    for target in ("cuda", "cpu"):
+        assert main(["train", "t.cnn", "--data", "d.npz", "--epochs", "1", "--batch", "4",
+                     "--target", target, "--out", f"{target}.npz", "--no-progress"]) == 0
+        assert f"training t on {target}: sgd" in capsys.readouterr().out
+    on_gpu, on_cpu = np.load(tmp_path / "cuda.npz"), np.load(tmp_path / "cpu.npz")
+    for name in on_cpu.files:
+        assert_close(on_gpu[name], on_cpu[name], np.float32, name)
+    assert main(["compile", "t.cnn", "-o", "t.cnnm"]) == 0
+    assert main(["train", "t.cnnm", "--data", "d.npz", "--target", "cuda"]) == 1
+    assert "t.cnnm is a cpu module" in capsys.readouterr().err
+
+
+def test_without_a_gpu_or_the_simulator_the_error_says_how_to_run_it(tmp_path):
+    probe = subprocess.run([sys.executable, "-c", "from numba import cuda; "
+                            "print(cuda.is_available())"], capture_output=True, text=True,
+                           env={**os.environ, "NUMBA_ENABLE_CUDASIM": "0"})
+    if probe.stdout.strip() != "False":
+        pytest.skip("this machine has a CUDA GPU")
+    (tmp_path / "t.cnn").write_text(TRAINABLE.format(optimizer="sgd"))
+    assert cnnc_cli(["compile", str(tmp_path / "t.cnn"), "--target", "cuda", "-o",
+                     str(tmp_path / "t.cnnm")]).returncode == 0
+    loaded = cnnc_cli(["inspect", str(tmp_path / "t.cnnm")])
+    assert loaded.returncode == 0 and "target   cuda" in loaded.stdout
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 1, 5, 5), np.float32), y=np.zeros(4, int))
+    run = cnnc_cli(["train", str(tmp_path / "t.cnnm"), "--data", str(tmp_path / "d.npz")])
+    assert run.returncode == 1 and "no CUDA GPU is available" in run.stderr
+    assert "NUMBA_ENABLE_CUDASIM=1" in run.stderr and "Traceback" not in run.stderr
+
+
+def cnnc_cli(arguments: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cnnc", *arguments], capture_output=True,
+                          text=True, env={**os.environ, "NUMBA_ENABLE_CUDASIM": "0"})

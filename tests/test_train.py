@@ -118,7 +118,7 @@ def test_train_and_eval_commands(tmp_path, monkeypatch, capsys):
     assert main(["train", "small.cnn", "--data", "d.npz", "--epochs", "2", "--batch", "16",
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "training small: sgd lr=0.1 momentum=0.9, batch 16, 2 epochs, 64 samples" in out
+    assert "training small on cpu: sgd lr=0.1 momentum=0.9, batch 16, 2 epochs, 64 samples" in out
     assert "epoch 2/2: training loss" in out and (tmp_path / "small.weights.npz").exists()
     assert main(["eval", "small.cnn", "--weights", "small.weights.npz", "--data", "d.npz"]) == 0
     assert "small on 80 samples: loss" in capsys.readouterr().out
