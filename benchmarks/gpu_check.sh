@@ -7,7 +7,7 @@
 # else cnnc needs (lark, hypothesis, ...) comes from the wheel files given as arguments, made
 # beforehand on a machine with network access:
 #
-#     pip download --only-binary=:all: -d wheels lark hypothesis
+#     pip download --only-binary=:all: -d wheels lark hypothesis setuptools wheel
 #     bash benchmarks/gpu_check.sh wheels/*.whl
 #
 # It runs the CUDA tests on the real GPU (NUMBA_ENABLE_CUDASIM=0: the tests marked for a GPU
@@ -22,7 +22,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 if [ "$#" -gt 0 ]; then
     python -m pip install --no-index --no-deps --quiet "$@" || exit 1
 fi
-python -m pip install --no-index --no-deps --no-build-isolation --quiet -e . || exit 1
+python -m pip install --no-index --no-deps --no-build-isolation --quiet . || exit 1
 
 export NUMBA_ENABLE_CUDASIM=0
 status=0

@@ -42,7 +42,9 @@ SIMULATOR_SUM_THREADS = 4
 
 def _simulated(cuda: Any) -> bool:
     """Whether numba.cuda is Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1)."""
-    return hasattr(cuda.devicearray, "FakeCUDAArray")
+    from numba import config
+
+    return bool(config.ENABLE_CUDASIM)
 
 
 class CudaModule(Module):
