@@ -116,6 +116,8 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated workload ids, e.g. W1,W3")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_bench: PyTorch sees no CUDA GPU here; run it on a machine with one")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.benchmark = True
