@@ -110,8 +110,9 @@ def test_initial_parameters_are_deterministic_and_scaled():
 
 
 def test_compile_arguments_are_checked():
-    with pytest.raises(cnnc.CnncError, match="target 'cuda' is not available"):
-        cnnc.compile(TEXT, target="cuda")
+    with pytest.raises(cnnc.CnncError, match="target 'tpu' is not available; the targets "
+                                             "are cpu and cuda"):
+        cnnc.compile(TEXT, target="tpu")
     with pytest.raises(cnnc.CnncError, match="opt_level must be 0, 1, 2 or 3"):
         cnnc.compile(TEXT, opt_level=5)
     with pytest.raises(cnnc.CnncError, match="opt_level must be 0, 1, 2 or 3"):
