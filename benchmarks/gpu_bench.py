@@ -27,44 +27,9 @@ import cnnc
 
 
 def _torch_call(graph, module, mode: str, x: np.ndarray, y: np.ndarray) -> Callable[[], object]:
-    import torch
-    from torch_model import build
+    from torch_model import build, step_function
 
-    device = torch.device("cuda")
-    model = build(graph, module.params).to(device)
-    tx, ty = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-    with torch.no_grad():
-        np.testing.assert_allclose(model(tx).cpu().numpy(), module(x), rtol=1e-3, atol=1e-4)
-    cross_entropy = module.manifest["loss"]["kind"] == "cross_entropy"
-
-    def loss():
-        out = model(tx)
-        if cross_entropy:
-            return torch.nn.functional.nll_loss(torch.log(out), ty)
-        return torch.nn.functional.mse_loss(out, ty)
-
-    if mode == "forward":
-        def forward():
-            with torch.no_grad():
-                return model(tx).cpu()
-        return forward
-    if mode == "fwd+bwd":
-        def backward():
-            model.zero_grad(set_to_none=True)
-            loss().backward()
-            return [p.grad.cpu() for p in model.parameters()]
-        return backward
-    settings = module.optimizer
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings["lr"],
-                                momentum=settings.get("momentum", 0.0))
-
-    def train_step():
-        optimizer.zero_grad(set_to_none=True)
-        value = loss()
-        value.backward()
-        optimizer.step()
-        return value.item()
-    return train_step
+    return step_function(build(graph, module.params), graph, mode, x, y, module, "cuda")
 
 
 def _cnnc_call(module, mode: str, x_device, x: np.ndarray, y: np.ndarray) -> Callable:

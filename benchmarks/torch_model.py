@@ -48,11 +48,17 @@ def build(graph: Graph, params: dict[str, np.ndarray]) -> torch.nn.Sequential:
     return torch.nn.Sequential(*layers)
 
 
-def step_function(model, graph: Graph, mode: str, x: np.ndarray, y: np.ndarray, module):
-    """The same work as cnnc's call for `mode`, after checking the forward result."""
-    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+def step_function(model, graph: Graph, mode: str, x: np.ndarray, y: np.ndarray, module,
+                  device: str = "cpu"):
+    """The same work as cnnc's call for `mode`, after checking the forward result. On a GPU
+    (`device="cuda"`) the inputs live there and each call copies back what cnnc's API
+    returns: the output, the gradients or the loss."""
+    model = model.to(device)
+    tx, ty = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+    tolerance = 1e-4 if device == "cpu" else 1e-3  # cuDNN picks other summation orders
     with torch.no_grad():
-        np.testing.assert_allclose(model(tx).numpy(), module(x), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(model(tx).cpu().numpy(), module(x), rtol=tolerance,
+                                   atol=tolerance / 10)
     cross_entropy = module.manifest["loss"]["kind"] == "cross_entropy"
 
     def loss():
@@ -64,12 +70,13 @@ def step_function(model, graph: Graph, mode: str, x: np.ndarray, y: np.ndarray, 
     if mode == "forward":
         def forward():
             with torch.no_grad():
-                return model(tx)
+                return model(tx).cpu()
         return forward
     if mode == "fwd+bwd":
         def backward():
             model.zero_grad(set_to_none=True)
             loss().backward()
+            return [p.grad.cpu() for p in model.parameters()]
         return backward
     settings = module.optimizer
     optimizer = torch.optim.SGD(model.parameters(), lr=settings["lr"],
@@ -80,7 +87,7 @@ def step_function(model, graph: Graph, mode: str, x: np.ndarray, y: np.ndarray, 
         value = loss()
         value.backward()
         optimizer.step()
-        return value
+        return value.item()
     return train_step
 
 

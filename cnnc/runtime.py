@@ -266,13 +266,8 @@ class Module:
         """One optimizer step (the train line's, or sgd lr=0.01) in compiled code; returns
         the loss before the step."""
         y = self._trainable(y)
-        settings = self._manifest["optimizer"]
-        rate = settings["lr"] if lr is None else _positive_rate(lr)
         step = self._step + 1
-        beta1, beta2 = settings.get("beta1", 0.9), settings.get("beta2", 0.999)
-        hyper = np.array([rate, settings.get("momentum", 0.0), beta1, beta2,
-                          settings.get("eps", 1e-8), 1 - beta1 ** step, 1 - beta2 ** step, 0.0],
-                         dtype=self._dtype)
+        hyper = self._hyper(lr, step)
         x = self._checked_input(x, "x")
         if len(_slices(len(x), self._threads)) == 1 or "update" not in self._entries:
             arrays = self._run(x, "train_step", y, hyper)
@@ -291,6 +286,15 @@ class Module:
             self._entries["update"](len(x), table)
         self._step = step
         return loss
+
+    def _hyper(self, lr: float | None, step: int) -> np.ndarray:
+        """The optimizer's scalars for step `step` (HYPER_FIELDS' order, then padding)."""
+        settings = self._manifest["optimizer"]
+        rate = settings["lr"] if lr is None else _positive_rate(lr)
+        beta1, beta2 = settings.get("beta1", 0.9), settings.get("beta2", 0.999)
+        return np.array([rate, settings.get("momentum", 0.0), beta1, beta2,
+                         settings.get("eps", 1e-8), 1 - beta1 ** step, 1 - beta2 ** step, 0.0],
+                        dtype=self._dtype)
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         """Momentum or Adam moments and the step count: with `params`, all a resume needs."""

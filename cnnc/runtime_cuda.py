@@ -19,7 +19,7 @@ import numpy as np
 from . import module as artifact
 from .backends.cuda import BLOCK_THREADS, grid, launch_from_json
 from .loader import validated_manifest, validated_params
-from .runtime import CnncRuntimeError, Module, _positive_rate
+from .runtime import CnncRuntimeError, Module
 
 NO_CUDA = ("this module runs on an NVIDIA GPU through Numba, and {reason}. On a machine "
            "without a GPU, NUMBA_ENABLE_CUDASIM=1 runs it in Numba's CUDA simulator (slow)")
@@ -117,14 +117,8 @@ class CudaModule(Module):
     def train_step(self, x: Any, y: Any, lr: float | None = None) -> float:
         """One optimizer step on the GPU; returns the loss before the step."""
         y = self._trainable(y)
-        settings = self._manifest["optimizer"]
-        rate = settings["lr"] if lr is None else _positive_rate(lr)
         step = self._step + 1
-        beta1, beta2 = settings.get("beta1", 0.9), settings.get("beta2", 0.999)
-        hyper = np.array([rate, settings.get("momentum", 0.0), beta1, beta2,
-                          settings.get("eps", 1e-8), 1 - beta1 ** step, 1 - beta2 ** step, 0.0],
-                         dtype=self._dtype)
-        buffers, _ = self._run_device(x, "train_step", y, hyper)
+        buffers, _ = self._run_device(x, "train_step", y, self._hyper(lr, step))
         self._step = step
         return float(buffers[self._loss_name()].copy_to_host()[0])
 
