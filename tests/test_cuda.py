@@ -200,6 +200,40 @@ def test_reductions_and_scatters_get_race_free_thread_grids():
     assert launches["c_conv_relu_maxpool_fwd_0"] == (["N", 2, 3, 3], False)
 
 
+def test_staged_filters_across_block_boundaries():
+    """9x9 outputs a filter: a block of 128 threads spans two or three filters' slots, and
+    blocks run past one sample's last filter into the next sample's first; the last block
+    is partly idle (2 * 3 * 81 = 486 threads). The input's gradient stages the filters by
+    input channel (121 threads a channel)."""
+    check_against_reference(net("2x11x11", "conv c: 3 3x3 -> relu", "flatten", "dense d: 1"),
+                            batch=2)
+
+
+def _kernel_sources(text: str) -> dict[str, str]:
+    from cnnc.pipeline import compile_cuda_module
+
+    source = compile_cuda_module(cnnc.check(text)).sections["cuda"].decode()
+    return {part.split("(")[0]: part for part in source.split("@cuda.jit\ndef ")[1:]}
+
+
+def test_which_buffers_are_staged_in_shared_memory():
+    kernels = _kernel_sources(net("3x12x12", "conv c: 4 3x3 -> relu", "flatten",
+                                  "dense d: 2", loss="loss mse"))
+    forward = kernels["c_conv_relu_fwd_0"]
+    # the filters (3 * 3 * 3 taps each) of the at most 3 filters a block's threads use
+    assert "staged0 = cuda.shared.array(81, F)" in forward
+    assert forward.count("cuda.shared.array") == 1  # not the bias, read once a thread
+    assert "staged0[staged0_slot * 27 + " in forward
+    assert forward.index("cuda.syncthreads()") < forward.index("if thread_index >= threads")
+    # by input channel, 144 threads each: 2 slots of 4 filters' taps of that channel
+    assert "staged0 = cuda.shared.array(72, F)" in kernels["c_conv2d_grad_input_bwd_0"]
+    # the dense unit is the innermost thread loop: no two neighbours share a row
+    assert "cuda.shared.array" not in kernels["d_dense_fwd_0"]
+    # 33 slots of 64 * 3 * 3 taps would pass the shared-memory budget
+    wide = _kernel_sources(net("64x4x4", "conv c: 8 3x3", "flatten", "dense d: 2"))
+    assert "cuda.shared.array" not in wide["c_conv_fwd_0"]
+
+
 @pytest.mark.parametrize("batch", [1, 2, 19])
 def test_block_sums_with_more_terms_than_threads_and_fewer(batch):
     """19 samples: the threads of a block take two or three terms of the bias gradient sum

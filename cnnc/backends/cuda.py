@@ -16,6 +16,8 @@ The same plain loop nests the CPU backend starts from become GPU kernels:
   their partial sums in a tree in shared memory, and thread 0 writes the result. No two
   blocks write one element: no atomics, no races, and the same order of additions on every
   run.
+- A read-only buffer whose slice each thread reads depends on one outer thread loop alone
+  (a convolution's filter) is copied to shared memory by the block first (`cuda_shared`).
 - Max pooling's backward scatters into the windows of one (sample, channel) plane per
   thread, because overlapping windows would race.
 - Any other function whose body is not only loop nests is one thread.
@@ -46,6 +48,7 @@ from ..loops import (
     Unary,
     Var,
 )
+from .cuda_shared import Staged, staged_buffers, variables_of
 
 # Threads a block: a multiple of the 32 of a warp, small enough for any kernel's registers.
 BLOCK_THREADS = 128
@@ -124,15 +127,23 @@ def _kernel_source(name: str, function: LoopFunction, group: tuple[Stmt, ...]
     body = parallel[-1].body if parallel else group
     threads = tuple(_extent(loop.extent) for loop in parallel)
     names = {b.name: f"b{i}" for i, b in enumerate(function.buffers)}
-    emitter = _Emitter(function, names)
+    sum_ = _batch_sum(body) if "N" not in threads else None
+    staged: tuple[Staged, ...] = ()
+    if parallel and not sum_:
+        accesses = [access for stmt in body for access in _accesses(stmt)]
+        staged = staged_buffers(function, parallel, accesses, BLOCK_THREADS)
+    emitter = _Emitter(function, names, {item.buffer: (f"staged{i}", item)
+                                         for i, item in enumerate(staged)})
     args = ", ".join(["N", *names.values()])
     lines = [f"@cuda.jit\ndef {name}({args}):"]
-    sum_ = _batch_sum(body) if "N" not in threads else None
     lines.append("    thread_index = " + ("cuda.blockIdx.x" if sum_ else "cuda.grid(1)"))
     if parallel:
         extents = [emitter.expr(loop.extent) for loop in parallel]
-        lines.append(f"    if thread_index >= {' * '.join(extents)}:")
-        lines.append("        return")
+        lines.append(f"    threads = {' * '.join(extents)}")
+        _stage(emitter, lines)
+        lines += ["    if thread_index >= threads:", "        return"]
+        for shared, item in emitter.staged.values():
+            lines.append(f"    {shared}_slot = thread_index // {item.stride} - {shared}_first")
         for loop, extent in zip(reversed(parallel), reversed(extents), strict=True):
             lines.append(f"    {loop.var} = thread_index % {extent}")
             lines.append(f"    thread_index = thread_index // {extent}")
@@ -144,6 +155,32 @@ def _kernel_source(name: str, function: LoopFunction, group: tuple[Stmt, ...]
         for stmt in body:
             emitter.statement(stmt, 1, lines)
     return "\n".join(lines), threads, sum_ is not None
+
+
+def _stage(emitter: _Emitter, lines: list[str]) -> None:
+    """Every thread of the block, the idle ones past the end included (they must reach the
+    barrier), copies its share of the staged slices the block's threads use."""
+    if not emitter.staged:
+        return
+    lines += ["    block_first = cuda.blockIdx.x * cuda.blockDim.x",
+              "    block_last = min(block_first + cuda.blockDim.x, threads) - 1"]
+    for shared, item in emitter.staged.values():
+        size = item.slice_size
+        rest = [Var(f"{shared}_at{axis}") for axis in range(len(item.slice_shape))]
+        index = (*rest[:item.axis], Var(f"{shared}_of"), *rest[item.axis:])
+        lines += [f"    {shared} = cuda.shared.array({item.slots * size}, F)",
+                  f"    {shared}_first = block_first // {item.stride}",
+                  f"    {shared}_used = (block_last // {item.stride} - {shared}_first + 1) * "
+                  f"{size}",
+                  "    element = cuda.threadIdx.x",
+                  f"    while element < {shared}_used:",
+                  f"        {shared}_of = ({shared}_first + element // {size}) % {item.extent}",
+                  "        rest = element % " + str(size)]
+        for var, extent in zip(reversed(rest), reversed(item.slice_shape), strict=True):
+            lines += [f"        {var.name} = rest % {extent}", f"        rest = rest // {extent}"]
+        lines += [f"        {shared}[element] = {emitter.access(item.buffer, index, True)}",
+                  "        element += cuda.blockDim.x"]
+    lines.append("    cuda.syncthreads()")
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,22 +217,7 @@ def _adds_to(stmt: Stmt, acc: str) -> bool:
         return all(_adds_to(inner, acc) for inner in stmt.body)
     return (isinstance(stmt, Assign) and stmt.var == acc and isinstance(stmt.value, Binary)
             and stmt.value.op == "+" and stmt.value.left == Var(acc)
-            and Var(acc) not in _vars(stmt.value.right))
-
-
-def _vars(expr: Expr) -> list[Var]:
-    if isinstance(expr, Var):
-        return [expr]
-    children: list[Expr] = []
-    if isinstance(expr, Load):
-        children = list(expr.index)
-    elif isinstance(expr, Binary):
-        children = [expr.left, expr.right]
-    elif isinstance(expr, Unary):
-        children = [expr.operand]
-    elif isinstance(expr, Select):
-        children = [expr.cond, expr.then, expr.otherwise]
-    return [v for child in children for v in _vars(child)]
+            and Var(acc) not in variables_of(stmt.value.right))
 
 
 def _block_sum(emitter: _Emitter, sum_: _Sum, lines: list[str]) -> None:
@@ -315,9 +337,11 @@ _UNARY = {"exp": "math.exp", "log": "math.log", "sqrt": "math.sqrt", "tanh": "ma
 class _Emitter:
     """Statements as indented Python lines, expressions as Python text."""
 
-    def __init__(self, function: LoopFunction, names: dict[str, str]) -> None:
+    def __init__(self, function: LoopFunction, names: dict[str, str],
+                 staged: dict[str, tuple[str, Staged]]) -> None:
         self.function = function
         self.names = names
+        self.staged = staged  # buffer → its shared array's name and slices
 
     def statement(self, stmt: Stmt, depth: int, lines: list[str]) -> None:
         pad = "    " * depth
@@ -337,9 +361,17 @@ class _Emitter:
         else:
             raise ValueError(f"the CUDA backend takes plain loop nests, not {type(stmt).__name__}")
 
-    def access(self, buffer: str, index: tuple[Expr, ...]) -> str:
-        """Every buffer is a flat device array: the row-major offset, N where it appears."""
-        shape = self.function.buffer(buffer).shape
+    def access(self, buffer: str, index: tuple[Expr, ...], in_global: bool = False) -> str:
+        """Every buffer is a flat device array: the row-major offset, N where it appears. A
+        staged buffer is read from its slot of shared memory, unless `in_global`."""
+        if buffer in self.staged and not in_global:
+            shared, item = self.staged[buffer]
+            rest = index[:item.axis] + index[item.axis + 1:]
+            offset = self._offset(rest, item.slice_shape)
+            return f"{shared}[{shared}_slot * {item.slice_size} + {offset}]"
+        return f"{self.names[buffer]}[{self._offset(index, self.function.buffer(buffer).shape)}]"
+
+    def _offset(self, index: tuple[Expr, ...], shape: tuple) -> str:
         terms = []
         for axis, item in enumerate(index):
             inner = shape[axis + 1:]
@@ -347,7 +379,7 @@ class _Emitter:
             scale += ["N"] * sum(1 for d in inner if d == BATCH)
             text = self.expr(item)
             terms.append(" * ".join([f"({text})", *scale]) if scale else f"({text})")
-        return f"{self.names[buffer]}[{' + '.join(terms)}]"
+        return " + ".join(terms) if terms else "0"
 
     def expr(self, expr: Expr) -> str:
         if isinstance(expr, Var):
