@@ -70,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--no-schedule", action="store_true",
                           help="plain loop nests for every kernel (slow; for comparison)")
 
-    train = commands.add_parser("train", help="train a network on MNIST or an .npz dataset")
+    train = commands.add_parser(
+        "train", help="train a network on MNIST or an .npz dataset",
+        epilog="On several processes or machines: pip install 'cnnc[mpi]', then "
+               "mpirun -n P cnnc train ... trains data-parallel; --batch is then each "
+               "process's share of a step (see the README, Training on several machines).")
     train.add_argument("network", metavar="NET.cnn|NET.cnnm")
     train.add_argument("--data", required=True, help="an MNIST folder or an .npz with x and y")
     train.add_argument("--epochs", type=int, help="passes over the data (train line's)")
@@ -89,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--target", choices=["cpu", "cuda"], default="cpu",
                        help="where a .cnn program is compiled to run (a .cnnm file has its own)")
+    train.add_argument("--mpi-timeout", type=float, default=120.0, metavar="SECONDS",
+                       help="under mpirun: stop the job when the other processes have not "
+                            "answered for this long (default 120)")
 
     download = commands.add_parser("download", help="fetch MNIST into a folder, verified")
     download.add_argument("folder", metavar="DIR")

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .data import Dataset, load, load_mnist_split, load_npz
 from .diagnostics import CnncError, Source
 from .ir import Graph
-from .runtime import Module
+from .runtime import Module, thread_count
 from .runtime import load as load_module
+
+if TYPE_CHECKING:
+    from .train import TrainOptions
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -29,11 +34,40 @@ def open_network(path: str, dtype: str | None = None, target: str = "cpu") -> Mo
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .train import TrainOptions, train
+    from .distributed import world_team
+    from .train import train
 
+    if not (math.isfinite(args.mpi_timeout) and args.mpi_timeout > 0):
+        raise CnncError.single("--mpi-timeout must be a number of seconds above 0")
+    team = world_team(args.mpi_timeout)  # None: this process trains alone
     module = open_network(args.network, target=getattr(args, "target", "cpu"))
     if "loss" not in module.manifest:
         raise CnncError.single(f"network {module.name} has no loss line; training needs one")
+    options = _train_options(args, module)
+    train_data, held_out = load(args.data, args.val_split, options.seed)
+    if team is None:
+        print(_training_line(module, options, train_data, held_out, 1))
+        train(module, train_data, held_out, options)
+    else:
+        if not os.environ.get("CNNC_NUM_THREADS"):  # the ranks on one machine share it
+            module.set_threads(max(1, thread_count(None) // team.local_size))
+        if team.is_root:
+            print(_training_line(module, options, train_data, held_out, team.size))
+        try:
+            train(module, train_data, held_out, options, team=team)
+        except CnncError as error:  # stop every rank now, not after the others time out
+            team.abort(error.render())
+        if not team.is_root:
+            return EXIT_OK
+    out = Path(args.out or f"{module.name}.weights.npz")
+    module.save_weights(out)
+    print(f"wrote {out} (checkpoints: {options.checkpoint})")
+    return EXIT_OK
+
+
+def _train_options(args: argparse.Namespace, module: Module) -> TrainOptions:
+    from .train import TrainOptions
+
     settings = module.optimizer
     options = TrainOptions(
         epochs=args.epochs if args.epochs is not None else settings.get("epochs") or 1,
@@ -48,18 +82,25 @@ def run_train(args: argparse.Namespace) -> int:
             or (options.lr is not None and not (math.isfinite(options.lr) and options.lr > 0))):
         raise CnncError.single("--epochs, --batch and --max-iter must be at least 1, --seed at "
                                "least 0, --lr a finite number above 0 and --tol at least 0")
-    train_data, held_out = load(args.data, args.val_split, options.seed)
+    return options
+
+
+def _training_line(module: Module, options: TrainOptions, train_data: Dataset,
+                   held_out: Dataset, processes: int) -> str:
+    """What is trained how; under mpirun, what the batch and learning rate mean there."""
+    settings = module.optimizer
     rate = options.lr if options.lr is not None else settings["lr"]
-    extras = " ".join(f"{k}={settings[k]}" for k in ("momentum", "beta1", "beta2")
-                      if k in settings)
-    print(f"training {module.name} on {module.target}: {settings['kind']} lr={rate} {extras}, "
-          f"batch {options.batch}, {options.epochs} epochs, {len(train_data):,} samples "
-          f"({len(held_out):,} held out)")
-    train(module, train_data, held_out, options)
-    out = Path(args.out or f"{module.name}.weights.npz")
-    module.save_weights(out)
-    print(f"wrote {out} (checkpoints: {options.checkpoint})")
-    return EXIT_OK
+    extras = "".join(f" {k}={settings[k]}" for k in ("momentum", "beta1", "beta2")
+                     if k in settings)
+    where, batch = module.target, f"batch {options.batch}"
+    if processes > 1:
+        threads = f"{module.threads} thread{'s' if module.threads > 1 else ''}"
+        where += f", {processes} MPI processes of {threads}"
+        extras += " (as given: not scaled with the processes)"
+        batch += f" a process = {options.batch * processes} a step"
+    return (f"training {module.name} on {where}: {settings['kind']} lr={rate}{extras}, "
+            f"{batch}, {options.epochs} epochs, {len(train_data):,} samples "
+            f"({len(held_out):,} held out)")
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -274,18 +274,60 @@ class Module:
             loss = float(self._named(arrays)[self._loss_name()][0])
         else:  # gradients in threads, then one update with their weighted sum
             gradients, loss = self._split_gradients(x, y)
-            # the update kernels read only parameters, gradients, state and the scalars
-            unused = np.zeros(1, dtype=self._dtype)
-            arrays = []
-            for item in self._manifest["storage"]:
-                role, name = item["role"], item["name"]
-                arrays.append(self._params[name] if role == "param" else
-                              self._state[name] if role == "state" else
-                              hyper if role == "hyper" else gradients.get(name, unused))
-            table = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
-            self._entries["update"](len(x), table)
+            self._update(gradients, hyper, len(x))
         self._step = step
         return loss
+
+    def gradients_and_loss(self, x: Any, y: Any) -> tuple[dict[str, np.ndarray], float]:
+        """`gradients(x, y)` and `loss(x, y)` from one forward and backward pass."""
+        named, loss = self._split_gradients(x, self._trainable(y))
+        where = self._manifest["gradients"]
+        return ({name: named[where[name]].reshape(self._params[name].shape)
+                 for name in self._params}, loss)
+
+    def apply_gradients(self, gradients: Mapping[str, Any], lr: float | None = None) -> None:
+        """One optimizer step with the given gradient of every parameter (shaped like
+        `params`) instead of a batch's: how data-parallel training applies the gradients
+        averaged over several processes. Same update, state and step count as
+        `train_step`."""
+        checked = self._checked_gradients(gradients)
+        step = self._step + 1
+        hyper = self._hyper(lr, step)
+        where = self._manifest["gradients"]
+        self._update({where[name]: value.reshape(-1) for name, value in checked.items()},
+                     hyper, 1)
+        self._step = step
+
+    def _checked_gradients(self, gradients: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Every parameter's gradient, contiguous, of its shape and the module's dtype."""
+        if "update" not in self._manifest["entry_points"]:
+            raise _refuse(f"network {self.name} has no loss line, so no optimizer update")
+        if not isinstance(gradients, Mapping) or set(gradients) != set(self._params):
+            names = ", ".join(self._params)
+            raise _refuse(f"apply_gradients takes a gradient for each parameter ({names})")
+        checked = {}
+        for name, value in gradients.items():
+            array = _as_array(value, f"the gradient of {name}")
+            if array.dtype == np.float64 and self._dtype == np.float32:
+                array = array.astype(np.float32)
+            if array.shape != self._params[name].shape or array.dtype != self._dtype:
+                raise _refuse(f"the gradient of {name} must be {self._dtype.name} of shape "
+                              f"{self._params[name].shape}, got {array.dtype} "
+                              f"{array.shape}")
+            checked[name] = np.ascontiguousarray(array)
+        return checked
+
+    def _update(self, gradients: dict[str, np.ndarray], hyper: np.ndarray, batch: int) -> None:
+        """The update kernels on parameters, state and the given storage-named gradients."""
+        unused = np.zeros(1, dtype=self._dtype)  # they read nothing else
+        arrays = []
+        for item in self._manifest["storage"]:
+            role, name = item["role"], item["name"]
+            arrays.append(self._params[name] if role == "param" else
+                          self._state[name] if role == "state" else
+                          hyper if role == "hyper" else gradients.get(name, unused))
+        table = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
+        self._entries["update"](batch, table)
 
     def _hyper(self, lr: float | None, step: int) -> np.ndarray:
         """The optimizer's scalars for step `step` (HYPER_FIELDS' order, then padding)."""

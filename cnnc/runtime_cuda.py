@@ -122,6 +122,32 @@ class CudaModule(Module):
         self._step = step
         return float(buffers[self._loss_name()].copy_to_host()[0])
 
+    def gradients_and_loss(self, x: Any, y: Any) -> tuple[dict[str, np.ndarray], float]:
+        buffers, _ = self._run_device(x, "gradients", self._trainable(y))
+        where = self._manifest["gradients"]
+        return ({name: buffers[where[name]].copy_to_host().reshape(self._params[name].shape)
+                 for name in self._params},
+                float(buffers[self._loss_name()].copy_to_host()[0]))
+
+    def apply_gradients(self, gradients: Mapping[str, Any], lr: float | None = None) -> None:
+        checked = self._checked_gradients(gradients)
+        step = self._step + 1
+        buffers = dict(self._workspace_for(self._workspace_batch or 1))
+        where = self._manifest["gradients"]
+        for name, value in checked.items():
+            buffers[where[name]].copy_to_device(value.reshape(-1))
+        buffers["optimizer.hyper"] = self._cuda.to_device(self._hyper(lr, step))
+        buffers.update(self._device)
+        self._launch("update", buffers, 1)
+        self._step = step
+
+    def _launch(self, role: str, buffers: dict[str, Any], batch: int) -> None:
+        for launch in self._launches[role]:
+            blocks, per_block = grid(launch, batch, self._sum_threads)
+            arguments = [buffers[name] for name in launch.buffers]
+            self._kernels[launch.kernel][blocks, per_block](batch, *arguments)
+        self._cuda.synchronize()
+
     def _run_device(self, x: Any, role: str, target: Any = None,
                     hyper: np.ndarray | None = None) -> tuple[dict[str, Any], int]:
         """Check the arguments, then launch the role's kernels in order on the device."""
@@ -135,11 +161,7 @@ class CudaModule(Module):
         if hyper is not None:
             buffers["optimizer.hyper"] = self._cuda.to_device(hyper)
         buffers.update(self._device)
-        for launch in self._launches[role]:
-            blocks, per_block = grid(launch, batch, self._sum_threads)
-            arguments = [buffers[name] for name in launch.buffers]
-            self._kernels[launch.kernel][blocks, per_block](batch, *arguments)
-        self._cuda.synchronize()
+        self._launch(role, buffers, batch)
         return buffers, batch
 
     def _device_input(self, x: Any) -> Any:

@@ -15,6 +15,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -78,45 +79,91 @@ def evaluate(module: Module, data: Dataset, batch: int = 500) -> tuple[float, fl
     return total / len(data), accuracy
 
 
+class Solo:
+    """Training in one process: the team of `train` when no MPI ranks share the work
+    (`distributed.MpiTeam` is the other)."""
+
+    rank, size, is_root = 0, 1, True
+
+    def shard(self, indices: np.ndarray) -> np.ndarray:
+        return indices
+
+    def begin(self, module: Module, rng: np.random.Generator, start: tuple[int, TrainResult],
+              error: CnncError | None) -> tuple[int, TrainResult]:
+        if error is not None:
+            raise error
+        return start
+
+    def step(self, module: Module, x: np.ndarray, y: np.ndarray, lr: float | None) -> float:
+        return module.train_step(x, y, lr=lr)
+
+    def share_evaluation(self, evaluate: Callable[[], tuple[float, float | None]]
+                         ) -> tuple[float, float | None]:
+        return evaluate()
+
+    def finish(self, module: Module) -> str | None:
+        return None
+
+
 def train(module: Module, train_data: Dataset, held_out: Dataset, options: TrainOptions,
-          report: Callable[[str], None] = print) -> TrainResult:
+          report: Callable[[str], None] = print, team: Any = None) -> TrainResult:
+    """Train for `options.epochs`; with an MPI `team`, data-parallel (`distributed`), where
+    `options.batch` is each rank's share of a step and only rank 0 reports and writes."""
+    team = team if team is not None else Solo()
     check_data(module, train_data, "training")
     check_data(module, held_out, "held-out")
     rng = np.random.default_rng(options.seed)
-    result, first_epoch = TrainResult(), 1
-    if options.resume is not None:
-        first_epoch, result = _resume(module, rng, options.resume)
+    first_epoch, result = _start(module, rng, options, team)
     for epoch in range(first_epoch, options.epochs + 1):
         order = rng.permutation(len(train_data))
-        epoch_loss = _epoch(module, train_data, order, epoch, options, result)
-        held_loss, accuracy = evaluate(module, held_out)
+        epoch_loss = _epoch(module, train_data, order, epoch, options, result, team)
+        held_loss, accuracy = team.share_evaluation(lambda: evaluate(module, held_out))
         result.history.append(EpochResult(epoch, epoch_loss, accuracy, held_loss))
         shown = f", accuracy {accuracy:.2%}" if accuracy is not None else ""
-        report(f"epoch {epoch}/{options.epochs}: training loss {epoch_loss:.4f}, held-out "
-               f"loss {held_loss:.4f}{shown}")
-        if options.checkpoint is not None:
-            save_checkpoint(module, rng, epoch, result, options.checkpoint)
+        if team.is_root:
+            report(f"epoch {epoch}/{options.epochs}: training loss {epoch_loss:.4f}, held-out "
+                   f"loss {held_loss:.4f}{shown}")
+            if options.checkpoint is not None:
+                save_checkpoint(module, rng, epoch, result, options.checkpoint, team.size)
         if result.stopped != "epochs":
-            report(f"stopped early: {result.stopped} reached after {result.steps} steps")
+            if team.is_root:
+                report(f"stopped early: {result.stopped} reached after {result.steps} steps")
             break
+    agreed = team.finish(module)
+    if agreed and team.is_root:
+        report(agreed)
     return result
 
 
+def _start(module: Module, rng: np.random.Generator, options: TrainOptions,
+           team: Any) -> tuple[int, TrainResult]:
+    """Resume on rank 0 when asked; then every rank starts from rank 0's point."""
+    start, error = (1, TrainResult()), None
+    if team.is_root and options.resume is not None:
+        try:
+            start = _resume(module, rng, options.resume)
+        except CnncError as failure:
+            error = failure
+    return team.begin(module, rng, start, error)
+
+
 def _epoch(module: Module, data: Dataset, order: np.ndarray, epoch: int,
-           options: TrainOptions, result: TrainResult) -> float:
+           options: TrainOptions, result: TrainResult, team: Any) -> float:
     total, seen, started = 0.0, 0, time.perf_counter()
-    for start in range(0, len(order), options.batch):
-        indices = order[start:start + options.batch]
-        x, y = data.x[indices], data.y[indices]
+    step_size = options.batch * team.size
+    for start in range(0, len(order), step_size):
+        indices = order[start:start + step_size]
+        mine = team.shard(indices)
+        x, y = data.x[mine], data.y[mine]
         before = module.params  # a copy: the last good parameters
-        loss = module.train_step(x, y, lr=options.lr)
+        loss = team.step(module, x, y, options.lr)
         if not np.isfinite(loss) or not _all_finite(module.params):
             module.set_params(before)  # diagnose (and leave the module) as it was
             raise _not_finite(module, x, y, epoch, result.steps + 1, loss)
         result.steps += 1
         total += loss * len(indices)
         seen += len(indices)
-        if options.progress:
+        if options.progress and team.is_root:
             _progress(epoch, options.epochs, seen, len(order), total / seen, started)
         if options.max_iter is not None and result.steps >= options.max_iter:
             result.stopped = "max_iter"
@@ -124,7 +171,7 @@ def _epoch(module: Module, data: Dataset, order: np.ndarray, epoch: int,
         if options.tol > 0 and _largest_change(before, module.params) < options.tol:
             result.stopped = "tol"
             break
-    if options.progress:
+    if options.progress and team.is_root:
         sys.stderr.write("\n")
     return total / max(seen, 1)
 
@@ -169,9 +216,10 @@ def _not_finite(module: Module, x: np.ndarray, y: np.ndarray, epoch: int, step: 
 
 
 def save_checkpoint(module: Module, rng: np.random.Generator, epoch: int,
-                    result: TrainResult, path: Path) -> None:
-    """Parameters, optimizer state, data-order generator and history, written atomically."""
-    meta = {"epoch": epoch, "steps": result.steps, "network": module.name,
+                    result: TrainResult, path: Path, ranks: int = 1) -> None:
+    """Parameters, optimizer state, data-order generator and history, written atomically.
+    `ranks` (how many trained) is for information: any number may resume."""
+    meta = {"epoch": epoch, "steps": result.steps, "network": module.name, "ranks": ranks,
             "rng": rng.bit_generator.state,
             "history": [vars(e) for e in result.history]}
     arrays = {f"param/{k}": v for k, v in module.params.items()}

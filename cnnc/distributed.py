@@ -1,0 +1,253 @@
+"""Data-parallel training on MPI, through mpi4py: `mpirun -n P cnnc train NET.cnn --data …`,
+or `train_data_parallel` from Python.
+
+Every rank runs the same training loop (`train.train`) with an `MpiTeam`:
+
+- At the start rank 0 broadcasts the parameters, the optimizer state and the data-order
+  generator (after resuming from a checkpoint, which only rank 0 reads), so every rank
+  begins identical.
+- Every epoch's permutation is the same on every rank (same seed). A step takes the next
+  P × batch samples of it, and rank r computes the gradients of its r-th share with the
+  compiled code. `--batch` is per rank; the learning rate is used as given.
+- The gradients, each weighted by its share's sample count, go into one flat contiguous
+  buffer with the loss and the count: one MPI Allreduce (a sum) a step. Dividing by the
+  global count gives the mean gradient of the whole P × batch samples, exactly what one
+  process would compute for that batch, and every rank applies the same update.
+- Only rank 0 reports progress, evaluates the held-out data (and broadcasts the result), and
+  writes checkpoints and weights, atomically.
+- At the end, a checksum of the parameters, reduced across ranks, proves they are identical.
+
+Faults: every collective waits at most `timeout` seconds (polling a non-blocking request). A
+rank that died or hangs leaves the others waiting; the first to time out says so and
+aborts the whole job (MPI_Abort), which ends every rank with a non-zero exit. Checkpoints
+are only ever replaced by an atomic rename, so the last one stays intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .diagnostics import CnncError
+from .runtime import Module
+
+# how long a collective may wait for the other ranks before the job is aborted; a step, an
+# evaluation on rank 0 or a checkpoint write must fit in it
+DEFAULT_TIMEOUT_S = 120.0
+POLL_S = 0.0002
+EXIT_ABORTED = 1
+
+# set by the launchers of MPICH, Intel MPI, Open MPI and MVAPICH for every process they start
+LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+NO_MPI4PY = ("cnnc train was started as {size} MPI processes, but mpi4py is not installed, so "
+             "they cannot work together. Install MPI support with: pip install 'cnnc[mpi]' "
+             "(mpi4py and MPICH from PyPI wheels, no system packages), then run "
+             "mpirun -n {size} cnnc train ...")
+
+
+class CnncDistributedError(CnncError):
+    """Data-parallel training cannot start or go on."""
+
+
+def launched_ranks() -> int:
+    """How many processes an MPI launcher started this one among (1: not under mpirun)."""
+    for variable in LAUNCHER_SIZE_VARIABLES:
+        text = os.environ.get(variable, "")
+        if text.isdigit():
+            return int(text)
+    return 1
+
+
+def world_team(timeout: float = DEFAULT_TIMEOUT_S) -> MpiTeam | None:
+    """The team of every process mpirun started, or None when this one runs alone."""
+    size = launched_ranks()
+    if size <= 1:
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise CnncDistributedError.single(NO_MPI4PY.format(size=size)) from None
+    return MpiTeam(MPI.COMM_WORLD, timeout)
+
+
+class MpiTeam:
+    """The ranks of one MPI communicator training one network together (see the module
+    docstring); `train.train` calls these at the points where ranks must agree."""
+
+    def __init__(self, comm: Any, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        from mpi4py import MPI
+
+        if not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise CnncDistributedError.single(f"the timeout must be a number of seconds above "
+                                              f"0, got {timeout!r}")
+        self._mpi = MPI
+        self.comm = comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.timeout = float(timeout)
+        # ranks on this machine: they share its cores
+        self.local_size = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
+        self.allreduce_seconds = 0.0  # waiting in the gradient Allreduce, for benchmarks
+        self.allreduce_bytes = 0  # the buffer of one step
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, indices: np.ndarray) -> np.ndarray:
+        """This rank's share of one global batch: consecutive, sizes differing by at most 1."""
+        return np.array_split(indices, self.size)[self.rank]
+
+    # -- collectives that time out ----------------------------------------------------------
+    def _wait(self, request: Any, what: str) -> None:
+        """Wait for a non-blocking collective, or abort the job after `timeout` seconds."""
+        deadline = time.monotonic() + self.timeout
+        while not request.Test():
+            if time.monotonic() > deadline:
+                self.abort(f"error: no answer from the other ranks for {self.timeout:g} s "
+                           f"while {what}: a rank has died or hangs. Stopping every rank; the "
+                           "last checkpoint is intact")
+            time.sleep(POLL_S)
+
+    def abort(self, message: str) -> None:
+        """Say why on stderr (which rank, then `message`), then end every rank of the job
+        (MPI_Abort)."""
+        sys.stderr.write(f"rank {self.rank} of {self.size}: {message}\n")
+        sys.stderr.flush()
+        self.comm.Abort(EXIT_ABORTED)
+
+    def _broadcast(self, array: np.ndarray, what: str) -> np.ndarray:
+        self._wait(self.comm.Ibcast(array, root=0), what)
+        return array
+
+    def _broadcast_json(self, value: Any, what: str) -> Any:
+        data = json.dumps(value).encode() if self.is_root else b""
+        length = self._broadcast(np.array([len(data)], dtype=np.int64), what)
+        buffer = np.frombuffer(data, np.uint8).copy() if self.is_root else \
+            np.empty(int(length[0]), np.uint8)
+        return json.loads(self._broadcast(buffer, what).tobytes())
+
+    # -- the points where ranks agree ------------------------------------------------------
+    def begin(self, module: Module, rng: np.random.Generator, start: Any,
+              error: CnncError | None) -> Any:
+        """Every rank takes rank 0's starting point: `start` (epoch and history), the data
+        order, the optimizer state and the parameters; rank 0's error stops every rank."""
+        from .train import EpochResult, TrainResult
+
+        first_epoch, result = start
+        meta = self._broadcast_json({
+            "error": None if error is None else str(error), "epoch": first_epoch,
+            "steps": result.steps, "history": [vars(e) for e in result.history],
+            "rng": rng.bit_generator.state,
+            "step": int(module.optimizer_state()["optimizer.step"])}, "starting")
+        if meta["error"] is not None:
+            raise error if error is not None else CnncDistributedError.single(
+                f"rank 0 could not start: {meta['error']}")
+        names, values = self._start_arrays(module)
+        flat = self._broadcast(np.concatenate([v.reshape(-1) for v in values]).astype(
+            module.dtype), "broadcasting the parameters")
+        if not self.is_root:
+            self._take_start_arrays(module, names, values, flat, meta["step"])
+            rng.bit_generator.state = meta["rng"]
+        history = [EpochResult(**entry) for entry in meta["history"]]
+        return meta["epoch"], TrainResult(history, int(meta["steps"]))
+
+    @staticmethod
+    def _start_arrays(module: Module) -> tuple[list[str], list[np.ndarray]]:
+        state = {k: v for k, v in module.optimizer_state().items() if k != "optimizer.step"}
+        arrays = {**{f"param/{k}": v for k, v in module.params.items()},
+                  **{f"state/{k}": v for k, v in state.items()}}
+        return list(arrays), list(arrays.values())
+
+    @staticmethod
+    def _take_start_arrays(module: Module, names: list[str], shapes_of: list[np.ndarray],
+                           flat: np.ndarray, step: int) -> None:
+        arrays, at = {}, 0
+        for name, like in zip(names, shapes_of, strict=True):
+            arrays[name] = flat[at:at + like.size].reshape(like.shape)
+            at += like.size
+        module.set_params({k[6:]: v for k, v in arrays.items() if k.startswith("param/")})
+        module.set_optimizer_state({**{k[6:]: v for k, v in arrays.items()
+                                       if k.startswith("state/")}, "optimizer.step": step})
+
+    def step(self, module: Module, x: np.ndarray, y: np.ndarray, lr: float | None) -> float:
+        """The gradients of this rank's share, summed over ranks with one Allreduce of one
+        flat buffer, then the same update on every rank; returns the global mean loss."""
+        names = list(module.params)
+        if len(x):
+            gradients, loss = module.gradients_and_loss(x, y)
+        else:  # a last batch smaller than the ranks: this one has nothing to add
+            gradients, loss = {k: np.zeros_like(v) for k, v in module.params.items()}, 0.0
+        count = len(x)
+        flat = np.concatenate([gradients[k].reshape(-1) for k in names]
+                              + [np.array([loss, 1.0])]).astype(module.dtype) * count
+        flat[-1] = count
+        started = time.perf_counter()
+        self._wait(self.comm.Iallreduce(self._mpi.IN_PLACE, flat, op=self._mpi.SUM),
+                   "averaging the gradients")
+        self.allreduce_seconds += time.perf_counter() - started
+        self.allreduce_bytes = flat.nbytes
+        total = float(flat[-1])
+        averaged, at = {}, 0
+        for name in names:
+            size = module.params[name].size
+            averaged[name] = (flat[at:at + size] / total).reshape(module.params[name].shape)
+            at += size
+        module.apply_gradients(averaged, lr)
+        return float(flat[-2]) / total
+
+    def share_evaluation(self, evaluate: Callable[[], tuple[float, float | None]]
+                         ) -> tuple[float, float | None]:
+        """Rank 0 evaluates; every rank gets its (loss, accuracy)."""
+        values = np.full(2, np.nan)
+        if self.is_root:
+            loss, accuracy = evaluate()
+            values[:] = (loss, np.nan if accuracy is None else accuracy)
+        self._broadcast(values, "waiting for rank 0's evaluation")
+        return float(values[0]), None if np.isnan(values[1]) else float(values[1])
+
+    def finish(self, module: Module) -> str:
+        """Check that every rank holds the same parameters (a checksum, reduced with MIN and
+        MAX in one Allreduce); the line rank 0 reports."""
+        digest = hashlib.sha256()
+        for value in module.params.values():
+            digest.update(np.ascontiguousarray(value).tobytes())
+        checksum = int.from_bytes(digest.digest()[:7], "little")  # fits in an int64
+        extremes = np.array([checksum, -checksum], dtype=np.int64)
+        self._wait(self.comm.Iallreduce(self._mpi.IN_PLACE, extremes, op=self._mpi.MAX),
+                   "comparing the parameters")
+        if extremes[0] != -extremes[1]:
+            raise CnncDistributedError.single(
+                f"the ranks ended with different parameters (rank {self.rank}: checksum "
+                f"{checksum:014x}); this is a bug in cnnc, please report it")
+        return f"all {self.size} ranks hold identical parameters (checksum {checksum:014x})"
+
+
+def train_data_parallel(module: Module, train_data: Any, held_out: Any, options: Any,
+                        comm: Any = None, timeout: float = DEFAULT_TIMEOUT_S,
+                        report: Callable[[str], None] = print) -> Any:
+    """Train `module` data-parallel on every rank of `comm` (default MPI.COMM_WORLD); every
+    rank calls this with the same data and `options` (`train.TrainOptions`, whose `batch` is
+    per rank). Returns the same `TrainResult` on every rank; only rank 0 reports and writes
+    the checkpoint."""
+    from .train import train
+
+    if comm is None:
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            raise CnncDistributedError.single(NO_MPI4PY.format(size="several")) from None
+        comm = MPI.COMM_WORLD
+    return train(module, train_data, held_out, options, report=report,
+                 team=MpiTeam(comm, timeout))
+
+
+__all__ = ["DEFAULT_TIMEOUT_S", "CnncDistributedError", "MpiTeam", "launched_ranks",
+           "train_data_parallel", "world_team"]
