@@ -1,0 +1,275 @@
+"""Data-parallel training on MPI: 2 ranks on this machine, under the mpirun that
+`pip install 'cnnc[mpi]'` brings (MPICH).
+
+The oracle is single-process training, itself checked against the reference and finite
+differences elsewhere: P ranks of batch B see the same samples each step as one process of
+batch P·B, so they must end with the same parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cnnc
+from cnnc.cli import main
+from cnnc.distributed import launched_ranks
+
+try:
+    import mpi4py  # noqa: F401
+    HAVE_MPI4PY = True
+except ImportError:
+    HAVE_MPI4PY = False
+MPIRUN = shutil.which("mpirun")
+needs_mpi = pytest.mark.skipif(not (HAVE_MPI4PY and MPIRUN),
+                               reason="needs mpi4py and mpirun: pip install 'cnnc[mpi]'")
+
+NET = ("network t\ninput: 1x8x8\nconv c: 3 3x3 -> relu\nmaxpool 2x2\nflatten\n"
+       "dense d: 3 -> softmax\nloss cross_entropy\ntrain {optimizer}\n")
+SGD, ADAM = "sgd lr=0.1 momentum=0.9", "adam lr=0.01"
+RANK_EXIT_BOUND_S = 30  # a dead rank: MPICH ends the job at once; a hung one: --mpi-timeout
+
+
+@pytest.fixture
+def job(tmp_path, monkeypatch):
+    """A folder with the network and 61 samples: 49 to train, so the last global batch of
+    every epoch (49 = 8 * 6 + 1) leaves rank 1 with nothing."""
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((61, 1, 8, 8)).astype(np.float32),
+             y=rng.integers(0, 3, 61))
+    return tmp_path
+
+
+def write_net(folder: Path, optimizer: str = SGD) -> None:
+    (folder / "t.cnn").write_text(NET.format(optimizer=optimizer))
+
+
+def mpirun(folder: Path, *arguments: str, ranks: int = 2, program: tuple[str, ...] = (),
+           timeout: float = 180) -> subprocess.CompletedProcess:
+    command = program or (sys.executable, "-m", "cnnc", "train", "t.cnn", "--data", "d.npz",
+                          "--no-progress")
+    return subprocess.run([MPIRUN, "-n", str(ranks), *command, *arguments], cwd=folder,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "CNNC_NUM_THREADS": "1"})
+
+
+def alone(*arguments: str) -> int:
+    return main(["train", "t.cnn", "--data", "d.npz", "--no-progress", *arguments])
+
+
+def assert_same_weights(got: Path, want: Path) -> None:
+    got_arrays, want_arrays = np.load(got), np.load(want)
+    assert sorted(got_arrays.files) == sorted(want_arrays.files)
+    for name in want_arrays.files:
+        np.testing.assert_allclose(got_arrays[name], want_arrays[name], rtol=1e-5, atol=1e-7,
+                                   err_msg=name)
+
+
+@needs_mpi
+@pytest.mark.parametrize("optimizer", [SGD, ADAM])
+def test_two_ranks_of_batch_b_equal_one_process_of_batch_2b(job, optimizer):
+    write_net(job, optimizer)
+    run = mpirun(job, "--epochs", "2", "--batch", "4", "--out", "two.npz")
+    assert run.returncode == 0, run.stderr
+    assert "2 MPI processes of 1 thread" in run.stdout
+    assert "batch 4 a process = 8 a step" in run.stdout
+    assert "all 2 ranks hold identical parameters" in run.stdout
+    assert run.stdout.count("epoch 2/2") == 1  # rank 0 alone reports
+    assert alone("--epochs", "2", "--batch", "8", "--out", "one.npz",
+                 "--checkpoint", "one.ckpt.npz") == 0
+    assert_same_weights(job / "two.npz", job / "one.npz")
+    initial = cnnc.compile(job / "t.cnn").params
+    assert not np.allclose(initial["d.weight"], np.load("two.npz")["d.weight"], atol=1e-3)
+    state = np.load("t.ckpt.npz")
+    np.testing.assert_array_equal(state["state/optimizer.step"], 14)  # 7 steps an epoch
+    assert json.loads(state["meta"].tobytes())["ranks"] == 2
+
+
+WORKER = '''
+import json, sys
+import numpy as np
+import cnnc
+from mpi4py import MPI
+from cnnc.data import load
+from cnnc.distributed import CnncDistributedError, MpiTeam, train_data_parallel
+from cnnc.train import TrainOptions
+
+rank = MPI.COMM_WORLD.Get_rank()
+module = cnnc.compile("t.cnn", threads=1)
+first = module.params
+train, held_out = load("d.npz", 0.2, 0)
+result = train_data_parallel(module, train, held_out, TrainOptions(epochs=2, batch=3,
+                             progress=False, checkpoint=None), report=lambda line: None)
+np.savez(f"rank{rank}.npz", **module.params)
+np.savez(f"first{rank}.npz", **first)
+json.dump([vars(e) for e in result.history] + [result.steps], open(f"result{rank}.json", "w"))
+if rank == 1:  # a rank whose parameters differ must be caught
+    module.set_params({"d.bias": module.params["d.bias"] + 1})
+try:
+    MpiTeam(MPI.COMM_WORLD).finish(module)
+    outcome = "not caught"
+except CnncDistributedError as error:
+    outcome = f"caught: {error}"
+open(f"outcome{rank}.txt", "w").write(outcome)
+'''
+
+
+@needs_mpi
+def test_every_rank_ends_identical_and_a_difference_is_caught(job):
+    write_net(job)
+    (job / "worker.py").write_text(WORKER)
+    run = mpirun(job, program=(sys.executable, "worker.py"))
+    assert run.returncode == 0, run.stderr
+    for rank in (0, 1):
+        assert (job / f"outcome{rank}.txt").read_text().startswith(
+            f"caught: error: the ranks ended with different parameters (rank {rank}: ")
+    ranks = [np.load(job / f"rank{r}.npz") for r in (0, 1)]
+    for name in ranks[0].files:
+        np.testing.assert_array_equal(ranks[0][name], ranks[1][name], err_msg=name)
+        assert not np.array_equal(ranks[0][name], np.load(job / "first0.npz")[name])
+    results = [json.loads((job / f"result{r}.json").read_text()) for r in (0, 1)]
+    assert results[0] == results[1] and results[0][-1] == 2 * 9  # ceil(49 / 6) steps
+
+
+def _rank_pid(marker: str, rank: int, deadline: float) -> int:
+    """The process mpirun started as `rank` of the job whose environment holds `marker`."""
+    while time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                environment = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if marker.encode() in environment and f"PMI_RANK={rank}".encode() in environment:
+                return int(entry.name)
+        time.sleep(0.1)
+    raise AssertionError(f"no rank {rank} process found")
+
+
+def _start_long_job(folder: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    marker = f"CNNC_TEST_JOB={uuid.uuid4().hex}"
+    key, value = marker.split("=")
+    process = subprocess.Popen(
+        [MPIRUN, "-n", "2", sys.executable, "-m", "cnnc", "train", "t.cnn", "--data", "d.npz",
+         "--no-progress", "--epochs", "100000", "--batch", "4", "--checkpoint", "ck.npz",
+         *extra], cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "CNNC_NUM_THREADS": "1", key: value})
+    deadline = time.monotonic() + 120
+    while not (folder / "ck.npz").exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.05)
+    return process, marker
+
+
+def _resumes_in_one_process(folder: Path) -> None:
+    """The last checkpoint is whole: one more epoch from it runs."""
+    with np.load(folder / "ck.npz") as checkpoint:
+        epoch = json.loads(checkpoint["meta"].tobytes())["epoch"]
+    assert alone("--epochs", str(epoch + 1), "--batch", "8", "--resume", "ck.npz",
+                 "--checkpoint", "after.npz", "--out", "w.npz") == 0
+
+
+@needs_mpi
+def test_a_killed_rank_ends_the_job_and_the_checkpoint_survives(job, capsys):
+    write_net(job)
+    process, marker = _start_long_job(job)
+    time.sleep(0.5)  # mid-training, past the first checkpoint
+    os.kill(_rank_pid(marker, 1, time.monotonic() + 10), signal.SIGKILL)
+    killed = time.monotonic()
+    process.communicate(timeout=RANK_EXIT_BOUND_S + 30)
+    assert process.returncode != 0
+    assert time.monotonic() - killed < RANK_EXIT_BOUND_S
+    _resumes_in_one_process(job)
+    assert "epoch" in capsys.readouterr().out
+
+
+@needs_mpi
+def test_a_hung_rank_ends_the_job_after_the_timeout(job, capsys):
+    write_net(job)
+    process, marker = _start_long_job(job, "--mpi-timeout", "3")
+    time.sleep(0.5)
+    hung = _rank_pid(marker, 1, time.monotonic() + 10)
+    os.kill(hung, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        _, stderr = process.communicate(timeout=RANK_EXIT_BOUND_S + 30)
+    finally:
+        if process.poll() is None:
+            os.kill(hung, signal.SIGCONT)
+            process.kill()
+    assert process.returncode != 0
+    assert 3 <= time.monotonic() - stopped < RANK_EXIT_BOUND_S
+    assert "rank 0 of 2: error: no answer from the other ranks for 3 s" in stderr
+    assert "the last checkpoint is intact" in stderr
+    _resumes_in_one_process(job)
+    capsys.readouterr()
+
+
+@needs_mpi
+def test_resume_across_rank_counts_continues_as_one_run(job):
+    """Epoch 1 on 2 ranks then epoch 2 in 1 process, and the reverse, each equal to 2
+    epochs in one process at the same global batch."""
+    write_net(job, ADAM)
+    assert alone("--epochs", "2", "--batch", "8", "--out", "straight.npz",
+                 "--checkpoint", "straight.ckpt.npz") == 0
+    run = mpirun(job, "--epochs", "1", "--batch", "4", "--checkpoint", "by2.npz")
+    assert run.returncode == 0, run.stderr
+    assert alone("--epochs", "2", "--batch", "8", "--resume", "by2.npz",
+                 "--checkpoint", "then1.ckpt.npz", "--out", "then1.npz") == 0
+    assert_same_weights(job / "then1.npz", job / "straight.npz")
+    assert alone("--epochs", "1", "--batch", "8", "--checkpoint", "by1.npz",
+                 "--out", "unused.npz") == 0
+    run = mpirun(job, "--epochs", "2", "--batch", "4", "--resume", "by1.npz",
+                 "--checkpoint", "then2.ckpt.npz", "--out", "then2.npz")
+    assert run.returncode == 0, run.stderr
+    assert "epoch 2/2" in run.stdout and "epoch 1/2" not in run.stdout
+    assert_same_weights(job / "then2.npz", job / "straight.npz")
+
+
+@needs_mpi
+def test_a_bad_checkpoint_on_rank_0_stops_every_rank(job):
+    write_net(job)
+    (job / "bad.npz").write_bytes(b"not a checkpoint")
+    run = mpirun(job, "--resume", "bad.npz", timeout=60)
+    assert run.returncode != 0
+    assert "cannot resume from bad.npz" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_under_mpirun_without_mpi4py_the_error_says_how_to_install_it(job, monkeypatch,
+                                                                      capsys):
+    write_net(job)
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import fails as if not installed
+    assert alone() == 1
+    error = capsys.readouterr().err
+    assert "started as 2 MPI processes, but mpi4py is not installed" in error
+    assert "pip install 'cnnc[mpi]'" in error
+
+
+def test_launchers_are_recognised_and_alone_trains_as_before(job, monkeypatch, capsys):
+    for variable in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(variable, raising=False)
+    assert launched_ranks() == 1
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    assert launched_ranks() == 4
+    monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # not needed when not under mpirun
+    write_net(job)
+    assert alone("--epochs", "1") == 0
+    assert "MPI" not in capsys.readouterr().out
+    assert alone("--mpi-timeout", "0") == 1
+    assert "--mpi-timeout must be a number of seconds above 0" in capsys.readouterr().err
