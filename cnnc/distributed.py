@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -96,6 +97,7 @@ class MpiTeam:
         self.local_size = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
         self.allreduce_seconds = 0.0  # waiting in the gradient Allreduce, for benchmarks
         self.allreduce_bytes = 0  # the buffer of one step
+        self._shapes_of: tuple[Module | None, dict[str, tuple[int, ...]]] = (None, {})
 
     @property
     def is_root(self) -> bool:
@@ -180,28 +182,40 @@ class MpiTeam:
     def step(self, module: Module, x: np.ndarray, y: np.ndarray, lr: float | None) -> float:
         """The gradients of this rank's share, summed over ranks with one Allreduce of one
         flat buffer, then the same update on every rank; returns the global mean loss."""
-        names = list(module.params)
+        shapes = self._shapes(module)
         if len(x):
             gradients, loss = module.gradients_and_loss(x, y)
         else:  # a last batch smaller than the ranks: this one has nothing to add
-            gradients, loss = {k: np.zeros_like(v) for k, v in module.params.items()}, 0.0
+            gradients = {name: np.zeros(shape, module.dtype) for name, shape in shapes.items()}
+            loss = 0.0
         count = len(x)
-        flat = np.concatenate([gradients[k].reshape(-1) for k in names]
-                              + [np.array([loss, 1.0])]).astype(module.dtype) * count
-        flat[-1] = count
+        flat = np.empty(sum(math.prod(shape) for shape in shapes.values()) + 2, module.dtype)
+        at = 0
+        for name, shape in shapes.items():
+            size = math.prod(shape)
+            np.multiply(gradients[name].reshape(-1), count, out=flat[at:at + size])
+            at += size
+        flat[-2:] = (loss * count, count)
         started = time.perf_counter()
         self._wait(self.comm.Iallreduce(self._mpi.IN_PLACE, flat, op=self._mpi.SUM),
                    "averaging the gradients")
         self.allreduce_seconds += time.perf_counter() - started
         self.allreduce_bytes = flat.nbytes
         total = float(flat[-1])
+        flat /= total
         averaged, at = {}, 0
-        for name in names:
-            size = module.params[name].size
-            averaged[name] = (flat[at:at + size] / total).reshape(module.params[name].shape)
+        for name, shape in shapes.items():
+            size = math.prod(shape)
+            averaged[name] = flat[at:at + size].reshape(shape)
             at += size
         module.apply_gradients(averaged, lr)
-        return float(flat[-2]) / total
+        return float(flat[-2])
+
+    def _shapes(self, module: Module) -> dict[str, tuple[int, ...]]:
+        """Each parameter's shape, in the order of the flat buffer (`params` copies them)."""
+        if self._shapes_of[0] is not module:
+            self._shapes_of = (module, {k: v.shape for k, v in module.params.items()})
+        return self._shapes_of[1]
 
     def share_evaluation(self, evaluate: Callable[[], tuple[float, float | None]]
                          ) -> tuple[float, float | None]:
