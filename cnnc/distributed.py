@@ -47,6 +47,7 @@ DEFAULT_TIMEOUT_S = 120.0
 # LeNet-5 step), then every POLL_S, leaving the core to a rank that still computes
 SPIN_S, POLL_S = 0.01, 0.0002
 EXIT_ABORTED = 1
+ABORT_GRACE_S = 0.5
 
 # set by the launchers of MPICH, Intel MPI, Open MPI and MVAPICH for every process they start
 LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -129,6 +130,9 @@ class MpiTeam:
         (MPI_Abort)."""
         sys.stderr.write(f"rank {self.rank} of {self.size}: {message}\n")
         sys.stderr.flush()
+        # the launcher forwards a rank's output through a pipe and stops forwarding when the
+        # abort reaches it: give the message time to get through (it was lost under load)
+        time.sleep(ABORT_GRACE_S)
         self.comm.Abort(EXIT_ABORTED)
 
     def _broadcast(self, array: np.ndarray, what: str) -> np.ndarray:
@@ -151,7 +155,8 @@ class MpiTeam:
 
         first_epoch, result = start
         meta = self._broadcast_json({
-            "error": None if error is None else str(error), "epoch": first_epoch,
+            "error": None if error is None else "; ".join(d.message for d in error.diagnostics),
+            "epoch": first_epoch,
             "steps": result.steps, "history": [vars(e) for e in result.history],
             "rng": rng.bit_generator.state,
             "step": int(module.optimizer_state()["optimizer.step"])}, "starting")

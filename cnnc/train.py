@@ -198,21 +198,26 @@ def _not_finite(module: Module, x: np.ndarray, y: np.ndarray, epoch: int, step: 
                 loss: float) -> CnncTrainingError:
     """Name the first layer whose forward values, or else whose gradients, are not finite."""
     where = "the loss itself"
-    for name, value in module.activations(x).items():
-        if value.dtype.kind == "f" and not np.isfinite(value).all():
-            where = f"the forward pass, in layer {name.split('.')[0]} (tensor {name})"
-            break
+    if len(x) == 0:  # a rank whose share of the step was empty: the others' shares did it
+        where = "the other ranks' shares of this step"
     else:
-        for name, value in module.gradients(x, y).items():
-            if not np.isfinite(value).all():
-                where = f"the backward pass, in layer {name.split('.')[0]} (gradient of {name})"
-                break
+        where = _first_not_finite(module, x, y) or where
     what = f"the loss became {loss}" if not np.isfinite(loss) else \
         "a gradient stopped being finite"
     return CnncTrainingError.single(
         f"training stopped at epoch {epoch}, step {step}: {what}; the first "
         f"values that are not finite appear in {where}. The last checkpoint is unchanged; "
         "a smaller learning rate (--lr) usually helps")
+
+
+def _first_not_finite(module: Module, x: np.ndarray, y: np.ndarray) -> str | None:
+    for name, value in module.activations(x).items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            return f"the forward pass, in layer {name.split('.')[0]} (tensor {name})"
+    for name, value in module.gradients(x, y).items():
+        if not np.isfinite(value).all():
+            return f"the backward pass, in layer {name.split('.')[0]} (gradient of {name})"
+    return None
 
 
 def save_checkpoint(module: Module, rng: np.random.Generator, epoch: int,

@@ -125,6 +125,26 @@ def test_training_steps_match_the_cpu_module_checked_against_the_reference(optim
         np.testing.assert_allclose(state[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
+def test_gradients_and_loss_then_apply_gradients_on_the_device_match_the_cpu():
+    """The halves of a step that data-parallel training uses, on the GPU and on the CPU."""
+    text = TRAINABLE.format(optimizer="adam lr=0.01")
+    gpu_module, cpu_module = cnnc.compile(text, target="cuda"), cnnc.compile(text, threads=1)
+    cpu_module.set_params(gpu_module.params)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 1, 5, 5)).astype(np.float32)
+    y = rng.integers(0, 3, 3)
+    for _ in range(2):
+        on_gpu, gpu_loss = gpu_module.gradients_and_loss(x, y)
+        on_cpu, cpu_loss = cpu_module.gradients_and_loss(x, y)
+        assert gpu_loss == pytest.approx(cpu_loss, rel=1e-5)
+        for name, value in on_cpu.items():
+            assert_close(on_gpu[name], value, np.float32, name)
+        gpu_module.apply_gradients(on_cpu)
+        cpu_module.apply_gradients(on_cpu)
+    for name, value in cpu_module.params.items():
+        assert_close(gpu_module.params[name], value, np.float32, name)
+
+
 def test_module_round_trip_in_a_fresh_process(tmp_path):
     text = TRAINABLE.format(optimizer="sgd lr=0.1")
     module = cnnc.compile(text, target="cuda")

@@ -273,3 +273,18 @@ def test_launchers_are_recognised_and_alone_trains_as_before(job, monkeypatch, c
     assert "MPI" not in capsys.readouterr().out
     assert alone("--mpi-timeout", "0") == 1
     assert "--mpi-timeout must be a number of seconds above 0" in capsys.readouterr().err
+
+
+@needs_mpi
+def test_an_overflow_stops_every_rank_with_the_layer_named(job):
+    (job / "t.cnn").write_text("network blowup\ninput: 4\ndense h: 16 -> relu\ndense out: 2\n"
+                               "loss mse\ntrain sgd lr=1e30\n")
+    rng = np.random.default_rng(0)
+    np.savez(job / "d.npz", x=rng.standard_normal((32, 4)).astype(np.float32) * 100,
+             y=rng.standard_normal((32, 2)).astype(np.float32))
+    (job / "ck.npz").write_bytes(b"previous checkpoint")
+    run = mpirun(job, "--checkpoint", "ck.npz", "--epochs", "3", "--batch", "2", timeout=60)
+    assert run.returncode != 0
+    assert "of 2: error: training stopped at epoch 1, step " in run.stderr
+    assert "not finite appear in the" in run.stderr and "Traceback" not in run.stderr
+    assert (job / "ck.npz").read_bytes() == b"previous checkpoint"

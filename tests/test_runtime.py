@@ -147,3 +147,42 @@ def test_thread_count_option_and_environment(monkeypatch):
     monkeypatch.delenv("CNNC_NUM_THREADS")
     with pytest.raises(cnnc.CnncRuntimeError, match="at least 1, got 0"):
         cnnc.compile(TEXT, threads=0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("optimizer", ["sgd lr=0.1 momentum=0.9", "adam lr=0.01"])
+def test_gradients_and_loss_then_apply_gradients_is_a_train_step(threads, optimizer):
+    """The two halves data-parallel training uses, against the whole step (itself checked
+    against numpy's optimizer elsewhere)."""
+    text = TEXT + f"loss cross_entropy\ntrain {optimizer}\n"
+    whole, halves = cnnc.compile(text, threads=threads), cnnc.compile(text, threads=threads)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, 2, 6, 6)).astype(np.float32)
+    y = rng.integers(0, 4, 6)
+    for _ in range(3):
+        gradients, loss = halves.gradients_and_loss(x, y)
+        assert loss == pytest.approx(halves.loss(x, y), rel=1e-6)
+        for name, value in halves.gradients(x, y).items():
+            np.testing.assert_allclose(gradients[name], value, rtol=1e-6, err_msg=name)
+        halves.apply_gradients(gradients)
+        assert whole.train_step(x, y) == pytest.approx(loss, rel=1e-6)
+    for name, value in whole.params.items():
+        np.testing.assert_allclose(halves.params[name], value, rtol=1e-5, atol=1e-7,
+                                   err_msg=name)
+    np.testing.assert_array_equal(halves.optimizer_state()["optimizer.step"], 3)
+
+
+def test_apply_gradients_checks_every_gradient():
+    module = cnnc.compile(TEXT + "loss cross_entropy\ntrain sgd\n", threads=1)
+    gradients = {name: np.zeros_like(value) for name, value in module.params.items()}
+    before = module.params
+    with pytest.raises(cnnc.CnncRuntimeError, match="a gradient for each parameter"):
+        module.apply_gradients({k: v for k, v in gradients.items() if k != "d.bias"})
+    with pytest.raises(cnnc.CnncRuntimeError, match=r"d.bias must be float32 of shape \(4,\)"):
+        module.apply_gradients({**gradients, "d.bias": np.zeros(5, np.float32)})
+    with pytest.raises(cnnc.CnncRuntimeError, match="must be a numeric array"):
+        module.apply_gradients({**gradients, "d.bias": np.array(["a"] * 4)})
+    module.apply_gradients({**gradients, "d.bias": np.ones(4)})  # float64 is rounded
+    np.testing.assert_allclose(module.params["d.bias"], before["d.bias"] - 0.01, rtol=1e-6)
+    with pytest.raises(cnnc.CnncRuntimeError, match="no loss line"):
+        cnnc.compile(TEXT, threads=1).apply_gradients({})
