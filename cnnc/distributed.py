@@ -252,7 +252,8 @@ class MpiTeam:
             raise CnncDistributedError.single(
                 f"the ranks ended with different parameters (rank {self.rank}: checksum "
                 f"{checksum:014x}); this is a bug in cnnc, please report it")
-        return f"all {self.size} ranks hold identical parameters (checksum {checksum:014x})"
+        return (f"all {self.size} ranks hold identical parameters (checksum {checksum:014x}); "
+                f"rank 0 waited {self.allreduce_seconds:.2f} s in the gradient Allreduce")
 
 
 def train_data_parallel(module: Module, train_data: Any, held_out: Any, options: Any,
