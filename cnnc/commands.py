@@ -40,7 +40,11 @@ def run_train(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.mpi_timeout) and args.mpi_timeout > 0):
         raise CnncError.single("--mpi-timeout must be a number of seconds above 0")
     team = world_team(args.mpi_timeout)  # None: this process trains alone
-    module = open_network(args.network, target=getattr(args, "target", "cpu"))
+    if team is not None and args.target == "cuda":
+        from .runtime_cuda import select_gpu
+
+        select_gpu(team.local_rank)
+    module = open_network(args.network, target=args.target)
     if "loss" not in module.manifest:
         raise CnncError.single(f"network {module.name} has no loss line; training needs one")
     options = _train_options(args, module)

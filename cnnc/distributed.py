@@ -97,8 +97,9 @@ class MpiTeam:
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.timeout = float(timeout)
-        # ranks on this machine: they share its cores
-        self.local_size = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
+        # ranks on this machine: they share its cores and GPUs
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
         self.allreduce_seconds = 0.0  # waiting in the gradient Allreduce, for benchmarks
         self.allreduce_bytes = 0  # the buffer of one step
         self._shapes_of: tuple[Module | None, dict[str, tuple[int, ...]]] = (None, {})

@@ -37,6 +37,16 @@ def _cuda():
     return cuda
 
 
+def select_gpu(local_rank: int) -> int:
+    """Make GPU `local_rank` modulo the GPU count this process's device (the processes of a
+    data-parallel job on one machine take one GPU each, while there are enough); returns
+    its index."""
+    cuda = _cuda()
+    index = local_rank % len(cuda.gpus)
+    cuda.select_device(index)
+    return index
+
+
 SIMULATOR_SUM_THREADS = 4
 
 

@@ -288,3 +288,22 @@ def test_an_overflow_stops_every_rank_with_the_layer_named(job):
     assert "of 2: error: training stopped at epoch 1, step " in run.stderr
     assert "not finite appear in the" in run.stderr and "Traceback" not in run.stderr
     assert (job / "ck.npz").read_bytes() == b"previous checkpoint"
+
+
+@needs_mpi
+def test_two_ranks_on_the_cuda_target_equal_one_cpu_process(job):
+    """In Numba's CUDA simulator here (each rank takes GPU local rank % GPUs on a machine
+    with GPUs); two steps, as the simulator is slow."""
+    write_net(job)
+    run = subprocess.run([MPIRUN, "-n", "2", sys.executable, "-m", "cnnc", "train", "t.cnn",
+                          "--data", "d.npz", "--no-progress", "--target", "cuda", "--batch",
+                          "4", "--max-iter", "2", "--out", "gpu.npz"], cwd=job,
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "CNNC_NUM_THREADS": "1",
+                              "NUMBA_ENABLE_CUDASIM": os.environ.get("NUMBA_ENABLE_CUDASIM",
+                                                                     "1")})
+    assert run.returncode == 0, run.stderr
+    assert "on cuda, 2 MPI processes" in run.stdout
+    assert alone("--batch", "8", "--max-iter", "2", "--out", "cpu.npz",
+                 "--checkpoint", "cpu.ckpt.npz") == 0
+    assert_same_weights(job / "gpu.npz", job / "cpu.npz")
