@@ -6,7 +6,7 @@ import argparse
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .data import Dataset, load, load_mnist_split, load_npz
 from .diagnostics import CnncError, Source
@@ -35,11 +35,30 @@ def open_network(path: str, dtype: str | None = None, target: str = "cpu") -> Mo
 
 def run_train(args: argparse.Namespace) -> int:
     from .distributed import world_team
-    from .train import train
 
     if not (math.isfinite(args.mpi_timeout) and args.mpi_timeout > 0):
         raise CnncError.single("--mpi-timeout must be a number of seconds above 0")
     team = world_team(args.mpi_timeout)  # None: this process trains alone
+    if team is None:
+        return _train(args, None)
+    try:
+        return _train(args, team)
+    except BaseException as error:  # every rank must stop now, not after a timeout
+        if isinstance(error, CnncError):
+            message = error.render()
+        elif isinstance(error, KeyboardInterrupt):
+            message = "interrupted"
+        else:
+            message = (f"cnnc: internal error: {type(error).__name__}: {error} (this is a bug "
+                       "in cnnc; please report it with the program)")
+        team.abort(message)
+        raise  # not reached: the abort ends this process
+
+
+def _train(args: argparse.Namespace, team: Any) -> int:
+    """`cnnc train` alone (team None) or as one process of an MPI job."""
+    from .train import train
+
     if team is not None and args.target == "cuda":
         from .runtime_cuda import select_gpu
 
@@ -49,20 +68,14 @@ def run_train(args: argparse.Namespace) -> int:
         raise CnncError.single(f"network {module.name} has no loss line; training needs one")
     options = _train_options(args, module)
     train_data, held_out = load(args.data, args.val_split, options.seed)
-    if team is None:
-        print(_training_line(module, options, train_data, held_out, 1))
-        train(module, train_data, held_out, options)
-    else:
-        if not os.environ.get("CNNC_NUM_THREADS"):  # the ranks on one machine share it
-            module.set_threads(max(1, thread_count(None) // team.local_size))
-        if team.is_root:
-            print(_training_line(module, options, train_data, held_out, team.size))
-        try:
-            train(module, train_data, held_out, options, team=team)
-        except CnncError as error:  # stop every rank now, not after the others time out
-            team.abort(error.render())
-        if not team.is_root:
-            return EXIT_OK
+    if team is not None and not os.environ.get("CNNC_NUM_THREADS"):
+        module.set_threads(max(1, thread_count(None) // team.local_size))  # they share cores
+    size = 1 if team is None else team.size
+    if team is None or team.is_root:
+        print(_training_line(module, options, train_data, held_out, size))
+    train(module, train_data, held_out, options, team=team)
+    if team is not None and not team.is_root:
+        return EXIT_OK
     out = Path(args.out or f"{module.name}.weights.npz")
     module.save_weights(out)
     print(f"wrote {out} (checkpoints: {options.checkpoint})")

@@ -52,9 +52,9 @@ ABORT_GRACE_S = 0.5
 # set by the launchers of MPICH, Intel MPI, Open MPI and MVAPICH for every process they start
 LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
-NO_MPI4PY = ("cnnc train was started as {size} MPI processes, but mpi4py is not installed, so "
-             "they cannot work together. Install MPI support with: pip install 'cnnc[mpi]' "
-             "(mpi4py and MPICH from PyPI wheels, no system packages), then run "
+NO_MPI4PY = ("cnnc train was started as {size} MPI processes, but mpi4py cannot be imported "
+             "({error}), so they cannot work together. Install MPI support with: pip install "
+             "'cnnc[mpi]' (mpi4py and MPICH from PyPI wheels, no system packages), then run "
              "mpirun -n {size} cnnc train ...")
 
 
@@ -78,8 +78,14 @@ def world_team(timeout: float = DEFAULT_TIMEOUT_S) -> MpiTeam | None:
         return None
     try:
         from mpi4py import MPI
-    except ImportError:
-        raise CnncDistributedError.single(NO_MPI4PY.format(size=size)) from None
+    except ImportError as error:
+        raise CnncDistributedError.single(NO_MPI4PY.format(size=size, error=error)) from None
+    if MPI.COMM_WORLD.Get_size() != size:
+        raise CnncDistributedError.single(
+            f"mpirun started {size} processes, but mpi4py's MPI sees "
+            f"{MPI.COMM_WORLD.Get_size()}: the mpirun on PATH belongs to another MPI than the "
+            "one mpi4py uses. Use the mpirun that came with it (pip install 'cnnc[mpi]' "
+            "brings MPICH's), or rebuild mpi4py for yours")
     return MpiTeam(MPI.COMM_WORLD, timeout)
 
 
@@ -147,7 +153,34 @@ class MpiTeam:
             np.empty(int(length[0]), np.uint8)
         return json.loads(self._broadcast(buffer, what).tobytes())
 
+    def _same_everywhere(self, checksums: list[int], what: str) -> list[bool]:
+        """For each checksum, whether every rank has the same (one Allreduce of MAX over the
+        checksums and their negatives)."""
+        extremes = np.array(checksums + [-c for c in checksums], dtype=np.int64)
+        self._wait(self.comm.Iallreduce(self._mpi.IN_PLACE, extremes, op=self._mpi.MAX), what)
+        count = len(checksums)
+        return [bool(extremes[i] == -extremes[count + i]) for i in range(count)]
+
     # -- the points where ranks agree ------------------------------------------------------
+    def agree(self, module: Module, train_data: Any, held_out: Any, options: Any) -> None:
+        """Stop unless every rank has the same network, data and options: different ones
+        would leave the ranks in different collectives, or silently train on a mixture."""
+        settings = {key: getattr(options, key) for key in
+                    ("epochs", "batch", "lr", "seed", "max_iter", "tol")}
+        network = {key: module.manifest.get(key) for key in
+                   ("network", "dtype", "storage", "optimizer", "loss")}
+        parts = {"network": _checksum(json.dumps(network, sort_keys=True).encode()),
+                 "training data": _data_checksum(train_data),
+                 "held-out data": _data_checksum(held_out),
+                 "training options": _checksum(json.dumps(settings, default=str).encode())}
+        same = self._same_everywhere(list(parts.values()), "comparing the inputs")
+        differ = [name for name, agreed in zip(parts, same, strict=True) if not agreed]
+        if differ:
+            raise CnncDistributedError.single(
+                f"the {self.size} processes were not given the same {' and '.join(differ)}: "
+                "every process must train the same network on the same data with the same "
+                "options (each machine reads its own copy of the data)")
+
     def begin(self, module: Module, rng: np.random.Generator, start: Any,
               error: CnncError | None) -> Any:
         """Every rank takes rank 0's starting point: `start` (epoch and history), the data
@@ -229,32 +262,52 @@ class MpiTeam:
             self._shapes_of = (module, {k: v.shape for k, v in module.params.items()})
         return self._shapes_of[1]
 
-    def share_evaluation(self, evaluate: Callable[[], tuple[float, float | None]]
-                         ) -> tuple[float, float | None]:
-        """Rank 0 evaluates; every rank gets its (loss, accuracy)."""
-        values = np.full(2, np.nan)
-        if self.is_root:
-            loss, accuracy = evaluate()
-            values[:] = (loss, np.nan if accuracy is None else accuracy)
-        self._broadcast(values, "waiting for rank 0's evaluation")
-        return float(values[0]), None if np.isnan(values[1]) else float(values[1])
+    def evaluate(self, module: Module, held_out: Any) -> tuple[float, float | None]:
+        """(mean loss, accuracy) over the held-out data: each rank takes a share, one
+        Allreduce adds them up."""
+        from .train import evaluate
+
+        mine = self.shard(np.arange(len(held_out)))
+        sums = np.zeros(3)  # loss × count, correct answers, count
+        if len(mine):
+            loss, accuracy = evaluate(module, held_out.take(mine))
+            sums[:] = (loss * len(mine), (accuracy or 0.0) * len(mine), len(mine))
+        self._wait(self.comm.Iallreduce(self._mpi.IN_PLACE, sums, op=self._mpi.SUM),
+                   "evaluating the held-out data")
+        classify = module.manifest["loss"]["kind"] == "cross_entropy"
+        return float(sums[0] / sums[2]), float(sums[1] / sums[2]) if classify else None
+
+    def check_identical(self, module: Module) -> int:
+        """The parameters' checksum, the same on every rank, or an error."""
+        checksum = _checksum(*(np.ascontiguousarray(v).tobytes()
+                               for v in module.params.values()))
+        if not self._same_everywhere([checksum], "comparing the parameters")[0]:
+            raise CnncDistributedError.single(
+                f"the ranks hold different parameters (rank {self.rank}: checksum "
+                f"{checksum:014x}). The update runs the same code on the same numbers on "
+                "every rank; machines with different CPUs compile it differently, so compile "
+                "once (cnnc compile NET.cnn -o NET.cnnm) and train NET.cnnm everywhere")
+        return checksum
 
     def finish(self, module: Module) -> str:
-        """Check that every rank holds the same parameters (a checksum, reduced with MIN and
-        MAX in one Allreduce); the line rank 0 reports."""
-        digest = hashlib.sha256()
-        for value in module.params.values():
-            digest.update(np.ascontiguousarray(value).tobytes())
-        checksum = int.from_bytes(digest.digest()[:7], "little")  # fits in an int64
-        extremes = np.array([checksum, -checksum], dtype=np.int64)
-        self._wait(self.comm.Iallreduce(self._mpi.IN_PLACE, extremes, op=self._mpi.MAX),
-                   "comparing the parameters")
-        if extremes[0] != -extremes[1]:
-            raise CnncDistributedError.single(
-                f"the ranks ended with different parameters (rank {self.rank}: checksum "
-                f"{checksum:014x}); this is a bug in cnnc, please report it")
+        """Check that every rank holds the same parameters; the line rank 0 reports."""
+        checksum = self.check_identical(module)
         return (f"all {self.size} ranks hold identical parameters (checksum {checksum:014x}); "
                 f"rank 0 waited {self.allreduce_seconds:.2f} s in the gradient Allreduce")
+
+
+def _checksum(*chunks: bytes) -> int:
+    """56 bits of SHA-256: fits in an int64 with its negative."""
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return int.from_bytes(digest.digest()[:7], "little")
+
+
+def _data_checksum(data: Any) -> int:
+    x, y = np.ascontiguousarray(data.x), np.ascontiguousarray(data.y)
+    return _checksum(str((x.shape, x.dtype.str, y.shape, y.dtype.str)).encode(), x.tobytes(),
+                     y.tobytes())
 
 
 def train_data_parallel(module: Module, train_data: Any, held_out: Any, options: Any,
@@ -269,8 +322,9 @@ def train_data_parallel(module: Module, train_data: Any, held_out: Any, options:
     if comm is None:
         try:
             from mpi4py import MPI
-        except ImportError:
-            raise CnncDistributedError.single(NO_MPI4PY.format(size="several")) from None
+        except ImportError as error:
+            raise CnncDistributedError.single(NO_MPI4PY.format(size="several", error=error)) \
+                from None
         comm = MPI.COMM_WORLD
     return train(module, train_data, held_out, options, report=report,
                  team=MpiTeam(comm, timeout))

@@ -97,9 +97,15 @@ class Solo:
     def step(self, module: Module, x: np.ndarray, y: np.ndarray, lr: float | None) -> float:
         return module.train_step(x, y, lr=lr)
 
-    def share_evaluation(self, evaluate: Callable[[], tuple[float, float | None]]
-                         ) -> tuple[float, float | None]:
-        return evaluate()
+    def agree(self, module: Module, train_data: Dataset, held_out: Dataset,
+              options: TrainOptions) -> None:
+        """Nobody to disagree with."""
+
+    def evaluate(self, module: Module, held_out: Dataset) -> tuple[float, float | None]:
+        return evaluate(module, held_out)
+
+    def check_identical(self, module: Module) -> None:
+        """One copy of the parameters."""
 
     def finish(self, module: Module) -> str | None:
         return None
@@ -112,19 +118,22 @@ def train(module: Module, train_data: Dataset, held_out: Dataset, options: Train
     team = team if team is not None else Solo()
     check_data(module, train_data, "training")
     check_data(module, held_out, "held-out")
+    team.agree(module, train_data, held_out, options)
     rng = np.random.default_rng(options.seed)
-    first_epoch, result = _start(module, rng, options, team)
+    first_epoch, result = _start(module, rng, options, team, report)
     for epoch in range(first_epoch, options.epochs + 1):
         order = rng.permutation(len(train_data))
         epoch_loss = _epoch(module, train_data, order, epoch, options, result, team)
-        held_loss, accuracy = team.share_evaluation(lambda: evaluate(module, held_out))
+        team.check_identical(module)  # ranks that drifted apart stop within an epoch
+        held_loss, accuracy = team.evaluate(module, held_out)
         result.history.append(EpochResult(epoch, epoch_loss, accuracy, held_loss))
         shown = f", accuracy {accuracy:.2%}" if accuracy is not None else ""
         if team.is_root:
             report(f"epoch {epoch}/{options.epochs}: training loss {epoch_loss:.4f}, held-out "
                    f"loss {held_loss:.4f}{shown}")
             if options.checkpoint is not None:
-                save_checkpoint(module, rng, epoch, result, options.checkpoint, team.size)
+                save_checkpoint(module, rng, epoch, result, options.checkpoint, team.size,
+                                options.batch * team.size)
         if result.stopped != "epochs":
             if team.is_root:
                 report(f"stopped early: {result.stopped} reached after {result.steps} steps")
@@ -135,13 +144,20 @@ def train(module: Module, train_data: Dataset, held_out: Dataset, options: Train
     return result
 
 
-def _start(module: Module, rng: np.random.Generator, options: TrainOptions,
-           team: Any) -> tuple[int, TrainResult]:
+def _start(module: Module, rng: np.random.Generator, options: TrainOptions, team: Any,
+           report: Callable[[str], None]) -> tuple[int, TrainResult]:
     """Resume on rank 0 when asked; then every rank starts from rank 0's point."""
     start, error = (1, TrainResult()), None
     if team.is_root and options.resume is not None:
         try:
-            start = _resume(module, rng, options.resume)
+            epoch, result, meta = _resume(module, rng, options.resume)
+            start = (epoch, result)
+            step_batch = options.batch * team.size
+            saved = meta.get("global_batch")
+            if saved is not None and saved != step_batch:
+                report(f"note: {options.resume} was trained with {saved} "
+                       f"samples a step ({meta.get('ranks', 1)} processes); this run takes "
+                       f"{step_batch} ({team.size} of --batch {options.batch})")
         except CnncError as failure:
             error = failure
     return team.begin(module, rng, start, error)
@@ -221,10 +237,13 @@ def _first_not_finite(module: Module, x: np.ndarray, y: np.ndarray) -> str | Non
 
 
 def save_checkpoint(module: Module, rng: np.random.Generator, epoch: int,
-                    result: TrainResult, path: Path, ranks: int = 1) -> None:
+                    result: TrainResult, path: Path, ranks: int = 1,
+                    global_batch: int | None = None) -> None:
     """Parameters, optimizer state, data-order generator and history, written atomically.
-    `ranks` (how many trained) is for information: any number may resume."""
+    `ranks` and `global_batch` (samples a step) are for information: any number of
+    processes may resume, with any batch."""
     meta = {"epoch": epoch, "steps": result.steps, "network": module.name, "ranks": ranks,
+            "global_batch": global_batch,
             "rng": rng.bit_generator.state,
             "history": [vars(e) for e in result.history]}
     arrays = {f"param/{k}": v for k, v in module.params.items()}
@@ -234,7 +253,7 @@ def save_checkpoint(module: Module, rng: np.random.Generator, epoch: int,
 
 
 def _resume(module: Module, rng: np.random.Generator,
-            path: Path) -> tuple[int, TrainResult]:
+            path: Path) -> tuple[int, TrainResult, dict[str, Any]]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
@@ -252,4 +271,4 @@ def _resume(module: Module, rng: np.random.Generator,
             zipfile.BadZipFile) as error:
         raise CnncDataError.single(f"cannot resume from {path}: it is not a usable "
                                    f"checkpoint ({type(error).__name__}: {error})") from None
-    return epoch + 1, result
+    return epoch + 1, result, meta

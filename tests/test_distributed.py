@@ -45,10 +45,14 @@ def job(tmp_path, monkeypatch):
     """A folder with the network and 61 samples: 49 to train, so the last global batch of
     every epoch (49 = 8 * 6 + 1) leaves rank 1 with nothing."""
     monkeypatch.chdir(tmp_path)
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "d.npz", x=rng.standard_normal((61, 1, 8, 8)).astype(np.float32),
-             y=rng.integers(0, 3, 61))
+    write_data(tmp_path / "d.npz", 61)
     return tmp_path
+
+
+def write_data(path: Path, samples: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    np.savez(path, x=rng.standard_normal((samples, 1, 8, 8)).astype(np.float32),
+             y=rng.integers(0, 3, samples))
 
 
 def write_net(folder: Path, optimizer: str = SGD) -> None:
@@ -77,9 +81,12 @@ def assert_same_weights(got: Path, want: Path) -> None:
 
 
 @needs_mpi
-@pytest.mark.parametrize("optimizer", [SGD, ADAM])
-def test_two_ranks_of_batch_b_equal_one_process_of_batch_2b(job, optimizer):
+@pytest.mark.parametrize(("optimizer", "samples"), [(SGD, 61), (ADAM, 61), (SGD, 56)])
+def test_two_ranks_of_batch_b_equal_one_process_of_batch_2b(job, optimizer, samples):
+    """61 samples: 49 to train, the last step of an epoch 1 sample (shares of 1 and 0); 56:
+    45 to train, the last step 5 samples (shares of 3 and 2)."""
     write_net(job, optimizer)
+    write_data(job / "d.npz", samples)
     run = mpirun(job, "--epochs", "2", "--batch", "4", "--out", "two.npz")
     assert run.returncode == 0, run.stderr
     assert "2 MPI processes of 1 thread" in run.stdout
@@ -92,8 +99,9 @@ def test_two_ranks_of_batch_b_equal_one_process_of_batch_2b(job, optimizer):
     initial = cnnc.compile(job / "t.cnn").params
     assert not np.allclose(initial["d.weight"], np.load("two.npz")["d.weight"], atol=1e-3)
     state = np.load("t.ckpt.npz")
-    np.testing.assert_array_equal(state["state/optimizer.step"], 14)  # 7 steps an epoch
-    assert json.loads(state["meta"].tobytes())["ranks"] == 2
+    np.testing.assert_array_equal(state["state/optimizer.step"], 14 if samples == 61 else 12)
+    meta = json.loads(state["meta"].tobytes())
+    assert meta["ranks"] == 2 and meta["global_batch"] == 8
 
 
 WORKER = '''
@@ -133,7 +141,7 @@ def test_every_rank_ends_identical_and_a_difference_is_caught(job):
     assert run.returncode == 0, run.stderr
     for rank in (0, 1):
         assert (job / f"outcome{rank}.txt").read_text().startswith(
-            f"caught: error: the ranks ended with different parameters (rank {rank}: ")
+            f"caught: error: the ranks hold different parameters (rank {rank}: ")
     ranks = [np.load(job / f"rank{r}.npz") for r in (0, 1)]
     for name in ranks[0].files:
         np.testing.assert_array_equal(ranks[0][name], ranks[1][name], err_msg=name)
@@ -183,11 +191,13 @@ def _resumes_in_one_process(folder: Path) -> None:
 
 
 @needs_mpi
-def test_a_killed_rank_ends_the_job_and_the_checkpoint_survives(job, capsys):
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_killed_rank_ends_the_job_and_the_checkpoint_survives(job, capsys, rank):
+    """Rank 0 writes the checkpoints, maybe at the moment it is killed."""
     write_net(job)
     process, marker = _start_long_job(job)
     time.sleep(0.5)  # mid-training, past the first checkpoint
-    os.kill(_rank_pid(marker, 1, time.monotonic() + 10), signal.SIGKILL)
+    os.kill(_rank_pid(marker, rank, time.monotonic() + 10), signal.SIGKILL)
     killed = time.monotonic()
     process.communicate(timeout=RANK_EXIT_BOUND_S + 30)
     assert process.returncode != 0
@@ -256,7 +266,7 @@ def test_under_mpirun_without_mpi4py_the_error_says_how_to_install_it(job, monke
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # import fails as if not installed
     assert alone() == 1
     error = capsys.readouterr().err
-    assert "started as 2 MPI processes, but mpi4py is not installed" in error
+    assert "started as 2 MPI processes, but mpi4py cannot be imported" in error
     assert "pip install 'cnnc[mpi]'" in error
 
 
@@ -307,3 +317,59 @@ def test_two_ranks_on_the_cuda_target_equal_one_cpu_process(job):
     assert alone("--batch", "8", "--max-iter", "2", "--out", "cpu.npz",
                  "--checkpoint", "cpu.ckpt.npz") == 0
     assert_same_weights(job / "gpu.npz", job / "cpu.npz")
+
+
+def _mpmd(folder: Path, first: list[str], second: list[str], timeout: float = 120
+          ) -> subprocess.CompletedProcess:
+    """Rank 0 runs `cnnc train` with `first`, rank 1 with `second` (MPI's MPMD form)."""
+    train = [sys.executable, "-m", "cnnc", "train", "t.cnn", "--no-progress"]
+    return subprocess.run([MPIRUN, "-n", "1", *train, *first, ":", "-n", "1", *train,
+                           *second], cwd=folder, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "CNNC_NUM_THREADS": "1"})
+
+
+@needs_mpi
+def test_an_error_on_one_rank_stops_the_job_at_once(job):
+    write_net(job)
+    started = time.monotonic()
+    run = _mpmd(job, ["--data", "d.npz"], ["--data", "missing.npz"])
+    assert run.returncode != 0
+    assert time.monotonic() - started < 60  # not the 120 s of --mpi-timeout
+    assert "rank 1 of 2: error: no data at missing.npz" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+@needs_mpi
+def test_ranks_given_different_data_or_options_refuse_to_train(job):
+    write_net(job)
+    write_data(job / "other.npz", 61, seed=1)
+    run = _mpmd(job, ["--data", "d.npz"], ["--data", "other.npz"])
+    assert run.returncode != 0
+    assert "were not given the same training data and held-out data" in run.stderr
+    run = _mpmd(job, ["--data", "d.npz", "--lr", "0.1"], ["--data", "d.npz", "--lr", "0.2"])
+    assert run.returncode != 0 and "not given the same training options" in run.stderr
+    assert not (job / "t.weights.npz").exists()
+
+
+@needs_mpi
+def test_tol_stops_every_rank_at_the_step_one_process_stops(job, capsys):
+    write_net(job, "sgd lr=0.0000001")
+    assert alone("--epochs", "3", "--batch", "8", "--tol", "1e-3", "--out", "one.npz",
+                 "--checkpoint", "one.ckpt.npz") == 0
+    assert "stopped early: tol reached after 1 steps" in capsys.readouterr().out
+    run = mpirun(job, "--epochs", "3", "--batch", "4", "--tol", "1e-3", "--out", "two.npz")
+    assert run.returncode == 0, run.stderr
+    assert "stopped early: tol reached after 1 steps" in run.stdout
+    assert_same_weights(job / "two.npz", job / "one.npz")
+
+
+def test_a_launcher_of_another_mpi_is_refused(job):
+    """Open MPI's mpirun with mpi4py built for MPICH: each process sees a world of 1."""
+    if not HAVE_MPI4PY:
+        pytest.skip("mpi4py is not installed: pip install 'cnnc[mpi]'")
+    write_net(job)
+    run = subprocess.run([sys.executable, "-m", "cnnc", "train", "t.cnn", "--data", "d.npz"],
+                         cwd=job, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMPI_COMM_WORLD_SIZE": "2"})
+    assert run.returncode == 1
+    assert "mpirun started 2 processes, but mpi4py's MPI sees 1" in run.stderr
