@@ -263,19 +263,16 @@ class MpiTeam:
         return self._shapes_of[1]
 
     def evaluate(self, module: Module, held_out: Any) -> tuple[float, float | None]:
-        """(mean loss, accuracy) over the held-out data: each rank takes a share, one
-        Allreduce adds them up."""
+        """Rank 0 evaluates the held-out data; every rank gets its (loss, accuracy). The
+        others wait for it: `timeout` must cover an evaluation."""
         from .train import evaluate
 
-        mine = self.shard(np.arange(len(held_out)))
-        sums = np.zeros(3)  # loss × count, correct answers, count
-        if len(mine):
-            loss, accuracy = evaluate(module, held_out.take(mine))
-            sums[:] = (loss * len(mine), (accuracy or 0.0) * len(mine), len(mine))
-        self._wait(self.comm.Iallreduce(self._mpi.IN_PLACE, sums, op=self._mpi.SUM),
-                   "evaluating the held-out data")
-        classify = module.manifest["loss"]["kind"] == "cross_entropy"
-        return float(sums[0] / sums[2]), float(sums[1] / sums[2]) if classify else None
+        values = np.full(2, np.nan)
+        if self.is_root:
+            loss, accuracy = evaluate(module, held_out)
+            values[:] = (loss, np.nan if accuracy is None else accuracy)
+        self._broadcast(values, "waiting for rank 0's evaluation of the held-out data")
+        return float(values[0]), None if np.isnan(values[1]) else float(values[1])
 
     def check_identical(self, module: Module) -> int:
         """The parameters' checksum, the same on every rank, or an error."""
