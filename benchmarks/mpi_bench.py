@@ -94,13 +94,18 @@ def run_config(network: Path, batch: int, steps: int, ranks: int, threads: int) 
     command = [sys.executable, __file__, "--worker", str(network), str(batch), str(steps),
                str(threads)]
     if ranks > 1:
-        command = [shutil.which("mpirun") or "mpirun", "-n", str(ranks), *command]
+        command = [_mpirun(), "-n", str(ranks), *command]
     env = {**os.environ, "CNNC_NUM_THREADS": str(threads), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr}")
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     return json.loads(lines[0])  # rank 0's
+
+
+def _mpirun() -> str | None:
+    """mpirun on PATH, or the one the mpich wheel put beside this Python."""
+    return shutil.which("mpirun") or shutil.which("mpirun", path=str(Path(sys.executable).parent))
 
 
 def parameter_count(network: Path) -> int:
@@ -122,7 +127,7 @@ def main() -> None:
         if os.environ.get("PMI_RANK", "0") == "0":
             print(json.dumps(result), flush=True)
         return
-    if shutil.which("mpirun") is None:
+    if _mpirun() is None:
         raise SystemExit("no mpirun here: pip install 'cnnc[mpi]'")
     rows = []
     for name, network, batch in WORKLOADS:

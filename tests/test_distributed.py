@@ -30,7 +30,8 @@ try:
     HAVE_MPI4PY = True
 except ImportError:
     HAVE_MPI4PY = False
-MPIRUN = shutil.which("mpirun")
+# the mpich wheel puts mpirun beside the Python it was installed for, which may not be on PATH
+MPIRUN = shutil.which("mpirun") or shutil.which("mpirun", path=str(Path(sys.executable).parent))
 needs_mpi = pytest.mark.skipif(not (HAVE_MPI4PY and MPIRUN),
                                reason="needs mpi4py and mpirun: pip install 'cnnc[mpi]'")
 
