@@ -19,7 +19,7 @@ from numerics import assert_close, random_params
 import cnnc
 from cnnc import reference
 from cnnc.autodiff import differentiate
-from cnnc.backends.cuda import BLOCK_THREADS, Launch, grid
+from cnnc.backends.cuda import BLOCK_THREADS, Launch, grid, launch_from_json, launches_to_json
 from conftest import EXAMPLES
 
 cuda = pytest.importorskip("numba.cuda", reason="numba is not installed")
@@ -203,6 +203,10 @@ def test_thread_grid_covers_every_output_once():
     assert grid(Launch("k", (), (10,)), 1) == (1, 32)
     assert grid(Launch("k", (), (6, 1, 5, 5), block_reduce=True), 64) == (150, BLOCK_THREADS)
     assert grid(Launch("k", (), (), block_reduce=True), 64, 8) == (1, 8)
+    # a kernel's shared arrays are sized for its block width, which the module file records
+    narrow = Launch("k", ("x",), ("N", 6, 28, 28), block_threads=64)
+    assert grid(narrow, 64) == (64 * 6 * 28 * 28 // 64, 64)
+    assert launch_from_json(launches_to_json({"k": (narrow,)})["k"][0]) == narrow
 
 
 def test_reductions_and_scatters_get_race_free_thread_grids():
@@ -252,6 +256,19 @@ def test_which_buffers_are_staged_in_shared_memory():
     # 33 slots of 64 * 3 * 3 taps would pass the shared-memory budget
     wide = _kernel_sources(net("64x4x4", "conv c: 8 3x3", "flatten", "dense d: 2"))
     assert "cuda.shared.array" not in wide["c_conv_fwd_0"]
+    # 1x1 outputs: each thread its own filter, nothing shared (130 filters > 128 slots)
+    single = _kernel_sources(net("1x3x3", "conv c: 130 3x3", "flatten", "dense d: 2"))
+    assert "cuda.shared.array" not in single["c_conv_fwd_0"]
+
+
+def test_a_few_small_filters_are_staged_whole():
+    """2x2 outputs: a block spans up to 33 filters, but there are 7: each is copied once and
+    read at the slot of its own index, in blocks that wrap around the filters."""
+    text = net("1x3x3", "conv c: 7 2x2 -> tanh", "flatten", "dense d: 2")
+    forward = _kernel_sources(text)["c_conv_tanh_fwd_0"]
+    assert "staged0 = cuda.shared.array(28, F)" in forward
+    assert "staged0_slot = (thread_index // 4) % 7" in forward
+    check_against_reference(text, batch=5)  # 5 * 7 * 4 = 140 threads: two blocks
 
 
 @pytest.mark.parametrize("batch", [1, 2, 19])

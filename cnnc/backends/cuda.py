@@ -48,7 +48,7 @@ from ..loops import (
     Unary,
     Var,
 )
-from .cuda_shared import Staged, staged_buffers, variables_of
+from .cuda_shared import Staged, accesses_of, staged_buffers, variables_of
 
 # Threads a block: a multiple of the 32 of a warp, small enough for any kernel's registers.
 BLOCK_THREADS = 128
@@ -83,6 +83,8 @@ class Launch:
     buffers: tuple[str, ...]
     threads: tuple[int | str, ...]
     block_reduce: bool = False  # a block per thread of `threads`, summing in shared memory
+    # the widest block the kernel was generated for: its shared arrays are sized for it
+    block_threads: int = BLOCK_THREADS
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,8 +132,7 @@ def _kernel_source(name: str, function: LoopFunction, group: tuple[Stmt, ...]
     sum_ = _batch_sum(body) if "N" not in threads else None
     staged: tuple[Staged, ...] = ()
     if parallel and not sum_:
-        accesses = [access for stmt in body for access in _accesses(stmt)]
-        staged = staged_buffers(function, parallel, accesses, BLOCK_THREADS)
+        staged = staged_buffers(function, parallel, body, BLOCK_THREADS)
     emitter = _Emitter(function, names, {item.buffer: (f"staged{i}", item)
                                          for i, item in enumerate(staged)})
     args = ", ".join(["N", *names.values()])
@@ -143,7 +144,9 @@ def _kernel_source(name: str, function: LoopFunction, group: tuple[Stmt, ...]
         _stage(emitter, lines)
         lines += ["    if thread_index >= threads:", "        return"]
         for shared, item in emitter.staged.values():
-            lines.append(f"    {shared}_slot = thread_index // {item.stride} - {shared}_first")
+            slot = f"thread_index // {item.stride}"
+            slot = f"({slot}) % {item.extent}" if item.whole else f"{slot} - {shared}_first"
+            lines.append(f"    {shared}_slot = {slot}")
         for loop, extent in zip(reversed(parallel), reversed(extents), strict=True):
             lines.append(f"    {loop.var} = thread_index % {extent}")
             lines.append(f"    thread_index = thread_index // {extent}")
@@ -168,10 +171,13 @@ def _stage(emitter: _Emitter, lines: list[str]) -> None:
         size = item.slice_size
         rest = [Var(f"{shared}_at{axis}") for axis in range(len(item.slice_shape))]
         index = (*rest[:item.axis], Var(f"{shared}_of"), *rest[item.axis:])
-        lines += [f"    {shared} = cuda.shared.array({item.slots * size}, F)",
-                  f"    {shared}_first = block_first // {item.stride}",
-                  f"    {shared}_used = (block_last // {item.stride} - {shared}_first + 1) * "
-                  f"{size}",
+        if item.whole:  # every slice, each in the slot of its own index
+            span = [f"    {shared}_first = 0", f"    {shared}_used = {item.extent * size}"]
+        else:  # the slices of the values the block's threads take
+            span = [f"    {shared}_first = block_first // {item.stride}",
+                    f"    {shared}_used = (block_last // {item.stride} - {shared}_first + 1) "
+                    f"* {size}"]
+        lines += [f"    {shared} = cuda.shared.array({item.slots * size}, F)", *span,
                   "    element = cuda.threadIdx.x",
                   f"    while element < {shared}_used:",
                   f"        {shared}_of = ({shared}_first + element // {size}) % {item.extent}",
@@ -260,7 +266,7 @@ def _extent(expr: Expr) -> int | str:
 def _parallel_prefix(nest: For) -> list[For]:
     """The outer loops of `nest` whose iterations touch disjoint elements of every buffer
     the nest writes (see the module docstring); they are perfectly nested."""
-    accesses = _accesses(nest)
+    accesses = accesses_of(nest)
     written = {buffer for buffer, _, is_store in accesses if is_store}
     prefix: list[For] = []
     loop: Stmt = nest
@@ -288,47 +294,6 @@ def _owns_axis(var: str, indices: list[tuple[Expr, ...]]) -> bool:
         if not axes:
             return False
     return bool(axes)
-
-
-def _accesses(stmt: Stmt) -> list[tuple[str, tuple[Expr, ...], bool]]:
-    """(buffer, index, is_store) of every load and store in `stmt`."""
-    found: list[tuple[str, tuple[Expr, ...], bool]] = []
-
-    def expr(e: Expr) -> None:
-        if isinstance(e, Load):
-            found.append((e.buffer, e.index, False))
-            for item in e.index:
-                expr(item)
-        elif isinstance(e, Binary):
-            expr(e.left)
-            expr(e.right)
-        elif isinstance(e, Unary):
-            expr(e.operand)
-        elif isinstance(e, Select):
-            for part in (e.cond, e.then, e.otherwise):
-                expr(part)
-
-    def visit(s: Stmt) -> None:
-        if isinstance(s, For):
-            expr(s.extent)
-            for inner in s.body:
-                visit(inner)
-        elif isinstance(s, If):
-            expr(s.cond)
-            for inner in s.body:
-                visit(inner)
-        elif isinstance(s, Assign):
-            expr(s.value)
-        elif isinstance(s, Store):
-            found.append((s.buffer, s.index, True))
-            for item in s.index:
-                expr(item)
-            expr(s.value)
-        else:
-            raise ValueError(f"the CUDA backend takes plain loop nests, not {type(s).__name__}")
-
-    visit(stmt)
-    return found
 
 
 _UNARY = {"exp": "math.exp", "log": "math.log", "sqrt": "math.sqrt", "tanh": "math.tanh"}
@@ -423,7 +388,8 @@ def _identifier(name: str) -> str:
 
 def launches_to_json(launches: dict[str, tuple[Launch, ...]]) -> dict[str, list[dict]]:
     return {name: [{"kernel": launch.kernel, "buffers": list(launch.buffers),
-                    "threads": list(launch.threads), "block_reduce": launch.block_reduce}
+                    "threads": list(launch.threads), "block_reduce": launch.block_reduce,
+                    "block_threads": launch.block_threads}
                    for launch in group]
             for name, group in launches.items()}
 
@@ -431,7 +397,8 @@ def launches_to_json(launches: dict[str, tuple[Launch, ...]]) -> dict[str, list[
 def launch_from_json(item: dict) -> Launch:
     return Launch(str(item["kernel"]), tuple(map(str, item["buffers"])),
                   tuple(t if t == "N" else int(t) for t in item["threads"]),
-                  bool(item.get("block_reduce", False)))
+                  bool(item.get("block_reduce", False)),
+                  int(item.get("block_threads", BLOCK_THREADS)))
 
 
 def thread_count(threads: tuple[int | str, ...], batch: int) -> int:
@@ -442,10 +409,11 @@ def grid(launch: Launch, batch: int, sum_threads: int = BLOCK_THREADS) -> tuple[
     """(blocks, threads a block): a thread per iteration of the thread loops, or for a block
     reduction a block of `sum_threads` (a power of two up to BLOCK_THREADS) per result."""
     total = max(1, thread_count(launch.threads, batch))
+    widest = launch.block_threads
     if launch.block_reduce:
-        assert 0 < sum_threads <= BLOCK_THREADS and sum_threads & (sum_threads - 1) == 0
+        assert 0 < sum_threads <= widest and sum_threads & (sum_threads - 1) == 0
         return total, sum_threads
-    per_block = min(BLOCK_THREADS, -(-total // 32) * 32)
+    per_block = min(widest, -(-total // 32) * 32)
     return -(-total // per_block), per_block
 
 

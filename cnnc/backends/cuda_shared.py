@@ -30,7 +30,21 @@ import math
 from dataclasses import dataclass
 
 from ..ir import BATCH
-from ..loops import Binary, Const, Expr, For, Load, LoopFunction, Select, Unary, Var
+from ..loops import (
+    Assign,
+    Binary,
+    Const,
+    Expr,
+    For,
+    If,
+    Load,
+    LoopFunction,
+    Select,
+    Stmt,
+    Store,
+    Unary,
+    Var,
+)
 
 # Shared memory a launch may fill with staged slices: a quarter of the 48 KiB a block may
 # have statically, so that several blocks still fit on one multiprocessor.
@@ -49,6 +63,8 @@ class Staged:
     extent: int  # the values `var` takes
     slots: int  # slices the shared array holds
     slice_shape: tuple[int, ...]  # the buffer's shape without `axis`
+    whole: bool = False  # every slice staged (slot = the variable), not the block's span
+    dtype_bytes: int = 4
 
     @property
     def slice_size(self) -> int:
@@ -58,38 +74,56 @@ class Staged:
 Access = tuple[str, tuple[Expr, ...], bool]  # buffer, index, is_store
 
 
-def staged_buffers(function: LoopFunction, parallel: list[For], accesses: list[Access],
+def staged_buffers(function: LoopFunction, parallel: list[For], body: tuple[Stmt, ...],
                    block_threads: int) -> tuple[Staged, ...]:
     """The buffers worth staging in a launch whose thread loops are `parallel` (outermost
-    first) and whose body makes `accesses`."""
+    first) around `body`, together within the budget."""
     thread_vars = [loop.var for loop in parallel]
+    if names_bound(body) & set(thread_vars):
+        return ()  # a slot is computed from the thread index, not from a rebound variable
+    accesses = [access for stmt in body for access in accesses_of(stmt)]
     written = {buffer for buffer, _, is_store in accesses if is_store}
     read = sorted({buffer for buffer, _, is_store in accesses if not is_store} - written)
-    staged = []
+    staged: list[Staged] = []
+    budget = STAGE_BUDGET_BYTES
     for buffer in read:
-        declared = function.buffer(buffer)
-        if BATCH in declared.shape or not declared.dtype.is_float:
+        item = _staging(function, parallel, buffer, accesses, block_threads)
+        if item is None:
             continue
-        indices = [index for name, index, _ in accesses if name == buffer]
-        found = _slice_axis(indices, thread_vars)
-        if found is None:
-            continue
-        axis, var = found
-        position = thread_vars.index(var)
-        inner = [loop.extent for loop in parallel[position + 1:]]
-        if not inner or not all(isinstance(extent, Const) for extent in inner):
-            continue  # innermost, or a stride that depends on the batch
-        stride = math.prod(int(extent.value) for extent in inner)
-        slots = min(block_threads, (block_threads - 1) // stride + 2)
-        slice_shape = tuple(int(d) for i, d in enumerate(declared.shape) if i != axis)
-        itemsize = 8 if declared.dtype.value == "f64" else 4
-        if slots * math.prod(slice_shape) * itemsize > STAGE_BUDGET_BYTES:
-            continue
-        own = parallel[position].extent
-        if not isinstance(own, Const):
-            continue
-        staged.append(Staged(buffer, axis, var, stride, int(own.value), slots, slice_shape))
+        size = item.slots * item.slice_size * item.dtype_bytes
+        if size <= budget:
+            staged.append(item)
+            budget -= size
     return tuple(staged)
+
+
+def _staging(function: LoopFunction, parallel: list[For], buffer: str,
+             accesses: list[Access], block_threads: int) -> Staged | None:
+    """How `buffer` would be staged, or None where the rule (module docstring) says no."""
+    thread_vars = [loop.var for loop in parallel]
+    declared = function.buffer(buffer)
+    if BATCH in declared.shape or not declared.dtype.is_float:
+        return None
+    found = _slice_axis([index for name, index, _ in accesses if name == buffer], thread_vars)
+    if found is None:
+        return None
+    axis, var = found
+    position = thread_vars.index(var)
+    inner = [loop.extent for loop in parallel[position + 1:]]
+    own = parallel[position].extent
+    if not inner or not all(isinstance(e, Const) for e in (*inner, own)):
+        return None  # innermost, or a stride or count that depends on the batch
+    stride = math.prod(int(extent.value) for extent in inner)
+    extent = int(own.value)
+    if declared.shape[axis] != extent:
+        return None  # the copy takes every value of the loop: each must index the buffer
+    spanned = min(block_threads, (block_threads - 1) // stride + 2)
+    whole = extent <= spanned  # every slice fits: copy each once, the slot is `var` itself
+    if stride == 1 and not whole:
+        return None  # a slice a thread: nothing is shared
+    slice_shape = tuple(int(d) for i, d in enumerate(declared.shape) if i != axis)
+    return Staged(buffer, axis, var, stride, extent, extent if whole else spanned,
+                  slice_shape, whole, 8 if declared.dtype.value == "f64" else 4)
 
 
 def _slice_axis(indices: list[tuple[Expr, ...]], thread_vars: list[str]
@@ -114,6 +148,60 @@ def _slice_axis(indices: list[tuple[Expr, ...]], thread_vars: list[str]
     return found
 
 
+def accesses_of(stmt: Stmt) -> list[tuple[str, tuple[Expr, ...], bool]]:
+    """(buffer, index, is_store) of every load and store in `stmt`."""
+    found: list[tuple[str, tuple[Expr, ...], bool]] = []
+
+    def expr(e: Expr) -> None:
+        if isinstance(e, Load):
+            found.append((e.buffer, e.index, False))
+            for item in e.index:
+                expr(item)
+        elif isinstance(e, Binary):
+            expr(e.left)
+            expr(e.right)
+        elif isinstance(e, Unary):
+            expr(e.operand)
+        elif isinstance(e, Select):
+            for part in (e.cond, e.then, e.otherwise):
+                expr(part)
+
+    def visit(s: Stmt) -> None:
+        if isinstance(s, For):
+            expr(s.extent)
+            for inner in s.body:
+                visit(inner)
+        elif isinstance(s, If):
+            expr(s.cond)
+            for inner in s.body:
+                visit(inner)
+        elif isinstance(s, Assign):
+            expr(s.value)
+        elif isinstance(s, Store):
+            found.append((s.buffer, s.index, True))
+            for item in s.index:
+                expr(item)
+            expr(s.value)
+        else:
+            raise ValueError(f"the CUDA backend takes plain loop nests, not {type(s).__name__}")
+
+    visit(stmt)
+    return found
+
+
+def names_bound(stmts: tuple[Stmt, ...]) -> set[str]:
+    """Every variable the statements assign or use as a loop counter."""
+    bound: set[str] = set()
+    for stmt in stmts:
+        if isinstance(stmt, Assign):
+            bound.add(stmt.var)
+        elif isinstance(stmt, For):
+            bound |= {stmt.var} | names_bound(stmt.body)
+        elif isinstance(stmt, If):
+            bound |= names_bound(stmt.body)
+    return bound
+
+
 def variables_of(expr: Expr) -> list[Var]:
     """Every variable `expr` reads, loads' indices included."""
     if isinstance(expr, Var):
@@ -130,4 +218,5 @@ def variables_of(expr: Expr) -> list[Var]:
     return [v for child in children for v in variables_of(child)]
 
 
-__all__ = ["STAGE_BUDGET_BYTES", "Staged", "staged_buffers", "variables_of"]
+__all__ = ["STAGE_BUDGET_BYTES", "Staged", "accesses_of", "names_bound", "staged_buffers",
+           "variables_of"]
