@@ -108,7 +108,6 @@ class MpiTeam:
         self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
         self.allreduce_seconds = 0.0  # waiting in the gradient Allreduce, for benchmarks
         self.allreduce_bytes = 0  # the buffer of one step
-        self._shapes_of: tuple[Module | None, dict[str, tuple[int, ...]]] = (None, {})
 
     @property
     def is_root(self) -> bool:
@@ -197,37 +196,31 @@ class MpiTeam:
         if meta["error"] is not None:
             raise error if error is not None else CnncDistributedError.single(
                 f"rank 0 could not start: {meta['error']}")
-        names, values = self._start_arrays(module)
-        flat = self._broadcast(np.concatenate([v.reshape(-1) for v in values]).astype(
+        arrays = self._start_arrays(module)
+        flat = self._broadcast(np.concatenate([v.reshape(-1) for v in arrays.values()]).astype(
             module.dtype), "broadcasting the parameters")
         if not self.is_root:
-            self._take_start_arrays(module, names, values, flat, meta["step"])
+            taken = _unflatten(flat, {name: value.shape for name, value in arrays.items()})
+            module.set_params({k[6:]: v for k, v in taken.items() if k.startswith("param/")})
+            module.set_optimizer_state({**{k[6:]: v for k, v in taken.items()
+                                           if k.startswith("state/")},
+                                        "optimizer.step": meta["step"]})
             rng.bit_generator.state = meta["rng"]
         history = [EpochResult(**entry) for entry in meta["history"]]
         return meta["epoch"], TrainResult(history, int(meta["steps"]))
 
     @staticmethod
-    def _start_arrays(module: Module) -> tuple[list[str], list[np.ndarray]]:
+    def _start_arrays(module: Module) -> dict[str, np.ndarray]:
+        """Parameters and optimizer state, by `param/` and `state/` names, in a fixed order."""
         state = {k: v for k, v in module.optimizer_state().items() if k != "optimizer.step"}
-        arrays = {**{f"param/{k}": v for k, v in module.params.items()},
-                  **{f"state/{k}": v for k, v in state.items()}}
-        return list(arrays), list(arrays.values())
-
-    @staticmethod
-    def _take_start_arrays(module: Module, names: list[str], shapes_of: list[np.ndarray],
-                           flat: np.ndarray, step: int) -> None:
-        arrays, at = {}, 0
-        for name, like in zip(names, shapes_of, strict=True):
-            arrays[name] = flat[at:at + like.size].reshape(like.shape)
-            at += like.size
-        module.set_params({k[6:]: v for k, v in arrays.items() if k.startswith("param/")})
-        module.set_optimizer_state({**{k[6:]: v for k, v in arrays.items()
-                                       if k.startswith("state/")}, "optimizer.step": step})
+        return {**{f"param/{k}": v for k, v in module.params.items()},
+                **{f"state/{k}": v for k, v in state.items()}}
 
     def step(self, module: Module, x: np.ndarray, y: np.ndarray, lr: float | None) -> float:
         """The gradients of this rank's share, summed over ranks with one Allreduce of one
         flat buffer, then the same update on every rank; returns the global mean loss."""
-        shapes = self._shapes(module)
+        shapes = {entry["name"]: tuple(entry["shape"]) for entry in module.manifest["storage"]
+                  if entry["role"] == "param"}
         if len(x):
             gradients, loss = module.gradients_and_loss(x, y)
         else:  # a last batch smaller than the ranks: this one has nothing to add
@@ -235,32 +228,17 @@ class MpiTeam:
             loss = 0.0
         count = len(x)
         flat = np.empty(sum(math.prod(shape) for shape in shapes.values()) + 2, module.dtype)
-        at = 0
-        for name, shape in shapes.items():
-            size = math.prod(shape)
-            np.multiply(gradients[name].reshape(-1), count, out=flat[at:at + size])
-            at += size
+        for name, part in _unflatten(flat, shapes).items():
+            np.multiply(gradients[name], count, out=part)
         flat[-2:] = (loss * count, count)
         started = time.perf_counter()
         self._wait(self.comm.Iallreduce(self._mpi.IN_PLACE, flat, op=self._mpi.SUM),
                    "averaging the gradients")
         self.allreduce_seconds += time.perf_counter() - started
         self.allreduce_bytes = flat.nbytes
-        total = float(flat[-1])
-        flat /= total
-        averaged, at = {}, 0
-        for name, shape in shapes.items():
-            size = math.prod(shape)
-            averaged[name] = flat[at:at + size].reshape(shape)
-            at += size
-        module.apply_gradients(averaged, lr)
+        flat /= flat[-1]
+        module.apply_gradients(_unflatten(flat, shapes), lr)
         return float(flat[-2])
-
-    def _shapes(self, module: Module) -> dict[str, tuple[int, ...]]:
-        """Each parameter's shape, in the order of the flat buffer (`params` copies them)."""
-        if self._shapes_of[0] is not module:
-            self._shapes_of = (module, {k: v.shape for k, v in module.params.items()})
-        return self._shapes_of[1]
 
     def evaluate(self, module: Module, held_out: Any) -> tuple[float, float | None]:
         """Rank 0 evaluates the held-out data; every rank gets its (loss, accuracy). The
@@ -291,6 +269,16 @@ class MpiTeam:
         checksum = self.check_identical(module)
         return (f"all {self.size} ranks hold identical parameters (checksum {checksum:014x}); "
                 f"rank 0 waited {self.allreduce_seconds:.2f} s in the gradient Allreduce")
+
+
+def _unflatten(flat: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Views of the leading parts of `flat`, one of each shape, in order."""
+    views, at = {}, 0
+    for name, shape in shapes.items():
+        size = math.prod(shape)
+        views[name] = flat[at:at + size].reshape(shape)
+        at += size
+    return views
 
 
 def _checksum(*chunks: bytes) -> int:

@@ -428,7 +428,7 @@ class Module:
         """A plain .npz of every parameter (no pickle)."""
         if not isinstance(path, (str, Path)):
             raise _refuse(f"save_weights takes a path, got {type(path).__name__}")
-        artifact.write_atomically(Path(path), artifact.params_to_bytes(self._params))
+        artifact.write_atomically(Path(path), artifact.params_to_bytes(self.params))
 
     def load_weights(self, path: str | Path) -> None:
         """Every parameter from an .npz written by save_weights (or numpy.savez)."""
@@ -442,7 +442,7 @@ class Module:
 
     def save(self, path: str | Path) -> None:
         """The module file, with the current parameters as its initial ones."""
-        sections = dict(self._file.sections, params=artifact.params_to_bytes(self._params))
+        sections = dict(self._file.sections, params=artifact.params_to_bytes(self.params))
         artifact.write(artifact.ModuleFile(self._file.manifest, sections), path)
 
     def __repr__(self) -> str:

@@ -11,7 +11,6 @@ which it reads in place, without a copy.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -231,16 +230,6 @@ class CudaModule(Module):
         for name in state:
             if name in self._state:
                 self._device[name].copy_to_device(self._state[name].reshape(-1))
-
-    def save_weights(self, path: str | Path) -> None:
-        if not isinstance(path, (str, Path)):
-            raise CnncRuntimeError.single(f"save_weights takes a path, got "
-                                          f"{type(path).__name__}")
-        artifact.write_atomically(Path(path), artifact.params_to_bytes(self.params))
-
-    def save(self, path: str | Path) -> None:
-        sections = dict(self._file.sections, params=artifact.params_to_bytes(self.params))
-        artifact.write(artifact.ModuleFile(self._file.manifest, sections), path)
 
     def __repr__(self) -> str:
         return (f"<cnnc.Module {self.name} (cuda): {self.input_shape} -> "

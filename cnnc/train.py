@@ -173,7 +173,8 @@ def _epoch(module: Module, data: Dataset, order: np.ndarray, epoch: int,
         x, y = data.x[mine], data.y[mine]
         before = module.params  # a copy: the last good parameters
         loss = team.step(module, x, y, options.lr)
-        if not np.isfinite(loss) or not _all_finite(module.params):
+        after = module.params
+        if not np.isfinite(loss) or not _all_finite(after):
             module.set_params(before)  # diagnose (and leave the module) as it was
             raise _not_finite(module, x, y, epoch, result.steps + 1, loss)
         result.steps += 1
@@ -184,7 +185,7 @@ def _epoch(module: Module, data: Dataset, order: np.ndarray, epoch: int,
         if options.max_iter is not None and result.steps >= options.max_iter:
             result.stopped = "max_iter"
             break
-        if options.tol > 0 and _largest_change(before, module.params) < options.tol:
+        if options.tol > 0 and _largest_change(before, after) < options.tol:
             result.stopped = "tol"
             break
     if options.progress and team.is_root:
