@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .diagnostics import (
     CnncError,
@@ -44,12 +44,13 @@ def compile(program: str | Path, target: str = "cpu", dtype: str | None = None,
                                     "cpu and cuda")
     if type(opt_level) is not int or opt_level not in (0, 1, 2, 3):
         raise CnncInputError.single(f"opt_level must be 0, 1, 2 or 3, got {opt_level!r}")
-    graph = front_end(to_source(program), dtype)
+    source = to_source(program)
+    graph = front_end(source, dtype)
     if target == "cuda":
         from .runtime_cuda import CudaModule
 
-        return CudaModule(compile_cuda_module(graph))
-    return Module(compile_module(graph, opt_level, bool(schedule)), threads=threads)
+        return CudaModule(compile_cuda_module(graph, source))
+    return Module(compile_module(graph, source, opt_level, bool(schedule)), threads=threads)
 
 
 __all__ = ["CnncError", "CnncInputError", "CnncModuleError", "CnncRuntimeError",

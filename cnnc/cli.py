@@ -1,60 +1,86 @@
-"""The `cnnc` command: check, summary, compile (or --emit a stage), inspect.
+"""The `cnnc` command: check, summary, compile (or --emit a stage), train, eval, inspect,
+plot, download.
 
 Exit codes (api.md): 0 success; 1 an error in the user's program, data or files, reported
-as a message without a traceback; 2 a usage error. 3 means cnnc itself failed (a bug).
+as a message without a traceback; 2 a usage error; 130 interrupted (Ctrl-C). 3 means cnnc
+itself failed (a bug).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .backends.llvm import assembly, compile_functions
-from .diagnostics import CnncError, CnncInputError
-from .fuse import format_kernels
-from .ir import Graph, format_graph, format_shape
-from .loader import validated_manifest
-from .loops import format_functions
-from .module import format_manifest, target_kind
-from .module import read as read_module
-from .module import write as write_module
-from .parse import parse
-from .pipeline import (
-    compile_cuda_module,
-    compile_module,
-    entry_points,
-    lower_program,
-    module_kernels,
-    read_source,
-    typed_graph,
-)
-from .summary import format_table, to_json
-from .syntax import format_program
+from .diagnostics import CnncError, CnncInputError, Source
+from .files import write_atomically
+from .ir import Graph, format_shape
+from .streams import CnncOutputError, guarded_streams
 
-EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EMIT_STAGES = ("ast", "ir", "grad", "kernels", "loops", "llvm", "asm", "cuda")
+
+
+def version_text() -> str:
+    """cnnc's version and the code generator's, which decides what the native code is."""
+    import llvmlite
+    import llvmlite.binding as llvm
+
+    llvm_version = ".".join(str(part) for part in llvm.llvm_version_info)
+    return f"cnnc {__version__} (llvmlite {llvmlite.__version__}, LLVM {llvm_version})"
+
+
+class _Version(argparse.Action):
+    """--version, computed only when asked (it imports llvmlite)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(version_text())
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnnc", description="A compiler for small CNNs.")
-    parser.add_argument("--version", action="version", version=f"cnnc {__version__}")
+    parser.add_argument("--version", action=_Version)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_check(commands)
+    _add_summary(commands)
+    _add_compile(commands)
+    _add_train(commands)
+    _add_eval(commands)
+    _add_inspect(commands)
+    _add_plot(commands)
+    _add_download(commands)
+    return parser
 
+
+def _add_check(commands) -> None:
     check = commands.add_parser("check", help="parse and shape-check a .cnn program")
     check.add_argument("program", metavar="NET.cnn")
     check.add_argument("--grad", action="store_true",
-                       help="also compare every generated gradient with finite differences")
+                       help="also compare the generated gradients with finite differences")
     check.add_argument("--tolerance", type=float, default=1e-6,
                        help="largest relative error --grad accepts (default 1e-6)")
+    check.add_argument("--samples", type=int, default=1000, metavar="N",
+                       help="--grad checks every element of a parameter of up to N elements, "
+                            "and N drawn ones of a larger one (default 1000)")
 
-    summary = commands.add_parser("summary", help="per-layer shapes, parameters and FLOPs")
-    summary.add_argument("program", metavar="NET.cnn")
+
+def _add_summary(commands) -> None:
+    summary = commands.add_parser("summary", help="per-layer shapes, parameters, FLOPs, memory")
+    summary.add_argument("program", metavar="NET.cnn|NET.cnnm")
     summary.add_argument("--json", action="store_true", help="print JSON for programs")
     summary.add_argument("--dtype", choices=["f32", "f64"], help="override the input dtype")
 
+
+def _add_compile(commands) -> None:
     compile_ = commands.add_parser("compile", help="compile a program; --emit shows a stage")
     compile_.add_argument("program", metavar="NET.cnn")
     compile_.add_argument("--emit", choices=list(EMIT_STAGES),
@@ -70,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--no-schedule", action="store_true",
                           help="plain loop nests for every kernel (slow; for comparison)")
 
+
+REBUILD_HELP = ("ignore the module file's stored code and compile its stored program again "
+                "(for files from elsewhere: loading a .cnnm otherwise runs its code)")
+
+
+def _add_train(commands) -> None:
     train = commands.add_parser(
         "train", help="train a network on MNIST or an .npz dataset",
         epilog="On several processes or machines: pip install 'cnnc[mpi]', then "
@@ -80,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, help="passes over the data (train line's)")
     train.add_argument("--batch", type=int, help="mini-batch size (train line's)")
     train.add_argument("--lr", type=float, help="learning rate (train line's)")
-    train.add_argument("--seed", type=int, help="data order (train line's)")
+    train.add_argument("--seed", type=int, help="data order and held-out split (train line's)")
     train.add_argument("--max-iter", type=int, help="MAX: stop after this many steps")
     train.add_argument("--tol", type=float,
                        help="ε: stop when no parameter changes more than this in a step")
@@ -90,25 +122,39 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint", help="checkpoint after each epoch "
                                             "(default NETWORK.ckpt.npz)")
     train.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint")
+    train.add_argument("--save-best", nargs="?", const="", metavar="FILE",
+                       help="keep the weights of the epoch with the lowest held-out loss "
+                            "(default file NETWORK.best.weights.npz)")
+    train.add_argument("--log", metavar="METRICS.jsonl",
+                       help="one JSON line an epoch: loss, held-out loss, accuracy, time, lr")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                       help="when stderr is not a terminal: a progress line this often "
+                            "(default 30)")
     train.add_argument("--target", choices=["cpu", "cuda"], default="cpu",
                        help="where a .cnn program is compiled to run (a .cnnm file has its own)")
+    train.add_argument("--rebuild", action="store_true", help=REBUILD_HELP)
     train.add_argument("--mpi-timeout", type=float, default=120.0, metavar="SECONDS",
                        help="under mpirun: stop the job when the other processes have not "
                             "answered for this long (default 120)")
 
-    download = commands.add_parser("download", help="fetch MNIST into a folder, verified")
-    download.add_argument("folder", metavar="DIR")
-    download.add_argument("--split", choices=["train", "test", "both"], default="both")
-    download.add_argument("--mirror", action="append", metavar="URL",
-                          help="a base URL to try (repeatable; default: the known mirrors)")
-    download.add_argument("--timeout", type=float, default=60.0, help="seconds a request")
 
+def _add_eval(commands) -> None:
     evaluate = commands.add_parser("eval", help="loss and accuracy of trained weights")
     evaluate.add_argument("network", metavar="NET.cnnm|NET.cnn")
     evaluate.add_argument("--weights", required=True, help="weights (.npz)")
     evaluate.add_argument("--data", required=True, help="an MNIST folder or an .npz")
+    evaluate.add_argument("--split", choices=["heldout", "train", "test", "all"],
+                          default="heldout",
+                          help="heldout (default): the samples train held out; train: those "
+                               "it trained on; test: the t10k files; all: everything")
+    evaluate.add_argument("--val-split", type=float, default=0.2,
+                          help="the fraction train held out (default 0.2, as train's)")
+    evaluate.add_argument("--seed", type=int, help="the seed train used (train line's)")
+    evaluate.add_argument("--rebuild", action="store_true", help=REBUILD_HELP)
 
+
+def _add_inspect(commands) -> None:
     inspect = commands.add_parser("inspect", help="what a compiled module file holds")
     inspect.add_argument("module", metavar="NET.cnnm")
     shown = inspect.add_mutually_exclusive_group()
@@ -116,60 +162,157 @@ def build_parser() -> argparse.ArgumentParser:
     shown.add_argument("--llvm", action="store_true", help="the stored LLVM IR")
     shown.add_argument("--loops", action="store_true", help="the stored loop IR")
     shown.add_argument("--cuda", action="store_true", help="the stored CUDA kernel source")
-    return parser
+    shown.add_argument("--program", action="store_true",
+                       help="the stored program the module was compiled from")
 
 
-EMIT_STAGES = ("ast", "ir", "grad", "kernels", "loops", "llvm", "asm", "cuda")
+def _add_plot(commands) -> None:
+    plot = commands.add_parser("plot", help="draw a training curve from a --log file")
+    plot.add_argument("log", metavar="METRICS.jsonl")
+    plot.add_argument("-o", "--output", required=True, metavar="CURVE.png",
+                      help="the image to write (.png, .svg or .pdf)")
+
+
+def _add_download(commands) -> None:
+    download = commands.add_parser("download", help="fetch MNIST into a folder, verified")
+    download.add_argument("folder", metavar="DIR")
+    download.add_argument("--split", choices=["train", "test", "both"], default="both")
+    download.add_argument("--mirror", action="append", metavar="URL",
+                          help="a base URL to try (repeatable; default: the known mirrors)")
+    download.add_argument("--timeout", type=float, default=60.0,
+                          help="seconds a file may take in all (default 60)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # exits with 2 on a usage error
-    try:
-        return _run(args)
-    except CnncError as error:
-        print(error.render(), file=sys.stderr)
-        count = len(error.diagnostics)
-        if count > 1:
-            print(f"{count} errors", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        return EXIT_OK
-    except Exception as error:  # a bug in cnnc: say so in one line, not a traceback
-        print(f"cnnc: internal error: {type(error).__name__}: {error} "
-              "(this is a bug in cnnc; please report it with the program)", file=sys.stderr)
-        return EXIT_INTERNAL
+    with guarded_streams():
+        try:
+            args = build_parser().parse_args(argv)  # exits with 2 on a usage error
+            code = _run(args)
+            sys.stdout.flush()
+            return code
+        except CnncError as error:
+            return _report(error)
+        except KeyboardInterrupt as interrupt:
+            _say(f"\n{str(interrupt) or 'interrupted'}")
+            return EXIT_INTERRUPTED
+        except BrokenPipeError:
+            return EXIT_OK
+        except Exception as error:  # a bug in cnnc: say so in one line, not a traceback
+            _say(f"cnnc: internal error: {type(error).__name__}: {error} "
+                 "(this is a bug in cnnc; please report it with the program)")
+            return EXIT_INTERNAL
+
+
+def _report(error: CnncError) -> int:
+    count = len(error.diagnostics)
+    _say(error.render() + (f"\n{count} errors" if count > 1 else ""))
+    return EXIT_USER_ERROR
+
+
+def _say(text: str) -> None:
+    """A line on stderr; when stderr is gone too, the exit code is all that is left."""
+    with contextlib.suppress(CnncOutputError):
+        print(text, file=sys.stderr)
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command == "inspect":
-        return _write(inspect_text(args), None)
-    if args.command == "download":
-        from .download import DEFAULT_MIRRORS, download_mnist
+    return COMMANDS[args.command](args)
 
-        splits = ("train", "test") if args.split == "both" else (args.split,)
-        download_mnist(args.folder, splits, args.mirror or DEFAULT_MIRRORS, args.timeout)
-        return EXIT_OK
-    if args.command in ("train", "eval"):
-        from .commands import run_eval, run_train
 
-        return run_train(args) if args.command == "train" else run_eval(args)
+def _inspect(args: argparse.Namespace) -> int:
+    return _write(inspect_text(args), None)
+
+
+def _download(args: argparse.Namespace) -> int:
+    from .download import DEFAULT_MIRRORS, download_mnist
+
+    splits = ("train", "test") if args.split == "both" else (args.split,)
+    download_mnist(args.folder, splits, args.mirror or DEFAULT_MIRRORS, args.timeout)
+    return EXIT_OK
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .commands import run_train
+
+    return run_train(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .commands import run_eval
+
+    return run_eval(args)
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .plot import plot_log
+
+    plot_log(Path(args.log), Path(args.output))
+    print(f"wrote {args.output}")
+    return EXIT_OK
+
+
+def _program(args: argparse.Namespace) -> tuple[Source, Graph]:
+    from .pipeline import read_source, typed_graph
+
     source = read_source(args.program)
-    if args.command == "compile" and args.emit == "ast":
-        return _write(format_program(parse(source)), args.output)
-    graph = typed_graph(parse(source), source, getattr(args, "dtype", None))
-    if args.command == "check" and args.grad:
+    return source, typed_graph(_parsed(source), source, getattr(args, "dtype", None))
+
+
+def _parsed(source: Source):
+    from .parse import parse
+
+    return parse(source)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .summary import human_bytes, summarize
+
+    source, graph = _program(args)
+    if args.grad:
         from .commands import run_gradient_check
 
-        return run_gradient_check(graph, source, args.tolerance)
-    if args.command == "check":
-        print(f"{source.name}: ok: network {graph.name}, {len(graph.layers) - 1} layers, "
-              f"{sum(p.size for p in graph.params):,} parameters, input "
-              f"{format_shape(graph.tensor(graph.input).shape[1:], 'x')} {graph.dtype.value}")
-        return EXIT_OK
-    if args.command == "summary":
-        return _write(to_json(graph) if args.json else format_table(graph), None)
+        return run_gradient_check(graph, source, args.tolerance, args.samples)
+    summary = summarize(graph)
+    activations = sum(r.activation_bytes for r in summary.rows)
+    print(f"{source.name}: ok: network {graph.name}, {len(graph.layers) - 1} layers, "
+          f"{summary.total_params:,} parameters "
+          f"({human_bytes(sum(r.param_bytes for r in summary.rows))}), "
+          f"activations {human_bytes(activations)} a sample, input "
+          f"{format_shape(graph.tensor(graph.input).shape[1:], 'x')} {graph.dtype.value}")
+    return EXIT_OK
+
+
+def _summary(args: argparse.Namespace) -> int:
+    from .summary import format_table, summarize, to_json
+
+    if args.program.endswith(".cnnm"):
+        summary = _module_summary(args.program)
+    else:
+        summary = summarize(_program(args)[1])
+    return _write(to_json(summary) if args.json else format_table(summary), None)
+
+
+def _module_summary(path: str):
+    """From the manifest, once it is checked against the stored program (no code runs)."""
+    from . import module as artifact
+    from .loader import validated_manifest
+    from .summary import from_manifest
+    from .verify import trusted_file
+
+    file = artifact.read(path)
+    validated_manifest(file, path, artifact.target_kind(file.manifest))
+    return from_manifest(trusted_file(file, path).manifest)
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from .pipeline import read_source, typed_graph
+
+    source = read_source(args.program)
+    if args.emit == "ast":
+        from .syntax import format_program
+
+        return _write(format_program(_parsed(source)), args.output)
+    graph = typed_graph(_parsed(source), source, args.dtype)
     scheduled = not args.no_schedule
     if args.target == "cuda" and (args.explain_schedule or args.emit in ("llvm", "asm")):
         shown = "--explain-schedule" if args.explain_schedule else f"--emit {args.emit}"
@@ -179,29 +322,39 @@ def _run(args: argparse.Namespace) -> int:
     if args.explain_schedule:
         return _write(explain_schedules(graph, scheduled), args.output)
     if args.emit is not None:
-        return _write(emit_stage(graph, args.emit, int(args.opt_level), scheduled), args.output)
+        return _write(emit_stage(graph, source, args.emit, int(args.opt_level), scheduled),
+                      args.output)
+    return _compile_to_file(args, source, graph, scheduled)
+
+
+def _compile_to_file(args: argparse.Namespace, source: Source, graph: Graph,
+                     scheduled: bool) -> int:
+    from .module import write as write_module
+    from .pipeline import compile_cuda_module, compile_module
+
     output = Path(args.output) if args.output else Path(Path(args.program).stem + ".cnnm")
+    started = time.perf_counter()
+    params = f"{sum(p.size for p in graph.params):,} parameters, {graph.dtype.value}"
     if args.target == "cuda":
-        module_file = compile_cuda_module(graph)
+        module_file = compile_cuda_module(graph, source)
         write_module(module_file, output)
         launches = len(module_file.manifest["entry_points"]["forward"])
         print(f"wrote {output}: network {graph.name}, target cuda, {launches} kernel launches "
-              f"forward, {sum(p.size for p in graph.params):,} parameters, "
-              f"{graph.dtype.value}")
+              f"forward, {params} ({time.perf_counter() - started:.1f} s)")
         return EXIT_OK
-    module_file = compile_module(graph, int(args.opt_level), scheduled)
+    module_file = compile_module(graph, source, int(args.opt_level), scheduled)
     write_module(module_file, output)
     kernels = len(module_file.manifest["kernels"])
     forward = sum(1 for k in module_file.manifest["kernels"] if k.endswith("_fwd"))
     training = f" and {kernels - forward} for training" if kernels > forward else ""
     print(f"wrote {output}: network {graph.name}, {forward} forward kernels{training}, "
-          f"{sum(p.size for p in graph.params):,} parameters, {graph.dtype.value}, "
-          f"-O{args.opt_level}")
+          f"{params}, -O{args.opt_level} ({time.perf_counter() - started:.1f} s)")
     return EXIT_OK
 
 
 def explain_schedules(graph: Graph, scheduled: bool) -> str:
     """Every kernel the module would have (the backward ones too, with a loss line)."""
+    from .pipeline import lower_program, module_kernels
     from .schedule import explain, host_machine
 
     _, _, schedules = lower_program(module_kernels(graph), scheduled)
@@ -209,9 +362,15 @@ def explain_schedules(graph: Graph, scheduled: bool) -> str:
     return explain(schedules, host_machine()) + plain
 
 
-def emit_stage(graph: Graph, stage: str, opt_level: int, scheduled: bool = True) -> str:
+def emit_stage(graph: Graph, source: Source, stage: str, opt_level: int,
+               scheduled: bool = True) -> str:
     """The text of one stage after the graph: ir, kernels, loops, llvm or asm."""
     from .autodiff import differentiate
+    from .backends.llvm import assembly, compile_functions
+    from .fuse import format_kernels
+    from .ir import format_graph
+    from .loops import format_functions
+    from .pipeline import compile_cuda_module, entry_points, lower_program, module_kernels
 
     if stage == "ir":
         return format_graph(graph)
@@ -221,7 +380,7 @@ def emit_stage(graph: Graph, stage: str, opt_level: int, scheduled: bool = True)
     if stage == "kernels":
         return format_kernels(program)
     if stage == "cuda":
-        return compile_cuda_module(graph).sections["cuda"].decode("utf-8")
+        return compile_cuda_module(graph, source).sections["cuda"].decode("utf-8")
     functions, scratch, _ = lower_program(program, scheduled)
     if stage == "loops":
         return format_functions(tuple(functions))
@@ -230,40 +389,47 @@ def emit_stage(graph: Graph, stage: str, opt_level: int, scheduled: bool = True)
     return code.llvm_ir if stage == "llvm" else assembly(code.llvm_ir, opt_level)
 
 
+CODE_NOTE = ("note: loading a .cnnm runs its code (native object code, or Python source for "
+             "Numba). cnnc checks that its manifest matches its stored program, but trusts "
+             "the code itself; for a file you did not build, use --rebuild (Python: "
+             "cnnc.load(path, trust=\"rebuild\")), which compiles the stored program again "
+             "and ignores the stored code.\n")
+
+
 def inspect_text(args: argparse.Namespace) -> str:
-    module_file = read_module(args.module)
-    kind = target_kind(module_file.manifest)
+    from . import module as artifact
+    from .loader import validated_manifest
+    from .verify import trusted_file
+
+    module_file = artifact.read(args.module)
+    kind = artifact.target_kind(module_file.manifest)
     validated_manifest(module_file, args.module, kind)
+    trusted_file(module_file, args.module)  # derives, runs nothing
     if args.json:
         return json.dumps(module_file.manifest, indent=2, sort_keys=True) + "\n"
     section = "llvm_ir" if args.llvm else "cuda" if args.cuda else "loops" if args.loops \
-        else None
+        else "program" if args.program else None
     if section is not None and section not in module_file.sections:
         raise CnncInputError.single(f"{args.module} is a {kind} module and holds no "
                                     f"{'LLVM IR' if args.llvm else 'CUDA source'}")
     if section is not None:
         return module_file.sections[section].decode("utf-8")
-    return format_manifest(module_file)
+    return artifact.format_manifest(module_file) + CODE_NOTE
 
 
 def _write(text: str, output: str | None) -> int:
+    """To standard output, or atomically to a file (a failed write leaves the old one)."""
     if output is None:
-        try:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-        except BrokenPipeError:
-            raise
-        except OSError as error:
-            print(f"error: cannot write to standard output: {error.strerror or error}",
-                  file=sys.stderr)
-            return EXIT_USER_ERROR
+        sys.stdout.write(text)
+        sys.stdout.flush()
         return EXIT_OK
-    try:
-        Path(output).write_text(text, encoding="utf-8")
-    except OSError as error:
-        print(f"error: cannot write {output}: {error.strerror or error}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    write_atomically(Path(output), text.encode("utf-8"), CnncInputError)
     return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "check": _check, "summary": _summary, "compile": _compile, "train": _train,
+    "eval": _eval, "inspect": _inspect, "plot": _plot, "download": _download}
 
 
 if __name__ == "__main__":

@@ -5,10 +5,23 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .data import Dataset, load, load_mnist_split, load_npz
+import numpy as np
+
+from .data import (
+    CnncDataError,
+    Dataset,
+    data_kind,
+    hold_out,
+    load,
+    load_mnist_split,
+    load_npz,
+)
 from .diagnostics import CnncError, Source
 from .ir import Graph
 from .runtime import Module, thread_count
@@ -18,26 +31,45 @@ if TYPE_CHECKING:
     from .train import TrainOptions
 
 EXIT_OK, EXIT_FAILED = 0, 1
+MAX_COUNT = 2**31 - 1
 
 
-def open_network(path: str, dtype: str | None = None, target: str = "cpu") -> Module:
-    """A compiled module file as it is, or a .cnn program compiled now for `target`."""
+def open_network(path: str, dtype: str | None = None, target: str = "cpu",
+                 trust: str = "code", report: Callable[[str], None] | None = None) -> Module:
+    """A compiled module file (trust: see `cnnc.load`), or a .cnn program compiled now for
+    `target`, saying so and how long it took through `report`."""
     from . import compile as compile_program
 
     if path.endswith(".cnnm"):
-        module = load_module(path)
+        module = load_module(path, trust=trust)
         if module.target != target and target != "cpu":
             raise CnncError.single(f"{path} is a {module.target} module; compile the .cnn "
                                    f"program with --target {target} to run it there")
         return module
-    return compile_program(Path(path), target=target, dtype=dtype)
+    started = time.perf_counter()
+    module = compile_program(Path(path), target=target, dtype=dtype)
+    if report is not None:
+        report(f"compiled {path} for {target} in {time.perf_counter() - started:.1f} s")
+    return module
+
+
+def output_file(module: Module, suffix: str) -> Path:
+    """NETWORK + suffix in the current folder. A network's name is a .cnn identifier (a
+    module file's is checked against its program), so it can never name another folder;
+    this says so in code, not just in the grammar."""
+    if not SAFE_NAME.fullmatch(module.name):
+        raise CnncError.single(f"the network name {module.name!r} cannot name a file; give "
+                               "the file names (--out, --checkpoint)")
+    return Path(module.name + suffix)
+
+
+SAFE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
 def run_train(args: argparse.Namespace) -> int:
     from .distributed import world_team
 
-    if not (math.isfinite(args.mpi_timeout) and args.mpi_timeout > 0):
-        raise CnncError.single("--mpi-timeout must be a number of seconds above 0")
+    _check_flags(args)  # before any process waits for another
     team = world_team(args.mpi_timeout)  # None: this process trains alone
     if team is None:
         return _train(args, None)
@@ -63,7 +95,9 @@ def _train(args: argparse.Namespace, team: Any) -> int:
         from .runtime_cuda import select_gpu
 
         select_gpu(team.local_rank)
-    module = open_network(args.network, target=args.target)
+    root = team is None or team.is_root
+    module = open_network(args.network, target=args.target, trust=_trust(args),
+                          report=print if root else None)
     if "loss" not in module.manifest:
         raise CnncError.single(f"network {module.name} has no loss line; training needs one")
     options = _train_options(args, module)
@@ -71,35 +105,71 @@ def _train(args: argparse.Namespace, team: Any) -> int:
     if team is not None and not os.environ.get("CNNC_NUM_THREADS"):
         module.set_threads(max(1, thread_count(None) // team.local_size))  # they share cores
     size = 1 if team is None else team.size
-    if team is None or team.is_root:
-        print(_training_line(module, options, train_data, held_out, size))
+    if root:
+        print(_training_line(module, options, train_data, held_out, size), flush=True)
     train(module, train_data, held_out, options, team=team)
-    if team is not None and not team.is_root:
+    if not root:
         return EXIT_OK
-    out = Path(args.out or f"{module.name}.weights.npz")
+    out = Path(args.out) if args.out else output_file(module, ".weights.npz")
     module.save_weights(out)
     print(f"wrote {out} (checkpoints: {options.checkpoint})")
     return EXIT_OK
+
+
+def _trust(args: argparse.Namespace) -> str:
+    return "rebuild" if getattr(args, "rebuild", False) else "code"
 
 
 def _train_options(args: argparse.Namespace, module: Module) -> TrainOptions:
     from .train import TrainOptions
 
     settings = module.optimizer
-    options = TrainOptions(
+    _check_flags(args)
+    save_best = args.save_best
+    if save_best == "":  # --save-best without a file name
+        save_best = output_file(module, ".best.weights.npz")
+    return TrainOptions(
         epochs=args.epochs if args.epochs is not None else settings.get("epochs") or 1,
         batch=args.batch if args.batch is not None else settings.get("batch") or 64,
         lr=args.lr, seed=args.seed if args.seed is not None else settings.get("seed") or 0,
         max_iter=args.max_iter if args.max_iter is not None else settings.get("max_iter"),
         tol=args.tol if args.tol is not None else settings.get("tol") or 0.0,
-        checkpoint=Path(args.checkpoint or f"{module.name}.ckpt.npz"),
-        resume=Path(args.resume) if args.resume else None, progress=not args.no_progress)
-    if (min(options.epochs, options.batch, options.max_iter or 1) < 1 or options.seed < 0
-            or not math.isfinite(options.tol) or options.tol < 0
-            or (options.lr is not None and not (math.isfinite(options.lr) and options.lr > 0))):
-        raise CnncError.single("--epochs, --batch and --max-iter must be at least 1, --seed at "
-                               "least 0, --lr a finite number above 0 and --tol at least 0")
-    return options
+        checkpoint=Path(args.checkpoint) if args.checkpoint else
+        output_file(module, ".ckpt.npz"),
+        resume=Path(args.resume) if args.resume else None, progress=not args.no_progress,
+        progress_every=args.progress_every,
+        save_best=Path(save_best) if save_best else None,
+        log=Path(args.log) if args.log else None)
+
+
+# (flag, the smallest value, the largest, what it expects): refused like the language's own
+# options, with the range in the message.
+TRAIN_FLAGS = (
+    ("epochs", 1, MAX_COUNT, "an integer from 1 to 2,147,483,647"),
+    ("batch", 1, MAX_COUNT, "an integer from 1 to 2,147,483,647"),
+    ("max_iter", 1, MAX_COUNT, "an integer from 1 to 2,147,483,647"),
+    ("seed", 0, 2**63 - 1, "an integer from 0 to 2**63 - 1"),
+    ("lr", 0.0, math.inf, "a finite number above 0"),
+    ("tol", 0.0, math.inf, "a finite number of at least 0"),
+    ("val_split", 0.0, 1.0, "a number between 0 and 1 (not including them)"),
+    ("progress_every", 0.0, 86400.0, "a number of seconds above 0, at most 86400"),
+    ("mpi_timeout", 0.0, 86400.0 * 7, "a number of seconds above 0, at most 604800"),
+)
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    for name, low, high, expected in TRAIN_FLAGS:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        open_low = name in ("lr", "val_split", "progress_every", "mpi_timeout")
+        too_low = value <= low if open_low else value < low
+        infinite = isinstance(value, float) and not math.isfinite(value)
+        if infinite or too_low or value > high or (name == "val_split" and value >= high):
+            flag = "--" + name.replace("_", "-")
+            raise CnncError.single(f"{flag} expects {expected}, got {value:g}"
+                                   if isinstance(value, float) else
+                                   f"{flag} expects {expected}, got {value}")
 
 
 def _training_line(module: Module, options: TrainOptions, train_data: Dataset,
@@ -123,31 +193,69 @@ def _training_line(module: Module, options: TrainOptions, train_data: Dataset,
 def run_eval(args: argparse.Namespace) -> int:
     from .train import check_data, evaluate
 
-    module = open_network(args.network)
+    _check_flags(argparse.Namespace(val_split=args.val_split, seed=args.seed))
+    module = open_network(args.network, trust=_trust(args), report=print)
     if "loss" not in module.manifest:
         raise CnncError.single(f"network {module.name} has no loss line to evaluate")
     module.load_weights(args.weights)
-    data = _evaluation_data(Path(args.data))
+    seed = args.seed if args.seed is not None else module.optimizer.get("seed") or 0
+    data, which = evaluation_data(Path(args.data), args.split, args.val_split, seed)
     check_data(module, data, "evaluation")
     loss, accuracy = evaluate(module, data)
     shown = f", accuracy {accuracy:.2%}" if accuracy is not None else ""
-    print(f"{module.name} on {len(data):,} samples: loss {loss:.4f}{shown}")
+    print(f"{module.name} on {len(data):,} {which}: loss {loss:.4f}{shown}")
     return EXIT_OK
 
 
-def _evaluation_data(path: Path) -> Dataset:
-    """An MNIST folder's test split (its train split if that is all), or a whole .npz."""
-    if path.is_dir():
-        for split in ("test", "train"):
-            data = load_mnist_split(path, split)
-            if data is not None:
-                return data
-    elif path.is_file():
-        return load_npz(path)
-    return load(path)[1]  # raises the right error
+def evaluation_data(path: Path, split: str, val_split: float, seed: int
+                    ) -> tuple[Dataset, str]:
+    """The samples `cnnc eval --split` scores, and words that say which they are.
+
+    heldout (the default) is what `cnnc train` held out with the same seed and --val-split:
+    a folder's t10k files when it has both splits, else the seeded fraction of its one
+    split (or of an .npz); train is what it trained on; test the t10k files; all
+    everything."""
+    kind = data_kind(path)
+    if kind == "folder":
+        train, test = load_mnist_split(path, "train"), load_mnist_split(path, "test")
+        if train is None and test is None:
+            load(path)  # raises the error that says what the folder lacks
+        if train is not None and test is not None:
+            return _both_splits(path, train, test, split)
+        whole, files = (train, "train-*") if train is not None else (test, "t10k-*")
+        return _one_split(whole, f"{path}'s {files} files", split, val_split, seed)
+    if kind == "file":
+        if split == "test":
+            raise CnncDataError.single(f"{path} is one set of samples with no test split; "
+                                       "--split heldout, train or all")
+        return _one_split(load_npz(path), str(path), split, val_split, seed)
+    return load(path)[1], ""  # raises the right error
 
 
-def run_gradient_check(graph: Graph, source: Source, tolerance: float) -> int:
+def _both_splits(path: Path, train: Dataset, test: Dataset, split: str) -> tuple[Dataset, str]:
+    if split in ("heldout", "test"):
+        return test, f"held-out samples ({path}'s t10k-* files)"
+    if split == "train":
+        return train, f"training samples ({path}'s train-* files)"
+    return (Dataset(np.concatenate([train.x, test.x]), np.concatenate([train.y, test.y])),
+            f"samples (all of {path}: train-* and t10k-* files)")
+
+
+def _one_split(whole: Dataset, where: str, split: str, val_split: float, seed: int
+               ) -> tuple[Dataset, str]:
+    if split in ("all", "test"):
+        return whole, f"samples (all of {where})"
+    trained, held = hold_out(whole, val_split, seed)
+    rule = f"--val-split {val_split:g} with seed {seed}"
+    if split == "train":
+        return trained, f"training samples (those {rule} leaves of the {len(whole):,} in " \
+                        f"{where})"
+    return held, f"held-out samples ({rule} of the {len(whole):,} in {where}, as train " \
+                 "holds them out)"
+
+
+def run_gradient_check(graph: Graph, source: Source, tolerance: float,
+                       samples: int = 1000) -> int:
     from .gradcheck import check_gradients
     from .pipeline import compile_module
 
@@ -155,19 +263,28 @@ def run_gradient_check(graph: Graph, source: Source, tolerance: float) -> int:
         raise CnncError.single(f"network {graph.name} has no loss line, so no gradients")
     if not (math.isfinite(tolerance) and tolerance > 0):
         raise CnncError.single(f"--tolerance must be a finite number above 0, got {tolerance}")
+    if not 1 <= samples <= MAX_COUNT:
+        raise CnncError.single(f"--samples expects an integer from 1 to 2,147,483,647, got "
+                               f"{samples}")
     f64 = graph if graph.dtype.value == "f64" else None
     if f64 is None:
         from .pipeline import front_end
 
         f64 = front_end(source, "f64")
-    module = Module(compile_module(f64, opt_level=1))
-    reports = check_gradients(module)
+    module = Module(compile_module(f64, source, opt_level=1))
+    reports = check_gradients(module, samples=samples)
     width = max(len(r.name) for r in reports)
-    print(f"{'parameter':<{width}}  relative error  (elements checked)")
+    print(f"{'parameter':<{width}}  relative error  elements checked")
     for report in reports:
         flag = "" if report.worst_relative_error <= tolerance else "  <- above tolerance"
-        print(f"{report.name:<{width}}  {report.worst_relative_error:.3e}  "
-              f"({report.checked}){flag}")
+        checked = f"all {report.size:,}" if report.checked == report.size else \
+            f"{report.checked:,} of {report.size:,} (sampled)"
+        print(f"{report.name:<{width}}  {report.worst_relative_error:.3e}       "
+              f"{checked}{flag}")
     failed = [r for r in reports if r.worst_relative_error > tolerance]
-    print(f"{len(reports) - len(failed)} of {len(reports)} parameters within {tolerance:g}")
+    sampled = sum(r.checked < r.size for r in reports)
+    note = f"; {sampled} sampled at {samples:,} elements (--samples)" if sampled else \
+        "; every element checked"
+    print(f"{len(reports) - len(failed)} of {len(reports)} parameters within "
+          f"{tolerance:g}{note}")
     return EXIT_FAILED if failed else EXIT_OK

@@ -119,4 +119,14 @@ def _quote(span: Span, source: Source | None) -> list[str]:
         return []
     end = span.end_col if span.end_line == span.line else len(text) + 1
     width = max(1, min(end, len(text) + 1) - span.col)
-    return ["    " + text, "    " + " " * (span.col - 1) + "^" + "~" * (width - 1)]
+    col = span.col
+    if len(text) > MAX_QUOTED:  # a line too long to read: the part around the fault
+        start = max(0, col - 1 - MAX_QUOTED // 4)
+        tail = "..." if start + MAX_QUOTED < len(text) else ""
+        text = ("..." if start else "") + text[start:start + MAX_QUOTED] + tail
+        col = col - start + (3 if start else 0)
+        width = min(width, MAX_QUOTED - (col - 1))
+    return ["    " + text, "    " + " " * (col - 1) + "^" + "~" * (width - 1)]
+
+
+MAX_QUOTED = 120  # characters of a source line shown under an error

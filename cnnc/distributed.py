@@ -207,7 +207,8 @@ class MpiTeam:
                                         "optimizer.step": meta["step"]})
             rng.bit_generator.state = meta["rng"]
         history = [EpochResult(**entry) for entry in meta["history"]]
-        return meta["epoch"], TrainResult(history, int(meta["steps"]))
+        return meta["epoch"], TrainResult(history, int(meta["steps"]),
+                                          checkpoint=result.checkpoint)
 
     @staticmethod
     def _start_arrays(module: Module) -> dict[str, np.ndarray]:

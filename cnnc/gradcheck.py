@@ -1,7 +1,8 @@
 """`cnnc check --grad`: every generated gradient against central finite differences.
 
 The network is compiled in float64; on seeded random data each parameter's compiled
-gradient is compared, at up to `samples` drawn elements, with (J(p + h) − J(p − h)) / 2h.
+gradient is compared with (J(p + h) − J(p − h)) / 2h at every element of a parameter of up
+to `samples` elements, and at `samples` drawn ones of a larger parameter.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ class GradientReport:
     name: str
     worst_relative_error: float  # over the checked elements of this parameter
     checked: int
+    size: int  # the parameter's elements; checked < size: a drawn sample of them
 
 
-def check_gradients(module: Module, batch: int = 2, samples: int = 20, step: float = 1e-6,
+def check_gradients(module: Module, batch: int = 2, samples: int = 1000, step: float = 1e-6,
                     seed: int = 0) -> list[GradientReport]:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, *module.input_shape))
@@ -32,11 +34,13 @@ def check_gradients(module: Module, batch: int = 2, samples: int = 20, step: flo
     reports = []
     for name, value in module.params.items():
         flat = value.reshape(-1)
-        chosen = rng.choice(flat.size, min(samples, flat.size), replace=False)
+        chosen = np.arange(flat.size) if flat.size <= samples else \
+            rng.choice(flat.size, samples, replace=False)
         numeric = np.array([_central_difference(module, name, value, int(index), step, x, y)
                             for index in chosen])
         exact = analytic[name].reshape(-1)[chosen]
-        reports.append(GradientReport(name, relative_error(exact, numeric), len(chosen)))
+        reports.append(GradientReport(name, relative_error(exact, numeric), len(chosen),
+                                      flat.size))
     return reports
 
 

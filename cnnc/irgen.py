@@ -37,6 +37,7 @@ from .ir import (
 from .parse_errors import ACTIVATION_NAMES, STATEMENT_KEYWORDS
 
 LOSS_NAMES = ("cross_entropy", "mse")
+MAX_NAME = 64  # characters of a network or layer name
 LOSS_TENSOR = "loss"
 
 
@@ -121,7 +122,16 @@ class _Builder:
     def _network_line(self, found: _Sections, stmt: ast.NetworkStmt, index: int) -> None:
         if found.network is None and index > 0:
             self.error("the network line must be the first line of the program", stmt.span)
+        self._check_length(stmt.name.text, stmt.name.span)
         self._once(found, "network", stmt)
+
+    def _check_length(self, name: str, span: Span) -> bool:
+        """Names become symbols, file names and archive entries: they get a sane length."""
+        if len(name) <= MAX_NAME:
+            return True
+        self.error(f"the name {name[:16]!r}... is {len(name):,} characters long; a name has "
+                   f"at most {MAX_NAME}", span)
+        return False
 
     def _input_line(self, found: _Sections, stmt: ast.InputStmt) -> None:
         if found.layers and found.input is None:
@@ -222,6 +232,8 @@ class _Builder:
 
     def _claim(self, name: str, span: Span, auto_kind: str | None) -> str:
         """Register a layer name; a duplicate is reported and given a private unique name."""
+        if not self._check_length(name, span):
+            name = name[:MAX_NAME]
         first = self.names.get(name)
         if first is None:
             self.names[name] = span

@@ -56,7 +56,8 @@ def validated_manifest(file: artifact.ModuleFile, source: str,
     if kind == "cpu":
         _check_target(source, target, required)
     code = file.sections[artifact.code_section(file.manifest)]
-    if artifact.code_hash(code, file.manifest) != expected_hash:
+    program = file.sections.get("program", b"")
+    if artifact.code_hash(code, file.manifest, program) != expected_hash:
         raise _refuse(source, "the code hash does not match the code and its buffer table")
     return manifest
 
@@ -122,10 +123,8 @@ def native_entries_from_object(object_code: bytes, symbols: list[str]
 def validated_params(file: artifact.ModuleFile, manifest: dict[str, Any],
                      source: str) -> dict[str, Any]:
     """The stored parameters, each with the name, shape and dtype the code was built for."""
-    try:
-        params = artifact.params_from_bytes(file.sections["params"])
-    except (OSError, ValueError, KeyError, EOFError) as error:
-        raise _refuse(source, f"its parameters cannot be read: {error}") from None
+    params = artifact.params_from_bytes(file.sections["params"],
+                                        f"the parameters stored in {source}")
     expected = {entry["name"]: entry for entry in manifest["storage"] if entry["role"] == "param"}
     if set(params) != set(expected):
         raise _refuse(source, "its parameters do not match the manifest")

@@ -12,21 +12,19 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import __version__
+from . import __version__, files
 from .diagnostics import CnncError
 from .ir import DType
 
 MAGIC = b"CNNM\r\n\x1a\n"  # the line-ending bytes catch a file mangled by a text transfer
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the program a module was compiled from is kept in it
 _HEADER = struct.Struct("<8sIQ32s")
 
 
@@ -37,12 +35,18 @@ class CnncModuleError(CnncError):
 @dataclass(frozen=True)
 class ModuleFile:
     manifest: dict[str, Any]
-    sections: dict[str, bytes]  # object, llvm_ir, loops, params; cuda: cuda, loops, params
+    # object, llvm_ir, loops, params, program; cuda: cuda, loops, params, program
+    sections: dict[str, bytes]
 
 
 def numpy_dtype(dtype: DType) -> np.dtype:
     return np.dtype({DType.F32: np.float32, DType.F64: np.float64, DType.I32: np.int32,
                      DType.I64: np.int64}[dtype])
+
+
+def numpy_dtype_name(dtype: str) -> str:
+    """The numpy name of a manifest's dtype (f32, f64, i32, i64)."""
+    return numpy_dtype(DType(dtype)).name
 
 
 def pack(module: ModuleFile) -> bytes:
@@ -110,8 +114,8 @@ def code_section(manifest: dict[str, Any]) -> str:
 
 def required_sections(manifest: dict[str, Any]) -> set[str]:
     if target_kind(manifest) == "cuda":
-        return {"cuda", "loops", "params"}
-    return {"object", "llvm_ir", "loops", "params"}
+        return {"cuda", "loops", "params", "program"}
+    return {"object", "llvm_ir", "loops", "params", "program"}
 
 
 def read(path: str | Path) -> ModuleFile:
@@ -133,30 +137,21 @@ def write(module: ModuleFile, path: str | Path) -> None:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename it over `path`."""
-    temporary = None
-    try:
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except OSError as error:
-        if temporary is not None and os.path.exists(temporary):
-            os.unlink(temporary)
-        raise CnncModuleError.single(f"cannot write {path}: {error.strerror or error}") from None
+    """Atomically and durably, with the permissions open() would give (`files`)."""
+    files.write_atomically(path, data, CnncModuleError)
 
 
-# What the native code's memory safety depends on: edited, these would make it read out of
-# bounds or call the wrong function, so they are hashed together with the code.
-CODE_BOUND_FIELDS = ("storage", "input", "output", "dtype", "entry_points", "loss",
-                     "gradients", "activations")
+# Fields that describe the code itself rather than what it computes: not bound by the hash.
+UNBOUND_FIELDS = ("sections", "code_sha256")
 
 
-def code_hash(object_code: bytes, manifest: dict[str, Any]) -> str:
-    """SHA-256 of the object code and the manifest fields the code relies on."""
-    bound = {key: manifest.get(key) for key in CODE_BOUND_FIELDS}
+def code_hash(code: bytes, manifest: dict[str, Any], program: bytes) -> str:
+    """SHA-256 of the code, the program it was compiled from and every manifest field it
+    relies on: an edit to one of them alone is caught as damage. (A forger can recompute
+    it, so `verify` also derives the manifest from the program again.)"""
+    bound = {key: value for key, value in manifest.items() if key not in UNBOUND_FIELDS}
     table = json.dumps(bound, sort_keys=True).encode("utf-8")
-    return hashlib.sha256(object_code + b"\0" + table).hexdigest()
+    return hashlib.sha256(code + b"\0" + program + b"\0" + table).hexdigest()
 
 
 def params_to_bytes(params: dict[str, np.ndarray]) -> bytes:
@@ -165,9 +160,11 @@ def params_to_bytes(params: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def params_from_bytes(data: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-        return {name: archive[name] for name in archive.files}
+def params_from_bytes(data: bytes, what: str = "the parameters") -> dict[str, np.ndarray]:
+    """A module file's parameters section: sizes checked before anything is inflated."""
+    from .npzfile import read_npz_bytes
+
+    return read_npz_bytes(data, what, CnncModuleError)
 
 
 def format_manifest(module: ModuleFile) -> str:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import __version__, irgen, shapes
 from .diagnostics import CnncInputError, CnncSemanticError, Source
 from .ir import Graph
+from .limits import check_sizes
 from .module import ModuleFile, code_hash, params_to_bytes
 from .parse import parse
+from .summary import rows_to_json, summarize
 from .syntax import Program
 
 
@@ -91,6 +96,7 @@ def typed_graph(program: Program, source: Source, dtype: str | None = None) -> G
     diagnostics = sorted([*result.diagnostics, *shape_errors], key=_position)
     if diagnostics:
         raise CnncSemanticError(diagnostics, source)
+    check_sizes(typed, source)
     return typed
 
 
@@ -107,16 +113,19 @@ def module_kernels(graph: Graph):
     return fuse(differentiate(graph) if graph.loss is not None else graph)
 
 
-def lower_program(program, scheduled: bool = True):
+def lower_program(program, scheduled: bool = True, machine=None):
     """Loop functions of every kernel, the scratch tensors they add to the buffer table, and
-    the schedules applied; `scheduled=False` gives the plain loop nests everywhere."""
+    the schedules applied; `scheduled=False` gives the plain loop nests everywhere.
+    `machine` (the schedule's CPU model) is the host's unless given: a module file records
+    the one it was scheduled for, so its buffer table can be derived again anywhere."""
     from .loops import lower_kernel
     from .loops_blocked import lower_blocked
     from .schedule import host_machine
 
+    machine = machine or host_machine()
     functions, scratch, schedules = [], [], []
     for kernel in program.kernels:
-        blocked = lower_blocked(kernel, program, host_machine()) if scheduled else None
+        blocked = lower_blocked(kernel, program, machine) if scheduled else None
         if blocked is None:
             functions.append(lower_kernel(kernel, program))
             continue
@@ -126,41 +135,75 @@ def lower_program(program, scheduled: bool = True):
     return functions, scratch, schedules
 
 
-def compile_module(graph: Graph, opt_level: int = 3, scheduled: bool = True) -> ModuleFile:
-    """The back end: kernels, loops, native code and initial parameters in a module file.
+@dataclass(frozen=True)
+class ModulePlan:
+    """Everything a CPU module holds but its native code: the loop functions, the buffer
+    table, the entry points and the manifest without the code's fields."""
+
+    functions: tuple
+    storage: tuple
+    entries: dict[str, list[str]]
+    manifest: dict[str, Any]
+
+
+def plan_module(graph: Graph, source: Source, opt_level: int = 3, scheduled: bool = True,
+                machine=None) -> ModulePlan:
+    """The module of `graph` (the program `source` describes) up to its code generation.
 
     A network with a loss line also gets its backward pass (autodiff) and the update of its
     optimizer, with entry points for the loss, the gradients and a whole training step.
+    Loading a module file plans its stored program again and compares (`verify`).
     """
-    from .backends.llvm import compile_functions
-    from .initialise import initial_parameters
-    from .loops import format_functions
+    from .backends.llvm import ENTRY
+    from .schedule import host_machine
 
+    machine = machine or host_machine()
     program = module_kernels(graph)
-    full = program.graph
-    functions, scratch, _ = lower_program(program, scheduled)
+    functions, scratch, _ = lower_program(program, scheduled, machine)
     storage = list(program.storage) + scratch
     entries = entry_points(program)
     optimizer = None
     if graph.loss is not None:
         optimizer = graph.train.optimizer if graph.train else "sgd"
-        updates, extra = _update_functions(full, program, optimizer)
+        updates, extra = _update_functions(program.graph, program, optimizer)
         functions += updates
         storage += extra
         entries[ENTRY_NAMES["update"]] = [f.name for f in updates]
         entries[ENTRY_NAMES["train_step"]] = entries[ENTRY_NAMES["gradients"]] + \
             entries[ENTRY_NAMES["update"]]
-    code = compile_functions(tuple(functions), [t.name for t in storage], opt_level, entries)
+    entry_table = dict(ENTRY_NAMES) if graph.loss is not None else {"forward": ENTRY}
+    build = build_record(source, scheduled, machine)
+    manifest = _manifest(program.graph, program, storage, entry_table, opt_level, optimizer,
+                         build, rows_to_json(summarize(graph)))
+    return ModulePlan(tuple(functions), tuple(storage), entries, manifest)
+
+
+def build_record(source: Source, scheduled: bool, machine) -> dict[str, Any]:
+    """How the module was built, beyond its program and opt level: what `verify` needs to
+    derive the same buffer table on another machine."""
+    return {"program": source.name, "scheduled": bool(scheduled),
+            "machine": dataclasses.asdict(machine)}
+
+
+def compile_module(graph: Graph, source: Source, opt_level: int = 3,
+                   scheduled: bool = True) -> ModuleFile:
+    """The back end: kernels, loops, native code and initial parameters in a module file,
+    which also keeps the program it was compiled from (`trust="rebuild"` compiles that)."""
+    from .backends.llvm import compile_functions
+    from .initialise import initial_parameters
+    from .loops import format_functions
+
+    plan = plan_module(graph, source, opt_level, scheduled)
+    code = compile_functions(plan.functions, [t.name for t in plan.storage], opt_level,
+                             plan.entries)
     target = {"kind": "cpu", "triple": code.target.triple, "cpu": code.target.cpu,
               "features": [f[1:] for f in code.target.features.split(",") if f.startswith("+")]}
-    from .backends.llvm import ENTRY
-
-    entry_table = dict(ENTRY_NAMES) if graph.loss is not None else {"forward": ENTRY}
-    manifest = _manifest(full, program, storage, (code.object_code, target, entry_table),
-                         opt_level, optimizer)
+    manifest = dict(plan.manifest, target=target)
+    manifest["code_sha256"] = code_hash(code.object_code, manifest, source.text.encode())
     sections = {"object": code.object_code, "llvm_ir": code.llvm_ir.encode(),
-                "loops": format_functions(tuple(functions)).encode(),
-                "params": params_to_bytes(initial_parameters(graph))}
+                "loops": format_functions(plan.functions).encode(),
+                "params": params_to_bytes(initial_parameters(graph)),
+                "program": source.text.encode("utf-8")}
     return ModuleFile(manifest, sections)
 
 
@@ -211,7 +254,7 @@ def _update_functions(graph: Graph, program, optimizer: str):
     return functions, extra
 
 
-def compile_cuda_module(graph: Graph) -> ModuleFile:
+def compile_cuda_module(graph: Graph, source: Source) -> ModuleFile:
     """A module for NVIDIA GPUs: the plain loop nests of every kernel as Numba CUDA source,
     which the runtime compiles when it loads the module. A max pool fused into its
     convolution on the CPU is two launches here (the grid covers each one's outputs)."""
@@ -239,19 +282,24 @@ def compile_cuda_module(graph: Graph) -> ModuleFile:
     # each entry point is its launches, in order: what the runtime runs for it
     entry_table = {role: [launch for name in entries[symbol] for launch in launches[name]]
                    for role, symbol in ENTRY_NAMES.items() if symbol in entries}
-    target = {"kind": "cuda", "triple": "nvptx64-nvidia-cuda", "cpu": "numba", "features": []}
-    source = code.source.encode()
-    manifest = _manifest(full, program, storage, (source, target, entry_table), 0, optimizer)
+    manifest = _manifest(full, program, storage, entry_table, 0, optimizer,
+                         {"program": source.name}, rows_to_json(summarize(graph)))
+    manifest["target"] = CUDA_TARGET
+    cuda_source = code.source.encode()
+    manifest["code_sha256"] = code_hash(cuda_source, manifest, source.text.encode())
     functions = tuple(f for _, group in kernels for f in group)
-    sections = {"cuda": source, "loops": format_functions(functions).encode(),
-                "params": params_to_bytes(initial_parameters(graph))}
+    sections = {"cuda": cuda_source, "loops": format_functions(functions).encode(),
+                "params": params_to_bytes(initial_parameters(graph)),
+                "program": source.text.encode("utf-8")}
     return ModuleFile(manifest, sections)
 
 
-def _manifest(graph: Graph, program, storage, code: tuple[bytes, dict, dict], opt_level: int,
-              optimizer: str | None) -> dict:
-    """`code`: the code's bytes, its target and its entry points by role."""
-    code_bytes, target, entry_table = code
+CUDA_TARGET = {"kind": "cuda", "triple": "nvptx64-nvidia-cuda", "cpu": "numba", "features": []}
+
+
+def _manifest(graph: Graph, program, storage, entry_table: dict, opt_level: int,
+              optimizer: str | None, build: dict[str, Any], layers: list) -> dict:
+    """Every manifest field but the code's own (target, code_sha256, sections)."""
     table = [{"name": t.name, "role": t.role.value, "dtype": t.dtype.value,
               "shape": list(t.shape)} for t in storage]
     io_shape = {name: list(graph.tensor(name).shape[1:]) for name in (graph.input, graph.output)}
@@ -266,8 +314,9 @@ def _manifest(graph: Graph, program, storage, code: tuple[bytes, dict, dict], op
         "kernels": [k.name for k in program.kernels],
         "activations": [program.storage_of(out) for k in program.kernels if k.phase == "forward"
                         for out in k.outputs],
-        "target": target,
         "opt_level": opt_level,
+        "build": build,
+        "layers": layers,
     }
     if graph.loss is not None:
         manifest["loss"] = {"kind": graph.producer(graph.loss).op.value,
@@ -275,5 +324,4 @@ def _manifest(graph: Graph, program, storage, code: tuple[bytes, dict, dict], op
         manifest["gradients"] = {name: program.storage_of(g) for name, g in graph.gradients}
         settings = dict(graph.train.settings) if graph.train else {"lr": 0.01, "momentum": 0.0}
         manifest["optimizer"] = {"kind": optimizer, **settings}
-    manifest["code_sha256"] = code_hash(code_bytes, manifest)
     return manifest

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-import zipfile
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +20,8 @@ import numpy as np
 from . import module as artifact
 from .diagnostics import CnncError
 from .loader import native_entries, validated_manifest, validated_params
+from .locking import StateLock
+from .npzfile import read_npz
 
 
 class CnncRuntimeError(CnncError):
@@ -48,6 +49,7 @@ class Module:
         self._threads = thread_count(threads)
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()  # each thread's workspace, see _workspace
+        self._lock = StateLock()
         # (index, role, name) of every buffer a call supplies rather than the workspace
         self._supplied = [(i, e["role"], e["name"]) for i, e in enumerate(self._manifest["storage"])
                           if e["role"] in ("input", "target", "hyper", "param", "state")]
@@ -79,8 +81,107 @@ class Module:
         """Where the kernels run: cpu, or cuda (a `CudaModule`)."""
         return "cpu"
 
-    # -- running ------------------------------------------------------------------------------
+    # -- the public calls: each takes the module's lock (locking.StateLock) ---------------------
     def forward(self, x: Any) -> np.ndarray:
+        """The network's output for a batch `x` of shape (N, *input_shape).
+
+        With several threads a large batch is cut into one slice a thread; samples are
+        independent, so the result is the same, bit for bit, for any thread count.
+        """
+        with self._lock.reading():
+            return self._forward(x)
+
+    def __call__(self, x: Any) -> np.ndarray:
+        return self.forward(x)
+
+    def activations(self, x: Any) -> dict[str, np.ndarray]:
+        """Every tensor the kernels write for batch `x`, by name (argmax tensors included)."""
+        with self._lock.reading():
+            return self._activations(x)
+
+    def loss(self, x: Any, y: Any) -> float:
+        """The mean loss over the batch; y: class labels (N,) or targets like the output."""
+        with self._lock.reading():
+            return self._loss(x, y)
+
+    def gradients(self, x: Any, y: Any) -> dict[str, np.ndarray]:
+        """d(mean loss)/d(parameter) for every parameter, shaped like `params`."""
+        with self._lock.reading():
+            return self._gradients(x, y)
+
+    def input_gradient(self, x: Any, y: Any) -> np.ndarray:
+        """d(mean loss)/dx, shaped like x."""
+        with self._lock.reading():
+            return self._input_gradient(x, y)
+
+    def gradients_and_loss(self, x: Any, y: Any) -> tuple[dict[str, np.ndarray], float]:
+        """`gradients(x, y)` and `loss(x, y)` from one forward and backward pass."""
+        with self._lock.reading():
+            return self._gradients_and_loss(x, y)
+
+    def train_step(self, x: Any, y: Any, lr: float | None = None) -> float:
+        """One optimizer step (the train line's, or sgd lr=0.01) in compiled code; returns
+        the loss before the step. Steps from several threads run one after another."""
+        with self._lock.writing():
+            return self._train_step(x, y, lr)
+
+    def apply_gradients(self, gradients: Mapping[str, Any], lr: float | None = None) -> None:
+        """One optimizer step with the given gradient of every parameter (shaped like
+        `params`) instead of a batch's: how data-parallel training applies the gradients
+        averaged over several processes. Same update, state and step count as
+        `train_step`."""
+        with self._lock.writing():
+            self._apply_gradients(gradients, lr)
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        """A copy of every parameter (PyTorch layouts), read-only: an assignment into one
+        would change nothing in the module, so it raises; use `set_params`."""
+        with self._lock.reading():
+            copies = self._params_copy()
+        for value in copies.values():
+            value.flags.writeable = False
+        return copies
+
+    def set_params(self, values: Mapping[str, Any]) -> None:
+        """Replace some or all parameters; names, shapes and dtypes are checked first."""
+        with self._lock.writing():
+            self._set_params(values)
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """Momentum or Adam moments and the step count: with `params`, all a resume needs."""
+        with self._lock.reading():
+            return self._optimizer_state()
+
+    def set_optimizer_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what `optimizer_state` returned (all checked before anything changes)."""
+        with self._lock.writing():
+            self._set_optimizer_state(state)
+
+    # -- training from Python, as `cnnc train` does (fit.py) ----------------------------------
+    def fit(self, x: Any, y: Any, **options: Any) -> Any:
+        """Train on (x, y) with the loop of `cnnc train`; see `fit.fit` for the options
+        (epochs, batch, lr, validation, val_split, checkpoint, callbacks, ...). Returns the
+        history (`train.TrainResult`)."""
+        from .fit import fit
+
+        return fit(self, x, y, **options)
+
+    def evaluate(self, x: Any, y: Any, batch: int = 500) -> dict[str, float]:
+        """{"loss": mean loss, "accuracy": fraction right (cross-entropy networks)}."""
+        from .fit import evaluate
+
+        return evaluate(self, x, y, batch)
+
+    def summary(self) -> Any:
+        """Per layer: kind, output shape, parameters, FLOPs and memory (a `Summary`; its
+        text is the table `cnnc summary` prints)."""
+        from .summary import from_manifest
+
+        return from_manifest(self._manifest)
+
+    # -- running ------------------------------------------------------------------------------
+    def _forward(self, x: Any) -> np.ndarray:
         """The network's output for a batch `x` of shape (N, *input_shape).
 
         With several threads a large batch is cut into one slice a thread; samples are
@@ -93,18 +194,18 @@ class Module:
         parts = self._in_threads(lambda part: self._forward_one(x[part]), slices)
         return np.concatenate(parts)
 
-    __call__ = forward
-
     @property
     def threads(self) -> int:
         return self._threads
 
     def set_threads(self, threads: int | None) -> None:
         """How many threads `forward` may use (None: CNNC_NUM_THREADS, else every core)."""
-        self._threads = thread_count(threads)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        count = thread_count(threads)
+        with self._lock.writing():
+            self._threads = count
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
 
     def _forward_one(self, x: np.ndarray) -> np.ndarray:
         arrays = self._run(x)
@@ -112,7 +213,7 @@ class Module:
         # a copy: the buffer is this thread's workspace, overwritten by its next call
         return arrays[index].reshape(arrays[index].shape[0], *self.output_shape).copy()
 
-    def activations(self, x: Any) -> dict[str, np.ndarray]:
+    def _activations(self, x: Any) -> dict[str, np.ndarray]:
         """Every tensor the kernels write for batch `x`, by name (argmax tensors included)."""
         named = self._named(self._run(x))
         return {name: named[name].copy() for name in self._manifest["activations"]}
@@ -199,11 +300,11 @@ class Module:
         raise _refuse(f"{argument} must have dtype {self._dtype.name}, got {array.dtype}")
 
     # -- training -----------------------------------------------------------------------------
-    def loss(self, x: Any, y: Any) -> float:
+    def _loss(self, x: Any, y: Any) -> float:
         """The mean loss over the batch; y: class labels (N,) or targets like the output."""
         return float(self._named(self._run(x, "loss", self._trainable(y)))[self._loss_name()][0])
 
-    def gradients(self, x: Any, y: Any) -> dict[str, np.ndarray]:
+    def _gradients(self, x: Any, y: Any) -> dict[str, np.ndarray]:
         """d(mean loss)/d(parameter) for every parameter, shaped like `params`."""
         named, _ = self._split_gradients(x, self._trainable(y))
         where = self._manifest["gradients"]
@@ -256,13 +357,13 @@ class Module:
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="cnnc")
         return self._pool
 
-    def input_gradient(self, x: Any, y: Any) -> np.ndarray:
+    def _input_gradient(self, x: Any, y: Any) -> np.ndarray:
         """d(mean loss)/dx, shaped like x."""
         named = self._named(self._run(x, "input_gradient", self._trainable(y)))
         gradient = named[self._manifest["gradients"][self._manifest["input"]["name"]]]
         return gradient.reshape(gradient.shape[0], *self.input_shape).copy()
 
-    def train_step(self, x: Any, y: Any, lr: float | None = None) -> float:
+    def _train_step(self, x: Any, y: Any, lr: float | None = None) -> float:
         """One optimizer step (the train line's, or sgd lr=0.01) in compiled code; returns
         the loss before the step."""
         y = self._trainable(y)
@@ -278,14 +379,14 @@ class Module:
         self._step = step
         return loss
 
-    def gradients_and_loss(self, x: Any, y: Any) -> tuple[dict[str, np.ndarray], float]:
+    def _gradients_and_loss(self, x: Any, y: Any) -> tuple[dict[str, np.ndarray], float]:
         """`gradients(x, y)` and `loss(x, y)` from one forward and backward pass."""
         named, loss = self._split_gradients(x, self._trainable(y))
         where = self._manifest["gradients"]
         return ({name: named[where[name]].reshape(self._params[name].shape)
                  for name in self._params}, loss)
 
-    def apply_gradients(self, gradients: Mapping[str, Any], lr: float | None = None) -> None:
+    def _apply_gradients(self, gradients: Mapping[str, Any], lr: float | None = None) -> None:
         """One optimizer step with the given gradient of every parameter (shaped like
         `params`) instead of a batch's: how data-parallel training applies the gradients
         averaged over several processes. Same update, state and step count as
@@ -338,13 +439,13 @@ class Module:
                          settings.get("eps", 1e-8), 1 - beta1 ** step, 1 - beta2 ** step, 0.0],
                         dtype=self._dtype)
 
-    def optimizer_state(self) -> dict[str, np.ndarray]:
+    def _optimizer_state(self) -> dict[str, np.ndarray]:
         """Momentum or Adam moments and the step count: with `params`, all a resume needs."""
         state = {name: value.copy() for name, value in self._state.items()}
         state["optimizer.step"] = np.array(self._step, dtype=np.int64)
         return state
 
-    def set_optimizer_state(self, state: Mapping[str, Any]) -> None:
+    def _set_optimizer_state(self, state: Mapping[str, Any]) -> None:
         """Restore what `optimizer_state` returned (all checked before anything changes)."""
         if not isinstance(state, Mapping):
             raise _refuse("set_optimizer_state takes the dict optimizer_state returned")
@@ -403,12 +504,10 @@ class Module:
         return np.ascontiguousarray(self._converted(array, "y"))
 
     # -- parameters ---------------------------------------------------------------------------
-    @property
-    def params(self) -> dict[str, np.ndarray]:
-        """A copy of every parameter (PyTorch layouts)."""
+    def _params_copy(self) -> dict[str, np.ndarray]:
         return {name: value.copy() for name, value in self._params.items()}
 
-    def set_params(self, values: Mapping[str, Any]) -> None:
+    def _set_params(self, values: Mapping[str, Any]) -> None:
         """Replace some or all parameters; names, shapes and dtypes are checked first."""
         if not isinstance(values, Mapping):
             raise _refuse(f"set_params takes a dict of name -> array, got {type(values).__name__}")
@@ -425,7 +524,7 @@ class Module:
         self._params.update(checked)
 
     def save_weights(self, path: str | Path) -> None:
-        """A plain .npz of every parameter (no pickle)."""
+        """A plain .npz of every parameter (no pickle), written atomically."""
         if not isinstance(path, (str, Path)):
             raise _refuse(f"save_weights takes a path, got {type(path).__name__}")
         artifact.write_atomically(Path(path), artifact.params_to_bytes(self.params))
@@ -438,6 +537,10 @@ class Module:
         missing = [name for name in self._params if name not in values]
         if missing:
             raise _refuse(f"{path} lacks the parameters " + ", ".join(missing))
+        unknown = [name for name in values if name not in self._params]
+        if unknown:
+            raise _refuse(f"{path} holds arrays that are no parameter of network {self.name}: "
+                          + ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else ""))
         self.set_params(values)
 
     def save(self, path: str | Path) -> None:
@@ -479,24 +582,34 @@ def _as_array(value: Any, argument: str) -> np.ndarray:
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise _refuse(f"cannot read weights from {path}: {error}") from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise _refuse(f"{path} holds a single array, not an .npz of named parameters")
-    try:
-        with loaded:
-            return {name: loaded[name] for name in loaded.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise _refuse(f"cannot read weights from {path}: {error}") from None
+    """Weights from an .npz: a regular file only, every array's size checked before it is
+    read (npzfile), never pickle."""
+    return read_npz(path, "weights from", CnncRuntimeError)
 
 
-def load(path: str | Path, threads: int | None = None) -> Module:
-    """A module from its .cnnm file: no parsing, no LLVM optimisation. A cuda module gets
-    the GPU runtime (`CudaModule`)."""
+def load(path: str | Path, threads: int | None = None, trust: str = "code") -> Module:
+    """A module from its .cnnm file. A cuda module gets the GPU runtime (`CudaModule`).
+
+    Loading a module file runs its code. trust="code" (the default, for files you built)
+    maps the stored object code, without parsing it or running LLVM, once every manifest
+    field is what the file's stored program implies. trust="rebuild" (for files from
+    anyone else) ignores the stored code and compiles the stored program again, validated
+    like a new program, keeping only the file's parameters (checked): such a file can do no
+    more than a .cnn program can. See `verify`."""
+    from .verify import TRUST_MODES, trusted_file
+
+    if not isinstance(path, (str, Path)):
+        raise artifact.CnncModuleError.single(
+            f"load takes the path of a .cnnm file, got {type(path).__name__}")
+    if trust not in TRUST_MODES:
+        raise artifact.CnncModuleError.single(
+            f"trust must be 'code' or 'rebuild', got {trust!r}")
     file = artifact.read(path)
-    if artifact.target_kind(file.manifest) == "cuda":
+    kind = artifact.target_kind(file.manifest)
+    if trust == "code":
+        validated_manifest(file, str(path), kind)
+    file = trusted_file(file, str(path), trust)
+    if kind == "cuda":
         from .runtime_cuda import CudaModule
 
         return CudaModule(file, str(path))

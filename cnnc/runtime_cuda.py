@@ -18,6 +18,7 @@ import numpy as np
 from . import module as artifact
 from .backends.cuda import BLOCK_THREADS, grid, launch_from_json
 from .loader import validated_manifest, validated_params
+from .locking import StateLock
 from .runtime import CnncRuntimeError, Module
 
 NO_CUDA = ("this module runs on an NVIDIA GPU through Numba, and {reason}. On a machine "
@@ -78,6 +79,7 @@ class CudaModule(Module):
                         for name, value in {**self._params, **self._state}.items()}
         self._step = 0
         self._threads = 1
+        self._lock = StateLock(exclusive=True)  # one workspace on the device for every call
         # threads a block of a sum: the simulator runs each as a Python thread, where fewer
         # (still a tree of several levels) keep the tests fast
         self._sum_threads = SIMULATOR_SUM_THREADS if _simulated(self._cuda) else BLOCK_THREADS
@@ -93,37 +95,35 @@ class CudaModule(Module):
         """Host threads do not apply: the GPU runs every launch over the whole batch."""
 
     # -- running ------------------------------------------------------------------------------
-    def forward(self, x: Any) -> np.ndarray:
+    def _forward(self, x: Any) -> np.ndarray:
         """The network's output for a batch `x` (numpy or device array) of (N, *input_shape)."""
         buffers, batch = self._run_device(x, "forward")
         output = buffers[self._manifest["output"]["name"]].copy_to_host()
         return output.reshape(batch, *self.output_shape)
 
-    __call__ = forward
-
-    def activations(self, x: Any) -> dict[str, np.ndarray]:
+    def _activations(self, x: Any) -> dict[str, np.ndarray]:
         buffers, batch = self._run_device(x, "forward")
         shapes = {e["name"]: e["shape"] for e in self._manifest["storage"]}
         return {name: buffers[name].copy_to_host().reshape(
             [batch if d == "N" else d for d in shapes[name]])
             for name in self._manifest["activations"]}
 
-    def loss(self, x: Any, y: Any) -> float:
+    def _loss(self, x: Any, y: Any) -> float:
         buffers, _ = self._run_device(x, "loss", self._trainable(y))
         return float(buffers[self._loss_name()].copy_to_host()[0])
 
-    def gradients(self, x: Any, y: Any) -> dict[str, np.ndarray]:
+    def _gradients(self, x: Any, y: Any) -> dict[str, np.ndarray]:
         buffers, _ = self._run_device(x, "gradients", self._trainable(y))
         where = self._manifest["gradients"]
         return {name: buffers[where[name]].copy_to_host().reshape(self._params[name].shape)
                 for name in self._params}
 
-    def input_gradient(self, x: Any, y: Any) -> np.ndarray:
+    def _input_gradient(self, x: Any, y: Any) -> np.ndarray:
         buffers, batch = self._run_device(x, "input_gradient", self._trainable(y))
         name = self._manifest["gradients"][self._manifest["input"]["name"]]
         return buffers[name].copy_to_host().reshape(batch, *self.input_shape)
 
-    def train_step(self, x: Any, y: Any, lr: float | None = None) -> float:
+    def _train_step(self, x: Any, y: Any, lr: float | None = None) -> float:
         """One optimizer step on the GPU; returns the loss before the step."""
         y = self._trainable(y)
         step = self._step + 1
@@ -131,14 +131,14 @@ class CudaModule(Module):
         self._step = step
         return float(buffers[self._loss_name()].copy_to_host()[0])
 
-    def gradients_and_loss(self, x: Any, y: Any) -> tuple[dict[str, np.ndarray], float]:
+    def _gradients_and_loss(self, x: Any, y: Any) -> tuple[dict[str, np.ndarray], float]:
         buffers, _ = self._run_device(x, "gradients", self._trainable(y))
         where = self._manifest["gradients"]
         return ({name: buffers[where[name]].copy_to_host().reshape(self._params[name].shape)
                  for name in self._params},
                 float(buffers[self._loss_name()].copy_to_host()[0]))
 
-    def apply_gradients(self, gradients: Mapping[str, Any], lr: float | None = None) -> None:
+    def _apply_gradients(self, gradients: Mapping[str, Any], lr: float | None = None) -> None:
         checked = self._checked_gradients(gradients)
         step = self._step + 1
         buffers = dict(self._workspace_for(self._workspace_batch or 1))
@@ -209,24 +209,23 @@ class CudaModule(Module):
         return self._workspace_buffers
 
     # -- parameters and state: the device holds them --------------------------------------------
-    @property
-    def params(self) -> dict[str, np.ndarray]:
+    def _params_copy(self) -> dict[str, np.ndarray]:
         return {name: self._device[name].copy_to_host().reshape(value.shape)
                 for name, value in self._params.items()}
 
-    def set_params(self, values: Mapping[str, Any]) -> None:
-        super().set_params(values)  # checks every name, shape and dtype first
+    def _set_params(self, values: Mapping[str, Any]) -> None:
+        super()._set_params(values)  # checks every name, shape and dtype first
         for name in values:
             self._device[name].copy_to_device(self._params[name].reshape(-1))
 
-    def optimizer_state(self) -> dict[str, np.ndarray]:
+    def _optimizer_state(self) -> dict[str, np.ndarray]:
         state = {name: self._device[name].copy_to_host().reshape(value.shape)
                  for name, value in self._state.items()}
         state["optimizer.step"] = np.array(self._step, dtype=np.int64)
         return state
 
-    def set_optimizer_state(self, state: Mapping[str, Any]) -> None:
-        super().set_optimizer_state(state)
+    def _set_optimizer_state(self, state: Mapping[str, Any]) -> None:
+        super()._set_optimizer_state(state)
         for name in state:
             if name in self._state:
                 self._device[name].copy_to_device(self._state[name].reshape(-1))

@@ -9,19 +9,20 @@ The loop also implements the batch gradient descent of the specification: it sto
 from __future__ import annotations
 
 import json
-import sys
 import time
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
 from .data import CnncDataError, Dataset
 from .diagnostics import CnncError
 from .module import params_to_bytes, write_atomically
+from .npzfile import read_npz
+from .progress import Progress
 from .runtime import Module
 
 
@@ -40,6 +41,11 @@ class TrainOptions:
     checkpoint: Path | None = None
     resume: Path | None = None
     progress: bool = True
+    progress_every: float = 30.0  # seconds between progress lines when not on a terminal
+    save_best: Path | None = None  # weights of the epoch with the lowest held-out loss
+    log: Path | None = None  # one JSON line an epoch
+    # each called with the epoch's EpochResult after it; one that returns True stops training
+    callbacks: tuple[Callable[[EpochResult], Any], ...] = ()
 
 
 @dataclass
@@ -47,14 +53,36 @@ class EpochResult:
     epoch: int
     loss: float  # mean training loss of the epoch
     accuracy: float | None  # on the held-out data (cross-entropy networks)
-    held_out_loss: float
+    held_out_loss: float | None  # None: no held-out data
+    seconds: float = 0.0  # the epoch's training and evaluation
+    lr: float | None = None
 
 
 @dataclass
 class TrainResult:
     history: list[EpochResult] = field(default_factory=list)
     steps: int = 0
-    stopped: str = "epochs"  # epochs, max_iter or tol
+    stopped: str = "epochs"  # epochs, max_iter, tol or callback
+    checkpoint: tuple[int, Path] | None = None  # the last one written: (epoch, path)
+
+    @property
+    def metrics(self) -> dict[str, list[Any]]:
+        """The history by metric, one entry an epoch (Keras's `History.history`)."""
+        keys = ("epoch", "loss", "held_out_loss", "accuracy", "seconds", "lr")
+        return {key: [getattr(e, key) for e in self.history] for key in keys}
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; says where the last checkpoint is."""
+
+    def __init__(self, result: TrainResult) -> None:
+        if result.checkpoint is None:
+            where = "no checkpoint written yet"
+        else:
+            epoch, path = result.checkpoint
+            where = f"last checkpoint: epoch {epoch} at {path}"
+        self.result = result
+        super().__init__(f"interrupted; {where}")
 
 
 def check_data(module: Module, data: Dataset, name: str) -> None:
@@ -111,37 +139,111 @@ class Solo:
         return None
 
 
-def train(module: Module, train_data: Dataset, held_out: Dataset, options: TrainOptions,
-          report: Callable[[str], None] = print, team: Any = None) -> TrainResult:
+def train(module: Module, train_data: Dataset, held_out: Dataset | None,
+          options: TrainOptions, report: Callable[[str], None] = print,
+          team: Any = None) -> TrainResult:
     """Train for `options.epochs`; with an MPI `team`, data-parallel (`distributed`), where
-    `options.batch` is each rank's share of a step and only rank 0 reports and writes."""
+    `options.batch` is each rank's share of a step and only rank 0 reports and writes.
+    Without held-out data (None) no epoch is evaluated. Ctrl-C raises TrainingInterrupted,
+    which names the last checkpoint."""
     team = team if team is not None else Solo()
     check_data(module, train_data, "training")
-    check_data(module, held_out, "held-out")
+    if held_out is not None:
+        check_data(module, held_out, "held-out")
+    elif options.save_best is not None:
+        raise CnncError.single("keeping the best epoch's weights needs held-out data")
     team.agree(module, train_data, held_out, options)
     rng = np.random.default_rng(options.seed)
     first_epoch, result = _start(module, rng, options, team, report)
-    for epoch in range(first_epoch, options.epochs + 1):
-        order = rng.permutation(len(train_data))
-        epoch_loss = _epoch(module, train_data, order, epoch, options, result, team)
-        team.check_identical(module)  # ranks that drifted apart stop within an epoch
-        held_loss, accuracy = team.evaluate(module, held_out)
-        result.history.append(EpochResult(epoch, epoch_loss, accuracy, held_loss))
-        shown = f", accuracy {accuracy:.2%}" if accuracy is not None else ""
-        if team.is_root:
-            report(f"epoch {epoch}/{options.epochs}: training loss {epoch_loss:.4f}, held-out "
-                   f"loss {held_loss:.4f}{shown}")
-            if options.checkpoint is not None:
-                save_checkpoint(module, rng, epoch, result, options.checkpoint, team.size,
-                                options.batch * team.size)
-        if result.stopped != "epochs":
-            if team.is_root:
-                report(f"stopped early: {result.stopped} reached after {result.steps} steps")
-            break
+    log = _open_log(options.log, resumed=first_epoch > 1) if team.is_root else None
+    try:
+        for epoch in range(first_epoch, options.epochs + 1):
+            if _run_epoch(module, (train_data, held_out), rng, epoch, options, result, team,
+                          (report, log)):
+                break
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(result) from None
+    finally:
+        if log is not None:
+            log.close()
     agreed = team.finish(module)
     if agreed and team.is_root:
         report(agreed)
     return result
+
+
+def _run_epoch(module: Module, data: tuple[Dataset, Dataset | None], rng: np.random.Generator,
+               epoch: int, options: TrainOptions, result: TrainResult, team: Any,
+               outputs: tuple[Callable[[str], None], TextIO | None]) -> bool:
+    """One epoch, its evaluation and what follows it; True when training should stop."""
+    train_data, held_out = data
+    started = time.perf_counter()
+    order = rng.permutation(len(train_data))
+    epoch_loss = _epoch(module, train_data, order, epoch, options, result, team)
+    team.check_identical(module)  # ranks that drifted apart stop within an epoch
+    held_loss, accuracy = (None, None) if held_out is None else team.evaluate(module, held_out)
+    rate = options.lr if options.lr is not None else module.optimizer.get("lr")
+    entry = EpochResult(epoch, epoch_loss, accuracy, held_loss,
+                        time.perf_counter() - started, rate)
+    result.history.append(entry)
+    report, log = outputs
+    if team.is_root:
+        _after_epoch(module, rng, entry, options, result, team, report)
+        if log is not None:
+            _log_line(log, entry, result.steps, options.log)
+    answers = [callback(entry) for callback in options.callbacks]  # each sees every epoch
+    if any(answer is True for answer in answers) and result.stopped == "epochs":
+        result.stopped = "callback"
+    if result.stopped != "epochs" and team.is_root:
+        reason = "a callback asked to stop" if result.stopped == "callback" else \
+            f"{result.stopped} reached"
+        report(f"stopped early: {reason} after {result.steps} steps")
+    return result.stopped != "epochs"
+
+
+def _after_epoch(module: Module, rng: np.random.Generator, entry: EpochResult,
+                 options: TrainOptions, result: TrainResult, team: Any,
+                 report: Callable[[str], None]) -> None:
+    """Rank 0's part: the epoch line, the checkpoint and the best weights so far."""
+    shown = "" if entry.held_out_loss is None else f", held-out loss {entry.held_out_loss:.4f}"
+    shown += f", accuracy {entry.accuracy:.2%}" if entry.accuracy is not None else ""
+    report(f"epoch {entry.epoch}/{options.epochs}: training loss {entry.loss:.4f}{shown} "
+           f"({entry.seconds:.1f} s)")
+    if options.checkpoint is not None:
+        save_checkpoint(module, rng, entry.epoch, result, options.checkpoint, team.size,
+                        options.batch * team.size)
+        result.checkpoint = (entry.epoch, options.checkpoint)
+    if options.save_best is not None and _is_best(result.history):
+        module.save_weights(options.save_best)
+        report(f"held-out loss {entry.held_out_loss:.4f} is the lowest so far: wrote "
+               f"{options.save_best}")
+
+
+def _is_best(history: list[EpochResult]) -> bool:
+    """Whether the last epoch's held-out loss is below every earlier one's."""
+    earlier = [e.held_out_loss for e in history[:-1] if e.held_out_loss is not None]
+    return not earlier or history[-1].held_out_loss < min(earlier)
+
+
+def _open_log(path: Path | None, resumed: bool) -> TextIO | None:
+    """The metrics log: appended to when training resumes, else started afresh."""
+    if path is None:
+        return None
+    try:
+        return open(path, "a" if resumed else "w", encoding="utf-8")
+    except OSError as error:
+        raise CnncError.single(f"cannot write the log {path}: "
+                               f"{error.strerror or error}") from None
+
+
+def _log_line(log: TextIO, entry: EpochResult, steps: int, path: Path | None) -> None:
+    record = {**asdict(entry), "steps": steps}
+    try:
+        log.write(json.dumps(record) + "\n")
+        log.flush()  # a line an epoch, whatever happens to the run later
+    except OSError as error:
+        raise CnncError.single(f"cannot write the log {path}: "
+                               f"{error.strerror or error}") from None
 
 
 def _start(module: Module, rng: np.random.Generator, options: TrainOptions, team: Any,
@@ -151,6 +253,7 @@ def _start(module: Module, rng: np.random.Generator, options: TrainOptions, team
     if team.is_root and options.resume is not None:
         try:
             epoch, result, meta = _resume(module, rng, options.resume)
+            result.checkpoint = (epoch - 1, options.resume)
             start = (epoch, result)
             step_batch = options.batch * team.size
             saved = meta.get("global_batch")
@@ -165,8 +268,11 @@ def _start(module: Module, rng: np.random.Generator, options: TrainOptions, team
 
 def _epoch(module: Module, data: Dataset, order: np.ndarray, epoch: int,
            options: TrainOptions, result: TrainResult, team: Any) -> float:
-    total, seen, started = 0.0, 0, time.perf_counter()
+    total, seen = 0.0, 0
     step_size = options.batch * team.size
+    shown = options.progress and team.is_root
+    progress = Progress(epoch, options.epochs, len(order), every=options.progress_every) \
+        if shown else None
     for start in range(0, len(order), step_size):
         indices = order[start:start + step_size]
         mine = team.shard(indices)
@@ -180,16 +286,16 @@ def _epoch(module: Module, data: Dataset, order: np.ndarray, epoch: int,
         result.steps += 1
         total += loss * len(indices)
         seen += len(indices)
-        if options.progress and team.is_root:
-            _progress(epoch, options.epochs, seen, len(order), total / seen, started)
+        if progress is not None:
+            progress.update(seen, total / seen)
         if options.max_iter is not None and result.steps >= options.max_iter:
             result.stopped = "max_iter"
             break
         if options.tol > 0 and _largest_change(before, after) < options.tol:
             result.stopped = "tol"
             break
-    if options.progress and team.is_root:
-        sys.stderr.write("\n")
+    if progress is not None:
+        progress.close()
     return total / max(seen, 1)
 
 
@@ -199,16 +305,6 @@ def _all_finite(params: dict[str, np.ndarray]) -> bool:
 
 def _largest_change(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> float:
     return max(float(np.abs(after[name] - before[name]).max()) for name in before)
-
-
-def _progress(epoch: int, epochs: int, seen: int, total: int, loss: float,
-              started: float) -> None:
-    width = 24
-    done = int(width * seen / total)
-    rate = seen / max(time.perf_counter() - started, 1e-9)
-    sys.stderr.write(f"\repoch {epoch}/{epochs} [{'#' * done}{'.' * (width - done)}] "
-                     f"{seen}/{total} loss {loss:.4f} {rate:,.0f} samples/s")
-    sys.stderr.flush()
 
 
 def _not_finite(module: Module, x: np.ndarray, y: np.ndarray, epoch: int, step: int,
@@ -256,8 +352,11 @@ def save_checkpoint(module: Module, rng: np.random.Generator, epoch: int,
 def _resume(module: Module, rng: np.random.Generator,
             path: Path) -> tuple[int, TrainResult, dict[str, Any]]:
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
+        arrays = read_npz(path, "checkpoint", CnncDataError)
+    except CnncDataError as error:
+        reason = error.diagnostics[0].message.split(": ", 1)[-1]
+        raise CnncDataError.single(f"cannot resume from {path}: {reason}") from None
+    try:
         meta = json.loads(arrays.pop("meta").tobytes())
         if meta.get("network") != module.name:
             raise CnncDataError.single(f"{path} is a checkpoint of network "

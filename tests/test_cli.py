@@ -53,11 +53,17 @@ def test_summary_table_counts_parameters_and_flops(capsys):
     code, out, _ = run(capsys, "summary", str(EXAMPLES / "lenet.cnn"))
     assert code == 0
     rows = {line.split()[0]: line.split() for line in out.splitlines()[3:11]}
-    # c1: 6 filters of 1x5x5 plus 6 biases; 2 FLOPs per multiply-add over 28x28 outputs.
-    assert rows["c1"] == ["c1", "conv+relu", "6x28x28", "156", f"{2 * 6 * 25 * 28 * 28:,}"]
-    assert rows["f5"] == ["f5", "dense+relu", "120", f"{400 * 120 + 120:,}", f"{2 * 400 * 120:,}"]
+    # c1: 6 filters of 1x5x5 plus 6 biases; 2 FLOPs per multiply-add over 28x28 outputs;
+    # 4 bytes a float32 parameter; one sample's output of 6x28x28 floats.
+    assert rows["c1"] == ["c1", "conv+relu", "6x28x28", "156", f"{2 * 6 * 25 * 28 * 28:,}",
+                          f"{156 * 4:,}", f"{6 * 28 * 28 * 4:,}"]
+    assert rows["f5"] == ["f5", "dense+relu", "120", f"{400 * 120 + 120:,}",
+                          f"{2 * 400 * 120:,}", f"{(400 * 120 + 120) * 4:,}", f"{120 * 4:,}"]
+    # max pooling also writes the int32 position of each maximum
+    assert rows["maxpool1"][-1] == f"{6 * 14 * 14 * 4 * 2:,}"
     total = next(line for line in out.splitlines() if line.startswith("total"))
-    assert total.split()[1] == "61,706"
+    assert total.split()[1] == "61,706" and total.split()[3] == f"{61_706 * 4:,}"
+    assert "parameters: 61,706 in all, 61,706 trainable (241.0 KiB)" in out
 
 
 def test_summary_json_agrees_with_the_parameter_shapes(capsys):

@@ -61,8 +61,12 @@ def test_any_batch_size_matches_the_reference(module):
 def test_params_are_copies_and_set_params_checks_names_shapes_dtypes(module, x):
     before = module(x)
     params = module.params
-    params["c.weight"][:] = 0  # a copy: the module is unchanged
+    with pytest.raises(ValueError, match="read-only"):  # a copy: writing it would be lost
+        params["c.weight"][:] = 0
+    writable = params["c.weight"].copy()
+    writable[:] = 0  # a copy of the copy is the user's own, and the module is unchanged
     np.testing.assert_array_equal(module(x), before)
+    assert not np.shares_memory(module.params["c.weight"], module.params["c.weight"])
     with pytest.raises(cnnc.CnncRuntimeError, match=r"unknown parameter 'c\.wieght'"):
         module.set_params({"c.wieght": params["c.weight"]})
     with pytest.raises(cnnc.CnncRuntimeError, match=r"c\.bias must have shape \(3,\), got \(4,\)"):
@@ -88,7 +92,7 @@ def test_weights_files_round_trip_and_are_checked(tmp_path, x):
     with pytest.raises(cnnc.CnncRuntimeError, match="cannot read weights from"):
         module.load_weights(tmp_path / "junk.npz")
     np.save(tmp_path / "one.npy", original["c.bias"])
-    with pytest.raises(cnnc.CnncRuntimeError, match="single array"):
+    with pytest.raises(cnnc.CnncRuntimeError, match=r"not an \.npz archive \(a \.npy array"):
         module.load_weights(tmp_path / "one.npy")
     with pytest.raises(cnnc.CnncRuntimeError, match="cannot read weights"):
         module.load_weights(tmp_path / "absent.npz")

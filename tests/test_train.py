@@ -121,7 +121,11 @@ def test_train_and_eval_commands(tmp_path, monkeypatch, capsys):
     assert "training small on cpu: sgd lr=0.1 momentum=0.9, batch 16, 2 epochs, 64 samples" in out
     assert "epoch 2/2: training loss" in out and (tmp_path / "small.weights.npz").exists()
     assert main(["eval", "small.cnn", "--weights", "small.weights.npz", "--data", "d.npz"]) == 0
-    assert "small on 80 samples: loss" in capsys.readouterr().out
+    assert "small on 16 held-out samples (--val-split 0.2 with seed 4 of the 80 in d.npz" in \
+        capsys.readouterr().out  # the 16 train held out (the train line's seed 4)
+    assert main(["eval", "small.cnn", "--weights", "small.weights.npz", "--data", "d.npz",
+                 "--split", "all"]) == 0
+    assert "small on 80 samples (all of d.npz): loss" in capsys.readouterr().out
     assert main(["compile", "small.cnn", "-O1"]) == 0  # a module file trains the same way
     assert main(["train", "small.cnnm", "--data", "d.npz", "--epochs", "1", "--out", "m.npz",
                  "--no-progress"]) == 0
@@ -131,7 +135,7 @@ def test_train_and_eval_commands(tmp_path, monkeypatch, capsys):
                  "--no-progress"]) == 0
     assert "stopped early: max_iter reached after 3 steps" in capsys.readouterr().out
     assert main(["train", "small.cnn", "--data", "d.npz", "--batch", "0"]) == 1
-    assert "--batch and --max-iter must be at least 1" in capsys.readouterr().err
+    assert "--batch expects an integer from 1 to 2,147,483,647, got 0" in capsys.readouterr().err
     assert main(["train", "small.cnn", "--data", "absent.npz"]) == 1
     assert "no data at absent.npz" in capsys.readouterr().err
     np.savez(tmp_path / "wrong.npz", x=np.zeros((4, 3, 6, 6)), y=np.zeros(4, int))
@@ -180,8 +184,12 @@ def test_bad_data_checkpoints_and_options_are_user_errors(tmp_path, monkeypatch,
         (["--data", "one.npz"], "1 samples are too few"),
         (["--data", "zip.npz"], "cannot read zip.npz"),
         (["--data", "d.npz", "--resume", "ckpt.npz"], "cannot resume from ckpt.npz"),
-        (["--data", "d.npz", "--seed", "-1"], "--seed at least 0"),
-        (["--data", "d.npz", "--lr", "nan"], "--lr a finite number above 0"),
+        (["--data", "d.npz", "--seed", "-1"], "--seed expects an integer from 0 to 2**63 - 1"),
+        (["--data", "d.npz", "--lr", "nan"], "--lr expects a finite number above 0, got nan"),
+        (["--data", "d.npz", "--max-iter", "0"], "--max-iter expects an integer from 1"),
+        (["--data", "d.npz", "--epochs", "0"], "--epochs expects an integer from 1"),
+        (["--data", "d.npz", "--tol", "-1"], "--tol expects a finite number of at least 0"),
+        (["--data", "d.npz", "--val-split", "1"], "--val-split expects a number between 0 and"),
     ]
     for extra, message in cases:
         assert main(["train", "small.cnn", "--no-progress", *extra]) == 1, extra
