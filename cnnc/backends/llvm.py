@@ -3,8 +3,16 @@
 Each loop function becomes one LLVM function named after its kernel (`c1_conv_relu_fwd`),
 with noalias pointer arguments; `cnnc_forward(N, buffers)` calls them in order, so running
 the network is one native call. Scalars and loop indices live in allocas that LLVM promotes
-to registers; floating-point operations carry only `contract` (FMA), so results stay within
-rounding of the reference interpreter.
+to registers.
+
+Floating-point arithmetic is exactly what the loop IR says: no fast-math flags, not even
+`contract`, and every `x ± a·b` is one explicit `llvm.fma` where the host has FMA (else a
+multiply and an add). With `contract`, whether LLVM fuses a pair depends on the code around
+it: -O0 instruction selection fused some rows of a register block and not others, and at
+-O1 the scalar remainder of a vectorized loop paired its multiplies into a vector and added
+them one by one. A sample's result then depended on where its thread's slice put it. Spelt
+out, each element gets the same operations on every path, at every optimisation level, so
+`forward` is bit-identical for any thread count.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import llvmlite.ir as ir
 from ..ir import BATCH, DType
 from ..loops import (
     Assign,
+    Binary,
     Broadcast,
     Buffer,
     Const,
@@ -47,7 +56,6 @@ I64 = ir.IntType(64)
 I1 = ir.IntType(1)
 FLOAT_TYPES = {DType.F32: ir.FloatType(), DType.F64: ir.DoubleType()}
 ELEMENT_TYPES = {**FLOAT_TYPES, DType.I32: ir.IntType(32), DType.I64: I64}
-_FLAGS = ("contract",)
 _COMPARE = {"<", "<=", ">", ">=", "==", "!="}
 
 
@@ -78,6 +86,17 @@ def host_target() -> HostTarget:
         llvm.initialize_native_asmprinter()
         return HostTarget(llvm.get_process_triple(), llvm.get_host_cpu_name(),
                           llvm.get_host_cpu_features().flatten())
+
+
+@functools.cache
+def host_has_fma() -> bool:
+    """Whether the host computes a·b + c rounded once in hardware. Elsewhere `llvm.fma` would
+    be a call of the C library's (slow, software) `fma`, so cnnc multiplies and adds instead."""
+    host = host_target()
+    if host.triple.startswith(("x86_64", "i386", "i686")):
+        return "+fma" in host.features.split(",")
+    # FMA is part of the base instruction set of these
+    return host.triple.startswith(("aarch64", "arm64", "powerpc64", "ppc64", "s390x"))
 
 
 def target_machine(opt_level: int = 3) -> llvm.TargetMachine:
@@ -273,6 +292,7 @@ class _Emitter:
         self.pointers = {b.name: arg for b, arg in
                          zip(function.buffers, llvm_function.args[1:], strict=True)}
         self.slots: dict[str, ir.AllocaInstr] = {}
+        self.has_fma = host_has_fma()
 
     def emit(self) -> None:
         for local in self.function.locals:
@@ -416,15 +436,50 @@ class _Emitter:
                                                 ir.Constant(ir.IntType(32), expr.lane))
         if isinstance(expr, Select):
             values = [self.expr(e) for e in (expr.cond, expr.then, expr.otherwise)]
-            lanes = max((v.type.count for v in values if isinstance(v.type, ir.VectorType)),
-                        default=0)
-            if lanes:
-                values = [v if isinstance(v.type, ir.VectorType) else self.splat(v, lanes)
-                          for v in values]
-            return self.select(*values)
+            return self.select(*self.widened(values))
         if isinstance(expr, Unary):
             return self.unary(expr.op, self.expr(expr.operand))
+        product = _product(expr.left, expr.right) if expr.op in ("+", "-") else None
+        if product is not None:
+            return self.multiply_add(expr, *product)
         return self.binary(expr.op, *self.matched(self.expr(expr.left), self.expr(expr.right)))
+
+    def multiply_add(self, expr: Binary, product: Binary, product_on_left: bool) -> ir.Value:
+        """`c ± a·b` or `a·b ± c`: one fused multiply-add of floats where the host has FMA,
+        else (and for indices) a multiply, then an add."""
+        factors = [self.expr(product.left), self.expr(product.right)]
+        addend = self.expr(expr.right if product_on_left else expr.left)
+        element = _element(factors[0].type)
+        if not self.has_fma or isinstance(element, ir.IntType):
+            term = self.binary("*", *self.matched(*factors))
+            pair = (term, addend) if product_on_left else (addend, term)
+            return self.binary(expr.op, *self.matched(*pair))
+        if expr.op == "-":  # c − a·b = fma(−a, b, c); a·b − c = fma(a, b, −c): negation is exact
+            if product_on_left:
+                addend = self.builder.fneg(addend)
+            else:
+                factors[0] = self.builder.fneg(factors[0])
+        operands = self.widened([*factors, addend])
+        return self.builder.call(self.intrinsic("fma", operands[0].type, 3), operands)
+
+    def intrinsic(self, name: str, kind: ir.Type, arity: int) -> ir.Function:
+        """llvm.NAME for floats or float vectors of `kind`, taking `arity` of them (llvmlite's
+        declare_intrinsic cannot name the vector versions)."""
+        suffix = "f32" if _element(kind) == ir.FloatType() else "f64"
+        if isinstance(kind, ir.VectorType):
+            suffix = f"v{kind.count}{suffix}"
+        symbol = f"llvm.{name}.{suffix}"
+        return self.module.globals.get(symbol) or ir.Function(
+            self.module, ir.FunctionType(kind, [kind] * arity), symbol)
+
+    def widened(self, values: list[ir.Value]) -> list[ir.Value]:
+        """Scalars among vectors broadcast to the vectors' lanes."""
+        lanes = max((v.type.count for v in values if isinstance(v.type, ir.VectorType)),
+                    default=0)
+        if not lanes:
+            return values
+        return [v if isinstance(v.type, ir.VectorType) else self.splat(v, lanes)
+                for v in values]
 
     def select(self, cond: ir.Value, then: ir.Value, otherwise: ir.Value) -> ir.Value:
         chosen = self.builder.select(cond, then, otherwise)
@@ -438,7 +493,7 @@ class _Emitter:
             return b.and_(left, right)
         if op == "or":
             return b.or_(left, right)
-        element = left.type.element if isinstance(left.type, ir.VectorType) else left.type
+        element = _element(left.type)
         is_float = not isinstance(element, ir.IntType)
         if op in _COMPARE:
             # ordered: any comparison with NaN is false, as in numpy
@@ -448,15 +503,9 @@ class _Emitter:
                 return b.sdiv(left, right) if op == "//" else b.srem(left, right)
             return {"+": b.add, "-": b.sub, "*": b.mul}[op](left, right, flags=["nsw"])
         if op == "max":  # NaN-propagating, branch-free on x86
-            suffix = "f32" if element == ir.FloatType() else "f64"
-            if isinstance(left.type, ir.VectorType):
-                suffix = f"v{left.type.count}{suffix}"
-            name = f"llvm.maximum.{suffix}"
-            intrinsic = self.module.globals.get(name) or ir.Function(
-                self.module, ir.FunctionType(left.type, [left.type, left.type]), name)
-            return b.call(intrinsic, [left, right])
+            return b.call(self.intrinsic("maximum", left.type, 2), [left, right])
         method = {"+": b.fadd, "-": b.fsub, "*": b.fmul, "/": b.fdiv}[op]
-        return method(left, right, flags=_FLAGS)
+        return method(left, right)
 
     def unary(self, op: str, value: ir.Value) -> ir.Value:
         if op == "neg":
@@ -492,7 +541,22 @@ class _Emitter:
         raise AssertionError(f"cannot store {value.type} as {wanted}")
 
 
+def _product(left: Expr, right: Expr) -> tuple[Binary, bool] | None:
+    """The product among the operands of a sum or difference, and whether it is the left
+    one; the right one where both are (either is a valid choice, but it must be one)."""
+    if isinstance(right, Binary) and right.op == "*":
+        return right, False
+    if isinstance(left, Binary) and left.op == "*":
+        return left, True
+    return None
+
+
+def _element(kind: ir.Type) -> ir.Type:
+    """The type of each lane of a vector, or the type itself."""
+    return kind.element if isinstance(kind, ir.VectorType) else kind
+
+
 def _integer_width(kind: ir.Type) -> int:
     """Bits of an integer or of each lane of an integer vector; 0 for anything else."""
-    element = kind.element if isinstance(kind, ir.VectorType) else kind
+    element = _element(kind)
     return element.width if isinstance(element, ir.IntType) else 0
