@@ -40,13 +40,16 @@ def open_network(path: str, dtype: str | None = None, target: str = "cpu",
     `target`, saying so and how long it took through `report`."""
     from . import compile as compile_program
 
+    started = time.perf_counter()
     if path.endswith(".cnnm"):
         module = load_module(path, trust=trust)
+        if trust == "rebuild" and report is not None:
+            report(f"compiled the program stored in {path} again, ignoring its code, in "
+                   f"{time.perf_counter() - started:.1f} s")
         if module.target != target and target != "cpu":
             raise CnncError.single(f"{path} is a {module.target} module; compile the .cnn "
                                    f"program with --target {target} to run it there")
         return module
-    started = time.perf_counter()
     module = compile_program(Path(path), target=target, dtype=dtype)
     if report is not None:
         report(f"compiled {path} for {target} in {time.perf_counter() - started:.1f} s")
