@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 
 import cnnc  # noqa: E402
 from cnnc import reference  # noqa: E402
-from cnnc.summary import layer_rows  # noqa: E402
+from cnnc.summary import summarize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONV_W3 = "network w3\ninput: 64x56x56\nconv c: 64 3x3 pad=1 -> relu\nloss mse\n"
@@ -86,7 +86,7 @@ def _seconds(call: Callable[[], object]) -> float:
 
 def flops(graph, batch: int, mode: str) -> float:
     """2 × multiply-adds of conv and dense layers; backward counted as twice forward."""
-    forward = sum(r.flops for r in layer_rows(graph)) * batch
+    forward = sum(r.flops for r in summarize(graph).rows) * batch
     return forward if mode == "forward" else 3 * forward
 
 

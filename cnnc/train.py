@@ -54,7 +54,7 @@ class EpochResult:
     loss: float  # mean training loss of the epoch
     accuracy: float | None  # on the held-out data (cross-entropy networks)
     held_out_loss: float | None  # None: no held-out data
-    seconds: float = 0.0  # the epoch's training and evaluation
+    time: float = 0.0  # seconds the epoch took, its training and evaluation
     lr: float | None = None
 
 
@@ -68,7 +68,7 @@ class TrainResult:
     @property
     def metrics(self) -> dict[str, list[Any]]:
         """The history by metric, one entry an epoch (Keras's `History.history`)."""
-        keys = ("epoch", "loss", "held_out_loss", "accuracy", "seconds", "lr")
+        keys = ("epoch", "loss", "held_out_loss", "accuracy", "time", "lr")
         return {key: [getattr(e, key) for e in self.history] for key in keys}
 
 
@@ -208,7 +208,7 @@ def _after_epoch(module: Module, rng: np.random.Generator, entry: EpochResult,
     shown = "" if entry.held_out_loss is None else f", held-out loss {entry.held_out_loss:.4f}"
     shown += f", accuracy {entry.accuracy:.2%}" if entry.accuracy is not None else ""
     report(f"epoch {entry.epoch}/{options.epochs}: training loss {entry.loss:.4f}{shown} "
-           f"({entry.seconds:.1f} s)")
+           f"({entry.time:.1f} s)")
     if options.checkpoint is not None:
         save_checkpoint(module, rng, entry.epoch, result, options.checkpoint, team.size,
                         options.batch * team.size)

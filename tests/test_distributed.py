@@ -123,7 +123,7 @@ result = train_data_parallel(module, train, held_out, TrainOptions(epochs=2, bat
 np.savez(f"rank{rank}.npz", **module.params)
 np.savez(f"first{rank}.npz", **first)
 # every field but each rank's own timing
-json.dump([{k: v for k, v in vars(e).items() if k != "seconds"} for e in result.history]
+json.dump([{k: v for k, v in vars(e).items() if k != "time"} for e in result.history]
           + [result.steps], open(f"result{rank}.json", "w"))
 if rank == 1:  # a rank whose parameters differ must be caught
     module.set_params({"d.bias": module.params["d.bias"] + 1})

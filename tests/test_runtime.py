@@ -190,3 +190,41 @@ def test_apply_gradients_checks_every_gradient():
     np.testing.assert_allclose(module.params["d.bias"], before["d.bias"] - 0.01, rtol=1e-6)
     with pytest.raises(cnnc.CnncRuntimeError, match="no loss line"):
         cnnc.compile(TEXT, threads=1).apply_gradients({})
+
+
+def test_weights_and_checkpoints_are_read_safely(tmp_path):
+    """A 1 TB header, a FIFO and a non-path: refused in cnnc's words, nothing inflated."""
+    import os
+    import threading
+
+    from test_npzfile import npy_header, zip_of
+
+    from cnnc.train import TrainOptions, _resume
+
+    module = cnnc.compile(TEXT, opt_level=1)
+    huge = tmp_path / "huge.npz"
+    huge.write_bytes(zip_of({"c.weight.npy": npy_header((2**38,), "<f4")}))
+    with pytest.raises(cnnc.CnncRuntimeError, match="cannot read weights from .*huge.npz: .*"
+                                                    "limit"):
+        module.load_weights(huge)
+    with pytest.raises(cnnc.CnncError, match="cannot resume from .*huge.npz"):
+        _resume(module, np.random.default_rng(0), huge)
+    fifo = tmp_path / "fifo.npz"
+    os.mkfifo(fifo)
+    outcome = []
+    reader = threading.Thread(target=lambda: outcome.append(_refusal(module, fifo)),
+                              daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    assert outcome and "not a regular file" in outcome[0]
+    with pytest.raises(cnnc.CnncRuntimeError, match="load_weights takes a path, got int"):
+        module.load_weights(123)
+    assert TrainOptions().resume is None
+
+
+def _refusal(module, path) -> str:
+    try:
+        module.load_weights(path)
+    except cnnc.CnncError as error:
+        return str(error)
+    return "loaded"

@@ -47,7 +47,7 @@ def test_train_says_compile_time_and_epoch_times_and_logs_every_epoch(workdir, c
     records = [json.loads(line) for line in (workdir / "m.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert [r["steps"] for r in records] == [5, 10, 15]  # 80 samples, batch 16
-    assert all(r["lr"] == 0.1 and r["seconds"] > 0 for r in records)
+    assert all(r["lr"] == 0.1 and r["time"] > 0 for r in records)
     for line, record in zip(epochs, records, strict=True):
         assert f"training loss {record['loss']:.4f}, held-out loss " \
                f"{record['held_out_loss']:.4f}, accuracy {record['accuracy']:.2%}" in line
