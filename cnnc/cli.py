@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import __version__
 from .diagnostics import CnncError, CnncInputError, Source
-from .files import write_atomically
+from .files import shown_path, unusable_path, write_atomically
 from .ir import Graph, format_shape
 from .streams import CnncOutputError, guarded_streams
 
@@ -187,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with guarded_streams():
         try:
             args = build_parser().parse_args(argv)  # exits with 2 on a usage error
+            _check_paths(args)
             code = _run(args)
             sys.stdout.flush()
             return code
@@ -213,6 +214,31 @@ def _say(text: str) -> None:
     """A line on stderr; when stderr is gone too, the exit code is all that is left."""
     with contextlib.suppress(CnncOutputError):
         print(text, file=sys.stderr)
+
+
+# The arguments of each command that name files, and what it does with them. A path that
+# cannot name a file is refused before any work: a NUL byte (only a Python caller can pass
+# one), or for a file to write, an empty name or a trailing slash. Otherwise a training run
+# would end with that error at its first checkpoint, or with a traceback from open().
+PATH_ARGUMENTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "check": (("program", "read"),), "summary": (("program", "read"),),
+    "compile": (("program", "read"), ("output", "write")),
+    "train": (("network", "read"), ("data", "read"), ("resume", "read"), ("out", "write"),
+              ("checkpoint", "write"), ("log", "write"), ("save_best", "write")),
+    "eval": (("network", "read"), ("weights", "read"), ("data", "read")),
+    "inspect": (("module", "read"),), "plot": (("log", "read"), ("output", "write")),
+    "download": (("folder", "use"),)}
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    for name, use in PATH_ARGUMENTS[args.command]:
+        path = getattr(args, name)
+        if path is None or (name == "save_best" and path == ""):  # "": the default file
+            continue
+        problem = unusable_path(path) if use == "write" else \
+            "the path contains a NUL byte" if "\0" in path else None
+        if problem is not None:
+            raise CnncInputError.single(f"cannot {use} {shown_path(path)}: {problem}")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -423,7 +449,7 @@ def _write(text: str, output: str | None) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
         return EXIT_OK
-    write_atomically(Path(output), text.encode("utf-8"), CnncInputError)
+    write_atomically(output, text.encode("utf-8"), CnncInputError)  # a str: keeps a final /
     return EXIT_OK
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
@@ -19,29 +20,70 @@ from pathlib import Path
 from .diagnostics import CnncError
 
 # `.NAME.PID.TOKEN.tmp`: the PID says whether the writer is still alive, so the next write
-# of the same file can remove what a killed writer left behind.
-_TEMPORARY = "{hidden}.{pid}.{token}.tmp"
+# of the same file can remove what a killed writer left behind. NAME is cut short when the
+# whole would be longer than the file system allows, which then fills it exactly.
+_TEMPORARY = re.compile(rb"\.(?P<name>.*)\.(?P<pid>[0-9]+)\.[0-9a-f]{8}\.tmp", re.DOTALL)
 
 
 def write_atomically(path: str | Path, data: bytes, error: type[CnncError] = CnncError) -> None:
     """Replace `path` by `data` atomically and durably; failures raise `error` in one line.
 
-    A path that is not a regular file, such as /dev/stdout or a FIFO, is written to
-    directly: renaming over a device would replace the device, not write to it.
+    A path that is not a regular file, such as /dev/null or a FIFO, is written to directly:
+    renaming over a device would replace the device, not write to it. So is anything
+    under /proc, /dev/stdout and /dev/fd/N among them: nothing can be created there, and
+    a link to a process's open pipe leads to no path to rename onto.
     """
-    path = Path(path)
+    shown = shown_path(os.fspath(path))
+    problem = unusable_path(os.fspath(path))
+    if problem is not None:
+        raise error.single(f"cannot write {shown}: {problem}")
     try:
+        if _in_proc(Path(path)):
+            _write_in_place(Path(path), data)
+            return
         target = Path(os.path.realpath(path))  # through a symlink, as open() would write
         existing = _existing_mode(target)
         if existing is not None and not stat.S_ISREG(existing):
             if stat.S_ISDIR(existing):
-                raise error.single(f"cannot write {path}: it is a directory")
+                raise error.single(f"cannot write {shown}: it is a directory")
             _write_in_place(target, data)
             return
         _remove_stale_temporaries(target)
         _write_and_rename(target, data, existing)
     except OSError as failure:
-        raise error.single(f"cannot write {path}: {_reason(failure)}") from None
+        raise error.single(f"cannot write {shown}: {_reason(failure)}") from None
+
+
+def unusable_path(path: str) -> str | None:
+    """Why `path` cannot name a file to write, found before the system is asked: a NUL
+    byte (the system's paths end at one; only Python callers can pass it), a trailing
+    slash (it names a folder; Path() would quietly drop it) or no name at all."""
+    if "\0" in path:
+        return "the path contains a NUL byte"
+    if path == "":
+        return "the file name is empty"
+    if path.endswith(os.sep):
+        return "a file name cannot end in " + os.sep
+    return None
+
+
+def shown_path(path: str) -> str:
+    """A path as a one-line message shows it: a NUL byte escaped, an empty one as ''."""
+    return path.replace("\0", "\\x00") or "''"
+
+
+def _in_proc(path: Path) -> bool:
+    """Whether `path`, its symlinks followed one at a time, leads into /proc."""
+    current = os.path.abspath(path)
+    for _ in range(40):  # as many links as Linux follows
+        folder = os.path.realpath(os.path.dirname(current))
+        if folder == "/proc" or folder.startswith("/proc/"):
+            return True
+        link = os.path.join(folder, os.path.basename(current))
+        if not os.path.islink(link):
+            return False
+        current = os.path.join(folder, os.readlink(link))
+    return False
 
 
 def _existing_mode(path: Path) -> int | None:
@@ -57,9 +99,7 @@ def _write_in_place(path: Path, data: bytes) -> None:
 
 
 def _write_and_rename(target: Path, data: bytes, existing: int | None) -> None:
-    hidden = "." + target.name
-    temporary = target.parent / _TEMPORARY.format(hidden=hidden, pid=os.getpid(),
-                                                  token=secrets.token_hex(4))
+    temporary = target.parent / _temporary_name(target)
     # 0o666 through the umask, as open() gives a new file; an existing file keeps its mode
     handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
@@ -103,19 +143,38 @@ def _sync_folder(folder: Path) -> None:
         os.close(handle)
 
 
+def _temporary_name(target: Path) -> str:
+    """`.NAME.PID.TOKEN.tmp`, with NAME cut to fit the folder's longest file name."""
+    suffix = f".{os.getpid()}.{secrets.token_hex(4)}.tmp".encode()
+    name = b"." + os.fsencode(target.name)
+    room = _longest_name(target.parent) - len(suffix)
+    return os.fsdecode(name[:room] + suffix)
+
+
+def _longest_name(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255  # what nearly every file system allows
+
+
 def _remove_stale_temporaries(target: Path) -> None:
     """Temporary files of `target` whose writer process no longer exists."""
-    prefix = "." + target.name + "."
+    name = os.fsencode(target.name)
     try:
         entries = list(os.scandir(target.parent))
+        longest = _longest_name(target.parent)
     except OSError:
         return  # the write itself will say what is wrong with the folder
     for entry in entries:
-        name = entry.name
-        if not (name.startswith(prefix) and name.endswith(".tmp")):
+        found = _TEMPORARY.fullmatch(os.fsencode(entry.name))
+        if found is None:
             continue
-        pid = name[len(prefix):-len(".tmp")].split(".")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        written = found["name"]
+        # NAME itself, or NAME cut short, which fills the longest file name exactly
+        mine = written == name or (name.startswith(written)
+                                   and len(os.fsencode(entry.name)) == longest)
+        if mine and not _alive(int(found["pid"])):
             _unlink_quietly(Path(entry.path))
 
 

@@ -4,7 +4,9 @@ A closed stdout (`cnnc check x.cnn >&-`), a full disk (`> /dev/full`) or an enco
 cannot show a character of the output (`PYTHONIOENCODING=ascii` and a file named
 `ü.cnn`) would otherwise end the command with a Python exception. Here each becomes a
 `CnncOutputError`: one line on stderr and exit 1. Error messages themselves are written
-with unshowable characters escaped, so they always get through.
+with unshowable characters escaped, so they always get through. Standard error only
+carries messages about the work (progress, warnings, errors), so a failed write there is
+dropped rather than allowed to stop the work: `cnnc train ... 2>&-` still trains.
 """
 
 from __future__ import annotations
@@ -24,18 +26,30 @@ class CnncOutputError(CnncError):
 
 class _Guarded:
     """A text stream whose failed writes raise CnncOutputError (BrokenPipeError passes
-    through: a reader that stopped reading, as `| head` does, is not an error)."""
+    through: a reader that stopped reading, as `| head` does, is not an error). A `lossy`
+    one drops what it cannot write instead."""
 
-    def __init__(self, stream: TextIO | None, name: str) -> None:
+    def __init__(self, stream: TextIO | None, name: str, lossy: bool = False) -> None:
         self._stream = stream
         self._name = name
+        self._lossy = lossy
         self.failed = False
 
     def write(self, text: str) -> int:
-        return self._call("write", text)
+        if not self._lossy:
+            return self._call("write", text)
+        with contextlib.suppress(CnncOutputError, BrokenPipeError):
+            return self._call("write", text)
+        self.failed = True  # closed or broken too: pointed at /dev/null when the command ends
+        return len(text)
 
     def flush(self) -> None:
-        if self._stream is not None and not getattr(self._stream, "closed", False):
+        if self._stream is None or getattr(self._stream, "closed", False):
+            return
+        if not self._lossy:
+            self._call("flush")
+            return
+        with contextlib.suppress(CnncOutputError, BrokenPipeError):
             self._call("flush")
 
     def isatty(self) -> bool:
@@ -70,16 +84,24 @@ class _Guarded:
 def guarded_streams() -> Iterator[None]:
     """sys.stdout and sys.stderr guarded for the duration of one command."""
     saved = sys.stdout, sys.stderr
-    _escape_errors(sys.stderr)
-    guarded = _Guarded(saved[0], "standard output"), _Guarded(saved[1], "standard error")
+    # A file name's undecodable bytes are lone surrogates in a str (PEP 383): on stdout
+    # they go out as the bytes they came from, as `ls` shows them (characters the encoding
+    # lacks still fail, with the message that says so). On stderr, anything unshowable in
+    # a message is escaped, so the message always gets through.
+    handlers = (_set_errors(saved[0], "surrogateescape", only_from="strict"),
+                _set_errors(saved[1], "backslashreplace"))
+    guarded = (_Guarded(saved[0], "standard output"),
+               _Guarded(saved[1], "standard error", lossy=True))
     sys.stdout, sys.stderr = guarded
     try:
         yield
     finally:
         sys.stdout, sys.stderr = saved
-        for wrapper, stream in zip(guarded, saved, strict=True):
+        for wrapper, stream, handler in zip(guarded, saved, handlers, strict=True):
             if wrapper.failed:
                 _discard(stream)
+            elif handler is not None:  # main() called from Python: leave its streams as found
+                _set_errors(stream, handler)
 
 
 def _discard(stream: TextIO | None) -> None:
@@ -92,7 +114,15 @@ def _discard(stream: TextIO | None) -> None:
         os.close(null)
 
 
-def _escape_errors(stream: TextIO | None) -> None:
-    """Messages that name a file the encoding cannot show still get through, escaped."""
-    with contextlib.suppress(AttributeError, ValueError, OSError):
-        stream.reconfigure(errors="backslashreplace")
+def _set_errors(stream: TextIO | None, errors: str, only_from: str | None = None) -> str | None:
+    """Switch a text stream's encoding error handler to `errors` (only from `only_from`,
+    when given); the handler it had, to put back, or None when nothing changed (already
+    so, not a TextIOWrapper, closed)."""
+    try:
+        before = stream.errors
+        if before == errors or only_from not in (None, before):
+            return None
+        stream.reconfigure(errors=errors)
+    except (AttributeError, ValueError, OSError):
+        return None
+    return before

@@ -8,10 +8,13 @@ The loop also implements the batch gradient descent of the specification: it sto
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -152,11 +155,12 @@ def train(module: Module, train_data: Dataset, held_out: Dataset | None,
         check_data(module, held_out, "held-out")
     elif options.save_best is not None:
         raise CnncError.single("keeping the best epoch's weights needs held-out data")
-    team.agree(module, train_data, held_out, options)
     rng = np.random.default_rng(options.seed)
-    first_epoch, result = _start(module, rng, options, team, report)
-    log = _open_log(options.log, resumed=first_epoch > 1) if team.is_root else None
+    result, log = TrainResult(), None
     try:
+        team.agree(module, train_data, held_out, options)
+        first_epoch, result = _start(module, rng, options, team, report)
+        log = _open_log(options.log, resumed=first_epoch > 1) if team.is_root else None
         for epoch in range(first_epoch, options.epochs + 1):
             if _run_epoch(module, (train_data, held_out), rng, epoch, options, result, team,
                           (report, log)):
@@ -210,13 +214,33 @@ def _after_epoch(module: Module, rng: np.random.Generator, entry: EpochResult,
     report(f"epoch {entry.epoch}/{options.epochs}: training loss {entry.loss:.4f}{shown} "
            f"({entry.time:.1f} s)")
     if options.checkpoint is not None:
-        save_checkpoint(module, rng, entry.epoch, result, options.checkpoint, team.size,
-                        options.batch * team.size)
-        result.checkpoint = (entry.epoch, options.checkpoint)
+        with interrupts_deferred():  # so that the message names what the file holds
+            save_checkpoint(module, rng, entry.epoch, result, options.checkpoint, team.size,
+                            options.batch * team.size)
+            result.checkpoint = (entry.epoch, options.checkpoint)
     if options.save_best is not None and _is_best(result.history):
         module.save_weights(options.save_best)
         report(f"held-out loss {entry.held_out_loss:.4f} is the lowest so far: wrote "
                f"{options.save_best}")
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C inside takes effect at its end: a checkpoint is written and recorded as one
+    step. Only the main thread receives signals, and only Python's own handler is
+    deferred (a program's own SIGINT handler is left alone)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _is_best(history: list[EpochResult]) -> bool:
