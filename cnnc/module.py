@@ -4,7 +4,10 @@ loop IR for inspection, and the parameters, in one file that loads without the f
 Layout: MAGIC, the format version (u32), the manifest's length (u64) and SHA-256, the
 manifest (JSON), then the sections. The manifest records each section's offset, length and
 SHA-256, so a truncated, edited or corrupted file is refused with a message saying which
-part is wrong, before any code in it runs.
+part is wrong, before any code in it runs. The table itself is checked first: only the
+sections of the module's kind, whole numbers for offsets and lengths, and sections that
+follow each other without gaps or overlaps to the end of the file. (What the manifest's
+other fields may hold is `verify.check_fields`.)
 """
 
 from __future__ import annotations
@@ -82,17 +85,13 @@ def unpack(data: bytes, name: str) -> ModuleFile:
         raise refuse("the manifest was changed or damaged (its checksum does not match)")
     try:
         manifest = json.loads(text.decode("utf-8"))
-        table = manifest["sections"]
-        places = {name: (int(w["offset"]), int(w["length"]), str(w["sha256"]))
-                  for name, w in table.items()}
-    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
+    except (ValueError, RecursionError) as error:
         raise refuse(f"the manifest is malformed ({type(error).__name__})") from None
+    places = _section_places(manifest, len(data) - _HEADER.size - length, refuse)
     start = _HEADER.size + length
     sections = {}
     for section, (offset, size, digest) in places.items():
-        blob = data[start + offset:start + offset + size] if offset >= 0 and size >= 0 else b""
-        if len(blob) < size or offset < 0 or size < 0:
-            raise refuse(f"the file is truncated (section {section} is incomplete)")
+        blob = data[start + offset:start + offset + size]
         if hashlib.sha256(blob).hexdigest() != digest:
             raise refuse(f"section {section} was changed or damaged (its hash does not match)")
         sections[section] = blob
@@ -100,6 +99,48 @@ def unpack(data: bytes, name: str) -> ModuleFile:
     if missing:
         raise refuse("the file lacks the sections " + ", ".join(sorted(missing)))
     return ModuleFile(manifest, sections)
+
+
+def _section_places(manifest: Any, body: int, refuse) -> dict[str, tuple[int, int, str]]:
+    """(offset, length, sha256) of each section in the manifest's table, after checking
+    that they are the sections of the module's kind, and that they follow each other
+    without gaps or overlaps to the end of the `body` bytes after the manifest."""
+    table = manifest.get("sections") if isinstance(manifest, dict) else None
+    if not isinstance(table, dict):
+        raise refuse("the manifest is malformed: sections must be an object, got "
+                     + _shown(table))
+    places = {}
+    for name, where in table.items():
+        if name not in required_sections(manifest):
+            raise refuse(f"the manifest has the section {name}, which a "
+                         f"{target_kind(manifest)} module does not have")
+        if not (isinstance(where, dict) and set(where) == {"offset", "length", "sha256"}
+                and all(type(where[k]) is int and where[k] >= 0 for k in ("offset", "length"))
+                and isinstance(where["sha256"], str)):
+            raise refuse(f"the manifest is malformed: sections.{name} must be an offset and a "
+                         f"length (whole numbers from 0) and a sha256, got {_shown(where)}")
+        places[name] = (where["offset"], where["length"], where["sha256"])
+    end = 0
+    for name, (offset, size, _) in sorted(places.items(), key=lambda item: item[1][:2]):
+        if offset + size > body:
+            raise refuse(f"the file is truncated (section {name} is incomplete)")
+        if offset != end:
+            raise refuse(f"the manifest is malformed: section {name} starts at {offset}, "
+                         f"where the one before it ends at {end}")
+        end = offset + size
+    if end != body:
+        extra = body - end
+        raise refuse(f"the file has {extra} byte{'s' if extra != 1 else ''} after its last "
+                     "section")
+    return places
+
+
+def _shown(value: Any) -> str:
+    try:
+        text = json.dumps(value, sort_keys=True)
+    except (ValueError, TypeError, RecursionError):
+        text = "a value too deeply nested to show"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def target_kind(manifest: dict[str, Any]) -> str:

@@ -3,17 +3,15 @@ every kind of damaged or foreign file with a clear error, before any of its code
 
 from __future__ import annotations
 
-import hashlib
-import json
 import struct
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from forge import rewrite, rewrite_text
 
 import cnnc
-from cnnc import module as artifact
 from conftest import EXAMPLES, REPO
 
 LOADER = """
@@ -60,27 +58,6 @@ def test_saved_parameters_and_manifest_survive_a_round_trip(lenet, tmp_path):
     assert loaded.input_shape == (1, 28, 28) and loaded.output_shape == (10,)
     assert loaded.manifest["kernels"][:3] == ["c1_conv_relu_maxpool_fwd",
                                               "c3_conv_relu_maxpool_fwd", "f5_dense_relu_fwd"]
-
-
-def rewrite(data: bytes, edit) -> bytes:
-    """The file with its manifest edited and its header checksum made to match again."""
-    _, version, length, _ = struct.unpack_from("<8sIQ32s", data)
-    start = struct.calcsize("<8sIQ32s")
-    manifest = json.loads(data[start:start + length])
-    edit(manifest)
-    text = json.dumps(manifest).encode()
-    header = struct.pack("<8sIQ32s", artifact.MAGIC, version, len(text),
-                         hashlib.sha256(text).digest())
-    return header + text + data[start + length:]
-
-
-def rewrite_text(data: bytes, text: bytes) -> bytes:
-    """The file with its manifest replaced by `text` and a matching header checksum."""
-    _, version, length, _ = struct.unpack_from("<8sIQ32s", data)
-    start = struct.calcsize("<8sIQ32s")
-    header = struct.pack("<8sIQ32s", artifact.MAGIC, version, len(text),
-                         hashlib.sha256(text).digest())
-    return header + text + data[start + length:]
 
 
 def _grow_buffer(manifest):

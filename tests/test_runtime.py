@@ -204,10 +204,10 @@ def test_weights_and_checkpoints_are_read_safely(tmp_path):
     module = cnnc.compile(TEXT, opt_level=1)
     huge = tmp_path / "huge.npz"
     huge.write_bytes(zip_of({"c.weight.npy": npy_header((2**38,), "<f4")}))
-    with pytest.raises(cnnc.CnncRuntimeError, match="cannot read weights from .*huge.npz: .*"
-                                                    "limit"):
+    with pytest.raises(cnnc.CnncRuntimeError, match=r"cannot read weights from .*huge\.npz: .*"
+                                                    r"limit"):
         module.load_weights(huge)
-    with pytest.raises(cnnc.CnncError, match="cannot resume from .*huge.npz"):
+    with pytest.raises(cnnc.CnncError, match=r"cannot resume from .*huge\.npz"):
         _resume(module, np.random.default_rng(0), huge)
     fifo = tmp_path / "fifo.npz"
     os.mkfifo(fifo)
