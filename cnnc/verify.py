@@ -240,9 +240,7 @@ def check_fields(manifest: Any, source: str) -> None:
     _check_build(fields, manifest, kind)
     storage = _check_storage(fields, manifest)
     _check_io(fields, manifest, storage)
-    kernels = fields.names(manifest["kernels"], "kernels")
-    if not kernels:
-        raise fields.wrong("kernels", "a list of at least one kernel", kernels)
+    kernels = fields.names(manifest["kernels"], "kernels")  # none: a network that only flattens
     fields.names(manifest["activations"], "activations", storage, ("value",))
     _check_entry_points(fields, manifest, storage, kernels, kind, training)
     if training:
@@ -317,12 +315,15 @@ def _check_storage(fields: _Fields, manifest: dict[str, Any]) -> dict[str, dict]
 
 def _check_io(fields: _Fields, manifest: dict[str, Any], storage: dict[str, dict]) -> None:
     """The input and output: a buffer each, of the network's dtype, N samples of the shape."""
-    for key, role in (("input", "input"), ("output", "value")):
+    # a network that only flattens outputs its input buffer itself (a view of it)
+    for key, roles in (("input", ("input",)), ("output", ("value", "input"))):
         record = fields.record(manifest[key], key, {"name", "shape"})
         shape = fields.field(record, "shape", key, lambda v: _is_dims(v, batch=False) and v,
                              "a list of 1 to 8 sizes (whole numbers from 1 to 2**31 - 1)")
-        entry = fields.buffer(record["name"], f"{key}.name", storage, (role,))
-        if not _same(entry["shape"], ["N", *shape]):
+        entry = fields.buffer(record["name"], f"{key}.name", storage, roles)
+        if key == "output":  # a flatten's view: the buffer's elements in the output's shape
+            _check_output_size(fields, manifest, entry, shape)
+        elif not _same(entry["shape"], ["N", *shape]):
             index = manifest["storage"].index(entry)
             raise fields.wrong(f"storage[{index}].shape", f"N and then {key}.shape "
                                f"{_shown(shape)}, as the buffer {entry['name']} is the "
@@ -330,6 +331,16 @@ def _check_io(fields: _Fields, manifest: dict[str, Any], storage: dict[str, dict
         if entry["dtype"] != manifest["dtype"]:
             raise fields.wrong("dtype", f"the dtype of the {key} buffer ({entry['dtype']})",
                                manifest["dtype"])
+
+
+def _check_output_size(fields: _Fields, manifest: dict[str, Any], entry: dict[str, Any],
+                       shape: list[int]) -> None:
+    sample = entry["shape"][1:] if entry["shape"][:1] == ["N"] else None
+    if sample is None or math.prod(sample) != math.prod(shape):
+        index = manifest["storage"].index(entry)
+        raise fields.wrong(f"storage[{index}].shape", f"N and then {math.prod(shape)} "
+                           f"elements a sample, as the buffer {entry['name']} holds the "
+                           f"network's output {_shown(shape)}", entry["shape"])
 
 
 def _check_entry_points(fields: _Fields, manifest: dict[str, Any], storage: dict[str, dict],
