@@ -108,7 +108,7 @@ def _section_places(manifest: Any, body: int, refuse) -> dict[str, tuple[int, in
     table = manifest.get("sections") if isinstance(manifest, dict) else None
     if not isinstance(table, dict):
         raise refuse("the manifest is malformed: sections must be an object, got "
-                     + _shown(table))
+                     + shown_value(table))
     places = {}
     for name, where in table.items():
         if name not in required_sections(manifest):
@@ -118,7 +118,7 @@ def _section_places(manifest: Any, body: int, refuse) -> dict[str, tuple[int, in
                 and all(type(where[k]) is int and where[k] >= 0 for k in ("offset", "length"))
                 and isinstance(where["sha256"], str)):
             raise refuse(f"the manifest is malformed: sections.{name} must be an offset and a "
-                         f"length (whole numbers from 0) and a sha256, got {_shown(where)}")
+                         f"length (whole numbers from 0) and a sha256, got {shown_value(where)}")
         places[name] = (where["offset"], where["length"], where["sha256"])
     end = 0
     for name, (offset, size, _) in sorted(places.items(), key=lambda item: item[1][:2]):
@@ -135,7 +135,8 @@ def _section_places(manifest: Any, body: int, refuse) -> dict[str, tuple[int, in
     return places
 
 
-def _shown(value: Any) -> str:
+def shown_value(value: Any) -> str:
+    """A manifest value as a message quotes it: JSON, cut at 80 characters."""
     try:
         text = json.dumps(value, sort_keys=True)
     except (ValueError, TypeError, RecursionError):

@@ -38,6 +38,7 @@ from .diagnostics import CnncError, Source
 from .ir import Graph
 
 TRUST_MODES = ("code", "rebuild")
+_shown = artifact.shown_value  # a manifest value as messages quote it
 
 # Fields that describe the code rather than what the program implies: their form checked by
 # check_fields, their values elsewhere (loader: version, target, code hash; unpack:
@@ -410,14 +411,6 @@ def _is_machine(value: Any) -> bool:
         return False
     return all(type(value[k]) is int and low <= value[k] <= high
                for k, (low, high) in MACHINE_RANGES.items())
-
-
-def _shown(value: Any) -> str:
-    try:
-        text = json.dumps(value, sort_keys=True)
-    except (ValueError, TypeError, RecursionError):
-        text = "a value too deeply nested to show"
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _stored_graph(file: artifact.ModuleFile, manifest: dict[str, Any],
