@@ -235,8 +235,7 @@ def _check_paths(args: argparse.Namespace) -> None:
         path = getattr(args, name)
         if path is None or (name == "save_best" and path == ""):  # "": the default file
             continue
-        problem = unusable_path(path) if use == "write" else \
-            "the path contains a NUL byte" if "\0" in path else None
+        problem = unusable_path(path) if use == "write" or "\0" in path else None
         if problem is not None:
             raise CnncInputError.single(f"cannot {use} {shown_path(path)}: {problem}")
 
@@ -278,16 +277,10 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _program(args: argparse.Namespace) -> tuple[Source, Graph]:
-    from .pipeline import read_source, typed_graph
+    from .pipeline import front_end, read_source
 
     source = read_source(args.program)
-    return source, typed_graph(_parsed(source), source, getattr(args, "dtype", None))
-
-
-def _parsed(source: Source):
-    from .parse import parse
-
-    return parse(source)
+    return source, front_end(source, getattr(args, "dtype", None))
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -321,24 +314,22 @@ def _summary(args: argparse.Namespace) -> int:
 def _module_summary(path: str):
     """From the manifest, once it is checked against the stored program (no code runs)."""
     from . import module as artifact
-    from .loader import validated_manifest
     from .summary import from_manifest
     from .verify import trusted_file
 
-    file = artifact.read(path)
-    validated_manifest(file, path, artifact.target_kind(file.manifest))
-    return from_manifest(trusted_file(file, path).manifest)
+    return from_manifest(trusted_file(artifact.read(path), path).manifest)
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from .pipeline import read_source, typed_graph
+    from .pipeline import front_end, read_source
 
     source = read_source(args.program)
     if args.emit == "ast":
+        from .parse import parse
         from .syntax import format_program
 
-        return _write(format_program(_parsed(source)), args.output)
-    graph = typed_graph(_parsed(source), source, args.dtype)
+        return _write(format_program(parse(source)), args.output)
+    graph = front_end(source, args.dtype)
     scheduled = not args.no_schedule
     if args.target == "cuda" and (args.explain_schedule or args.emit in ("llvm", "asm")):
         shown = "--explain-schedule" if args.explain_schedule else f"--emit {args.emit}"
@@ -424,13 +415,10 @@ CODE_NOTE = ("note: loading a .cnnm runs its code (native object code, or Python
 
 def inspect_text(args: argparse.Namespace) -> str:
     from . import module as artifact
-    from .loader import validated_manifest
     from .verify import trusted_file
 
-    module_file = artifact.read(args.module)
+    module_file = trusted_file(artifact.read(args.module), args.module)  # runs nothing
     kind = artifact.target_kind(module_file.manifest)
-    validated_manifest(module_file, args.module, kind)
-    trusted_file(module_file, args.module)  # derives, runs nothing
     if args.json:
         return json.dumps(module_file.manifest, indent=2, sort_keys=True) + "\n"
     section = "llvm_ir" if args.llvm else "cuda" if args.cuda else "loops" if args.loops \

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,14 +23,16 @@ from .data import (
 )
 from .diagnostics import CnncError, Source
 from .ir import Graph
+from .options import MAX_SIZE
 from .runtime import Module, thread_count
 from .runtime import load as load_module
+from .verify import NETWORK_NAME
 
 if TYPE_CHECKING:
     from .train import TrainOptions
 
 EXIT_OK, EXIT_FAILED = 0, 1
-MAX_COUNT = 2**31 - 1
+MAX_COUNT = MAX_SIZE
 
 
 def open_network(path: str, dtype: str | None = None, target: str = "cpu",
@@ -60,13 +61,10 @@ def output_file(module: Module, suffix: str) -> Path:
     """NETWORK + suffix in the current folder. A network's name is a .cnn identifier (a
     module file's is checked against its program), so it can never name another folder;
     this says so in code, not just in the grammar."""
-    if not SAFE_NAME.fullmatch(module.name):
+    if not NETWORK_NAME.fullmatch(module.name):
         raise CnncError.single(f"the network name {module.name!r} cannot name a file; give "
                                "the file names (--out, --checkpoint)")
     return Path(module.name + suffix)
-
-
-SAFE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -126,8 +124,7 @@ def _trust(args: argparse.Namespace) -> str:
 def _train_options(args: argparse.Namespace, module: Module) -> TrainOptions:
     from .train import TrainOptions
 
-    settings = module.optimizer
-    _check_flags(args)
+    settings = module.optimizer  # the flags were checked by run_train
     save_best = args.save_best
     if save_best == "":  # --save-best without a file name
         save_best = output_file(module, ".best.weights.npz")
@@ -145,34 +142,35 @@ def _train_options(args: argparse.Namespace, module: Module) -> TrainOptions:
         log=Path(args.log) if args.log else None)
 
 
-# (flag, the smallest value, the largest, what it expects): refused like the language's own
-# options, with the range in the message.
+# (flag, lowest, highest, whether the bounds themselves are allowed, what it expects):
+# refused like the language's own options, with the range in the message.
+COUNT = "an integer from 1 to 2,147,483,647"
 TRAIN_FLAGS = (
-    ("epochs", 1, MAX_COUNT, "an integer from 1 to 2,147,483,647"),
-    ("batch", 1, MAX_COUNT, "an integer from 1 to 2,147,483,647"),
-    ("max_iter", 1, MAX_COUNT, "an integer from 1 to 2,147,483,647"),
-    ("seed", 0, 2**63 - 1, "an integer from 0 to 2**63 - 1"),
-    ("lr", 0.0, math.inf, "a finite number above 0"),
-    ("tol", 0.0, math.inf, "a finite number of at least 0"),
-    ("val_split", 0.0, 1.0, "a number between 0 and 1 (not including them)"),
-    ("progress_every", 0.0, 86400.0, "a number of seconds above 0, at most 86400"),
-    ("mpi_timeout", 0.0, 86400.0 * 7, "a number of seconds above 0, at most 604800"),
+    ("epochs", 1, MAX_COUNT, (True, True), COUNT),
+    ("batch", 1, MAX_COUNT, (True, True), COUNT),
+    ("max_iter", 1, MAX_COUNT, (True, True), COUNT),
+    ("seed", 0, 2**63 - 1, (True, True), "an integer from 0 to 2**63 - 1"),
+    ("lr", 0.0, math.inf, (False, False), "a finite number above 0"),
+    ("tol", 0.0, math.inf, (True, False), "a finite number of at least 0"),
+    ("val_split", 0.0, 1.0, (False, False), "a number between 0 and 1 (not including them)"),
+    ("progress_every", 0.0, 86400.0, (False, True),
+     "a number of seconds above 0, at most 86400"),
+    ("mpi_timeout", 0.0, 86400.0 * 7, (False, True),
+     "a number of seconds above 0, at most 604800"),
 )
 
 
 def _check_flags(args: argparse.Namespace) -> None:
-    for name, low, high, expected in TRAIN_FLAGS:
+    for name, low, high, (with_low, with_high), expected in TRAIN_FLAGS:
         value = getattr(args, name, None)
         if value is None:
             continue
-        open_low = name in ("lr", "val_split", "progress_every", "mpi_timeout")
-        too_low = value <= low if open_low else value < low
-        infinite = isinstance(value, float) and not math.isfinite(value)
-        if infinite or too_low or value > high or (name == "val_split" and value >= high):
-            flag = "--" + name.replace("_", "-")
-            raise CnncError.single(f"{flag} expects {expected}, got {value:g}"
-                                   if isinstance(value, float) else
-                                   f"{flag} expects {expected}, got {value}")
+        above_low = value >= low if with_low else value > low
+        below_high = value <= high if with_high else value < high
+        if not (above_low and below_high):  # NaN fails both comparisons
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            raise CnncError.single(f"--{name.replace('_', '-')} expects {expected}, "
+                                   f"got {shown}")
 
 
 def _training_line(module: Module, options: TrainOptions, train_data: Dataset,

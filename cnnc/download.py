@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .data import MNIST_FILES, CnncDataError
-from .module import CnncModuleError, write_atomically
+from .files import write_atomically
 
 DEFAULT_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/",
                    "https://storage.googleapis.com/cvdf-datasets/mnist/")
@@ -142,8 +142,8 @@ def _already_intact(stem: str, target: Path) -> bool:
 
 
 def _check_writable(target: Path) -> None:
-    """Fail before a download that could not be kept. The probe is named as
-    write_atomically names its temporary file, so a path too long shows here too."""
+    """Fail before a download that could not be kept: a probe file beside the target shows
+    an unwritable folder, or a name too long, before any byte is fetched."""
     try:
         with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}."):
             pass
@@ -163,10 +163,7 @@ def _fetch_first_intact(stem: str, target: Path, mirrors: Sequence[str], timeout
             if number < len(mirrors):
                 report(f"{url}: {failure}; trying the next mirror")
             continue
-        try:
-            write_atomically(target, data)
-        except CnncModuleError as error:
-            raise CnncDataError(error.diagnostics) from None
+        write_atomically(target, data, CnncDataError)
         report(f"{target}: {len(data):,} bytes from {url}")
         return
     raise CnncDataError.single(f"could not download {stem}.gz: " + "; ".join(problems))

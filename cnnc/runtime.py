@@ -182,11 +182,6 @@ class Module:
 
     # -- running ------------------------------------------------------------------------------
     def _forward(self, x: Any) -> np.ndarray:
-        """The network's output for a batch `x` of shape (N, *input_shape).
-
-        With several threads a large batch is cut into one slice a thread; samples are
-        independent, so the result is the same, bit for bit, for any thread count.
-        """
         x = self._checked_input(x, "x")
         slices = _slices(len(x), self._threads)
         if len(slices) == 1:
@@ -214,7 +209,6 @@ class Module:
         return arrays[index].reshape(arrays[index].shape[0], *self.output_shape).copy()
 
     def _activations(self, x: Any) -> dict[str, np.ndarray]:
-        """Every tensor the kernels write for batch `x`, by name (argmax tensors included)."""
         named = self._named(self._run(x))
         return {name: named[name].copy() for name in self._manifest["activations"]}
 
@@ -301,11 +295,9 @@ class Module:
 
     # -- training -----------------------------------------------------------------------------
     def _loss(self, x: Any, y: Any) -> float:
-        """The mean loss over the batch; y: class labels (N,) or targets like the output."""
         return float(self._named(self._run(x, "loss", self._trainable(y)))[self._loss_name()][0])
 
     def _gradients(self, x: Any, y: Any) -> dict[str, np.ndarray]:
-        """d(mean loss)/d(parameter) for every parameter, shaped like `params`."""
         named, _ = self._split_gradients(x, self._trainable(y))
         where = self._manifest["gradients"]
         return {name: named[where[name]].reshape(self._params[name].shape)
@@ -358,14 +350,11 @@ class Module:
         return self._pool
 
     def _input_gradient(self, x: Any, y: Any) -> np.ndarray:
-        """d(mean loss)/dx, shaped like x."""
         named = self._named(self._run(x, "input_gradient", self._trainable(y)))
         gradient = named[self._manifest["gradients"][self._manifest["input"]["name"]]]
         return gradient.reshape(gradient.shape[0], *self.input_shape).copy()
 
     def _train_step(self, x: Any, y: Any, lr: float | None = None) -> float:
-        """One optimizer step (the train line's, or sgd lr=0.01) in compiled code; returns
-        the loss before the step."""
         y = self._trainable(y)
         step = self._step + 1
         hyper = self._hyper(lr, step)
@@ -380,17 +369,12 @@ class Module:
         return loss
 
     def _gradients_and_loss(self, x: Any, y: Any) -> tuple[dict[str, np.ndarray], float]:
-        """`gradients(x, y)` and `loss(x, y)` from one forward and backward pass."""
         named, loss = self._split_gradients(x, self._trainable(y))
         where = self._manifest["gradients"]
         return ({name: named[where[name]].reshape(self._params[name].shape)
                  for name in self._params}, loss)
 
     def _apply_gradients(self, gradients: Mapping[str, Any], lr: float | None = None) -> None:
-        """One optimizer step with the given gradient of every parameter (shaped like
-        `params`) instead of a batch's: how data-parallel training applies the gradients
-        averaged over several processes. Same update, state and step count as
-        `train_step`."""
         checked = self._checked_gradients(gradients)
         step = self._step + 1
         hyper = self._hyper(lr, step)
@@ -440,13 +424,11 @@ class Module:
                         dtype=self._dtype)
 
     def _optimizer_state(self) -> dict[str, np.ndarray]:
-        """Momentum or Adam moments and the step count: with `params`, all a resume needs."""
         state = {name: value.copy() for name, value in self._state.items()}
         state["optimizer.step"] = np.array(self._step, dtype=np.int64)
         return state
 
     def _set_optimizer_state(self, state: Mapping[str, Any]) -> None:
-        """Restore what `optimizer_state` returned (all checked before anything changes)."""
         if not isinstance(state, Mapping):
             raise _refuse("set_optimizer_state takes the dict optimizer_state returned")
         step, arrays = self._step, {}
@@ -508,7 +490,6 @@ class Module:
         return {name: value.copy() for name, value in self._params.items()}
 
     def _set_params(self, values: Mapping[str, Any]) -> None:
-        """Replace some or all parameters; names, shapes and dtypes are checked first."""
         if not isinstance(values, Mapping):
             raise _refuse(f"set_params takes a dict of name -> array, got {type(values).__name__}")
         checked = {}
@@ -591,24 +572,19 @@ def load(path: str | Path, threads: int | None = None, trust: str = "code") -> M
     """A module from its .cnnm file. A cuda module gets the GPU runtime (`CudaModule`).
 
     Loading a module file runs its code. trust="code" (the default, for files you built)
-    maps the stored object code, without parsing it or running LLVM, once every manifest
-    field is what the file's stored program implies. trust="rebuild" (for files from
+    maps the stored object code, without running LLVM, once every manifest field is what
+    the file's stored program implies. trust="rebuild" (for files from
     anyone else) ignores the stored code and compiles the stored program again, validated
     like a new program, keeping only the file's parameters (checked): such a file can do no
     more than a .cnn program can. See `verify`."""
-    from .verify import TRUST_MODES, trusted_file
+    from .verify import check_trust, trusted_file
 
     if not isinstance(path, (str, Path)):
         raise artifact.CnncModuleError.single(
             f"load takes the path of a .cnnm file, got {type(path).__name__}")
-    if trust not in TRUST_MODES:
-        raise artifact.CnncModuleError.single(
-            f"trust must be 'code' or 'rebuild', got {trust!r}")
-    file = artifact.read(path)
+    check_trust(trust)
+    file = trusted_file(artifact.read(path), str(path), trust)
     kind = artifact.target_kind(file.manifest)
-    if trust == "code":
-        validated_manifest(file, str(path), kind)
-    file = trusted_file(file, str(path), trust)
     if kind == "cuda":
         from .runtime_cuda import CudaModule
 

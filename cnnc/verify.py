@@ -34,8 +34,10 @@ import re
 from typing import Any
 
 from . import module as artifact
+from . import options as opts
 from .diagnostics import CnncError, Source
-from .ir import Graph
+from .ir import DType, Graph, Role
+from .irgen import LOSS_NAMES, MAX_NAME
 
 TRUST_MODES = ("code", "rebuild")
 _shown = artifact.shown_value  # a manifest value as messages quote it
@@ -49,11 +51,16 @@ NOT_DERIVED = ("cnnc_version", "code_sha256", "sections", "build", "target")
 def trusted_file(file: artifact.ModuleFile, source: str, trust: str = "code"
                  ) -> artifact.ModuleFile:
     """`file` itself once its manifest is what its program implies (trust="code"), or the
-    program compiled again with the file's parameters (trust="rebuild")."""
-    if trust not in TRUST_MODES:
-        raise artifact.CnncModuleError.single(
-            f"trust must be 'code' or 'rebuild', got {trust!r}")
-    check_fields(file.manifest, source)
+    program compiled again with the file's parameters (trust="rebuild"). Either way every
+    field is checked first; in code mode also the version, target and code hash (loader),
+    since the stored code is what will run."""
+    from .loader import validated_manifest
+
+    check_trust(trust)
+    if trust == "code":
+        validated_manifest(file, source, artifact.target_kind(file.manifest))
+    else:
+        check_fields(file.manifest, source)
     manifest = file.manifest
     graph, program = _stored_graph(file, manifest, source)
     if trust == "rebuild":
@@ -65,6 +72,12 @@ def trusted_file(file: artifact.ModuleFile, source: str, trust: str = "code"
     return file
 
 
+def check_trust(trust: Any) -> None:
+    if trust not in TRUST_MODES:
+        raise artifact.CnncModuleError.single(
+            f"trust must be 'code' or 'rebuild', got {trust!r}")
+
+
 def _refuse(source: str, reason: str) -> artifact.CnncModuleError:
     return artifact.CnncModuleError.single(f"cannot load {source}: {reason}")
 
@@ -73,15 +86,14 @@ def _refuse(source: str, reason: str) -> artifact.CnncModuleError:
 # Every trust mode checks these before anything else reads a field: a forged manifest is a
 # CnncModuleError naming the field, never a Python exception or a wrong buffer size.
 
-MAX_SIZE = 2**31 - 1  # the native code indexes with 32-bit integers (options.MAX_SIZE)
-NETWORK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # a .cnn identifier (irgen.MAX_NAME)
+NETWORK_NAME = re.compile(rf"[A-Za-z_][A-Za-z0-9_]{{0,{MAX_NAME - 1}}}")  # a .cnn identifier
 # tensors, kernels and entry points: identifiers joined by dots, never a path
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,199}")
 TARGET_WORD = re.compile(r"[A-Za-z0-9_.+-]{1,100}")  # a triple, CPU or feature name
 VERSION = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6}){1,3}[A-Za-z0-9.+-]{0,30}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
-ROLES = ("input", "target", "param", "value", "loss", "state", "hyper", "scratch")
-STORAGE_DTYPES = ("f32", "f64", "i32", "i64")
+ROLES = tuple(role.value for role in Role)
+STORAGE_DTYPES = tuple(dtype.value for dtype in DType)
 # pipeline.ENTRY_NAMES' roles: what a network without a loss line has, and with one
 FORWARD_ROLES = frozenset({"forward"})
 TRAINING_ROLES = frozenset({"forward", "loss", "gradients", "input_gradient", "train_step",
@@ -93,7 +105,7 @@ FIELDS = frozenset({"cnnc_version", "network", "dtype", "input", "output", "stor
 # in memory has none
 TABLE_FIELDS = frozenset({"sections"})
 TRAINING_FIELDS = frozenset({"loss", "gradients", "optimizer"})
-LOSS_KINDS = ("cross_entropy", "mse")
+LOSS_KINDS = LOSS_NAMES
 
 
 def _fraction(value: Any) -> bool:
@@ -105,27 +117,33 @@ def _positive(value: Any) -> bool:
 
 
 def _count(value: Any) -> bool:
-    return _is_int(value, 1, MAX_SIZE)
+    return _is_int(value, 1, opts.MAX_SIZE)
 
 
-# the train line's options (options.TRAIN_OPTIONS) and their ranges
-_COMMON_SETTINGS = {
-    "batch": (_count, "a whole number from 1 to 2**31 - 1"),
-    "epochs": (_count, "a whole number from 1 to 2**31 - 1"),
-    "max_iter": (lambda v: v is None or _count(v), "null or a whole number from 1 to 2**31 - 1"),
-    "tol": (lambda v: _is_number(v) and v >= 0, "a finite number of at least 0"),
-    "seed": (lambda v: _is_int(v, 0, 2**63 - 1), "a whole number from 0 to 2**63 - 1"),
+# The checks of the train line's options (options.TRAIN_OPTIONS), for JSON values: each
+# validator of the language's options, and what it expects.
+def _at_least_zero(value: Any) -> bool:
+    return _is_number(value) and value >= 0
+
+
+SETTING_CHECKS = {
+    opts.positive_number: (_positive, "a finite number above 0"),
+    opts.fraction: (_fraction, "a number from 0 up to (not including) 1"),
+    opts.positive_int: (_count, "a whole number from 1 to 2**31 - 1"),
+    opts.non_negative_number: (_at_least_zero, "a finite number of at least 0"),
+    opts.seed: (lambda v: _is_int(v, 0, 2**63 - 1), "a whole number from 0 to 2**63 - 1"),
 }
-OPTIMIZER_SETTINGS = {
-    "sgd": {"lr": (_positive, "a finite number above 0"),
-            "momentum": (_fraction, "a number from 0 up to (not including) 1"),
-            **_COMMON_SETTINGS},
-    "adam": {"lr": (_positive, "a finite number above 0"),
-             "beta1": (_fraction, "a number from 0 up to (not including) 1"),
-             "beta2": (_fraction, "a number from 0 up to (not including) 1"),
-             "eps": (_positive, "a finite number above 0"),
-             **_COMMON_SETTINGS},
-}
+
+
+def _setting_check(spec: opts.OptionSpec) -> tuple[Any, str]:
+    valid, expected = SETTING_CHECKS[spec.validate]
+    if spec.default is None:  # an option that may be left out (max_iter) is null
+        return (lambda v: v is None or valid(v)), f"null or {expected}"
+    return valid, expected
+
+
+OPTIMIZER_SETTINGS = {kind: {key: _setting_check(spec) for key, spec in table.items()}
+                      for kind, table in opts.TRAIN_OPTIONS.items()}
 
 
 def _is_int(value: Any, low: int, high: int) -> bool:
@@ -144,9 +162,10 @@ def _matches(pattern: re.Pattern, value: Any) -> bool:
 
 
 def _is_dims(value: Any, batch: bool) -> bool:
-    """A shape: sizes from 1 to MAX_SIZE, and with `batch`, the batch size N anywhere."""
+    """A shape: sizes from 1 to options.MAX_SIZE, and with `batch`, the batch size N
+    anywhere."""
     return isinstance(value, list) and len(value) <= 8 and all(
-        _is_int(d, 1, MAX_SIZE) or (batch and d == "N") for d in value)
+        _is_int(d, 1, opts.MAX_SIZE) or (batch and d == "N") for d in value)
 
 
 def _is_launch(value: Any) -> bool:
@@ -390,7 +409,7 @@ def _check_training(fields: _Fields, manifest: dict[str, Any], storage: dict[str
     if unknown:
         raise _refuse(fields.source, f"the manifest is malformed: optimizer.{unknown[0]} is "
                                      f"no setting of {settings['kind']}")
-    fields.record(settings, "optimizer", {"kind", "lr"}, set(ranges))
+    fields.record(settings, "optimizer", {"kind", "lr"}, set(ranges))  # unknown: refused above
     for key, (valid, expected) in ranges.items():
         if key in settings:
             fields.field(settings, key, "optimizer", valid, expected)
@@ -510,8 +529,8 @@ def _compare_cuda(file: artifact.ModuleFile, manifest: dict[str, Any], graph: Gr
 
 def _rebuilt(file: artifact.ModuleFile, manifest: dict[str, Any], graph: Graph,
              program: Source, source: str) -> artifact.ModuleFile:
-    """The stored program compiled here, with the file's parameters checked against it."""
-    from .loader import validated_params
+    """The stored program compiled here, with the file's parameters (which the runtime
+    checks against it, as it checks any module's)."""
     from .pipeline import compile_cuda_module, compile_module
 
     if manifest["target"]["kind"] == "cuda":
@@ -519,9 +538,5 @@ def _rebuilt(file: artifact.ModuleFile, manifest: dict[str, Any], graph: Graph,
     else:
         fresh = compile_module(graph, program, manifest["opt_level"],
                                manifest["build"]["scheduled"])
-    expected = dict(fresh.manifest, storage=[
-        dict(e, dtype_numpy=artifact.numpy_dtype_name(e["dtype"]))
-        for e in fresh.manifest["storage"]])
-    params = validated_params(file, expected, source)
-    sections = dict(fresh.sections, params=artifact.params_to_bytes(params))
-    return artifact.ModuleFile(fresh.manifest, sections)
+    return artifact.ModuleFile(fresh.manifest, dict(fresh.sections,
+                                                    params=file.sections["params"]))
