@@ -8,6 +8,7 @@ import contextlib
 import gzip
 import hashlib
 import http.client
+import io
 import math
 import socket
 import ssl
@@ -17,6 +18,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -57,6 +59,12 @@ MAX_TIMEOUT = 24 * 60 * 60.0
 CHUNK = 64 * 1024
 
 
+# The decompressed sizes of the files whose contents' checksum is known: an IDX header of
+# 16 (images) or 8 (labels) bytes, then 10,000 28x28 images or 10,000 labels.
+UNPACKED_SIZES = {"t10k-images-idx3-ubyte": 16 + 10_000 * 28 * 28,
+                  "t10k-labels-idx1-ubyte": 8 + 10_000}
+
+
 def intact(stem: str, data: bytes) -> bool:
     """Whether `data` is the genuine `stem`.gz: by its own checksum or its contents'."""
     packed, unpacked = CHECKSUMS[stem]
@@ -64,10 +72,13 @@ def intact(stem: str, data: bytes) -> bool:
         return True
     if unpacked is None:
         return False
-    try:
-        return hashlib.md5(gzip.decompress(data)).hexdigest() == unpacked
-    except (OSError, EOFError):
+    try:  # inflated no further than the genuine file's size: a small bomb stays small
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as stream:
+            contents = stream.read(UNPACKED_SIZES[stem] + 1)
+    except (OSError, EOFError, zlib.error):
         return False
+    return len(contents) == UNPACKED_SIZES[stem] and \
+        hashlib.md5(contents).hexdigest() == unpacked
 
 
 def download_mnist(folder: str | Path, splits: Sequence[str] = ("train", "test"),

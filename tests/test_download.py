@@ -329,3 +329,25 @@ def test_an_unwritable_folder_is_refused_before_downloading(tmp_path):
             download_mnist(folder, ["test"], ["http://127.0.0.1:9/"], **QUIET)
     finally:
         folder.chmod(0o700)
+
+
+def test_a_gzip_bomb_is_not_inflated_past_the_genuine_size():
+    """The contents' checksum inflates a download no further than the real file's size, so a
+    200 MB bomb costs at most that much memory, and a recompressed genuine copy still passes."""
+    import gzip
+    import tracemalloc
+
+    from cnnc.download import intact
+
+    bomb = gzip.compress(b"\0" * 200_000_000, 9)  # about 0.2 MB
+    tracemalloc.start()
+    try:
+        assert not intact("t10k-images-idx3-ubyte", bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50_000_000  # a quarter of the bomb; inflated whole, it takes 200 MB
+    if (MNIST / "t10k-labels-idx1-ubyte.gz").is_file():
+        raw = gzip.decompress((MNIST / "t10k-labels-idx1-ubyte.gz").read_bytes())
+        assert intact("t10k-labels-idx1-ubyte", gzip.compress(raw, 1))
+        assert not intact("t10k-labels-idx1-ubyte", gzip.compress(raw + b"\0", 1))
