@@ -69,7 +69,7 @@ def read_npz(path: Path | str, what: str, error: type[CnncError],
     and savez_compressed reads back exactly (dtype, byte order, shape and memory order).
     """
     refuse = _path_refuser(path, what, error)
-    file, size = open_regular(path, what, error)
+    file, size = _open_regular(path, refuse)
     with file:
         return _read_archive(file, size, refuse, max_bytes)
 
@@ -104,7 +104,10 @@ def file_status(path: Path | str, what: str, error: type[CnncError]) -> os.stat_
     """os.stat of `path`, or None when nothing is there. Anything else the OS refuses (a name
     too long, a NUL byte, no permission, a loop of links) is `error`, "cannot read ...".
     Path.is_dir and is_file raise some of these (ENAMETOOLONG) and hide others."""
-    refuse = _path_refuser(path, what, error)
+    return _status(path, _path_refuser(path, what, error))
+
+
+def _status(path: Path | str, refuse: Refuse) -> os.stat_result | None:
     try:
         return os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
@@ -122,8 +125,11 @@ def open_regular(path: Path | str, what: str, error: type[CnncError]) -> tuple[B
     it, and fstat of the open descriptor refuses one swapped in meanwhile. O_NONBLOCK makes
     even that open return at once rather than wait for a FIFO's writer.
     """
-    refuse = _path_refuser(path, what, error)
-    status = file_status(path, what, error)
+    return _open_regular(path, _path_refuser(path, what, error))
+
+
+def _open_regular(path: Path | str, refuse: Refuse) -> tuple[BinaryIO, int]:
+    status = _status(path, refuse)
     if status is None:
         raise refuse("no such file")
     _require_regular(status, refuse)
