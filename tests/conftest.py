@@ -30,6 +30,19 @@ def update_golden(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--update-golden"))
 
 
+def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    """`cnnc ARGV` in this process: (exit code, stdout, stderr); argparse's usage errors
+    give their exit code too."""
+    from cnnc.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def check_text(text: str, name: str = "t.cnn") -> Graph:
     return front_end(Source(text, name))
 

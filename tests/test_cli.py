@@ -10,25 +10,16 @@ import sys
 import pytest
 
 from cnnc.cli import main
-from conftest import EXAMPLES, REPO
+from conftest import EXAMPLES, REPO, run_cli
 
 ERROR_EXAMPLES = sorted((EXAMPLES / "errors").glob("*.cnn"))
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:  # argparse's usage errors
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("path", ERROR_EXAMPLES, ids=lambda p: p.stem)
 def test_each_error_example_gives_its_expected_message(capsys, monkeypatch, path):
     monkeypatch.chdir(REPO)
     relative = path.relative_to(REPO).as_posix()
-    code, out, err = run(capsys, "check", relative)
+    code, out, err = run_cli(capsys, "check", relative)
     assert code == 1 and out == ""
     assert err == path.with_suffix(".expected").read_text(encoding="utf-8")
 
@@ -44,13 +35,13 @@ def test_there_is_an_error_example_for_every_error_kind():
 
 @pytest.mark.parametrize("name", ["lenet", "mlp", "vgg_small"])
 def test_check_accepts_every_example(capsys, name):
-    code, out, err = run(capsys, "check", str(EXAMPLES / f"{name}.cnn"))
+    code, out, err = run_cli(capsys, "check", str(EXAMPLES / f"{name}.cnn"))
     assert code == 0 and err == ""
     assert f"network {name if name != 'lenet' else 'lenet5'}" in out
 
 
 def test_summary_table_counts_parameters_and_flops(capsys):
-    code, out, _ = run(capsys, "summary", str(EXAMPLES / "lenet.cnn"))
+    code, out, _ = run_cli(capsys, "summary", str(EXAMPLES / "lenet.cnn"))
     assert code == 0
     rows = {line.split()[0]: line.split() for line in out.splitlines()[3:11]}
     # c1: 6 filters of 1x5x5 plus 6 biases; 2 FLOPs per multiply-add over 28x28 outputs;
@@ -67,7 +58,7 @@ def test_summary_table_counts_parameters_and_flops(capsys):
 
 
 def test_summary_json_agrees_with_the_parameter_shapes(capsys):
-    code, out, _ = run(capsys, "summary", "--json", str(EXAMPLES / "vgg_small.cnn"))
+    code, out, _ = run_cli(capsys, "summary", "--json", str(EXAMPLES / "vgg_small.cnn"))
     assert code == 0
     data = json.loads(out)
     products = [1 for _ in data["parameters"]]
@@ -82,7 +73,7 @@ def test_summary_json_agrees_with_the_parameter_shapes(capsys):
 
 def test_emit_ir_to_a_file_and_dtype_override(capsys, tmp_path):
     target = tmp_path / "lenet.ir"
-    code, out, _ = run(capsys, "compile", str(EXAMPLES / "lenet.cnn"), "--emit", "ir",
+    code, out, _ = run_cli(capsys, "compile", str(EXAMPLES / "lenet.cnn"), "--emit", "ir",
                        "--dtype", "f64", "-o", str(target))
     assert code == 0 and out == ""
     text = target.read_text()
@@ -119,7 +110,7 @@ def bad_file(tmp_path, kind: str):
 def test_unreadable_files_get_one_line_and_exit_1(capsys, tmp_path, kind, reason, command):
     path = bad_file(tmp_path, kind)
     argv = [command, str(path)] + (["--emit", "ir"] if command == "compile" else [])
-    code, out, err = run(capsys, *argv)
+    code, out, err = run_cli(capsys, *argv)
     assert code == 1 and out == ""
     if command == "inspect":  # a module file: any unreadable one is refused in one line
         assert err.startswith(f"error: cannot load {path}: ") and err.count("\n") == 1
@@ -130,17 +121,17 @@ def test_unreadable_files_get_one_line_and_exit_1(capsys, tmp_path, kind, reason
 @pytest.mark.parametrize("argv", [[], ["frobnicate"], ["check"], ["compile", "x.cnn", "--emit",
                                                                    "nonsense"]])
 def test_usage_errors_exit_2(capsys, argv):
-    code, _, err = run(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert code == 2 and "usage:" in err
 
 
 def test_compile_writes_a_module_named_after_the_source(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, out, _ = run(capsys, "compile", str(EXAMPLES / "mlp.cnn"), "-O1")
+    code, out, _ = run_cli(capsys, "compile", str(EXAMPLES / "mlp.cnn"), "-O1")
     assert code == 0
     assert out.startswith("wrote mlp.cnnm: network mlp, 4 forward kernels and 13 for training")
     assert (tmp_path / "mlp.cnnm").read_bytes().startswith(b"CNNM")
-    code, _, err = run(capsys, "compile", str(EXAMPLES / "mlp.cnn"), "-o", str(tmp_path))
+    code, _, err = run_cli(capsys, "compile", str(EXAMPLES / "mlp.cnn"), "-o", str(tmp_path))
     assert code == 1 and err.startswith(f"error: cannot write {tmp_path}:")
 
 
@@ -155,7 +146,7 @@ def test_console_script_prints_no_traceback(tmp_path):
 
 
 def test_device_files_and_full_output_are_user_errors(capsys, monkeypatch):
-    code, _, err = run(capsys, "check", "/dev/zero")
+    code, _, err = run_cli(capsys, "check", "/dev/zero")
     assert code == 1 and err == "error: cannot read /dev/zero: it is not a regular file\n"
 
     class FullStdout:

@@ -28,7 +28,7 @@ from test_train import SMALL, synthetic
 
 import cnnc
 from cnnc.cli import main
-from conftest import EXAMPLES
+from conftest import EXAMPLES, run_cli
 
 CNNC = (sys.executable, "-m", "cnnc")
 LENET = str(EXAMPLES / "lenet.cnn")
@@ -86,15 +86,6 @@ def assert_one_line_error(result: subprocess.CompletedProcess, expected: str) ->
         assert err.startswith(f"error: {expected[:-3]}"), err
     else:
         assert err == f"error: {expected}\n"
-
-
-def run_main(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:  # argparse's usage errors
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def temporaries(folder: Path) -> list[str]:
@@ -283,7 +274,7 @@ def test_a_writer_killed_midway_leaves_a_temporary_that_the_next_write_removes(w
     assert (work / "l.txt").read_bytes() == KNOWN
     [left] = temporaries(work)  # a SIGKILL leaves no chance to clean up
     assert re.fullmatch(rf"\.l\.txt\.{child.pid}\.[0-9a-f]{{8}}\.tmp", left)
-    code, _, _ = run_main(capsys, "compile", "small.cnn", "--emit", "ir", "-o", "l.txt")
+    code, _, _ = run_cli(capsys, "compile", "small.cnn", "--emit", "ir", "-o", "l.txt")
     assert code == 0 and temporaries(work) == []
     assert (work / "l.txt").read_text().startswith("graph small dtype=f32\n")
 
@@ -340,14 +331,14 @@ def test_rewritten_files_keep_their_mode(work):
 
 def test_emit_to_dev_null_keeps_the_device(work, capsys):
     before = os.stat("/dev/null")
-    code, out, err = run_main(capsys, "compile", "small.cnn", "--emit", "ir", "-o", "/dev/null")
+    code, out, err = run_cli(capsys, "compile", "small.cnn", "--emit", "ir", "-o", "/dev/null")
     assert (code, out, err) == (0, "", "")
     after = os.stat("/dev/null")
     assert stat.S_ISCHR(after.st_mode) and after.st_rdev == before.st_rdev
 
 
 def test_emit_to_dev_stdout_when_stdout_is_a_pipe(work, capsys):
-    code, expected, _ = run_main(capsys, "compile", "small.cnn", "--emit", "ir")
+    code, expected, _ = run_cli(capsys, "compile", "small.cnn", "--emit", "ir")
     assert code == 0
     result = cnnc_run("compile", "small.cnn", "--emit", "ir", "-o", "/dev/stdout", cwd=work)
     assert result.returncode == 0, result.stderr
@@ -357,7 +348,7 @@ def test_emit_to_dev_stdout_when_stdout_is_a_pipe(work, capsys):
 def test_emit_through_a_symlink(work, capsys):
     (work / "real.txt").write_text("old")
     (work / "link.txt").symlink_to("real.txt")
-    code, _, _ = run_main(capsys, "compile", "small.cnn", "--emit", "ir", "-o", "link.txt")
+    code, _, _ = run_cli(capsys, "compile", "small.cnn", "--emit", "ir", "-o", "link.txt")
     assert code == 0 and (work / "link.txt").is_symlink()
     assert (work / "real.txt").read_text().startswith("graph small dtype=f32\n")
 
@@ -385,7 +376,7 @@ def test_long_paths_in_a_subprocess(work):
       "--checkpoint", LONG], f"cannot write {LONG}: File name too long"),
 ], ids=["check", "summary", "inspect", "emit", "eval", "resume", "checkpoint"])
 def test_long_paths(work, capsys, argv, expected):
-    code, out, err = run_main(capsys, *argv)
+    code, out, err = run_cli(capsys, *argv)
     result = subprocess.CompletedProcess(argv, code, out, err)
     assert_one_line_error(result, expected)
 
@@ -427,7 +418,7 @@ def test_paths_that_cannot_name_a_file_are_refused_before_any_work(work, capsys,
                                                                    expected):
     """A NUL byte cannot come from a shell, but main() takes any str."""
     before = sorted(os.listdir(work))
-    code, out, err = run_main(capsys, *argv)
+    code, out, err = run_cli(capsys, *argv)
     assert_one_line_error(subprocess.CompletedProcess(argv, code, out, err), expected)
     assert out == "" and sorted(os.listdir(work)) == before  # nothing compiled, trained, made
 
@@ -464,7 +455,7 @@ def test_ctrl_c_after_a_checkpoint_names_it_and_resume_continues(work, capsys):
     saved = checkpoint_epoch(work / "c.npz")
     assert saved in (named, named + 1)
     assert not (work / "w.npz").exists()  # the final weights are for a finished run
-    code, out, _ = run_main(capsys, "train", "small.cnn", "--data", "d.npz", "--resume",
+    code, out, _ = run_cli(capsys, "train", "small.cnn", "--data", "d.npz", "--resume",
                             "c.npz", "--epochs", str(saved + 1), "--no-progress",
                             "--checkpoint", "c.npz", "--out", "w.npz")
     assert code == 0 and f"epoch {saved + 1}/{saved + 1}: training loss" in out
@@ -524,20 +515,20 @@ FLAGS = [
                          if isinstance(v, list) else None)
 def test_train_flags_out_of_range(work, capsys, flag, expected):
     before = sorted(os.listdir(work))
-    code, out, err = run_main(capsys, "train", "small.cnn", "--data", "d.npz", *flag)
+    code, out, err = run_cli(capsys, "train", "small.cnn", "--data", "d.npz", *flag)
     assert (code, out, err) == (1, "", f"error: {expected}\n")
     assert sorted(os.listdir(work)) == before  # no checkpoint, no weights
 
 
 def test_other_flags_out_of_range(work, capsys):
-    code, out, err = run_main(capsys, "download", "mnist", "--timeout", "inf")
+    code, out, err = run_cli(capsys, "download", "mnist", "--timeout", "inf")
     assert (code, out) == (1, "")
     assert err == "error: the timeout must be more than 0 and at most 86400 seconds (one " \
                   "day), not inf\n"
     assert not (work / "mnist").exists()
-    code, out, err = run_main(capsys, "check", "--grad", "--samples", "0", "small.cnn")
+    code, out, err = run_cli(capsys, "check", "--grad", "--samples", "0", "small.cnn")
     assert (code, out, err) == (1, "", f"error: --samples expects {INTEGER}, got 0\n")
-    code, out, err = run_main(capsys, "eval", "small.cnn", "--weights", "w.npz", "--data",
+    code, out, err = run_cli(capsys, "eval", "small.cnn", "--weights", "w.npz", "--data",
                               "d.npz", "--val-split", "0")
     assert (code, out) == (1, "") and err.startswith("error: --val-split expects a number")
 
