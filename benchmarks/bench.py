@@ -34,8 +34,8 @@ for _variable in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 import cnnc  # noqa: E402
-from cnnc import reference  # noqa: E402
-from cnnc.summary import summarize  # noqa: E402
+from cnnc.passes import reference  # noqa: E402
+from cnnc.passes.summary import summarize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONV_W3 = "network w3\ninput: 64x56x56\nconv c: 64 3x3 pad=1 -> relu\nloss mse\n"

@@ -15,10 +15,10 @@ import time
 
 import numpy as np
 
+from cnnc.artifact.format import numpy_dtype
 from cnnc.backends.llvm import compile_functions
-from cnnc.loader import native_entries_from_object
-from cnnc.module import numpy_dtype
-from cnnc.pipeline import front_end, lower_program, module_kernels, to_source
+from cnnc.driver.pipeline import front_end, lower_program, module_kernels, to_source
+from cnnc.runtime.loader import native_entries_from_object
 
 
 def main() -> None:

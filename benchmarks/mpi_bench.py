@@ -37,7 +37,7 @@ def worker(network: Path, global_batch: int, steps: int, threads: int) -> dict:
     import numpy as np
 
     import cnnc
-    from cnnc.distributed import launched_ranks
+    from cnnc.training.distributed import launched_ranks
 
     module = cnnc.compile(network, threads=threads)
     ranks = launched_ranks()
@@ -51,7 +51,7 @@ def worker(network: Path, global_batch: int, steps: int, threads: int) -> dict:
     else:
         from mpi4py import MPI
 
-        from cnnc.distributed import MpiTeam
+        from cnnc.training.distributed import MpiTeam
 
         team = MpiTeam(MPI.COMM_WORLD)
         mine = team.shard(np.arange(global_batch))

@@ -14,8 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from cnnc.cli import emit_stage
-from cnnc.pipeline import compile_cuda_module, compile_module, front_end, read_source
+from cnnc.cli.main import emit_stage
+from cnnc.driver.pipeline import compile_cuda_module, compile_module, front_end, read_source
 
 REPO = Path(__file__).resolve().parent.parent
 

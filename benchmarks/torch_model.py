@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnc.ir import Graph
+from cnnc.graph.ir import Graph
 
 
 def build(graph: Graph, params: dict[str, np.ndarray]) -> torch.nn.Sequential:

@@ -6,15 +6,15 @@ from pathlib import Path
 
 __version__ = "0.2.0"
 
-from .diagnostics import (
+from cnnc.artifact.format import CnncModuleError
+from cnnc.diagnostics import (
     CnncError,
     CnncInputError,
     CnncSemanticError,
     CnncSyntaxError,
 )
-from .ir import Graph
-from .module import CnncModuleError
-from .runtime import CnncRuntimeError, Module, load
+from cnnc.graph.ir import Graph
+from cnnc.runtime.module import CnncRuntimeError, Module, load
 
 
 def check(program: str | Path, dtype: str | None = None) -> Graph:
@@ -22,7 +22,7 @@ def check(program: str | Path, dtype: str | None = None) -> Graph:
 
     Returns the typed graph; raises a CnncError holding every error of the program.
     """
-    from .pipeline import front_end, to_source
+    from cnnc.driver.pipeline import front_end, to_source
 
     return front_end(to_source(program), dtype)
 
@@ -37,7 +37,7 @@ def compile(program: str | Path, target: str = "cpu", dtype: str | None = None,
 
     `schedule=False` keeps every kernel a plain loop nest: slow, but the simplest code, for
     comparing with the scheduled kernels."""
-    from .pipeline import compile_cuda_module, compile_module, front_end, to_source
+    from cnnc.driver.pipeline import compile_cuda_module, compile_module, front_end, to_source
 
     if target not in ("cpu", "cuda"):
         raise CnncInputError.single(f"target {target!r} is not available; the targets are "
@@ -47,7 +47,7 @@ def compile(program: str | Path, target: str = "cpu", dtype: str | None = None,
     source = to_source(program)
     graph = front_end(source, dtype)
     if target == "cuda":
-        from .runtime_cuda import CudaModule
+        from cnnc.runtime.cuda import CudaModule
 
         return CudaModule(compile_cuda_module(graph, source))
     return Module(compile_module(graph, source, opt_level, bool(schedule)), threads=threads)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 import cnnc
-from cnnc import reference
-from cnnc.initialise import initial_parameters
+from cnnc.passes import reference
+from cnnc.passes.initialise import initial_parameters
 
 
 def main(path: str) -> None:

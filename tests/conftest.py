@@ -12,8 +12,8 @@ import pytest
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 from cnnc.diagnostics import CnncError, Source
-from cnnc.ir import Graph
-from cnnc.pipeline import front_end
+from cnnc.driver.pipeline import front_end
+from cnnc.graph.ir import Graph
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -33,7 +33,7 @@ def update_golden(request: pytest.FixtureRequest) -> bool:
 def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
     """`cnnc ARGV` in this process: (exit code, stdout, stderr); argparse's usage errors
     give their exit code too."""
-    from cnnc.cli import main
+    from cnnc.cli.main import main
 
     try:
         code = main(list(argv))

@@ -10,7 +10,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from cnnc import module as artifact
+from cnnc.artifact import format as artifact
 
 HEADER = struct.Struct("<8sIQ32s")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 import cnnc
-from cnnc import reference
+from cnnc.passes import reference
 
 RTOL = {np.float32: 1e-5, np.float64: 1e-12}
 

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cnnc
-from cnnc import reference
-from cnnc.autodiff import differentiate
-from cnnc.initialise import initial_parameters
-from cnnc.ir import Op, Window, format_graph
+from cnnc.graph.ir import Op, Window, format_graph
+from cnnc.passes import reference
+from cnnc.passes.autodiff import differentiate
+from cnnc.passes.initialise import initial_parameters
 from conftest import EXAMPLES
 
 

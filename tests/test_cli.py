@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from cnnc.cli import main
+from cnnc.cli.main import main
 from conftest import EXAMPLES, REPO, run_cli
 
 ERROR_EXAMPLES = sorted((EXAMPLES / "errors").glob("*.cnn"))

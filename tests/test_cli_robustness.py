@@ -27,7 +27,7 @@ import pytest
 from test_train import SMALL, synthetic
 
 import cnnc
-from cnnc.cli import main
+from cnnc.cli.main import main
 from conftest import EXAMPLES, run_cli
 
 CNNC = (sys.executable, "-m", "cnnc")
@@ -247,7 +247,7 @@ def test_training_whose_weights_cannot_be_written(work):
 
 STUCK_WRITER = """
 import os, sys, time
-from cnnc.files import write_atomically
+from cnnc.support.files import write_atomically
 
 real_write = os.write
 
@@ -284,7 +284,7 @@ def test_a_writer_killed_midway_leaves_a_temporary_that_the_next_write_removes(w
 WRITER = """
 import sys
 import cnnc
-from cnnc.cli import main
+from cnnc.cli.main import main
 
 codes = [
     main(["compile", "small.cnn", "-O1", "-o", "m.cnnm"]),
@@ -578,7 +578,7 @@ def mutated_programs(count: int, seed: int = 20240601) -> list[str]:
 
 LOOP = """
 import contextlib, io, json, sys
-from cnnc.cli import main
+from cnnc.cli.main import main
 
 for path in sys.argv[1:]:
     codes, texts = [], []

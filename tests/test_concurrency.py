@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import cnnc
-from cnnc.locking import StateLock
+from cnnc.runtime.locking import StateLock
 
 TEXT = ("network t\ninput: 1x6x6\nconv c: 3 3x3 -> relu\nflatten\ndense out: 4 -> softmax\n"
         "loss cross_entropy\n")

@@ -17,9 +17,9 @@ import pytest
 from numerics import assert_close, random_params
 
 import cnnc
-from cnnc import reference
-from cnnc.autodiff import differentiate
 from cnnc.backends.cuda import BLOCK_THREADS, Launch, grid, launch_from_json, launches_to_json
+from cnnc.passes import reference
+from cnnc.passes.autodiff import differentiate
 from conftest import EXAMPLES
 
 cuda = pytest.importorskip("numba.cuda", reason="numba is not installed")
@@ -179,7 +179,7 @@ def test_forward_reads_a_device_array_in_place_and_checks_it():
 
 
 def test_emit_cuda_and_compile_target_cuda_from_the_command_line(tmp_path, capsys):
-    from cnnc.cli import main
+    from cnnc.cli.main import main
 
     program = tmp_path / "t.cnn"
     program.write_text(TRAINABLE.format(optimizer="sgd"))
@@ -235,7 +235,7 @@ def test_staged_filters_across_block_boundaries():
 
 def _kernel_sources(text: str) -> dict[str, str]:
     from cnnc.diagnostics import Source
-    from cnnc.pipeline import compile_cuda_module
+    from cnnc.driver.pipeline import compile_cuda_module
 
     source = compile_cuda_module(cnnc.check(text), Source(text)).sections["cuda"].decode()
     return {part.split("(")[0]: part for part in source.split("@cuda.jit\ndef ")[1:]}
@@ -288,7 +288,7 @@ def test_lenet_on_a_real_gpu_matches_the_reference(batch):
 def test_train_command_on_cuda_ends_where_the_cpu_does(tmp_path, monkeypatch, capsys):
     """Same program, data, seed and order: the GPU's weights after training equal the
     CPU's (whose training is checked against the reference elsewhere)."""
-    from cnnc.cli import main
+    from cnnc.cli.main import main
 
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(3)

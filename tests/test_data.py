@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnnc.data import (
+from cnnc.training.data import (
     MAX_IDX_BYTES,
     CnncDataError,
     hold_out,

@@ -24,7 +24,7 @@ from test_schedule import conv_programs
 
 import cnnc
 from cnnc.diagnostics import Source
-from cnnc.pipeline import compile_module
+from cnnc.driver.pipeline import compile_module
 
 # Uneven slices for 2, 3 and 4 threads (at least 4 samples a slice), and on one thread both
 # whole register blocks of samples and a tail, for blocks of 4 to 16 rows.

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 import cnnc
-from cnnc.cli import main
-from cnnc.distributed import launched_ranks
+from cnnc.cli.main import main
+from cnnc.training.distributed import launched_ranks
 
 try:
     import mpi4py  # noqa: F401
@@ -110,9 +110,9 @@ import json, sys
 import numpy as np
 import cnnc
 from mpi4py import MPI
-from cnnc.data import load
-from cnnc.distributed import CnncDistributedError, MpiTeam, train_data_parallel
-from cnnc.train import TrainOptions
+from cnnc.training.data import load
+from cnnc.training.distributed import CnncDistributedError, MpiTeam, train_data_parallel
+from cnnc.training.loop import TrainOptions
 
 rank = MPI.COMM_WORLD.Get_rank()
 module = cnnc.compile("t.cnn", threads=1)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from cnnc.cli import main
-from cnnc.data import CnncDataError, load_mnist_split
-from cnnc.download import KNOWN_SIZES, SIZE_CAPS, download_mnist
+from cnnc.cli.main import main
+from cnnc.training.data import CnncDataError, load_mnist_split
+from cnnc.training.download import KNOWN_SIZES, SIZE_CAPS, download_mnist
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 needs_mnist = pytest.mark.skipif(not MNIST.is_dir(), reason="../shared/data/mnist is not here")
@@ -337,7 +337,7 @@ def test_a_gzip_bomb_is_not_inflated_past_the_genuine_size():
     import gzip
     import tracemalloc
 
-    from cnnc.download import intact
+    from cnnc.training.download import intact
 
     bomb = gzip.compress(b"\0" * 200_000_000, 9)  # about 0.2 MB
     tracemalloc.start()

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from cnnc import files
 from cnnc.diagnostics import CnncError, CnncInputError
-from cnnc.files import write_atomically
+from cnnc.support import files
+from cnnc.support.files import write_atomically
 
 
 def temporaries(folder: Path) -> list[str]:
@@ -203,7 +203,7 @@ def test_a_fifo_is_written_in_place(tmp_path):
 def test_dev_stdout_when_it_is_a_pipe():
     """/dev/stdout is a link to /proc/self/fd/1, which for a pipe leads to no file at all:
     it is written in place, not renamed onto."""
-    script = ("from cnnc.files import write_atomically; "
+    script = ("from cnnc.support.files import write_atomically; "
               "write_atomically('/dev/stdout', b'via /dev/stdout'); "
               "write_atomically('/dev/fd/1', b' and /dev/fd/1')")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60,

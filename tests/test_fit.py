@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import cnnc
-from cnnc.data import Dataset, hold_out
-from cnnc.train import TrainOptions, train
+from cnnc.training.data import Dataset, hold_out
+from cnnc.training.loop import TrainOptions, train
 from conftest import EXAMPLES
 
 SMALL = ("network small\ninput: 1x6x6\nconv c: 3 3x3 -> relu\nmaxpool 2x2\n"
@@ -145,7 +145,7 @@ def test_evaluate_against_numpy(small_file):
 
 
 def test_summary_of_a_module_is_the_programs(tmp_path):
-    from cnnc.summary import format_table, summarize
+    from cnnc.passes.summary import format_table, summarize
 
     module = cnnc.compile(EXAMPLES / "lenet.cnn", opt_level=1)
     summary = module.summary()
@@ -159,7 +159,7 @@ def test_summary_of_a_module_is_the_programs(tmp_path):
 
 
 def test_cnnc_summary_of_a_module_file_equals_the_programs(tmp_path, capsys):
-    from cnnc.cli import main
+    from cnnc.cli.main import main
 
     path = tmp_path / "mlp.cnnm"
     cnnc.compile(EXAMPLES / "mlp.cnn", opt_level=1).save(path)

@@ -25,7 +25,7 @@ from forge import forge, unpacked
 
 import cnnc
 from cnnc.backends.llvm import host_target, pack_objects, target_machine, unpack_objects
-from cnnc.cli import main
+from cnnc.cli.main import main
 from conftest import REPO
 
 SMALL = ("network small\ninput: 1x6x6\nconv c: 3 3x3 -> relu\nmaxpool 2x2\n"
@@ -555,8 +555,8 @@ def test_a_consistent_forgery_of_the_build_record_is_trusted_like_the_code(small
     buffers are larger than the table says). Like the code, the record of what it was built
     for is trusted (verify); trust="rebuild" computes what the original does."""
     from cnnc.diagnostics import Source
-    from cnnc.pipeline import front_end, plan_module
-    from cnnc.schedule import Machine
+    from cnnc.driver.pipeline import front_end, plan_module
+    from cnnc.schedule.cost import Machine
 
     built_for = small.module.manifest["build"]["machine"]
     machine = dict(built_for, vector_bits=256 if built_for["vector_bits"] == 128 else 128)

@@ -5,7 +5,7 @@ width and are checked by value in test_schedule.py instead."""
 
 import pytest
 
-from cnnc.cli import main
+from cnnc.cli.main import main
 from conftest import EXAMPLES, GOLDEN, REPO
 
 EXAMPLE_NAMES = sorted(p.stem for p in EXAMPLES.glob("*.cnn"))

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 import cnnc
-from cnnc.ir import DType, Op, Role, format_graph, verify
+from cnnc.graph.ir import DType, Op, Role, format_graph, verify
 from conftest import EXAMPLES, check_text, errors_of, program
 
 
@@ -44,7 +44,7 @@ def test_dtype_from_input_line_and_override():
     assert graph.dtype is DType.F64
     assert {t.dtype for t in graph.tensors if t.role is not Role.TARGET} == {DType.F64}
     from cnnc.diagnostics import Source
-    from cnnc.pipeline import front_end
+    from cnnc.driver.pipeline import front_end
     assert front_end(Source(text), dtype="f32").dtype is DType.F32
 
 

@@ -9,9 +9,9 @@ import sys
 import pytest
 
 import cnnc
-from cnnc.cli import main
-from cnnc.irgen import MAX_NAME
-from cnnc.limits import MAX_PARAMETER_BYTES, MAX_SAMPLE_BYTES
+from cnnc.cli.main import main
+from cnnc.frontend.irgen import MAX_NAME
+from cnnc.passes.limits import MAX_PARAMETER_BYTES, MAX_SAMPLE_BYTES
 from conftest import errors_of, program
 
 

@@ -160,7 +160,7 @@ def test_cli_compile_inspect_and_damaged_file(lenet, tmp_path, monkeypatch):
                 "maxpool1.argmax"),
 ])
 def test_emit_backend_stages_name_kernels_after_layers(capsys, monkeypatch, stage, expected):
-    from cnnc.cli import main
+    from cnnc.cli.main import main
     monkeypatch.chdir(REPO)
     assert main(["compile", "examples/lenet.cnn", "--emit", stage, "-O1"]) == 0
     assert expected in capsys.readouterr().out

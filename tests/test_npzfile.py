@@ -14,9 +14,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from cnnc import npzfile
-from cnnc.data import CnncDataError
-from cnnc.npzfile import read_npz, read_npz_bytes
+from cnnc.support import npzfile
+from cnnc.support.npzfile import read_npz, read_npz_bytes
+from cnnc.training.data import CnncDataError
 
 ARRAYS = {
     "w": np.arange(12, dtype=np.float32).reshape(3, 4),

@@ -37,7 +37,7 @@ def test_wheel_contains_the_grammar_and_the_console_script(wheel):
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
         scripts = archive.read(entry_points).decode()
     assert grammar == (REPO / "grammar" / "cnn.lark").read_text()
-    assert "cnnc = cnnc.cli:main" in scripts
+    assert "cnnc = cnnc.cli.main:main" in scripts
 
 
 def test_installed_wheel_parses_with_its_own_grammar(wheel, tmp_path):
@@ -46,8 +46,8 @@ def test_installed_wheel_parses_with_its_own_grammar(wheel, tmp_path):
         [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target),
          str(wheel)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
-    probe = ("import cnnc, cnnc.parse, sys; g = cnnc.check(sys.argv[1]); "
-             "print(cnnc.__file__); print(cnnc.parse.grammar_text() is not None); "
+    probe = ("import cnnc, cnnc.frontend.parse, sys; g = cnnc.check(sys.argv[1]); "
+             "print(cnnc.__file__); print(cnnc.frontend.parse.grammar_text() is not None); "
              "print(g.tensor('c1.weight').shape)")
     run = subprocess.run([sys.executable, "-c", probe, str(EXAMPLES / "lenet.cnn")],
                          cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": ""},

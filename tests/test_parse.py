@@ -1,8 +1,8 @@
 import pytest
 
-from cnnc import syntax as ast
 from cnnc.diagnostics import CnncSyntaxError, Source
-from cnnc.parse import MAX_SYNTAX_ERRORS, parse
+from cnnc.frontend import syntax as ast
+from cnnc.frontend.parse import MAX_SYNTAX_ERRORS, parse
 from conftest import EXAMPLES
 
 

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from cnnc.diagnostics import CnncError, Source
-from cnnc.ir import verify
-from cnnc.pipeline import front_end
+from cnnc.driver.pipeline import front_end
+from cnnc.graph.ir import verify
 
 ACTIVATIONS = ["relu", "sigmoid", "tanh", "none"]
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

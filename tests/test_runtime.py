@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import cnnc
-from cnnc import reference
+from cnnc.passes import reference
 
 TEXT = "network r\ninput: 2x6x6\nconv c: 3 3x3 -> relu\nmaxpool 2x2\ndense d: 4 -> softmax\n"
 
@@ -199,7 +199,7 @@ def test_weights_and_checkpoints_are_read_safely(tmp_path):
 
     from test_npzfile import npy_header, zip_of
 
-    from cnnc.train import TrainOptions, _resume
+    from cnnc.training.loop import TrainOptions, _resume
 
     module = cnnc.compile(TEXT, opt_level=1)
     huge = tmp_path / "huge.npz"

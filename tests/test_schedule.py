@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 from numerics import assert_close, random_params
 
 import cnnc
-from cnnc import reference
-from cnnc.autodiff import differentiate
 from cnnc.backends.llvm import pack_objects, unpack_objects
-from cnnc.ir import DType
-from cnnc.schedule import Block, Machine, choose_block, host_machine
+from cnnc.graph.ir import DType
+from cnnc.passes import reference
+from cnnc.passes.autodiff import differentiate
+from cnnc.schedule.cost import Block, Machine, choose_block, host_machine
 
 FEW = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -195,7 +195,7 @@ def test_block_width():
 def test_explain_schedule_names_every_scheduled_kernel_and_its_block(capsys, monkeypatch):
     from pathlib import Path
 
-    from cnnc.cli import main
+    from cnnc.cli.main import main
 
     monkeypatch.chdir(Path(__file__).resolve().parent.parent)
     assert main(["compile", "examples/lenet.cnn", "--explain-schedule"]) == 0
@@ -220,7 +220,7 @@ def test_explain_schedule_names_every_scheduled_kernel_and_its_block(capsys, mon
 def test_no_schedule_module_gives_the_same_output(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from cnnc.cli import main
+    from cnnc.cli.main import main
 
     monkeypatch.chdir(Path(__file__).resolve().parent.parent)
     plain, scheduled = tmp_path / "plain.cnnm", tmp_path / "scheduled.cnnm"
@@ -239,8 +239,8 @@ FEW_CHANNELS = ("network w\ninput: 3x7x19\nconv c: 2 3x3 pad=1 -> relu\nconv d: 
 
 def test_few_output_channels_vectorize_over_output_width():
     """2 or 3 channels would fill 2 or 3 of 8 lanes; 17 or 16 columns fill most of them."""
-    from cnnc.fuse import fuse
-    from cnnc.loops_blocked import lower_blocked
+    from cnnc.passes.fuse import fuse
+    from cnnc.schedule.blocked import lower_blocked
 
     program = fuse(differentiate(cnnc.check(FEW_CHANNELS)))
     avx2 = Machine(256, 16, 32 * 1024, 512 * 1024)

@@ -5,8 +5,8 @@ import math
 import pytest
 
 from cnnc.diagnostics import CnncSemanticError
-from cnnc.ir import BATCH
-from cnnc.shapes import infer
+from cnnc.graph.ir import BATCH
+from cnnc.passes.shapes import infer
 from conftest import check_text, errors_of, program, sample_shape
 
 
@@ -134,9 +134,9 @@ def test_every_independent_shape_error_is_reported_but_nothing_downstream():
 
 
 def test_infer_alone_raises_with_all_errors():
-    from cnnc import irgen
     from cnnc.diagnostics import Source
-    from cnnc.parse import parse
+    from cnnc.frontend import irgen
+    from cnnc.frontend.parse import parse
 
     graph = irgen.generate(parse(Source(program("1x2x2", "conv c: 1 3x3"), "x.cnn"))).graph
     with pytest.raises(CnncSemanticError) as caught:

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import cnnc
-from cnnc.cli import main
-from cnnc.data import Dataset, load_mnist_split
-from cnnc.train import CnncTrainingError, TrainOptions, train
+from cnnc.cli.main import main
+from cnnc.training.data import Dataset, load_mnist_split
+from cnnc.training.loop import CnncTrainingError, TrainOptions, train
 from conftest import EXAMPLES
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -85,7 +85,7 @@ def test_overflow_stops_with_the_layer_named_and_checkpoint_intact(tmp_path):
 
 WRITER = """
 import sys, numpy as np, cnnc
-from cnnc.train import TrainResult, save_checkpoint
+from cnnc.training.loop import TrainResult, save_checkpoint
 module = cnnc.compile(sys.argv[2])
 rng = np.random.default_rng(0)
 while True:  # until killed

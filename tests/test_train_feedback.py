@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import cnnc
-from cnnc.cli import main
-from cnnc.progress import Progress, clock
+from cnnc.cli.main import main
+from cnnc.training.progress import Progress, clock
 from conftest import EXAMPLES
 
 SMALL = ("network small\ninput: 1x6x6\nconv c: 3 3x3 -> relu\nmaxpool 2x2\n"
@@ -84,7 +84,7 @@ def test_resumed_log_is_appended(workdir, capsys):
 def test_progress_on_a_pipe_is_a_line_every_n_seconds(monkeypatch):
     stream = io.StringIO()
     now = [100.0]
-    monkeypatch.setattr("cnnc.progress.time.perf_counter", lambda: now[0])
+    monkeypatch.setattr("cnnc.training.progress.time.perf_counter", lambda: now[0])
     bar = Progress(2, 5, 1000, stream=stream, every=10.0)
     for seen in range(100, 1001, 100):
         now[0] += 3.0  # 3 s a step: lines at 12 and 24 s (10 s apart at least); at 30 s
@@ -103,7 +103,7 @@ def test_progress_on_a_terminal_redraws_with_elapsed_and_eta(monkeypatch):
             return True
 
     stream, now = Terminal(), [0.0]
-    monkeypatch.setattr("cnnc.progress.time.perf_counter", lambda: now[0])
+    monkeypatch.setattr("cnnc.training.progress.time.perf_counter", lambda: now[0])
     bar = Progress(1, 1, 200, stream=stream)
     now[0] = 30.0
     bar.update(50, 1.25)
@@ -141,7 +141,7 @@ def test_eval_splits_of_a_folder_with_both(tmp_path, mnist_like, capsys, monkeyp
         assert main(["eval", "small.cnnm", "--weights", "w.npz", "--data", str(mnist_like),
                      "--split", split]) == 0
         assert f"small on {count} " in capsys.readouterr().out, split
-    from cnnc.data import load_mnist_split
+    from cnnc.training.data import load_mnist_split
 
     test = load_mnist_split(mnist_like, "test")
     main(["eval", "small.cnnm", "--weights", "w.npz", "--data", str(mnist_like)])
@@ -152,7 +152,7 @@ def test_eval_splits_of_a_folder_with_both(tmp_path, mnist_like, capsys, monkeyp
 
 def test_eval_of_one_split_scores_what_train_held_out(workdir, capsys):
     """The default scores exactly the held-out samples of train's seeded split."""
-    from cnnc.data import hold_out, load_npz
+    from cnnc.training.data import hold_out, load_npz
 
     module = cnnc.compile(SMALL, opt_level=1)
     module.save_weights("w.npz")
@@ -175,7 +175,7 @@ def test_eval_of_one_split_scores_what_train_held_out(workdir, capsys):
 
 def test_plot_draws_the_logged_values(tmp_path):
     pytest.importorskip("matplotlib")
-    from cnnc.plot import figure, read_log
+    from cnnc.cli.plot import figure, read_log
 
     log = tmp_path / "m.jsonl"
     records = [{"epoch": 1, "loss": 0.9, "held_out_loss": 0.7, "accuracy": 0.8},

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import cnnc
-from cnnc import reference
-from cnnc.autodiff import differentiate
+from cnnc.passes import reference
+from cnnc.passes.autodiff import differentiate
 from conftest import EXAMPLES
 
 

@@ -4,8 +4,8 @@ code. Small integers keep every product and sum exact in float32, so equality is
 import numpy as np
 
 import cnnc
-from cnnc.ir import Window
-from cnnc.reference import maxpool2d
+from cnnc.graph.ir import Window
+from cnnc.passes.reference import maxpool2d
 
 
 def conv_module(text: str, weight: np.ndarray, bias: np.ndarray | None = None) -> cnnc.Module:

@@ -32,8 +32,9 @@ import math
 import re
 from dataclasses import dataclass
 
-from ..ir import BATCH, DType
-from ..loops import (
+from cnnc.backends.cuda_shared import Staged, accesses_of, staged_buffers, variables_of
+from cnnc.graph.ir import BATCH, DType
+from cnnc.loops.ir import (
     Assign,
     Binary,
     Const,
@@ -48,7 +49,6 @@ from ..loops import (
     Unary,
     Var,
 )
-from .cuda_shared import Staged, accesses_of, staged_buffers, variables_of
 
 # Threads a block: a multiple of the 32 of a warp, small enough for any kernel's registers.
 BLOCK_THREADS = 128

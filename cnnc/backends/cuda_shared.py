@@ -29,8 +29,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..ir import BATCH
-from ..loops import (
+from cnnc.graph.ir import BATCH
+from cnnc.loops.ir import (
     Assign,
     Binary,
     Const,

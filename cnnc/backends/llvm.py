@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import llvmlite.binding as llvm
 import llvmlite.ir as ir
 
-from ..ir import BATCH, DType
-from ..loops import (
+from cnnc.graph.ir import BATCH, DType
+from cnnc.loops.ir import (
     Assign,
     Binary,
     Broadcast,
@@ -162,7 +162,7 @@ def _compile_job(job: Job) -> tuple[bytes, str]:
 
 def _groups(functions: tuple[LoopFunction, ...]) -> list[tuple[LoopFunction, ...]]:
     """Kernels in MODULE_COUNT groups of about equal size, largest kernels placed first."""
-    from ..loops import format_function
+    from cnnc.loops.ir import format_function
 
     sizes = {f.name: len(format_function(f)) for f in functions}
     bins: list[list[LoopFunction]] = [[] for _ in range(MODULE_COUNT)]

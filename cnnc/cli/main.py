@@ -1,0 +1,455 @@
+"""The `cnnc` command: check, summary, compile (or --emit a stage), train, eval, inspect,
+plot, download.
+
+Exit codes (api.md): 0 success; 1 an error in the user's program, data or files, reported
+as a message without a traceback; 2 a usage error; 130 interrupted (Ctrl-C). 3 means cnnc
+itself failed (a bug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from cnnc import __version__
+from cnnc.diagnostics import CnncError, CnncInputError, Source
+from cnnc.graph.ir import Graph, format_shape
+from cnnc.support.files import shown_path, unusable_path, write_atomically
+from cnnc.support.streams import CnncOutputError, guarded_streams
+
+EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EMIT_STAGES = ("ast", "ir", "grad", "kernels", "loops", "llvm", "asm", "cuda")
+
+
+def version_text() -> str:
+    """cnnc's version and the code generator's, which decides what the native code is."""
+    import llvmlite
+    import llvmlite.binding as llvm
+
+    llvm_version = ".".join(str(part) for part in llvm.llvm_version_info)
+    return f"cnnc {__version__} (llvmlite {llvmlite.__version__}, LLVM {llvm_version})"
+
+
+class _Version(argparse.Action):
+    """--version, computed only when asked (it imports llvmlite)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(version_text())
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cnnc", description="A compiler for small CNNs.")
+    parser.add_argument("--version", action=_Version)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_check(commands)
+    _add_summary(commands)
+    _add_compile(commands)
+    _add_train(commands)
+    _add_eval(commands)
+    _add_inspect(commands)
+    _add_plot(commands)
+    _add_download(commands)
+    return parser
+
+
+def _add_check(commands) -> None:
+    check = commands.add_parser("check", help="parse and shape-check a .cnn program")
+    check.add_argument("program", metavar="NET.cnn")
+    check.add_argument("--grad", action="store_true",
+                       help="also compare the generated gradients with finite differences")
+    check.add_argument("--tolerance", type=float, default=1e-6,
+                       help="largest relative error --grad accepts (default 1e-6)")
+    check.add_argument("--samples", type=int, default=1000, metavar="N",
+                       help="--grad checks every element of a parameter of up to N elements, "
+                            "and N drawn ones of a larger one (default 1000)")
+
+
+def _add_summary(commands) -> None:
+    summary = commands.add_parser("summary", help="per-layer shapes, parameters, FLOPs, memory")
+    summary.add_argument("program", metavar="NET.cnn|NET.cnnm")
+    summary.add_argument("--json", action="store_true", help="print JSON for programs")
+    summary.add_argument("--dtype", choices=["f32", "f64"], help="override the input dtype")
+
+
+def _add_compile(commands) -> None:
+    compile_ = commands.add_parser("compile", help="compile a program; --emit shows a stage")
+    compile_.add_argument("program", metavar="NET.cnn")
+    compile_.add_argument("--emit", choices=list(EMIT_STAGES),
+                          help="print this stage instead of writing a module")
+    compile_.add_argument("-o", "--output", metavar="FILE", help="write the result here")
+    compile_.add_argument("--dtype", choices=["f32", "f64"], help="override the input dtype")
+    compile_.add_argument("--target", choices=["cpu", "cuda"], default="cpu",
+                          help="cpu (native code, default) or cuda (Numba CUDA kernels)")
+    compile_.add_argument("-O", dest="opt_level", choices=["0", "1", "2", "3"], default="3",
+                          help="optimisation level (-O0 .. -O3)")
+    compile_.add_argument("--explain-schedule", action="store_true",
+                          help="print each kernel's schedule and why it was chosen")
+    compile_.add_argument("--no-schedule", action="store_true",
+                          help="plain loop nests for every kernel (slow; for comparison)")
+
+
+REBUILD_HELP = ("ignore the module file's stored code and compile its stored program again "
+                "(for files from elsewhere: loading a .cnnm otherwise runs its code)")
+
+
+def _add_train(commands) -> None:
+    train = commands.add_parser(
+        "train", help="train a network on MNIST or an .npz dataset",
+        epilog="On several processes or machines: pip install 'cnnc[mpi]', then "
+               "mpirun -n P cnnc train ... trains data-parallel; --batch is then each "
+               "process's share of a step (see the README, Training on several machines).")
+    train.add_argument("network", metavar="NET.cnn|NET.cnnm")
+    train.add_argument("--data", required=True, help="an MNIST folder or an .npz with x and y")
+    train.add_argument("--epochs", type=int, help="passes over the data (train line's)")
+    train.add_argument("--batch", type=int, help="mini-batch size (train line's)")
+    train.add_argument("--lr", type=float, help="learning rate (train line's)")
+    train.add_argument("--seed", type=int, help="data order and held-out split (train line's)")
+    train.add_argument("--max-iter", type=int, help="MAX: stop after this many steps")
+    train.add_argument("--tol", type=float,
+                       help="ε: stop when no parameter changes more than this in a step")
+    train.add_argument("--val-split", type=float, default=0.2,
+                       help="held-out fraction when the data has one split (default 0.2)")
+    train.add_argument("--out", help="final weights (.npz; default NETWORK.weights.npz)")
+    train.add_argument("--checkpoint", help="checkpoint after each epoch "
+                                            "(default NETWORK.ckpt.npz)")
+    train.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint")
+    train.add_argument("--save-best", nargs="?", const="", metavar="FILE",
+                       help="keep the weights of the epoch with the lowest held-out loss "
+                            "(default file NETWORK.best.weights.npz)")
+    train.add_argument("--log", metavar="METRICS.jsonl",
+                       help="one JSON line an epoch: loss, held-out loss, accuracy, time, lr")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                       help="when stderr is not a terminal: a progress line this often "
+                            "(default 30)")
+    train.add_argument("--target", choices=["cpu", "cuda"], default="cpu",
+                       help="where a .cnn program is compiled to run (a .cnnm file has its own)")
+    train.add_argument("--rebuild", action="store_true", help=REBUILD_HELP)
+    train.add_argument("--mpi-timeout", type=float, default=120.0, metavar="SECONDS",
+                       help="under mpirun: stop the job when the other processes have not "
+                            "answered for this long (default 120)")
+
+
+def _add_eval(commands) -> None:
+    evaluate = commands.add_parser("eval", help="loss and accuracy of trained weights")
+    evaluate.add_argument("network", metavar="NET.cnnm|NET.cnn")
+    evaluate.add_argument("--weights", required=True, help="weights (.npz)")
+    evaluate.add_argument("--data", required=True, help="an MNIST folder or an .npz")
+    evaluate.add_argument("--split", choices=["heldout", "train", "test", "all"],
+                          default="heldout",
+                          help="heldout (default): the samples train held out; train: those "
+                               "it trained on; test: the t10k files; all: everything")
+    evaluate.add_argument("--val-split", type=float, default=0.2,
+                          help="the fraction train held out (default 0.2, as train's)")
+    evaluate.add_argument("--seed", type=int, help="the seed train used (train line's)")
+    evaluate.add_argument("--rebuild", action="store_true", help=REBUILD_HELP)
+
+
+def _add_inspect(commands) -> None:
+    inspect = commands.add_parser("inspect", help="what a compiled module file holds")
+    inspect.add_argument("module", metavar="NET.cnnm")
+    shown = inspect.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="the whole manifest as JSON")
+    shown.add_argument("--llvm", action="store_true", help="the stored LLVM IR")
+    shown.add_argument("--loops", action="store_true", help="the stored loop IR")
+    shown.add_argument("--cuda", action="store_true", help="the stored CUDA kernel source")
+    shown.add_argument("--program", action="store_true",
+                       help="the stored program the module was compiled from")
+
+
+def _add_plot(commands) -> None:
+    plot = commands.add_parser("plot", help="draw a training curve from a --log file")
+    plot.add_argument("log", metavar="METRICS.jsonl")
+    plot.add_argument("-o", "--output", required=True, metavar="CURVE.png",
+                      help="the image to write (.png, .svg or .pdf)")
+
+
+def _add_download(commands) -> None:
+    download = commands.add_parser("download", help="fetch MNIST into a folder, verified")
+    download.add_argument("folder", metavar="DIR")
+    download.add_argument("--split", choices=["train", "test", "both"], default="both")
+    download.add_argument("--mirror", action="append", metavar="URL",
+                          help="a base URL to try (repeatable; default: the known mirrors)")
+    download.add_argument("--timeout", type=float, default=60.0,
+                          help="seconds a file may take in all (default 60)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    with guarded_streams():
+        try:
+            args = build_parser().parse_args(argv)  # exits with 2 on a usage error
+            _check_paths(args)
+            code = _run(args)
+            sys.stdout.flush()
+            return code
+        except CnncError as error:
+            return _report(error)
+        except KeyboardInterrupt as interrupt:
+            _say(f"\n{str(interrupt) or 'interrupted'}")
+            return EXIT_INTERRUPTED
+        except BrokenPipeError:
+            return EXIT_OK
+        except Exception as error:  # a bug in cnnc: say so in one line, not a traceback
+            _say(f"cnnc: internal error: {type(error).__name__}: {error} "
+                 "(this is a bug in cnnc; please report it with the program)")
+            return EXIT_INTERNAL
+
+
+def _report(error: CnncError) -> int:
+    count = len(error.diagnostics)
+    _say(error.render() + (f"\n{count} errors" if count > 1 else ""))
+    return EXIT_USER_ERROR
+
+
+def _say(text: str) -> None:
+    """A line on stderr; when stderr is gone too, the exit code is all that is left."""
+    with contextlib.suppress(CnncOutputError):
+        print(text, file=sys.stderr)
+
+
+# The arguments of each command that name files, and what it does with them. A path that
+# cannot name a file is refused before any work: a NUL byte (only a Python caller can pass
+# one), or for a file to write, an empty name or a trailing slash. Otherwise a training run
+# would end with that error at its first checkpoint, or with a traceback from open().
+PATH_ARGUMENTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "check": (("program", "read"),), "summary": (("program", "read"),),
+    "compile": (("program", "read"), ("output", "write")),
+    "train": (("network", "read"), ("data", "read"), ("resume", "read"), ("out", "write"),
+              ("checkpoint", "write"), ("log", "write"), ("save_best", "write")),
+    "eval": (("network", "read"), ("weights", "read"), ("data", "read")),
+    "inspect": (("module", "read"),), "plot": (("log", "read"), ("output", "write")),
+    "download": (("folder", "use"),)}
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    for name, use in PATH_ARGUMENTS[args.command]:
+        path = getattr(args, name)
+        if path is None or (name == "save_best" and path == ""):  # "": the default file
+            continue
+        problem = unusable_path(path) if use == "write" or "\0" in path else None
+        if problem is not None:
+            raise CnncInputError.single(f"cannot {use} {shown_path(path)}: {problem}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    return COMMANDS[args.command](args)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    return _write(inspect_text(args), None)
+
+
+def _download(args: argparse.Namespace) -> int:
+    from cnnc.training.download import DEFAULT_MIRRORS, download_mnist
+
+    splits = ("train", "test") if args.split == "both" else (args.split,)
+    download_mnist(args.folder, splits, args.mirror or DEFAULT_MIRRORS, args.timeout)
+    return EXIT_OK
+
+
+def _train(args: argparse.Namespace) -> int:
+    from cnnc.cli.commands import run_train
+
+    return run_train(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from cnnc.cli.commands import run_eval
+
+    return run_eval(args)
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from cnnc.cli.plot import plot_log
+
+    plot_log(Path(args.log), Path(args.output))
+    print(f"wrote {args.output}")
+    return EXIT_OK
+
+
+def _program(args: argparse.Namespace) -> tuple[Source, Graph]:
+    from cnnc.driver.pipeline import front_end, read_source
+
+    source = read_source(args.program)
+    return source, front_end(source, getattr(args, "dtype", None))
+
+
+def _check(args: argparse.Namespace) -> int:
+    from cnnc.passes.summary import human_bytes, summarize
+
+    source, graph = _program(args)
+    if args.grad:
+        from cnnc.cli.commands import run_gradient_check
+
+        return run_gradient_check(graph, source, args.tolerance, args.samples)
+    summary = summarize(graph)
+    activations = sum(r.activation_bytes for r in summary.rows)
+    print(f"{source.name}: ok: network {graph.name}, {len(graph.layers) - 1} layers, "
+          f"{summary.total_params:,} parameters "
+          f"({human_bytes(sum(r.param_bytes for r in summary.rows))}), "
+          f"activations {human_bytes(activations)} a sample, input "
+          f"{format_shape(graph.tensor(graph.input).shape[1:], 'x')} {graph.dtype.value}")
+    return EXIT_OK
+
+
+def _summary(args: argparse.Namespace) -> int:
+    from cnnc.passes.summary import format_table, summarize, to_json
+
+    if args.program.endswith(".cnnm"):
+        summary = _module_summary(args.program)
+    else:
+        summary = summarize(_program(args)[1])
+    return _write(to_json(summary) if args.json else format_table(summary), None)
+
+
+def _module_summary(path: str):
+    """From the manifest, once it is checked against the stored program (no code runs)."""
+    from cnnc.artifact import format as artifact
+    from cnnc.driver.trust import trusted_file
+    from cnnc.passes.summary import from_manifest
+
+    return from_manifest(trusted_file(artifact.read(path), path).manifest)
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from cnnc.driver.pipeline import front_end, read_source
+
+    source = read_source(args.program)
+    if args.emit == "ast":
+        from cnnc.frontend.parse import parse
+        from cnnc.frontend.syntax import format_program
+
+        return _write(format_program(parse(source)), args.output)
+    graph = front_end(source, args.dtype)
+    scheduled = not args.no_schedule
+    if args.target == "cuda" and (args.explain_schedule or args.emit in ("llvm", "asm")):
+        shown = "--explain-schedule" if args.explain_schedule else f"--emit {args.emit}"
+        print(f"error: {shown} shows CPU code; for --target cuda, --emit cuda shows the "
+              "kernels", file=sys.stderr)
+        return EXIT_USAGE
+    if args.explain_schedule:
+        return _write(explain_schedules(graph, scheduled), args.output)
+    if args.emit is not None:
+        return _write(emit_stage(graph, source, args.emit, int(args.opt_level), scheduled),
+                      args.output)
+    return _compile_to_file(args, source, graph, scheduled)
+
+
+def _compile_to_file(args: argparse.Namespace, source: Source, graph: Graph,
+                     scheduled: bool) -> int:
+    from cnnc.artifact.format import write as write_module
+    from cnnc.driver.pipeline import compile_cuda_module, compile_module
+
+    output = Path(args.output) if args.output else Path(Path(args.program).stem + ".cnnm")
+    started = time.perf_counter()
+    params = f"{sum(p.size for p in graph.params):,} parameters, {graph.dtype.value}"
+    if args.target == "cuda":
+        module_file = compile_cuda_module(graph, source)
+        write_module(module_file, output)
+        launches = len(module_file.manifest["entry_points"]["forward"])
+        print(f"wrote {output}: network {graph.name}, target cuda, {launches} kernel launches "
+              f"forward, {params} ({time.perf_counter() - started:.1f} s)")
+        return EXIT_OK
+    module_file = compile_module(graph, source, int(args.opt_level), scheduled)
+    write_module(module_file, output)
+    kernels = len(module_file.manifest["kernels"])
+    forward = sum(1 for k in module_file.manifest["kernels"] if k.endswith("_fwd"))
+    training = f" and {kernels - forward} for training" if kernels > forward else ""
+    print(f"wrote {output}: network {graph.name}, {forward} forward kernels{training}, "
+          f"{params}, -O{args.opt_level} ({time.perf_counter() - started:.1f} s)")
+    return EXIT_OK
+
+
+def explain_schedules(graph: Graph, scheduled: bool) -> str:
+    """Every kernel the module would have (the backward ones too, with a loss line)."""
+    from cnnc.driver.pipeline import lower_program, module_kernels
+    from cnnc.schedule.cost import explain, host_machine
+
+    _, _, schedules = lower_program(module_kernels(graph), scheduled)
+    plain = "no kernel is scheduled (--no-schedule)\n" if not schedules else ""
+    return explain(schedules, host_machine()) + plain
+
+
+def emit_stage(graph: Graph, source: Source, stage: str, opt_level: int,
+               scheduled: bool = True) -> str:
+    """The text of one stage after the graph: ir, kernels, loops, llvm or asm."""
+    from cnnc.backends.llvm import assembly, compile_functions
+    from cnnc.driver.pipeline import (
+        compile_cuda_module,
+        entry_points,
+        lower_program,
+        module_kernels,
+    )
+    from cnnc.graph.ir import format_graph
+    from cnnc.loops.ir import format_functions
+    from cnnc.passes.autodiff import differentiate
+    from cnnc.passes.fuse import format_kernels
+
+    if stage == "ir":
+        return format_graph(graph)
+    if stage == "grad":
+        return format_graph(differentiate(graph))
+    program = module_kernels(graph)
+    if stage == "kernels":
+        return format_kernels(program)
+    if stage == "cuda":
+        return compile_cuda_module(graph, source).sections["cuda"].decode("utf-8")
+    functions, scratch, _ = lower_program(program, scheduled)
+    if stage == "loops":
+        return format_functions(tuple(functions))
+    code = compile_functions(tuple(functions), [t.name for t in program.storage + tuple(scratch)],
+                             opt_level, entry_points(program))
+    return code.llvm_ir if stage == "llvm" else assembly(code.llvm_ir, opt_level)
+
+
+CODE_NOTE = ("note: loading a .cnnm runs its code (native object code, or Python source for "
+             "Numba). cnnc checks that its manifest matches its stored program, but trusts "
+             "the code itself; for a file you did not build, use --rebuild (Python: "
+             "cnnc.load(path, trust=\"rebuild\")), which compiles the stored program again "
+             "and ignores the stored code.\n")
+
+
+def inspect_text(args: argparse.Namespace) -> str:
+    from cnnc.artifact import format as artifact
+    from cnnc.driver.trust import trusted_file
+
+    module_file = trusted_file(artifact.read(args.module), args.module)  # runs nothing
+    kind = artifact.target_kind(module_file.manifest)
+    if args.json:
+        return json.dumps(module_file.manifest, indent=2, sort_keys=True) + "\n"
+    section = "llvm_ir" if args.llvm else "cuda" if args.cuda else "loops" if args.loops \
+        else "program" if args.program else None
+    if section is not None and section not in module_file.sections:
+        raise CnncInputError.single(f"{args.module} is a {kind} module and holds no "
+                                    f"{'LLVM IR' if args.llvm else 'CUDA source'}")
+    if section is not None:
+        return module_file.sections[section].decode("utf-8")
+    return artifact.format_manifest(module_file) + CODE_NOTE
+
+
+def _write(text: str, output: str | None) -> int:
+    """To standard output, or atomically to a file (a failed write leaves the old one)."""
+    if output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return EXIT_OK
+    write_atomically(output, text.encode("utf-8"), CnncInputError)  # a str: keeps a final /
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "check": _check, "summary": _summary, "compile": _compile, "train": _train,
+    "eval": _eval, "inspect": _inspect, "plot": _plot, "download": _download}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,470 @@
+"""AST → graph IR: names every layer, checks the order of lines and every option, and
+decomposes each layer into primitive ops on named tensors.
+
+Errors are collected, not raised one by one: `generate` returns every diagnostic it found
+together with a graph in which a layer that had an error is marked broken, so shape checking
+can still look at the independent parts of the program and all errors are reported together.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections import Counter
+from dataclasses import dataclass, field
+
+from cnnc.diagnostics import Diagnostic, Note, Span
+from cnnc.frontend import options as opts
+from cnnc.frontend import syntax as ast
+from cnnc.frontend.parse_errors import ACTIVATION_NAMES, STATEMENT_KEYWORDS
+from cnnc.graph.ir import (
+    ACTIVATION_OPS,
+    BATCH,
+    Attrs,
+    ConvAttrs,
+    DenseAttrs,
+    DType,
+    Graph,
+    Layer,
+    LossAttrs,
+    Node,
+    Op,
+    PoolAttrs,
+    Role,
+    Tensor,
+    TrainConfig,
+    Window,
+    argmax_name,
+)
+
+LOSS_NAMES = ("cross_entropy", "mse")
+MAX_NAME = 64  # characters of a network or layer name
+LOSS_TENSOR = "loss"
+
+
+@dataclass
+class _LayerLine:
+    """A layer statement together with the activation line that may follow it."""
+
+    stmt: ast.LayerStmt
+    activation: ast.Word | None
+
+
+@dataclass
+class _Sections:
+    network: ast.NetworkStmt | None = None
+    input: ast.InputStmt | None = None
+    layers: list[_LayerLine] = field(default_factory=list)
+    loss: ast.LossStmt | None = None
+    train: ast.TrainStmt | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IrgenResult:
+    graph: Graph
+    diagnostics: tuple[Diagnostic, ...]
+    broken_layers: frozenset[str]  # layers whose output shape cannot be known
+
+
+def generate(program: ast.Program, dtype: str | None = None) -> IrgenResult:
+    """Build the graph of `program`; `dtype` ("f32"/"f64") overrides the input line's."""
+    builder = _Builder(program.file)
+    sections = builder.sections(program)
+    graph = builder.build(sections, dtype)
+    return IrgenResult(graph, tuple(builder.diagnostics), frozenset(builder.broken))
+
+
+def suggest(word: str, valid: tuple[str, ...] | list[str]) -> str:
+    """`; did you mean 'x'?` for a near miss, else the list of valid words."""
+    close = difflib.get_close_matches(word, valid, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return "; expected one of " + ", ".join(valid)
+
+
+class _Builder:
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.diagnostics: list[Diagnostic] = []
+        self.broken: set[str] = set()
+        self.tensors: list[Tensor] = []
+        self.nodes: list[Node] = []
+        self.layers: list[Layer] = []
+        self.names: dict[str, Span] = {}
+        self.dtype = DType.F32
+
+    def error(self, message: str, span: Span | None, notes: tuple[Note, ...] = ()) -> None:
+        self.diagnostics.append(Diagnostic(message, span, notes))
+
+    def start_span(self) -> Span:
+        return Span.point(self.file, 1, 1)
+
+    # -- the order of lines -------------------------------------------------------------------
+    def sections(self, program: ast.Program) -> _Sections:
+        found = _Sections()
+        for index, stmt in enumerate(program.statements):
+            if isinstance(stmt, ast.NetworkStmt):
+                self._network_line(found, stmt, index)
+            elif isinstance(stmt, ast.InputStmt):
+                self._input_line(found, stmt)
+            elif isinstance(stmt, ast.ActivationStmt):
+                self._activation_line(found, stmt)
+            elif isinstance(stmt, ast.LossStmt):
+                self._once(found, "loss", stmt)
+            elif isinstance(stmt, ast.TrainStmt):
+                self._once(found, "train", stmt)
+            else:
+                named = f"{_kind_of(stmt)} {stmt.name.text}" if stmt.name else _kind_of(stmt)
+                self._after_loss_check(found, stmt.span, named)
+                found.layers.append(_LayerLine(stmt, getattr(stmt, "activation", None)))
+        self._missing_lines(found)
+        return found
+
+    def _network_line(self, found: _Sections, stmt: ast.NetworkStmt, index: int) -> None:
+        if found.network is None and index > 0:
+            self.error("the network line must be the first line of the program", stmt.span)
+        self._check_length(stmt.name.text, stmt.name.span)
+        self._once(found, "network", stmt)
+
+    def _check_length(self, name: str, span: Span) -> bool:
+        """Names become symbols, file names and archive entries: they get a sane length."""
+        if len(name) <= MAX_NAME:
+            return True
+        self.error(f"the name {name[:16]!r}... is {len(name):,} characters long; a name has "
+                   f"at most {MAX_NAME}", span)
+        return False
+
+    def _input_line(self, found: _Sections, stmt: ast.InputStmt) -> None:
+        if found.layers and found.input is None:
+            first = found.layers[0].stmt
+            self.error("the input line must come before the first layer", stmt.span,
+                       (Note("the first layer is here", first.span),))
+        self._once(found, "input", stmt)
+
+    def _once(self, found: _Sections, section: str, stmt: ast.Statement) -> None:
+        first = getattr(found, section)
+        if first is not None:
+            self.error(f"a second {section} line; a program has one",
+                       stmt.span, (Note(f"the first {section} line is here", first.span),))
+            return
+        setattr(found, section, stmt)
+
+    def _activation_line(self, found: _Sections, stmt: ast.ActivationStmt) -> None:
+        word = stmt.activation
+        if word.text not in ACTIVATION_NAMES:
+            words = STATEMENT_KEYWORDS + ACTIVATION_NAMES
+            self.error(f"unknown statement {word.text!r}{suggest(word.text, words)}", word.span)
+            return
+        self._after_loss_check(found, stmt.span, word.text)
+        if not found.layers:
+            self.error(f"{word.text} on a line of its own applies to the layer above, "
+                       "but there is no layer above it", stmt.span)
+            return
+        above = found.layers[-1]
+        if above.activation is not None:
+            self.error(f"the layer above already has the activation {above.activation.text}; "
+                       "a layer takes one", stmt.span,
+                       (Note("that activation is here", above.activation.span),))
+            return
+        above.activation = word
+
+    def _after_loss_check(self, found: _Sections, span: Span, what: str) -> None:
+        if found.loss is not None:
+            self.error(f"{what} comes after the loss line; layers go above it", span,
+                       (Note("the loss line is here", found.loss.span),))
+
+    def _missing_lines(self, found: _Sections) -> None:
+        if found.network is None:
+            self.error("missing the line 'network NAME'; a program starts with it",
+                       self.start_span())
+        if found.input is None:
+            where = found.layers[0].stmt.span if found.layers else self.start_span()
+            self.error("missing the input line, e.g. 'input image: 1x28x28', "
+                       "before the first layer", where)
+        if not found.layers and found.input is not None:
+            self.error("the network has no layers", found.input.span)
+        if found.train is not None and found.loss is None:
+            self.error("the train line needs a loss line, e.g. 'loss cross_entropy', "
+                       "to know what to minimise", found.train.span)
+
+    # -- building the graph -------------------------------------------------------------------
+    def build(self, found: _Sections, dtype: str | None) -> Graph:
+        input_name = self._input(found.input, dtype)
+        current = input_name
+        kind_counts: Counter[str] = Counter()
+        for line in found.layers:
+            kind = _kind_of(line.stmt)
+            kind_counts[kind] += 1
+            current = self._layer(line, kind, kind_counts[kind], current)
+        loss, target = self._loss(found, current)
+        train = self._train(found.train)
+        name = found.network.name.text if found.network else "network"
+        return Graph(name, self.dtype, tuple(self.tensors), tuple(self.nodes),
+                     tuple(self.layers), input_name, current, loss, target, train)
+
+    def _input(self, stmt: ast.InputStmt | None, dtype: str | None) -> str:
+        if stmt is None:
+            name, span, shape, auto = "input", self.start_span(), None, True
+            self.broken.add(name)
+        else:
+            name = stmt.name.text if stmt.name else "input"
+            span, auto = stmt.span, stmt.name is None
+            values = self._options(stmt.options, opts.INPUT_OPTIONS, "input", name)
+            self.dtype = DType(dtype or values.get("dtype") or "f32")
+            shape = self._input_shape(stmt.shape)
+            if shape is None:
+                self.broken.add(name)
+        self._claim(name, span, None)
+        full_shape = None if shape is None else (BATCH, *shape)
+        self.tensors.append(Tensor(name, Role.INPUT, self.dtype, full_shape))
+        self.layers.append(Layer(name, "input", auto, name, span))
+        return name
+
+    def _input_shape(self, dims: ast.Dims) -> tuple[int, ...] | None:
+        if len(dims.values) not in (1, 3):
+            self.error("the input shape must be CxHxW like 1x28x28, or a feature count like "
+                       f"784, got {dims.text}", dims.span)
+            return None
+        if min(dims.values) < 1 or max(dims.values) > opts.MAX_SIZE:
+            self.error(f"input sizes must be from 1 to {opts.MAX_SIZE}, got {dims.text}",
+                       dims.span)
+            return None
+        return dims.values
+
+    def _claim(self, name: str, span: Span, auto_kind: str | None) -> str:
+        """Register a layer name; a duplicate is reported and given a private unique name."""
+        if not self._check_length(name, span):
+            name = name[:MAX_NAME]
+        first = self.names.get(name)
+        if first is None:
+            self.names[name] = span
+            return name
+        how = f" (the automatic name of this {auto_kind})" if auto_kind else ""
+        self.error(f"duplicate name {name!r}{how}; names are unique within a network", span,
+                   (Note(f"{name!r} is first used here", first),))
+        unique = f"{name}~{len(self.names)}"
+        self.names[unique] = span
+        return unique
+
+    def _options(self, given: tuple[ast.Option, ...], table: dict[str, opts.OptionSpec],
+                 owner: str, layer: str) -> dict[str, object]:
+        """Validated option values, defaults filled; a bad option marks `layer` broken."""
+        values = {key: spec.default for key, spec in table.items()}
+        seen: dict[str, ast.Option] = {}
+        for option in given:
+            key = option.key.text
+            if key in seen:
+                self.error(f"{owner}: the option {key} is given twice", option.span,
+                           (Note("first given here", seen[key].span),))
+            elif key not in table:
+                valid = list(table) or ["(none)"]
+                self.error(f"{owner} has no option {key!r}{suggest(key, valid)}", option.key.span)
+            else:
+                try:
+                    values[key] = table[key].validate(option.value)
+                except opts.OptionError as problem:
+                    self.error(f"{owner}: {key} expects {problem}", option.value.span)
+                else:
+                    seen[key] = option
+                    continue
+            self.broken.add(layer)
+            seen.setdefault(key, option)
+        return values
+
+    # -- layers -------------------------------------------------------------------------------
+    def _layer(self, line: _LayerLine, kind: str, index: int, current: str) -> str:
+        stmt = line.stmt
+        auto = stmt.name is None
+        given = f"{kind}{index}" if auto else stmt.name.text
+        name = self._claim(given, stmt.name.span if stmt.name else stmt.span,
+                           kind if auto else None)
+        owner = name if auto else f"{kind} {name}"
+        if isinstance(stmt, ast.ConvStmt):
+            steps = self._conv_steps(stmt, name, owner)
+        elif isinstance(stmt, ast.PoolStmt):
+            steps = self._pool_steps(stmt, name, owner)
+        elif isinstance(stmt, ast.DenseStmt):
+            steps = self._dense_steps(stmt, name, owner)
+        else:
+            steps = [_Step(Op.FLATTEN, suffix="flat")]
+        activation = self._activation(line.activation)
+        if activation is not None:
+            steps.append(_Step(ACTIVATION_OPS[activation]))
+        for position, step in enumerate(steps):
+            last = position == len(steps) - 1
+            current = self._emit(step, current, name if last else f"{name}.{step.suffix}",
+                                 name, stmt.span)
+        self.layers.append(Layer(name, kind, auto, current, stmt.span, activation))
+        return current
+
+    def _emit(self, step: _Step, current: str, out: str, layer: str, span: Span) -> str:
+        self.tensors.append(Tensor(out, Role.VALUE, self.dtype))
+        outputs: tuple[str, ...] = (out,)
+        if step.op is Op.MAXPOOL2D:  # where each maximum was: the backward pass reads it
+            outputs += (argmax_name(layer),)
+            self.tensors.append(Tensor(outputs[1], Role.VALUE, DType.I32))
+        self.nodes.append(Node(step.op, (current, *step.params), outputs, layer, span,
+                               step.attrs))
+        return out
+
+    def _param(self, name: str) -> str:
+        self.tensors.append(Tensor(name, Role.PARAM, self.dtype))
+        return name
+
+    def _activation(self, word: ast.Word | None) -> str | None:
+        if word is None or word.text == "none":
+            return None
+        if word.text not in ACTIVATION_NAMES:
+            self.error(f"unknown activation {word.text!r}{suggest(word.text, ACTIVATION_NAMES)}",
+                       word.span)
+            return None
+        return word.text
+
+    def _conv_steps(self, stmt: ast.ConvStmt, name: str, owner: str) -> list[_Step]:
+        filters = self._count(stmt.filters, "the filter count", owner, name)
+        kernel = self._kernel(stmt.kernel, "the kernel", owner, name)
+        values = self._options(stmt.options, opts.CONV_OPTIONS, owner, name)
+        pad = self._same_padding(values["pad"], kernel, values["stride"], owner, stmt, name)
+        window = Window(kernel, values["stride"], pad)
+        steps = [_Step(Op.CONV2D, (self._param(f"{name}.weight"),), ConvAttrs(filters, window),
+                       "conv")]
+        if values["bias"]:
+            steps.append(_Step(Op.BIAS_ADD, (self._param(f"{name}.bias"),), suffix="pre"))
+        return steps
+
+    def _pool_steps(self, stmt: ast.PoolStmt, name: str, owner: str) -> list[_Step]:
+        window = self._kernel(stmt.window, "the window", owner, name)
+        values = self._options(stmt.options, opts.POOL_OPTIONS, owner, name)
+        pad = values["pad"]
+        if pad == "same":
+            self.error(f"{owner}: pad=same is for conv layers; give a pooling layer pad=P",
+                       _option_span(stmt, "pad"))
+            self.broken.add(name)
+            pad = (0, 0)
+        elif pad[0] > window[0] // 2 or pad[1] > window[1] // 2:
+            self.error(f"{owner}: pad={pad[0]}x{pad[1]} is more than half the window "
+                       f"{window[0]}x{window[1]}; at most {window[0] // 2}x{window[1] // 2}",
+                       _option_span(stmt, "pad"))
+            self.broken.add(name)
+        op = Op.MAXPOOL2D if stmt.kind.text == "maxpool" else Op.AVGPOOL2D
+        return [_Step(op, (), PoolAttrs(Window(window, values["stride"] or window, pad)),
+                      "pool")]
+
+    def _dense_steps(self, stmt: ast.DenseStmt, name: str, owner: str) -> list[_Step]:
+        units = self._count(stmt.units, "the unit count", owner, name)
+        values = self._options(stmt.options, opts.DENSE_OPTIONS, owner, name)
+        steps = [_Step(Op.DENSE, (self._param(f"{name}.weight"),), DenseAttrs(units), "matmul")]
+        if values["bias"]:
+            steps.append(_Step(Op.BIAS_ADD, (self._param(f"{name}.bias"),), suffix="pre"))
+        return steps
+
+    def _count(self, number: ast.Number, what: str, owner: str, layer: str) -> int:
+        """A filter or unit count; a bad one is reported and replaced by 1 (layer broken)."""
+        value = number.value
+        if isinstance(value, int) and 1 <= value <= opts.MAX_SIZE:
+            return value
+        bound = "at least 1" if value < 1 else f"at most {opts.MAX_SIZE}"
+        self.error(f"{owner}: {what} must be {bound}, got {number.text}", number.span)
+        self.broken.add(layer)
+        return 1
+
+    def _kernel(self, dims: ast.Dims, what: str, owner: str, layer: str) -> tuple[int, int]:
+        values = dims.values
+        if len(values) != 2:
+            self.error(f"{owner}: {what} must be HxW like 3x3, got {dims.text}", dims.span)
+        elif min(values) < 1 or max(values) > opts.MAX_SIZE:
+            self.error(f"{owner}: {what} sizes must be from 1 to {opts.MAX_SIZE}, "
+                       f"got {dims.text}", dims.span)
+        else:
+            return values[0], values[1]
+        self.broken.add(layer)
+        return 1, 1
+
+    def _same_padding(self, pad: tuple[int, int] | str, kernel: tuple[int, int],
+                      stride: tuple[int, int], owner: str, stmt: ast.ConvStmt,
+                      layer: str) -> tuple[int, int]:
+        """`pad=same` keeps H and W, which needs stride 1 and an odd kernel."""
+        if pad != "same":
+            return pad
+        problem = None
+        if stride != (1, 1):
+            problem = f"stride 1, but {owner} has stride {stride[0]}x{stride[1]}"
+        elif kernel[0] % 2 == 0 or kernel[1] % 2 == 0:
+            problem = f"an odd kernel, but {owner} has {kernel[0]}x{kernel[1]}"
+        if problem:
+            self.error(f"pad=same needs {problem}", _option_span(stmt, "pad"))
+            self.broken.add(layer)
+        return (kernel[0] - 1) // 2, (kernel[1] - 1) // 2
+
+    # -- loss and training --------------------------------------------------------------------
+    def _loss(self, found: _Sections, output: str) -> tuple[str | None, str | None]:
+        stmt = found.loss
+        if stmt is None:
+            return None, None
+        kind = stmt.kind.text
+        if kind not in LOSS_NAMES:
+            self.error(f"unknown loss {kind!r}{suggest(kind, LOSS_NAMES)}", stmt.kind.span)
+            return None, None
+        values = self._options(stmt.options, opts.LOSS_OPTIONS[kind], f"loss {kind}",
+                               LOSS_TENSOR)
+        if kind == "cross_entropy":
+            self._softmax_rules(found, stmt)
+            target, op, dtype = "loss.labels", Op.CROSS_ENTROPY, DType.I64
+            declared = None if values["classes"] is None else (values["classes"],)
+        else:
+            target, op, dtype = "loss.targets", Op.MSE, self.dtype
+            declared = values["targets"]
+        self.tensors.append(Tensor(target, Role.TARGET, dtype))
+        self.tensors.append(Tensor(LOSS_TENSOR, Role.LOSS, self.dtype, ()))
+        self.nodes.append(Node(op, (output, target), (LOSS_TENSOR,), LOSS_TENSOR, stmt.span,
+                               LossAttrs(declared)))
+        return LOSS_TENSOR, target
+
+    def _softmax_rules(self, found: _Sections, loss: ast.LossStmt) -> None:
+        """cross_entropy reads probabilities: softmax ends the last layer and only that one."""
+        if not found.layers:
+            return
+        displays = [layer.display for layer in self.layers[1:]]
+        for position, line in enumerate(found.layers[:-1]):
+            if line.activation is not None and line.activation.text == "softmax":
+                self.error(f"softmax must be the last layer before loss cross_entropy, but "
+                           f"{displays[position + 1]} follows it", line.activation.span,
+                           (Note("the loss is here", loss.span),))
+        last = found.layers[-1]
+        if last.activation is None or last.activation.text != "softmax":
+            ends = f"ends in {last.activation.text}" if last.activation else "has no activation"
+            self.error(f"loss cross_entropy needs a softmax output, but the last layer, "
+                       f"{displays[-1]}, {ends}; end it with '-> softmax'", loss.span,
+                       (Note("the last layer is here", last.stmt.span),))
+
+    def _train(self, stmt: ast.TrainStmt | None) -> TrainConfig | None:
+        if stmt is None:
+            return None
+        optimizer = stmt.optimizer.text
+        if optimizer not in opts.TRAIN_OPTIONS:
+            valid = tuple(opts.TRAIN_OPTIONS)
+            self.error(f"unknown optimizer {optimizer!r}{suggest(optimizer, valid)}",
+                       stmt.optimizer.span)
+            return None
+        values = self._options(stmt.options, opts.TRAIN_OPTIONS[optimizer],
+                               f"train {optimizer}", "train")
+        return TrainConfig(optimizer, tuple(values.items()), stmt.span)
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """One primitive op of a layer: its extra (parameter) inputs and a suffix naming its output."""
+
+    op: Op
+    params: tuple[str, ...] = ()
+    attrs: Attrs = None
+    suffix: str = ""
+
+
+def _kind_of(stmt: ast.LayerStmt) -> str:
+    if isinstance(stmt, ast.PoolStmt):
+        return stmt.kind.text
+    return type(stmt).__name__.removesuffix("Stmt").lower()
+
+
+def _option_span(stmt: ast.ConvStmt | ast.PoolStmt, key: str) -> Span:
+    return next(o.span for o in stmt.options if o.key.text == key)

@@ -1,0 +1,221 @@
+"""Text → AST: the Lark grammar in grammar/cnn.lark, a Transformer that builds frozen AST
+nodes with spans, and the translation of Lark's exceptions into cnnc errors in words."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
+
+from cnnc.diagnostics import CnncSyntaxError, Diagnostic, Source, Span
+from cnnc.frontend import syntax as ast
+from cnnc.frontend.parse_errors import describe_unexpected_token
+
+# A file with this many broken lines is not worth reading further.
+MAX_SYNTAX_ERRORS = 50
+
+
+@functools.cache
+def grammar_text() -> str:
+    """The grammar file, found through the package so an installed wheel finds it too."""
+    try:
+        grammar = resources.files("cnnc.grammar").joinpath("cnn.lark")
+    except ModuleNotFoundError:
+        # Imported straight from a source checkout (not installed, or installed elsewhere):
+        # the grammar sits beside the package, in grammar/ at the top of the repository.
+        grammar = Path(__file__).resolve().parents[2] / "grammar" / "cnn.lark"
+    return grammar.read_text(encoding="utf-8")
+
+
+@functools.cache
+def _parser() -> Lark:
+    return Lark(grammar_text(), parser="lalr", lexer="basic", propagate_positions=True,
+                maybe_placeholders=False)
+
+
+def parse(source: Source) -> ast.Program:
+    """Parse a whole program; every line with a syntax error is reported in one CnncSyntaxError.
+
+    Statements are one a line, so after an error the broken line is blanked out and the rest
+    of the file parsed again: each error is found without cascading into the next line.
+    """
+    text = source.text if source.text.endswith("\n") else source.text + "\n"
+    diagnostics: list[Diagnostic] = []
+    while True:
+        try:
+            tree = _parser().parse(text)
+        except UnexpectedInput as error:
+            diagnostics.append(_diagnostic_for(error, text, source.name))
+            if len(diagnostics) >= MAX_SYNTAX_ERRORS or error.line < 1:
+                break
+            text = _blank_line(text, error.line)
+            continue
+        break
+    if diagnostics:
+        raise CnncSyntaxError(diagnostics, source)
+    statements = _ToAst(source.name).transform(tree)
+    return ast.Program(tuple(statements), source.name)
+
+
+def _blank_line(text: str, line: int) -> str:
+    lines = text.split("\n")
+    lines[line - 1] = " " * len(lines[line - 1])
+    return "\n".join(lines)
+
+
+def _diagnostic_for(error: UnexpectedInput, text: str, file: str) -> Diagnostic:
+    if error.line < 1:  # Lark knows no position, e.g. at the very end of the input
+        return Diagnostic("unexpected end of the program", None)
+    line_text = text.split("\n")[error.line - 1]
+    if isinstance(error, UnexpectedCharacters):
+        char = line_text[error.column - 1] if error.column - 1 < len(line_text) else "?"
+        return Diagnostic(f"unexpected character {char!r}; names use letters, digits and _",
+                          Span.point(file, error.line, error.column))
+    if isinstance(error, UnexpectedToken):
+        message, column, width = describe_unexpected_token(error, line_text, _parser())
+        return Diagnostic(message, Span(file, error.line, column, error.line, column + width))
+    return Diagnostic("unexpected end of the program", Span.point(file, error.line, 1))
+
+
+def _span(file: str, token: Token) -> Span:
+    return Span(file, token.line, token.column, token.end_line, token.end_column)
+
+
+# Python refuses to convert very long digit strings; any size this long is an error anyway,
+# which irgen reports as "too large" with the number as written.
+_MAX_DIGITS = 30
+
+
+def _to_int(text: str) -> int:
+    digits = text.lstrip("-")
+    sign = -1 if text.startswith("-") else 1
+    return sign * 10**_MAX_DIGITS if len(digits) > _MAX_DIGITS else int(text)
+
+
+class _ToAst(Transformer):
+    """Builds AST nodes only; every judgement about meaning is left to irgen."""
+
+    def __init__(self, file: str) -> None:
+        super().__init__()
+        self.file = file
+
+    # -- leaves -----------------------------------------------------------------------------
+    def NAME(self, token: Token) -> ast.Word:
+        return ast.Word(str(token), _span(self.file, token))
+
+    def INT(self, token: Token) -> ast.Number:
+        return ast.Number(_to_int(str(token)), str(token), _span(self.file, token))
+
+    def FLOAT(self, token: Token) -> ast.Number:
+        return ast.Number(float(token), str(token), _span(self.file, token))
+
+    def DIMS(self, token: Token) -> ast.Dims:
+        values = tuple(_to_int(part) for part in str(token).split("x"))
+        return ast.Dims(values, str(token), _span(self.file, token))
+
+    # -- pieces of statements ---------------------------------------------------------------
+    def label(self, children: list) -> _Label:
+        return _Label(children[0])
+
+    def act_suffix(self, children: list) -> _Activation:
+        return _Activation(children[-1])
+
+    def count(self, children: list) -> ast.Number:
+        return children[0]
+
+    def kernel(self, children: list) -> ast.Dims:
+        return children[0]
+
+    def shape(self, children: list) -> ast.Dims:
+        item = children[0]
+        if isinstance(item, ast.Number):  # a flat feature vector: `input x: 784`
+            return ast.Dims((int(item.value),), item.text, item.span)
+        return item
+
+    def pool_kind(self, children: list) -> ast.Word:
+        return ast.Word(str(children[0]), _span(self.file, children[0]))
+
+    @v_args(meta=True)
+    def option(self, meta, children: list) -> ast.Option:
+        key, value = children
+        return ast.Option(key, value, _meta_span(self.file, meta))
+
+    # -- statements -------------------------------------------------------------------------
+    def start(self, children: list) -> list:
+        return children
+
+    @v_args(meta=True)
+    def network(self, meta, children: list) -> ast.NetworkStmt:
+        return ast.NetworkStmt(children[0], _meta_span(self.file, meta))
+
+    @v_args(meta=True)
+    def input(self, meta, children: list) -> ast.InputStmt:
+        parts = _Parts(children)
+        return ast.InputStmt(parts.name, parts.positional[0], parts.options,
+                             _meta_span(self.file, meta))
+
+    @v_args(meta=True)
+    def conv(self, meta, children: list) -> ast.ConvStmt:
+        parts = _Parts(children)
+        filters, kernel = parts.positional
+        return ast.ConvStmt(parts.name, filters, kernel, parts.options, parts.activation,
+                            _meta_span(self.file, meta))
+
+    @v_args(meta=True)
+    def pool(self, meta, children: list) -> ast.PoolStmt:
+        parts = _Parts(children)
+        kind, window = parts.positional
+        return ast.PoolStmt(kind, parts.name, window, parts.options, _meta_span(self.file, meta))
+
+    @v_args(meta=True)
+    def dense(self, meta, children: list) -> ast.DenseStmt:
+        parts = _Parts(children)
+        return ast.DenseStmt(parts.name, parts.positional[0], parts.options, parts.activation,
+                             _meta_span(self.file, meta))
+
+    @v_args(meta=True)
+    def flatten(self, meta, children: list) -> ast.FlattenStmt:
+        return ast.FlattenStmt(_Parts(children).name, _meta_span(self.file, meta))
+
+    @v_args(meta=True)
+    def activation(self, meta, children: list) -> ast.ActivationStmt:
+        return ast.ActivationStmt(children[0], _meta_span(self.file, meta))
+
+    @v_args(meta=True)
+    def loss(self, meta, children: list) -> ast.LossStmt:
+        parts = _Parts(children)
+        return ast.LossStmt(parts.positional[0], parts.options, _meta_span(self.file, meta))
+
+    @v_args(meta=True)
+    def train(self, meta, children: list) -> ast.TrainStmt:
+        parts = _Parts(children)
+        return ast.TrainStmt(parts.positional[0], parts.options, _meta_span(self.file, meta))
+
+
+@dataclass(frozen=True, slots=True)
+class _Label:
+    word: ast.Word
+
+
+@dataclass(frozen=True, slots=True)
+class _Activation:
+    word: ast.Word
+
+
+class _Parts:
+    """A statement's children sorted into its name, positional items, options and activation."""
+
+    def __init__(self, children: list) -> None:
+        self.name = next((c.word for c in children if isinstance(c, _Label)), None)
+        self.activation = next((c.word for c in children if isinstance(c, _Activation)), None)
+        self.options = tuple(c for c in children if isinstance(c, ast.Option))
+        self.positional = [c for c in children
+                           if not isinstance(c, (_Label, _Activation, ast.Option))]
+
+
+def _meta_span(file: str, meta) -> Span:
+    return Span(file, meta.line, meta.column, meta.end_line, meta.end_column)
