@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from cnnc.artifact.format import numpy_dtype
-from cnnc.backends.llvm import compile_functions
+from cnnc.backends.llvm.codegen import compile_functions
 from cnnc.driver.pipeline import front_end, lower_program, module_kernels, to_source
 from cnnc.runtime.loader import native_entries_from_object
 

@@ -17,7 +17,13 @@ import pytest
 from numerics import assert_close, random_params
 
 import cnnc
-from cnnc.backends.cuda import BLOCK_THREADS, Launch, grid, launch_from_json, launches_to_json
+from cnnc.backends.cuda.launch import (
+    BLOCK_THREADS,
+    Launch,
+    grid,
+    launch_from_json,
+    launches_to_json,
+)
 from cnnc.passes import reference
 from cnnc.passes.autodiff import differentiate
 from conftest import EXAMPLES

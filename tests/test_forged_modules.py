@@ -24,7 +24,8 @@ import pytest
 from forge import forge, unpacked
 
 import cnnc
-from cnnc.backends.llvm import host_target, pack_objects, target_machine, unpack_objects
+from cnnc.backends.llvm.host import host_target, target_machine
+from cnnc.backends.llvm.objects import pack_objects, unpack_objects
 from cnnc.cli.main import main
 from conftest import REPO
 

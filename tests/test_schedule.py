@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from numerics import assert_close, random_params
 
 import cnnc
-from cnnc.backends.llvm import pack_objects, unpack_objects
+from cnnc.backends.llvm.objects import pack_objects, unpack_objects
 from cnnc.graph.ir import DType
 from cnnc.passes import reference
 from cnnc.passes.autodiff import differentiate

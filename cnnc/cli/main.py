@@ -382,7 +382,7 @@ def explain_schedules(graph: Graph, scheduled: bool) -> str:
 def emit_stage(graph: Graph, source: Source, stage: str, opt_level: int,
                scheduled: bool = True) -> str:
     """The text of one stage after the graph: ir, kernels, loops, llvm or asm."""
-    from cnnc.backends.llvm import assembly, compile_functions
+    from cnnc.backends.llvm.codegen import assembly, compile_functions
     from cnnc.driver.pipeline import (
         compile_cuda_module,
         entry_points,

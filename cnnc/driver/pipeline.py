@@ -156,7 +156,7 @@ def plan_module(graph: Graph, source: Source, opt_level: int = 3, scheduled: boo
     optimizer, with entry points for the loss, the gradients and a whole training step.
     Loading a module file plans its stored program again and compares (`verify`).
     """
-    from cnnc.backends.llvm import ENTRY
+    from cnnc.backends.llvm.codegen import ENTRY
     from cnnc.schedule.cost import host_machine
 
     machine = machine or host_machine()
@@ -191,7 +191,7 @@ def compile_module(graph: Graph, source: Source, opt_level: int = 3,
                    scheduled: bool = True) -> ModuleFile:
     """The back end: kernels, loops, native code and initial parameters in a module file,
     which also keeps the program it was compiled from (`trust="rebuild"` compiles that)."""
-    from cnnc.backends.llvm import compile_functions
+    from cnnc.backends.llvm.codegen import compile_functions
     from cnnc.loops.ir import format_functions
     from cnnc.passes.initialise import initial_parameters
 
@@ -260,7 +260,8 @@ def compile_cuda_module(graph: Graph, source: Source) -> ModuleFile:
     """A module for NVIDIA GPUs: the plain loop nests of every kernel as Numba CUDA source,
     which the runtime compiles when it loads the module. A max pool fused into its
     convolution on the CPU is two launches here (the grid covers each one's outputs)."""
-    from cnnc.backends.cuda import generate, launches_to_json
+    from cnnc.backends.cuda.codegen import generate
+    from cnnc.backends.cuda.launch import launches_to_json
     from cnnc.loops.ir import format_functions, lower_kernel
     from cnnc.passes.initialise import initial_parameters
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from cnnc.artifact import format as artifact
-from cnnc.backends.cuda import BLOCK_THREADS, grid, launch_from_json
+from cnnc.backends.cuda.launch import BLOCK_THREADS, grid, launch_from_json
 from cnnc.runtime.loader import validated_manifest, validated_params
 from cnnc.runtime.locking import StateLock
 from cnnc.runtime.module import CnncRuntimeError, Module

@@ -11,7 +11,8 @@ import llvmlite.binding as llvm
 
 from cnnc import __version__
 from cnnc.artifact import format as artifact
-from cnnc.backends.llvm import LLVM_LOCK, host_target, target_machine, unpack_objects
+from cnnc.backends.llvm.host import LLVM_LOCK, host_target, target_machine
+from cnnc.backends.llvm.objects import unpack_objects
 
 ForwardEntry = Any  # a ctypes function: (batch: int, buffers: void*[]) -> None
 

@@ -42,7 +42,7 @@ class Machine:
 
 @functools.cache
 def host_machine() -> Machine:
-    from cnnc.backends.llvm import host_target
+    from cnnc.backends.llvm.host import host_target
 
     features = set(host_target().features.split(","))
     if "+avx512f" in features:

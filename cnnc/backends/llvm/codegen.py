@@ -17,11 +17,8 @@ out, each element gets the same operations on every path, at every optimisation 
 
 from __future__ import annotations
 
-import functools
 import multiprocessing
 import os
-import struct
-import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -29,6 +26,8 @@ from dataclasses import dataclass
 import llvmlite.binding as llvm
 import llvmlite.ir as ir
 
+from cnnc.backends.llvm.host import LLVM_LOCK, HostTarget, host_has_fma, host_target, target_machine
+from cnnc.backends.llvm.objects import pack_objects
 from cnnc.graph.ir import BATCH, DType
 from cnnc.loops.ir import (
     Assign,
@@ -60,51 +59,10 @@ _COMPARE = {"<", "<=", ">", ">=", "==", "!="}
 
 
 @dataclass(frozen=True, slots=True)
-class HostTarget:
-    triple: str
-    cpu: str
-    features: str  # LLVM's "+avx2,-avx512f,..." string
-
-
-@dataclass(frozen=True, slots=True)
 class NativeCode:
     object_code: bytes  # object files, one per LLVM module, joined by `pack_objects`
     llvm_ir: str  # after optimisation
     target: HostTarget
-
-
-# Held by every call cnnc makes into LLVM in this process. Compiling forks worker
-# processes while holding it, so that no other thread of cnnc is inside llvmlite at that
-# moment: a child would inherit llvmlite's own lock locked, and wait on it forever.
-LLVM_LOCK = threading.RLock()
-
-
-@functools.cache
-def host_target() -> HostTarget:
-    with LLVM_LOCK:
-        llvm.initialize_native_target()
-        llvm.initialize_native_asmprinter()
-        return HostTarget(llvm.get_process_triple(), llvm.get_host_cpu_name(),
-                          llvm.get_host_cpu_features().flatten())
-
-
-@functools.cache
-def host_has_fma() -> bool:
-    """Whether the host computes a·b + c rounded once in hardware. Elsewhere `llvm.fma` would
-    be a call of the C library's (slow, software) `fma`, so cnnc multiplies and adds instead."""
-    host = host_target()
-    if host.triple.startswith(("x86_64", "i386", "i686")):
-        return "+fma" in host.features.split(",")
-    # FMA is part of the base instruction set of these
-    return host.triple.startswith(("aarch64", "arm64", "powerpc64", "ppc64", "s390x"))
-
-
-def target_machine(opt_level: int = 3) -> llvm.TargetMachine:
-    """A new machine for the host each time: an MCJIT engine takes ownership of its machine."""
-    host = host_target()
-    target = llvm.Target.from_triple(host.triple)
-    return target.create_target_machine(cpu=host.cpu, features=host.features, opt=opt_level,
-                                        codemodel="jitdefault")
 
 
 # Kernels are spread over this many LLVM modules, optimised and code-generated at the same
@@ -112,7 +70,6 @@ def target_machine(opt_level: int = 3) -> llvm.TargetMachine:
 # keeps the object code the same on every machine, whatever its core count.
 MODULE_COUNT = 4
 MODULE_SEPARATOR = "\n; ---- next module ----\n"
-OBJECTS_MAGIC = b"CNNCOBJS"
 
 
 def compile_functions(functions: tuple[LoopFunction, ...], storage: list[str],
@@ -188,32 +145,6 @@ def _compile_text(text: str, opt_level: int) -> tuple[bytes, str]:
         builder = llvm.create_pass_builder(machine, tuning)
         builder.getModulePassManager().run(parsed, builder)
     return machine.emit_object(parsed), str(parsed)
-
-
-def pack_objects(objects: tuple[bytes, ...]) -> bytes:
-    """Several object files as one byte string: magic, count, lengths, then the files."""
-    header = OBJECTS_MAGIC + struct.pack("<I", len(objects))
-    header += b"".join(struct.pack("<Q", len(obj)) for obj in objects)
-    return header + b"".join(objects)
-
-
-def unpack_objects(data: bytes) -> list[bytes]:
-    """The object files `pack_objects` joined (ValueError where `data` is not that)."""
-    if not data.startswith(OBJECTS_MAGIC) or len(data) < len(OBJECTS_MAGIC) + 4:
-        raise ValueError("not a set of object files")
-    (count,) = struct.unpack_from("<I", data, len(OBJECTS_MAGIC))
-    offset = len(OBJECTS_MAGIC) + 4
-    if count > 4096 or len(data) < offset + 8 * count:
-        raise ValueError("the object file table is damaged")
-    lengths = struct.unpack_from(f"<{count}Q", data, offset)
-    offset += 8 * count
-    if offset + sum(lengths) != len(data):
-        raise ValueError("the object files do not fill the section exactly")
-    objects = []
-    for length in lengths:
-        objects.append(data[offset:offset + length])
-        offset += length
-    return objects
 
 
 def assembly(llvm_ir: str, opt_level: int = 3) -> str:
