@@ -12,10 +12,11 @@ from numerics import assert_close, random_params
 
 import cnnc
 from cnnc.backends.llvm.objects import pack_objects, unpack_objects
+from cnnc.backends.target import host_cpu
 from cnnc.graph.ir import DType
 from cnnc.passes import reference
 from cnnc.passes.autodiff import differentiate
-from cnnc.schedule.cost import Block, Machine, choose_block, host_machine
+from cnnc.schedule.cost import Block, Machine, choose_block
 
 FEW = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -173,8 +174,8 @@ def test_cost_model_prefers_blocks_without_waste():
     assert choose_block(machine, DType.F32, 28, 6)[1] <= 0.75
 
 
-def test_host_machine_reads_vector_width_and_caches():
-    machine = host_machine()
+def test_host_cpu_reads_vector_width_and_caches():
+    machine = host_cpu().machine
     assert machine.vector_bits in (128, 256, 512)
     assert machine.l1_bytes >= 16 * 1024 and machine.l2_bytes >= machine.l1_bytes
 
@@ -200,7 +201,7 @@ def test_explain_schedule_names_every_scheduled_kernel_and_its_block(capsys, mon
     monkeypatch.chdir(Path(__file__).resolve().parent.parent)
     assert main(["compile", "examples/lenet.cnn", "--explain-schedule"]) == 0
     out = capsys.readouterr().out
-    machine = host_machine()
+    machine = host_cpu().machine
     assert f"{machine.vector_bits}-bit vectors, {machine.registers} vector registers" in out
     for kernel, pattern in [("c1_conv_relu_maxpool_fwd", "correlation"),
                             ("c3_conv_relu_maxpool_fwd", "correlation"),

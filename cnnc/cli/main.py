@@ -371,12 +371,13 @@ def _compile_to_file(args: argparse.Namespace, source: Source, graph: Graph,
 
 def explain_schedules(graph: Graph, scheduled: bool) -> str:
     """Every kernel the module would have (the backward ones too, with a loss line)."""
+    from cnnc.backends.target import host_cpu
     from cnnc.driver.pipeline import lower_program, module_kernels
-    from cnnc.schedule.cost import explain, host_machine
+    from cnnc.schedule.cost import explain
 
     _, _, schedules = lower_program(module_kernels(graph), scheduled)
     plain = "no kernel is scheduled (--no-schedule)\n" if not schedules else ""
-    return explain(schedules, host_machine()) + plain
+    return explain(schedules, host_cpu().machine) + plain
 
 
 def emit_stage(graph: Graph, source: Source, stage: str, opt_level: int,

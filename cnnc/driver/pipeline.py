@@ -120,11 +120,11 @@ def lower_program(program, scheduled: bool = True, machine=None):
     the schedules applied; `scheduled=False` gives the plain loop nests everywhere.
     `machine` (the schedule's CPU model) is the host's unless given: a module file records
     the one it was scheduled for, so its buffer table can be derived again anywhere."""
+    from cnnc.backends.target import host_cpu
     from cnnc.loops.ir import lower_kernel
     from cnnc.schedule.blocked import lower_blocked
-    from cnnc.schedule.cost import host_machine
 
-    machine = machine or host_machine()
+    machine = machine or host_cpu().machine
     functions, scratch, schedules = [], [], []
     for kernel in program.kernels:
         blocked = lower_blocked(kernel, program, machine) if scheduled else None
@@ -157,9 +157,9 @@ def plan_module(graph: Graph, source: Source, opt_level: int = 3, scheduled: boo
     Loading a module file plans its stored program again and compares (`verify`).
     """
     from cnnc.backends.llvm.codegen import ENTRY
-    from cnnc.schedule.cost import host_machine
+    from cnnc.backends.target import host_cpu
 
-    machine = machine or host_machine()
+    machine = machine or host_cpu().machine
     program = module_kernels(graph)
     functions, scratch, _ = lower_program(program, scheduled, machine)
     storage = list(program.storage) + scratch

@@ -13,10 +13,8 @@ register tiling of its own, so the block size is the decision that matters.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 from cnnc.graph.ir import DType
 
@@ -38,35 +36,6 @@ class Machine:
 
     def lanes(self, dtype: DType) -> int:
         return self.vector_bits // (64 if dtype is DType.F64 else 32)
-
-
-@functools.cache
-def host_machine() -> Machine:
-    from cnnc.backends.llvm.host import host_target
-
-    features = set(host_target().features.split(","))
-    if "+avx512f" in features:
-        bits, registers = 512, 32
-    elif "+avx" in features or "+avx2" in features:
-        bits, registers = 256, 16
-    else:
-        bits, registers = 128, 16
-    return Machine(bits, registers, _cache_bytes(1, 32 * 1024), _cache_bytes(2, 512 * 1024))
-
-
-def _cache_bytes(level: int, fallback: int) -> int:
-    """The data cache of `level` of cpu0 from sysfs; `fallback` where that is not readable."""
-    root = Path("/sys/devices/system/cpu/cpu0/cache")
-    try:
-        for index in sorted(root.glob("index*")):
-            kind = (index / "type").read_text().strip()
-            if int((index / "level").read_text()) == level and kind in ("Data", "Unified"):
-                text = (index / "size").read_text().strip().upper()
-                scale = {"K": 1024, "M": 1024 * 1024}.get(text[-1:], 1)
-                return int(text.rstrip("KM")) * scale
-    except (OSError, ValueError):
-        pass
-    return fallback
 
 
 @dataclass(frozen=True, slots=True)
