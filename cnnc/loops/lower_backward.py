@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 
 from cnnc.graph.ir import BATCH, Op
+from cnnc.loops.build import add, const, extent_expr, guarded, loop_nest, mul
 from cnnc.loops.ir import (
     Assign,
     Binary,
+    BinOp,
     Buffer,
     Const,
     Expr,
@@ -25,15 +27,10 @@ from cnnc.loops.ir import (
     Stmt,
     Store,
     Unary,
+    UnaryOp,
     Var,
-    add,
-    const,
-    extent_expr,
-    guarded,
-    loop_nest,
-    mul,
-    window_position,
 )
+from cnnc.loops.lower import window_position
 from cnnc.passes.fuse import Kernel, KernelProgram
 
 
@@ -51,7 +48,7 @@ def flat(program: KernelProgram, name: str, is_output: bool = False) -> Buffer:
 
 
 def _batch_float() -> Expr:
-    return Unary("float", Var(BATCH))
+    return Unary(UnaryOp.FLOAT, Var(BATCH))
 
 
 def _zero_fill(buffer: Buffer) -> Stmt:
@@ -81,18 +78,19 @@ def _conv_grad_input(kernel: Kernel, program: KernelProgram) -> LoopFunction:
     dx = view(program, kernel.outputs[0], is_output=True)
     window = kernel.node.attrs.window
     (sh, sw), (ph, pw) = window.stride, window.pad
-    th = Binary("-", add(Var("ih"), const(ph)), Var("kh"))
-    tw = Binary("-", add(Var("iw"), const(pw)), Var("kw"))
-    oh, ow = Binary("//", th, const(sh)), Binary("//", tw, const(sw))
-    conditions = [Binary(">=", th, const(0)), Binary(">=", tw, const(0)),
-                  Binary("<", oh, const(dy.shape[2])), Binary("<", ow, const(dy.shape[3]))]
+    th = Binary(BinOp.SUB, add(Var("ih"), const(ph)), Var("kh"))
+    tw = Binary(BinOp.SUB, add(Var("iw"), const(pw)), Var("kw"))
+    oh, ow = Binary(BinOp.FLOOR_DIV, th, const(sh)), Binary(BinOp.FLOOR_DIV, tw, const(sw))
+    conditions = [Binary(BinOp.GE, th, const(0)), Binary(BinOp.GE, tw, const(0)),
+                  Binary(BinOp.LT, oh, const(dy.shape[2])),
+                  Binary(BinOp.LT, ow, const(dy.shape[3]))]
     if sh > 1:
-        conditions.append(Binary("==", Binary("%", th, const(sh)), const(0)))
+        conditions.append(Binary(BinOp.EQ, Binary(BinOp.MOD, th, const(sh)), const(0)))
     if sw > 1:
-        conditions.append(Binary("==", Binary("%", tw, const(sw)), const(0)))
+        conditions.append(Binary(BinOp.EQ, Binary(BinOp.MOD, tw, const(sw)), const(0)))
     covered = conditions[0]
     for condition in conditions[1:]:
-        covered = Binary("and", covered, condition)
+        covered = Binary(BinOp.AND, covered, condition)
     term = mul(Load(dy.name, (Var("n"), Var("f"), oh, ow)),
                Load(weight.name, (Var("f"), Var("c"), Var("kh"), Var("kw"))))
     gather = loop_nest(["f", "kh", "kw"], list(weight.shape[:1]) + list(window.kernel),
@@ -173,7 +171,7 @@ def _avgpool_grad(kernel: Kernel, program: KernelProgram) -> LoopFunction:
     ih, iw, inside = window_position(window, dx.shape[2], dx.shape[3])
     area = Const(float(window.kernel[0] * window.kernel[1]), True)
     target = (Var("n"), Var("c"), ih, iw)
-    share = Binary("/", Load(dy.name, (Var("n"), Var("c"), Var("oh"), Var("ow"))), area)
+    share = Binary(BinOp.DIV, Load(dy.name, (Var("n"), Var("c"), Var("oh"), Var("ow"))), area)
     accumulate = Store(dx.name, target, add(Load(dx.name, target), share))
     spread = loop_nest(["kh", "kw"], list(window.kernel), guarded(inside, (accumulate,)))
     nest = loop_nest(["n", "c", "oh", "ow"], [extent_expr(d) for d in dy.shape], (spread,))
@@ -187,9 +185,9 @@ def _elementwise_grad(kernel: Kernel, program: KernelProgram) -> LoopFunction:
     dy, y = Load(first.name, where), Load(second.name, where)
     one = Const(1.0, True)
     value = {
-        Op.RELU_GRAD: Select(Binary(">", y, Const(0.0, True)), dy, Const(0.0, True)),
-        Op.SIGMOID_GRAD: mul(mul(dy, y), Binary("-", one, y)),
-        Op.TANH_GRAD: mul(dy, Binary("-", one, mul(y, y))),
+        Op.RELU_GRAD: Select(Binary(BinOp.GT, y, Const(0.0, True)), dy, Const(0.0, True)),
+        Op.SIGMOID_GRAD: mul(mul(dy, y), Binary(BinOp.SUB, one, y)),
+        Op.TANH_GRAD: mul(dy, Binary(BinOp.SUB, one, mul(y, y))),
         Op.ADD: add(dy, y),
     }[kernel.node.op]
     nest = loop_nest(["n", "i"], [Var(BATCH), dx.shape[1]], (Store(dx.name, where, value),))
@@ -204,7 +202,7 @@ def _softmax_grad(kernel: Kernel, program: KernelProgram) -> LoopFunction:
     dot = For("k", classes, (Assign("dot", add(Var("dot"), mul(Load(dy.name, where),
                                                                Load(y.name, where)))),))
     scale = For("k", classes, (Store(dx.name, where, mul(Load(y.name, where), Binary(
-        "-", Load(dy.name, where), Var("dot")))),))
+        BinOp.SUB, Load(dy.name, where), Var("dot")))),))
     body = (Assign("dot", Const(0.0, True)), dot, scale)
     return LoopFunction(kernel.name, (dy, y, dx), (Local("dot", dx.dtype),),
                         (For("n", Var(BATCH), body),))
@@ -215,9 +213,9 @@ def _softmax_cross_entropy_grad(kernel: Kernel, program: KernelProgram) -> LoopF
     p, labels = flat(program, kernel.inputs[0]), view(program, kernel.inputs[1])
     dz = flat(program, kernel.outputs[0], is_output=True)
     where = (Var("n"), Var("k"))
-    hit = Select(Binary("==", Var("k"), Load(labels.name, (Var("n"),))), Const(1.0, True),
+    hit = Select(Binary(BinOp.EQ, Var("k"), Load(labels.name, (Var("n"),))), Const(1.0, True),
                  Const(0.0, True))
-    value = Binary("/", Binary("-", Load(p.name, where), hit), _batch_float())
+    value = Binary(BinOp.DIV, Binary(BinOp.SUB, Load(p.name, where), hit), _batch_float())
     nest = loop_nest(["n", "k"], [Var(BATCH), p.shape[1]], (Store(dz.name, where, value),))
     return LoopFunction(kernel.name, (p, labels, dz), (), (nest,))
 
@@ -227,7 +225,7 @@ def _mse_grad(kernel: Kernel, program: KernelProgram) -> LoopFunction:
     dy = flat(program, kernel.outputs[0], is_output=True)
     where = (Var("n"), Var("i"))
     size = mul(_batch_float(), Const(float(y.shape[1]), True))
-    value = Binary("/", mul(Const(2.0, True), Binary("-", Load(y.name, where),
+    value = Binary(BinOp.DIV, mul(Const(2.0, True), Binary(BinOp.SUB, Load(y.name, where),
                                                      Load(t.name, where))), size)
     nest = loop_nest(["n", "i"], [Var(BATCH), y.shape[1]], (Store(dy.name, where, value),))
     return LoopFunction(kernel.name, (y, t, dy), (), (nest,))
@@ -238,9 +236,9 @@ def _cross_entropy_loss(kernel: Kernel, program: KernelProgram) -> LoopFunction:
     p, labels = flat(program, kernel.inputs[0]), view(program, kernel.inputs[1])
     loss = view(program, kernel.outputs[0], is_output=True)
     picked = Load(p.name, (Var("n"), Load(labels.name, (Var("n"),))))
-    total = For("n", Var(BATCH), (Assign("acc", add(Var("acc"), Unary("log", picked))),))
+    total = For("n", Var(BATCH), (Assign("acc", add(Var("acc"), Unary(UnaryOp.LOG, picked))),))
     body = (Assign("acc", Const(0.0, True)), total,
-            Store(loss.name, (const(0),), Binary("/", Unary("neg", Var("acc")),
+            Store(loss.name, (const(0),), Binary(BinOp.DIV, Unary(UnaryOp.NEG, Var("acc")),
                                                    _batch_float())))
     return LoopFunction(kernel.name, (p, labels, loss), (Local("acc", loss.dtype),), body)
 
@@ -249,12 +247,12 @@ def _mse_loss(kernel: Kernel, program: KernelProgram) -> LoopFunction:
     y, t = flat(program, kernel.inputs[0]), flat(program, kernel.inputs[1])
     loss = view(program, kernel.outputs[0], is_output=True)
     where = (Var("n"), Var("i"))
-    difference = Binary("-", Load(y.name, where), Load(t.name, where))
+    difference = Binary(BinOp.SUB, Load(y.name, where), Load(t.name, where))
     total = loop_nest(["n", "i"], [Var(BATCH), y.shape[1]],
                       (Assign("acc", add(Var("acc"), mul(difference, difference))),))
     size = mul(_batch_float(), Const(float(y.shape[1]), True))
     body = (Assign("acc", Const(0.0, True)), total,
-            Store(loss.name, (const(0),), Binary("/", Var("acc"), size)))
+            Store(loss.name, (const(0),), Binary(BinOp.DIV, Var("acc"), size)))
     return LoopFunction(kernel.name, (y, t, loss), (Local("acc", loss.dtype),), body)
 
 
@@ -280,17 +278,17 @@ def lower_update(name: str, optimizer: str, param: Buffer, grad: Buffer,
         velocity = states[0].name
         body: tuple[Stmt, ...] = (
             Store(velocity, i, add(mul(h("momentum"), Load(velocity, i)), g)),
-            Store(param.name, i, Binary("-", p, mul(h("lr"), Load(velocity, i)))))
+            Store(param.name, i, Binary(BinOp.SUB, p, mul(h("lr"), Load(velocity, i)))))
     else:
         first, second = states[0].name, states[1].name
-        m_hat = Binary("/", Load(first, i), h("correction1"))
-        v_hat = Binary("/", Load(second, i), h("correction2"))
+        m_hat = Binary(BinOp.DIV, Load(first, i), h("correction1"))
+        v_hat = Binary(BinOp.DIV, Load(second, i), h("correction2"))
         body = (
             Store(first, i, add(mul(h("beta1"), Load(first, i)),
-                                mul(Binary("-", one, h("beta1")), g))),
+                                mul(Binary(BinOp.SUB, one, h("beta1")), g))),
             Store(second, i, add(mul(h("beta2"), Load(second, i)),
-                                 mul(Binary("-", one, h("beta2")), mul(g, g)))),
-            Store(param.name, i, Binary("-", p, Binary("/", mul(h("lr"), m_hat),
-                                                      add(Unary("sqrt", v_hat), h("eps"))))))
+                                 mul(Binary(BinOp.SUB, one, h("beta2")), mul(g, g)))),
+            Store(param.name, i, Binary(BinOp.SUB, p, Binary(
+                BinOp.DIV, mul(h("lr"), m_hat), add(Unary(UnaryOp.SQRT, v_hat), h("eps"))))))
     nest = For("i", const(param.shape[0]), body)
     return LoopFunction(name, (param, grad, *states, hyper), (), (nest,))

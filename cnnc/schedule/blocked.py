@@ -24,9 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cnnc.graph.ir import BATCH, DType, Op, Role, Tensor
+from cnnc.loops.build import add, const, extent_expr, loop_nest, mul
 from cnnc.loops.ir import (
     Assign,
     Binary,
+    BinOp,
     Broadcast,
     Buffer,
     Const,
@@ -42,18 +44,12 @@ from cnnc.loops.ir import (
     Stmt,
     Store,
     Unary,
+    UnaryOp,
     Var,
     VecLoad,
     VecStore,
-    activate,
-    add,
-    const,
-    extent_expr,
-    fuse_batch_loops,
-    loop_nest,
-    lower_kernel,
-    mul,
 )
+from cnnc.loops.lower import activate, fuse_batch_loops, lower_kernel
 from cnnc.loops.lower_backward import flat, view
 from cnnc.passes.fuse import Kernel, KernelKind, KernelProgram
 from cnnc.schedule.cost import Block, Machine, Schedule, choose_block, filter_tile_rows
@@ -160,11 +156,11 @@ def _row_tiles(f: _Function, var: str, extent: int | None, block: Block,
     first row of a block. An extent of None is the batch, known only at run time."""
     size = block.rows
     if extent is None:
-        full = Binary("//", Var(BATCH), const(size))
+        full = Binary(BinOp.FLOOR_DIV, Var(BATCH), const(size))
         main = For(var, full, _register_block(f, f"{var}m", block, size,
                                               code_at(mul(Var(var), const(size)))))
         last = add(mul(full, const(size)), Var(f"{var}t"))
-        tail = For(f"{var}t", Binary("%", Var(BATCH), const(size)),
+        tail = For(f"{var}t", Binary(BinOp.MOD, Var(BATCH), const(size)),
                    _register_block(f, f"{var}t", Block(1, block.vectors, block.lanes), 1,
                                    code_at(last)))
         return (main, tail) if size > 1 else (main,)
@@ -188,7 +184,7 @@ def _tile_scatter(tile: str, out: str, index_of: Callable[[Expr, Expr], tuple[Ex
                   activation: Op | None) -> Callable[[int], tuple[Stmt, ...]]:
     """The tile's rows x channels, activated, to out[index_of(row, first + j)], as a loop
     (compact code) over the channels below `limit`."""
-    remaining = Binary("-", const(limit), first)
+    remaining = Binary(BinOp.SUB, const(limit), first)
     channels = const(width) if limit % width == 0 else \
         _smaller(remaining, const(width))
 
@@ -218,7 +214,7 @@ def _pack_blocked(f: _Function, suffix: str, outer: list[tuple[str, int]], exten
     where = tuple(Var(n) for n in names)
     channel = add(mul(Var("pb"), const(width)), Var("pl"))
     outer_vars = [Var(n) for n, _ in outer]
-    inside = Binary("<", channel, const(extent))
+    inside = Binary(BinOp.LT, channel, const(extent))
     body = (Store(name, where, ZERO), If(inside, (Store(name, where, value(channel, outer_vars)),)))
     f.body.append(loop_nest(names, [blocks, *(e for _, e in outer), width], body))
     return name
@@ -284,9 +280,9 @@ def _correlation(f: _Function, tag: str, src: str, src_channels: int, out: Buffe
     if live_rows is not None and _dead_tap_share(rows, live_rows) >= 0.15:
         base = _affine(add(Var("q"), const(rows.start)), rows.source_stride,
                        const(rows.source_offset))
-        first = _larger(const(0), Binary("-", const(live_rows[0]), base))
-        row_taps = Binary("-", _smaller(const(rows.taps), Binary("-", const(live_rows[1]), base)),
-                          first)
+        first = _larger(const(0), Binary(BinOp.SUB, const(live_rows[0]), base))
+        to_live_end = Binary(BinOp.SUB, const(live_rows[1]), base)
+        row_taps = Binary(BinOp.SUB, _smaller(const(rows.taps), to_live_end), first)
         tap_row = add(Var("th"), first)
 
     def code_at(first_col: Expr) -> _BlockCode:
@@ -425,9 +421,10 @@ def _maxpool_by_columns(kernel: Kernel, program: KernelProgram,
         stmts: list[Stmt] = [Assign(best, first), Assign(index, first_position)]
         for i, j in ((i, j) for i in range(kh) for j in range(kw) if (i, j) != (0, 0)):
             load, position = tap(i, j)
-            take = Binary("or", Binary(">", Var(value), Var(best)), Unary("isnan", Var(value)))
+            take = Binary(BinOp.OR, Binary(BinOp.GT, Var(value), Var(best)),
+                          Unary(UnaryOp.ISNAN, Var(value)))
             stmts += [Assign(value, load), Assign(index, Select(take, position, Var(index))),
-                      Assign(best, Binary("max", Var(best), Var(value)))]
+                      Assign(best, Binary(BinOp.MAX, Var(best), Var(value)))]
         where = (Var("n"), Var("c"), Var("oh"), start)
         return (*stmts, VecStore(out.name, where, Var(best)),
                 VecStore(argmax.name, where, Var(index)))
@@ -549,7 +546,7 @@ def _conv_grad_input(kernel: Kernel, program: KernelProgram, machine: Machine) -
 
 def _flipped_tap(index: Expr, phase: int, stride: int, taps: int) -> Expr:
     """Tap t' of a phase reads kernel position phase + S·(taps − 1 − t')."""
-    return add(const(phase), mul(const(stride), Binary("-", const(taps - 1), index)))
+    return add(const(phase), mul(const(stride), Binary(BinOp.SUB, const(taps - 1), index)))
 
 
 # -- filter gradient --------------------------------------------------------------------------
@@ -575,7 +572,7 @@ def _conv_grad_weight(kernel: Kernel, program: KernelProgram, machine: Machine) 
     f.body.append(loop_nest(["zb", "zc", "zt", "zl"], [blocks, channels, taps, width],
                             (Store(acc, (Var("zb"), Var("zc"), Var("zt"), Var("zl")), ZERO),)))
     tiles = math.ceil(oh / tile)
-    remaining = Binary("-", const(oh), mul(Var("ot"), const(tile)))
+    remaining = Binary(BinOp.SUB, const(oh), mul(Var("ot"), const(tile)))
     rows_here = const(tile) if oh % tile == 0 else \
         _smaller(remaining, const(tile))
     out_row = add(mul(Var("ot"), const(tile)), Var("i"))
@@ -583,7 +580,7 @@ def _conv_grad_weight(kernel: Kernel, program: KernelProgram, machine: Machine) 
     def code_at(first_tap: Expr) -> _BlockCode:
         def tap(r: int) -> tuple[Expr, Expr]:
             t = add(first_tap, const(r))
-            return Binary("//", t, const(kw)), Binary("%", t, const(kw))
+            return Binary(BinOp.FLOOR_DIV, t, const(kw)), Binary(BinOp.MOD, t, const(kw))
 
         def broadcast(r: int) -> Expr:
             tap_h, tap_w = tap(r)
@@ -603,9 +600,9 @@ def _conv_grad_weight(kernel: Kernel, program: KernelProgram, machine: Machine) 
 
     body = _row_tiles(f, "t", taps, block, code_at)
     f.body.append(loop_nest(["n", "ot", "fb", "c"], [Var(BATCH), tiles, blocks, channels], body))
-    unpack = Load(acc, (Binary("//", Var("uf"), const(width)), Var("uc"),
+    unpack = Load(acc, (Binary(BinOp.FLOOR_DIV, Var("uf"), const(width)), Var("uc"),
                         add(mul(Var("uh"), const(kw)), Var("uw")),
-                        Binary("%", Var("uf"), const(width))))
+                        Binary(BinOp.MOD, Var("uf"), const(width))))
     f.body.append(loop_nest(["uf", "uc", "uh", "uw"], [filters, channels, kh, kw],
                             (Store(dw.name, (Var("uf"), Var("uc"), Var("uh"), Var("uw")),
                                    unpack),)))
@@ -619,11 +616,11 @@ def _conv_grad_weight(kernel: Kernel, program: KernelProgram, machine: Machine) 
 
 
 def _larger(a: Expr, b: Expr) -> Expr:
-    return Select(Binary("<", a, b), b, a)
+    return Select(Binary(BinOp.LT, a, b), b, a)
 
 
 def _smaller(a: Expr, b: Expr) -> Expr:
-    return Select(Binary("<", a, b), a, b)
+    return Select(Binary(BinOp.LT, a, b), a, b)
 
 
 def _transpose_delta(f: _Function, dy: Buffer, padded_channels: int) -> str:
@@ -670,7 +667,7 @@ def _matrix_product(f: _Function, p: _Product, block: Block) -> None:
 
     column = add(mul(Var("pb"), const(width)), Var("pl"))
     copy = (Store(packed, b_at(Var("pk"), Var("pb"), Var("pl")), ZERO),
-            If(Binary("<", column, const(p.columns)),
+            If(Binary(BinOp.LT, column, const(p.columns)),
                (Store(packed, b_at(Var("pk"), Var("pb"), Var("pl")), p.b(Var("pk"), column)),)))
     # read the source in its own order: strided reads of a large weight miss every time
     order = (["pb", "pl", "pk"], [blocks, width, depth]) if p.b_runs_along_k else \

@@ -32,19 +32,21 @@ from dataclasses import dataclass
 from cnnc.graph.ir import BATCH
 from cnnc.loops.ir import (
     Assign,
-    Binary,
+    Broadcast,
     Const,
     Expr,
     For,
-    If,
+    Lane,
     Load,
     LoopFunction,
-    Select,
+    Ramp,
     Stmt,
     Store,
-    Unary,
     Var,
+    VecLoad,
+    VecStore,
 )
+from cnnc.loops.walk import walk, walk_all
 
 # Shared memory a launch may fill with staged slices: a quarter of the 48 KiB a block may
 # have statically, so that several blocks still fit on one multiprocessor.
@@ -148,74 +150,30 @@ def _slice_axis(indices: list[tuple[Expr, ...]], thread_vars: list[str]
     return found
 
 
-def accesses_of(stmt: Stmt) -> list[tuple[str, tuple[Expr, ...], bool]]:
-    """(buffer, index, is_store) of every load and store in `stmt`."""
-    found: list[tuple[str, tuple[Expr, ...], bool]] = []
+# what only the schedules of the CPU make: a CUDA thread computes one element
+_VECTOR_NODES = (VecLoad, VecStore, Broadcast, Ramp, Lane)
 
-    def expr(e: Expr) -> None:
-        if isinstance(e, Load):
-            found.append((e.buffer, e.index, False))
-            for item in e.index:
-                expr(item)
-        elif isinstance(e, Binary):
-            expr(e.left)
-            expr(e.right)
-        elif isinstance(e, Unary):
-            expr(e.operand)
-        elif isinstance(e, Select):
-            for part in (e.cond, e.then, e.otherwise):
-                expr(part)
 
-    def visit(s: Stmt) -> None:
-        if isinstance(s, For):
-            expr(s.extent)
-            for inner in s.body:
-                visit(inner)
-        elif isinstance(s, If):
-            expr(s.cond)
-            for inner in s.body:
-                visit(inner)
-        elif isinstance(s, Assign):
-            expr(s.value)
-        elif isinstance(s, Store):
-            found.append((s.buffer, s.index, True))
-            for item in s.index:
-                expr(item)
-            expr(s.value)
-        else:
-            raise ValueError(f"the CUDA backend takes plain loop nests, not {type(s).__name__}")
-
-    visit(stmt)
+def accesses_of(stmt: Stmt) -> list[Access]:
+    """(buffer, index, is_store) of every load and store in `stmt`, in the order they are
+    written: a store before the loads of its index and value."""
+    found: list[Access] = []
+    for node in walk(stmt):
+        if isinstance(node, _VECTOR_NODES):
+            raise ValueError(f"the CUDA backend takes plain loop nests, not {type(node).__name__}")
+        if isinstance(node, Load | Store):
+            found.append((node.buffer, node.index, isinstance(node, Store)))
     return found
 
 
 def names_bound(stmts: tuple[Stmt, ...]) -> set[str]:
     """Every variable the statements assign or use as a loop counter."""
-    bound: set[str] = set()
-    for stmt in stmts:
-        if isinstance(stmt, Assign):
-            bound.add(stmt.var)
-        elif isinstance(stmt, For):
-            bound |= {stmt.var} | names_bound(stmt.body)
-        elif isinstance(stmt, If):
-            bound |= names_bound(stmt.body)
-    return bound
+    return {node.var for node in walk_all(stmts) if isinstance(node, Assign | For)}
 
 
 def variables_of(expr: Expr) -> list[Var]:
-    """Every variable `expr` reads, loads' indices included."""
-    if isinstance(expr, Var):
-        return [expr]
-    children: list[Expr] = []
-    if isinstance(expr, Load):
-        children = list(expr.index)
-    elif isinstance(expr, Binary):
-        children = [expr.left, expr.right]
-    elif isinstance(expr, Unary):
-        children = [expr.operand]
-    elif isinstance(expr, Select):
-        children = [expr.cond, expr.then, expr.otherwise]
-    return [v for child in children for v in variables_of(child)]
+    """Every variable `expr` reads, loads' indices included, in the order they are written."""
+    return [node for node in walk(expr) if isinstance(node, Var)]
 
 
 __all__ = ["STAGE_BUDGET_BYTES", "Staged", "accesses_of", "names_bound", "staged_buffers",

@@ -17,6 +17,7 @@ out, each element gets the same operations on every path, at every optimisation 
 
 from __future__ import annotations
 
+import contextvars
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -26,12 +27,14 @@ from dataclasses import dataclass
 import llvmlite.binding as llvm
 import llvmlite.ir as ir
 
-from cnnc.backends.llvm.host import LLVM_LOCK, HostTarget, host_has_fma, host_target, target_machine
+from cnnc.backends.llvm.host import LLVM_LOCK, create_machine, initialise
 from cnnc.backends.llvm.objects import pack_objects
+from cnnc.backends.target import CpuTarget
 from cnnc.graph.ir import BATCH, DType
 from cnnc.loops.ir import (
     Assign,
     Binary,
+    BinOp,
     Broadcast,
     Buffer,
     Const,
@@ -45,6 +48,7 @@ from cnnc.loops.ir import (
     Select,
     Stmt,
     Unary,
+    UnaryOp,
     Var,
     VecLoad,
     VecStore,
@@ -55,14 +59,13 @@ I64 = ir.IntType(64)
 I1 = ir.IntType(1)
 FLOAT_TYPES = {DType.F32: ir.FloatType(), DType.F64: ir.DoubleType()}
 ELEMENT_TYPES = {**FLOAT_TYPES, DType.I32: ir.IntType(32), DType.I64: I64}
-_COMPARE = {"<", "<=", ">", ">=", "==", "!="}
 
 
 @dataclass(frozen=True, slots=True)
 class NativeCode:
     object_code: bytes  # object files, one per LLVM module, joined by `pack_objects`
     llvm_ir: str  # after optimisation
-    target: HostTarget
+    target: CpuTarget
 
 
 # Kernels are spread over this many LLVM modules, optimised and code-generated at the same
@@ -73,23 +76,38 @@ MODULE_SEPARATOR = "\n; ---- next module ----\n"
 
 
 def compile_functions(functions: tuple[LoopFunction, ...], storage: list[str],
-                      opt_level: int = 3,
-                      entries: dict[str, list[str]] | None = None) -> NativeCode:
-    """Generate, verify, optimise (at -O`opt_level`) and emit object code. `entries` maps
-    each entry point to the kernels it runs in order (default: `cnnc_forward`, all)."""
+                      opt_level: int = 3, entries: dict[str, list[str]] | None = None, *,
+                      target: CpuTarget) -> NativeCode:
+    """Generate, verify, optimise (at -O`opt_level`) and emit object code for `target`.
+    `entries` maps each entry point to the kernels it runs in order (default:
+    `cnnc_forward`, all)."""
     entries = entries or {ENTRY: [f.name for f in functions]}
     # each job builds its LLVM IR in the worker too: in Python, that is a quarter of the work
-    jobs = [(group, storage, None, opt_level) for group in _groups(functions)]
-    jobs.append((functions, storage, entries, opt_level))
-    host_target()  # known before any fork, so the workers need not ask LLVM
+    jobs = [Job(group, storage, None, opt_level, target) for group in _groups(functions)]
+    jobs.append(Job(functions, storage, entries, opt_level, target))
+    initialise()  # before any fork, so that no worker needs LLVM's lock to set it up
     with LLVM_LOCK:
         results = _run_jobs(jobs)
     objects = tuple(obj for obj, _ in results)
     return NativeCode(pack_objects(objects), MODULE_SEPARATOR.join(t for _, t in results),
-                      host_target())
+                      target)
 
 
-Job = tuple[tuple[LoopFunction, ...], list[str], dict[str, list[str]] | None, int]
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One LLVM module to compile: kernels (entries None) or the entry points calling them.
+    It carries its target because a forked worker compiles it, and a worker asks no host."""
+
+    functions: tuple[LoopFunction, ...]
+    storage: list[str]
+    entries: dict[str, list[str]] | None
+    opt_level: int
+    target: CpuTarget
+
+
+# The target of the module being built, for each `_Emitter` of it: whether `x ± a·b` is one
+# fused multiply-add depends on the CPU. Set by `_compile_job` for the length of one build.
+_BUILDING_FOR: contextvars.ContextVar[CpuTarget] = contextvars.ContextVar("building_for")
 
 
 def _run_jobs(jobs: list[Job]) -> list[tuple[bytes, str]]:
@@ -109,17 +127,20 @@ def _run_jobs(jobs: list[Job]) -> list[tuple[bytes, str]]:
 
 def _compile_job(job: Job) -> tuple[bytes, str]:
     """A module of kernels (entries None) or of the entry points calling them, compiled."""
-    functions, storage, entries, opt_level = job
-    if entries is None:
-        module = build_module(functions, storage, {})
-    else:
-        module = build_entry_module(functions, storage, entries)
-    return _compile_text(str(module), opt_level)
+    building = _BUILDING_FOR.set(job.target)
+    try:
+        if job.entries is None:
+            module = build_module(job.functions, job.storage, {})
+        else:
+            module = build_entry_module(job.functions, job.storage, job.entries)
+    finally:
+        _BUILDING_FOR.reset(building)
+    return _compile_text(str(module), job.opt_level, job.target)
 
 
 def _groups(functions: tuple[LoopFunction, ...]) -> list[tuple[LoopFunction, ...]]:
     """Kernels in MODULE_COUNT groups of about equal size, largest kernels placed first."""
-    from cnnc.loops.ir import format_function
+    from cnnc.loops.printer import format_function
 
     sizes = {f.name: len(format_function(f)) for f in functions}
     bins: list[list[LoopFunction]] = [[] for _ in range(MODULE_COUNT)]
@@ -131,11 +152,11 @@ def _groups(functions: tuple[LoopFunction, ...]) -> list[tuple[LoopFunction, ...
     return [tuple(group) for group in bins if group]
 
 
-def _compile_text(text: str, opt_level: int) -> tuple[bytes, str]:
+def _compile_text(text: str, opt_level: int, target: CpuTarget) -> tuple[bytes, str]:
     """One module, in an LLVM context of its own."""
-    machine = target_machine(opt_level)
+    machine = create_machine(target.triple, target.cpu, target.features, opt_level)
     parsed = llvm.parse_assembly(text, context=llvm.create_context())
-    parsed.triple = host_target().triple
+    parsed.triple = target.triple
     parsed.data_layout = str(machine.target_data)
     parsed.verify()
     if opt_level > 0:
@@ -147,11 +168,12 @@ def _compile_text(text: str, opt_level: int) -> tuple[bytes, str]:
     return machine.emit_object(parsed), str(parsed)
 
 
-def assembly(llvm_ir: str, opt_level: int = 3) -> str:
-    """Host assembly of (already optimised) LLVM IR text, for `--emit asm`."""
+def assembly(llvm_ir: str, opt_level: int = 3, *, target: CpuTarget) -> str:
+    """`target`'s assembly of (already optimised) LLVM IR text, for `--emit asm`."""
     with LLVM_LOCK:
-        return "".join(target_machine(opt_level).emit_assembly(llvm.parse_assembly(text))
-                   for text in llvm_ir.split(MODULE_SEPARATOR))
+        machine = create_machine(target.triple, target.cpu, target.features, opt_level)
+        return "".join(machine.emit_assembly(llvm.parse_assembly(text))
+                       for text in llvm_ir.split(MODULE_SEPARATOR))
 
 
 def build_module(functions: tuple[LoopFunction, ...], storage: list[str],
@@ -223,7 +245,7 @@ class _Emitter:
         self.pointers = {b.name: arg for b, arg in
                          zip(function.buffers, llvm_function.args[1:], strict=True)}
         self.slots: dict[str, ir.AllocaInstr] = {}
-        self.has_fma = host_has_fma()
+        self.has_fma = _BUILDING_FOR.get().has_fma
 
     def emit(self) -> None:
         for local in self.function.locals:
@@ -370,7 +392,7 @@ class _Emitter:
             return self.select(*self.widened(values))
         if isinstance(expr, Unary):
             return self.unary(expr.op, self.expr(expr.operand))
-        product = _product(expr.left, expr.right) if expr.op in ("+", "-") else None
+        product = _product(expr.left, expr.right) if expr.op in _ADDITIVE else None
         if product is not None:
             return self.multiply_add(expr, *product)
         return self.binary(expr.op, *self.matched(self.expr(expr.left), self.expr(expr.right)))
@@ -382,10 +404,11 @@ class _Emitter:
         addend = self.expr(expr.right if product_on_left else expr.left)
         element = _element(factors[0].type)
         if not self.has_fma or isinstance(element, ir.IntType):
-            term = self.binary("*", *self.matched(*factors))
+            term = self.binary(BinOp.MUL, *self.matched(*factors))
             pair = (term, addend) if product_on_left else (addend, term)
             return self.binary(expr.op, *self.matched(*pair))
-        if expr.op == "-":  # c − a·b = fma(−a, b, c); a·b − c = fma(a, b, −c): negation is exact
+        # c − a·b = fma(−a, b, c); a·b − c = fma(a, b, −c): negation is exact
+        if expr.op is BinOp.SUB:
             if product_on_left:
                 addend = self.builder.fneg(addend)
             else:
@@ -418,39 +441,46 @@ class _Emitter:
         chosen.set_metadata("unpredictable", self.module.add_metadata([]))
         return chosen
 
-    def binary(self, op: str, left: ir.Value, right: ir.Value) -> ir.Value:
+    def binary(self, op: BinOp, left: ir.Value, right: ir.Value) -> ir.Value:
         b = self.builder
-        if op == "and":
+        if op is BinOp.AND:
             return b.and_(left, right)
-        if op == "or":
+        if op is BinOp.OR:
             return b.or_(left, right)
         element = _element(left.type)
         is_float = not isinstance(element, ir.IntType)
-        if op in _COMPARE:
-            # ordered: any comparison with NaN is false, as in numpy
-            return b.fcmp_ordered(op, left, right) if is_float else b.icmp_signed(op, left, right)
+        if op.is_comparison:
+            # ordered: any comparison with NaN is false, as in numpy; llvmlite takes the
+            # comparison as its C spelling, which is the operator's value
+            if is_float:
+                return b.fcmp_ordered(op.value, left, right)
+            return b.icmp_signed(op.value, left, right)
         if not is_float:
-            if op in ("//", "%"):  # only on indices known to be >= 0 where it matters
-                return b.sdiv(left, right) if op == "//" else b.srem(left, right)
-            return {"+": b.add, "-": b.sub, "*": b.mul}[op](left, right, flags=["nsw"])
-        if op == "max":  # NaN-propagating, branch-free on x86
+            if op is BinOp.FLOOR_DIV:  # only on indices known to be >= 0 where it matters
+                return b.sdiv(left, right)
+            if op is BinOp.MOD:
+                return b.srem(left, right)
+            return {BinOp.ADD: b.add, BinOp.SUB: b.sub, BinOp.MUL: b.mul}[op](
+                left, right, flags=["nsw"])
+        if op is BinOp.MAX:  # NaN-propagating, branch-free on x86
             return b.call(self.intrinsic("maximum", left.type, 2), [left, right])
-        method = {"+": b.fadd, "-": b.fsub, "*": b.fmul, "/": b.fdiv}[op]
+        method = {BinOp.ADD: b.fadd, BinOp.SUB: b.fsub, BinOp.MUL: b.fmul,
+                  BinOp.DIV: b.fdiv}[op]
         return method(left, right)
 
-    def unary(self, op: str, value: ir.Value) -> ir.Value:
-        if op == "neg":
+    def unary(self, op: UnaryOp, value: ir.Value) -> ir.Value:
+        if op is UnaryOp.NEG:
             return self.builder.fneg(value)
-        if op == "isnan":
+        if op is UnaryOp.ISNAN:
             return self.builder.fcmp_unordered("uno", value, value)
-        if op in ("exp", "log", "sqrt"):
-            intrinsic = self.module.declare_intrinsic(f"llvm.{op}", [value.type])
+        if op in _INTRINSICS:
+            intrinsic = self.module.declare_intrinsic(f"llvm.{op.value}", [value.type])
             return self.builder.call(intrinsic, [value])
-        if op == "float":
+        if op is UnaryOp.FLOAT:
             return self.builder.sitofp(value, self.float_type)
-        if op == "tanh":
+        if op is UnaryOp.TANH:
             return self.builder.call(self._libm("tanh", value.type), [value])
-        raise AssertionError(f"no LLVM lowering of {op}")
+        raise AssertionError(f"no LLVM lowering of {op.value}")
 
     def _libm(self, name: str, kind: ir.Type) -> ir.Function:
         """The C library's function (tanhf for float): correctly rounded to within an ulp."""
@@ -472,12 +502,18 @@ class _Emitter:
         raise AssertionError(f"cannot store {value.type} as {wanted}")
 
 
+# sums and differences, where a product operand becomes one fused multiply-add
+_ADDITIVE = (BinOp.ADD, BinOp.SUB)
+# unary operators that are an LLVM intrinsic of the same name
+_INTRINSICS = (UnaryOp.EXP, UnaryOp.LOG, UnaryOp.SQRT)
+
+
 def _product(left: Expr, right: Expr) -> tuple[Binary, bool] | None:
     """The product among the operands of a sum or difference, and whether it is the left
     one; the right one where both are (either is a valid choice, but it must be one)."""
-    if isinstance(right, Binary) and right.op == "*":
+    if isinstance(right, Binary) and right.op is BinOp.MUL:
         return right, False
-    if isinstance(left, Binary) and left.op == "*":
+    if isinstance(left, Binary) and left.op is BinOp.MUL:
         return left, True
     return None
 
