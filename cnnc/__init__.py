@@ -13,8 +13,9 @@ from cnnc.diagnostics import (
     CnncSemanticError,
     CnncSyntaxError,
 )
+from cnnc.driver.load import load
 from cnnc.graph.ir import Graph
-from cnnc.runtime.module import CnncRuntimeError, Module, load
+from cnnc.runtime.module import CnncRuntimeError, Module
 
 
 def check(program: str | Path, dtype: str | None = None) -> Graph:
@@ -22,7 +23,8 @@ def check(program: str | Path, dtype: str | None = None) -> Graph:
 
     Returns the typed graph; raises a CnncError holding every error of the program.
     """
-    from cnnc.driver.pipeline import front_end, to_source
+    from cnnc.driver.pipeline import front_end
+    from cnnc.frontend.source import to_source
 
     return front_end(to_source(program), dtype)
 
@@ -37,7 +39,8 @@ def compile(program: str | Path, target: str = "cpu", dtype: str | None = None,
 
     `schedule=False` keeps every kernel a plain loop nest: slow, but the simplest code, for
     comparing with the scheduled kernels."""
-    from cnnc.driver.pipeline import compile_cuda_module, compile_module, front_end, to_source
+    from cnnc.driver.pipeline import compile_cuda_module, compile_module, front_end
+    from cnnc.frontend.source import to_source
 
     if target not in ("cpu", "cuda"):
         raise CnncInputError.single(f"target {target!r} is not available; the targets are "

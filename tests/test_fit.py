@@ -145,7 +145,8 @@ def test_evaluate_against_numpy(small_file):
 
 
 def test_summary_of_a_module_is_the_programs(tmp_path):
-    from cnnc.passes.summary import format_table, summarize
+    from cnnc.artifact.summary import format_table
+    from cnnc.passes.summary import summarize
 
     module = cnnc.compile(EXAMPLES / "lenet.cnn", opt_level=1)
     summary = module.summary()

@@ -295,5 +295,5 @@ def test_a_pool_shut_down_under_a_threaded_call_does_not_fail_it():
     module = cnnc.compile(text, opt_level=1, threads=2)
     x = np.random.default_rng(0).standard_normal((16, 2, 6, 6)).astype(np.float32)
     expected = module(x)
-    module._thread_pool().shutdown(wait=True)  # what a concurrent set_threads leaves behind
+    module._engine.thread_pool().shutdown(wait=True)  # what a concurrent set_threads leaves behind
     np.testing.assert_array_equal(module(x), expected)

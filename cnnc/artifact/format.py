@@ -7,7 +7,7 @@ SHA-256, so a truncated, edited or corrupted file is refused with a message sayi
 part is wrong, before any code in it runs. The table itself is checked first: only the
 sections of the module's kind, whole numbers for offsets and lengths, and sections that
 follow each other without gaps or overlaps to the end of the file. (What the manifest's
-other fields may hold is `verify.check_fields`.)
+other fields may hold is `artifact.checks`; their typed form is `artifact.manifest`.)
 """
 
 from __future__ import annotations
@@ -18,14 +18,16 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cnnc import __version__
 from cnnc.diagnostics import CnncError
-from cnnc.graph.ir import DType
 from cnnc.support import files
+
+if TYPE_CHECKING:
+    from cnnc.graph.ir import DType
 
 MAGIC = b"CNNM\r\n\x1a\n"  # the line-ending bytes catch a file mangled by a text transfer
 FORMAT_VERSION = 2  # 2: the program a module was compiled from is kept in it
@@ -43,14 +45,17 @@ class ModuleFile:
     sections: dict[str, bytes]
 
 
+# a graph.ir.DType's value -> numpy's dtype: the runtime reads a file without the graph IR
+NUMPY_DTYPES = {"f32": np.float32, "f64": np.float64, "i32": np.int32, "i64": np.int64}
+
+
 def numpy_dtype(dtype: DType) -> np.dtype:
-    return np.dtype({DType.F32: np.float32, DType.F64: np.float64, DType.I32: np.int32,
-                     DType.I64: np.int64}[dtype])
+    return np.dtype(NUMPY_DTYPES[dtype.value])
 
 
 def numpy_dtype_name(dtype: str) -> str:
     """The numpy name of a manifest's dtype (f32, f64, i32, i64)."""
-    return numpy_dtype(DType(dtype)).name
+    return np.dtype(NUMPY_DTYPES[dtype]).name
 
 
 def pack(module: ModuleFile) -> bytes:

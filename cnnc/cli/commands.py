@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cnnc.artifact.checks import NETWORK_NAME
 from cnnc.diagnostics import CnncError, Source
-from cnnc.driver.trust import NETWORK_NAME
+from cnnc.driver.load import load as load_module
 from cnnc.frontend.options import MAX_SIZE
 from cnnc.graph.ir import Graph
-from cnnc.runtime.module import Module, thread_count
-from cnnc.runtime.module import load as load_module
+from cnnc.runtime.module import Module
+from cnnc.runtime.threads import thread_count
 from cnnc.training.data import (
     CnncDataError,
     Dataset,

@@ -7,9 +7,10 @@ parameters are initialised or its buffers allocated.
 
 from __future__ import annotations
 
+from cnnc.artifact.summary import human_bytes
 from cnnc.diagnostics import CnncSemanticError, Diagnostic, Note, Source
 from cnnc.graph.ir import Graph
-from cnnc.passes.summary import human_bytes, summarize
+from cnnc.passes.summary import summarize
 
 MAX_PARAMETER_BYTES = 2 * 2**30  # all parameters, in the network's dtype
 MAX_SAMPLE_BYTES = 2**30  # the tensors one sample's forward pass writes

@@ -1,5 +1,5 @@
 """Checks a module file's manifest against this cnnc and this machine, and maps its object
-code into memory as callable native code. Nothing here imports the front end."""
+code into memory as callable native code. Nothing here imports the compiler."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import llvmlite.binding as llvm
 
 from cnnc import __version__
 from cnnc.artifact import format as artifact
+from cnnc.artifact.checks import check_fields, check_outline
+from cnnc.artifact.manifest import Manifest, Target
 from cnnc.backends.llvm.host import LLVM_LOCK, host_target, target_machine
 from cnnc.backends.llvm.objects import unpack_objects
 
@@ -21,13 +23,18 @@ def _refuse(source: str, reason: str) -> artifact.CnncModuleError:
     return artifact.CnncModuleError.single(f"cannot load {source}: {reason}")
 
 
-def validated_manifest(file: artifact.ModuleFile, source: str,
-                       kind: str = "cpu") -> dict[str, Any]:
-    """The manifest with derived fields, after checking version, code hash, every field's
-    type, range and consistency (`verify.check_fields`), target (`kind`: the runtime's, cpu
-    or cuda) and CPU."""
-    from cnnc.driver.trust import check_fields, check_outline
+def validated_manifest(file: artifact.ModuleFile, source: str, kind: str = "cpu") -> Manifest:
+    """The manifest's records once `check_manifest` has passed it."""
+    check_manifest(file, source, kind)
+    try:
+        return Manifest.from_json(file.manifest)
+    except ValueError as error:  # a field the checks leave to the comparison with the program
+        raise _refuse(source, f"the manifest is malformed: {error}") from None
 
+
+def check_manifest(file: artifact.ModuleFile, source: str, kind: str = "cpu") -> None:
+    """Check version, target (`kind`: the runtime's, cpu or cuda), CPU, code hash and every
+    field's type, range and consistency (`artifact.checks`)."""
     manifest = file.manifest
     if not isinstance(manifest, dict):
         raise _refuse(source, "the manifest is malformed (not a JSON object)")
@@ -37,16 +44,15 @@ def validated_manifest(file: artifact.ModuleFile, source: str,
         raise _refuse(source, f"it was made by cnnc {made_by}, newer than this cnnc "
                               f"{__version__}")
     # a file for another machine is no damage: say so before the code hash, which binds it
-    target = check_outline(manifest, source)
-    if target["kind"] != kind:
-        raise _refuse(source, f"it was compiled for the target {target['kind']!r}, and "
+    target = Target.from_json(check_outline(manifest, source))
+    if target.kind != kind:
+        raise _refuse(source, f"it was compiled for the target {target.kind!r}, and "
                               f"this runtime runs {kind} modules; cnnc.load picks the runtime "
                               "from the file")
     if kind == "cpu":
-        _check_target(source, target, set(target["features"]))
+        _check_target(source, target)
     _check_code_hash(file, source)  # before the other fields: damage is the likelier story
     check_fields(manifest, source)
-    return _with_derived_fields(manifest)
 
 
 def _check_code_hash(file: artifact.ModuleFile, source: str) -> None:
@@ -61,22 +67,13 @@ def _check_code_hash(file: artifact.ModuleFile, source: str) -> None:
         raise _refuse(source, "the code hash does not match the code and its buffer table")
 
 
-def _with_derived_fields(manifest: dict[str, Any]) -> dict[str, Any]:
-    """What the runtime needs beyond the (checked) fields: numpy dtypes, the output's index."""
-    storage = [dict(entry, dtype_numpy=artifact.numpy_dtype_name(entry["dtype"]))
-               for entry in manifest["storage"]]
-    names = [entry["name"] for entry in storage]
-    return dict(manifest, storage=storage, output_index=names.index(manifest["output"]["name"]),
-                dtype_numpy=artifact.numpy_dtype_name(manifest["dtype"]))
-
-
-def _check_target(source: str, target: dict[str, Any], required: set[str]) -> None:
+def _check_target(source: str, target: Target) -> None:
     host = host_target()
-    if target["triple"].split("-")[0] != host.triple.split("-")[0]:
-        raise _refuse(source, f"it was compiled for {target['triple']}, this machine is "
+    if target.triple.split("-")[0] != host.triple.split("-")[0]:
+        raise _refuse(source, f"it was compiled for {target.triple}, this machine is "
                               f"{host.triple}")
     have = {f[1:] for f in host.features.split(",") if f.startswith("+")}
-    missing = sorted(required - have)
+    missing = sorted(set(target.features) - have)
     if missing:
         raise _refuse(source, "it needs CPU features this CPU lacks: " + ", ".join(missing)
                       + "; compile it again on this machine")
@@ -89,18 +86,19 @@ def _version(text: str) -> tuple[int, ...]:
         return (0,)
 
 
-def native_entries(file: artifact.ModuleFile, manifest: dict[str, Any],
+def native_entries(file: artifact.ModuleFile, manifest: Manifest,
                    source: str) -> tuple[dict[str, ForwardEntry], llvm.ExecutionEngine]:
     """Map the object code (no parsing, no optimisation) and return every entry point by
     its role (forward, loss, ...); the engine must live as long as they are called."""
+    symbols = {entry.role: str(entry.symbol) for entry in manifest.entry_points}
     try:
         entries, engine = native_entries_from_object(file.sections["object"],
-                                                     list(manifest["entry_points"].values()))
+                                                     list(symbols.values()))
     except RuntimeError as error:
         raise _refuse(source, f"its object code does not load: {error}") from None
     except KeyError as error:
         raise _refuse(source, f"its object code has no entry point {error}") from None
-    by_role = {role: entries[symbol] for role, symbol in manifest["entry_points"].items()}
+    by_role = {role: entries[symbol] for role, symbol in symbols.items()}
     return by_role, engine
 
 
@@ -214,17 +212,17 @@ def _check_relocations(obj: bytes, sections: list[tuple], section: tuple, arch: 
             raise bad("holds a relocation the loader cannot apply")
 
 
-def validated_params(file: artifact.ModuleFile, manifest: dict[str, Any],
+def validated_params(file: artifact.ModuleFile, manifest: Manifest,
                      source: str) -> dict[str, Any]:
     """The stored parameters, each with the name, shape and dtype the code was built for."""
     params = artifact.params_from_bytes(file.sections["params"],
                                         f"the parameters stored in {source}")
-    expected = {entry["name"]: entry for entry in manifest["storage"] if entry["role"] == "param"}
+    expected = {entry.name: entry for entry in manifest.buffers("param")}
     if set(params) != set(expected):
         raise _refuse(source, "its parameters do not match the manifest")
     for name, value in params.items():
         entry = expected[name]
-        if list(value.shape) != entry["shape"] or value.dtype.name != entry["dtype_numpy"]:
+        if value.shape != entry.shape or value.dtype.name != entry.numpy_dtype.name:
             raise _refuse(source, f"the stored parameter {name} has shape {value.shape} and "
-                                  f"dtype {value.dtype}, not {entry['shape']} {entry['dtype']}")
+                                  f"dtype {value.dtype}, not {list(entry.shape)} {entry.dtype}")
     return params

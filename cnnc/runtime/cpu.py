@@ -1,0 +1,139 @@
+"""The CPU engine of a module: its native entry points, the parameters and optimizer state
+as numpy arrays, a workspace for each thread, and the thread pool a large batch is cut
+among."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from cnnc.artifact.format import ModuleFile
+from cnnc.artifact.manifest import Buffer, Manifest
+from cnnc.runtime.arguments import refuse
+from cnnc.runtime.loader import native_entries
+from cnnc.runtime.threads import thread_count
+
+# the roles of buffers a call supplies rather than the workspace
+SUPPLIED = ("input", "target", "hyper", "param", "state")
+
+
+class CpuEngine:
+    kind = "cpu"
+    exclusive = False
+    host_threads = True
+
+    @staticmethod
+    def check_available() -> None:
+        """The CPU is always there; whether the code fits it is the loader's check."""
+
+    def __init__(self, file: ModuleFile, manifest: Manifest, values: dict[str, np.ndarray],
+                 source: str, threads: int | None) -> None:
+        self._entries, self._llvm = native_entries(file, manifest, source)  # keep both alive
+        self._storage = manifest.storage
+        self._dtype = manifest.numpy_dtype
+        self._values = values
+        self._threads = thread_count(threads)
+        self._pool: ThreadPoolExecutor | None = None
+        self._local = threading.local()  # each thread's workspace, see _workspace
+        self._supplied = [(i, b.role, b.name) for i, b in enumerate(self._storage)
+                          if b.role in SUPPLIED]
+
+    # -- threads --------------------------------------------------------------------------
+    @property
+    def threads(self) -> int:
+        return self._threads
+
+    def set_threads(self, count: int) -> None:
+        self._threads = count
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def map(self, work: Callable[[slice], Any], slices: list[slice]) -> list[Any]:
+        """work(slice) for every slice: the first on this thread, the others in the pool."""
+        pool = self.thread_pool()
+        try:
+            others = [pool.submit(work, part) for part in slices[1:]]
+        except RuntimeError:  # set_threads shut this pool down meanwhile: do it all here
+            return [work(part) for part in slices]
+        first = work(slices[0])
+        return [first] + [future.result() for future in others]
+
+    def thread_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="cnnc")
+        return self._pool
+
+    # -- running --------------------------------------------------------------------------
+    def device_array(self, value: Any) -> None:
+        return None  # every array is a host array here
+
+    def run(self, role: str, batch: int, given: Mapping[str, Any],
+            read: Sequence[str]) -> dict[str, np.ndarray]:
+        """Gather every buffer (in the buffer table's order) and call the entry point.
+
+        The buffers kernels write are the calling thread's workspace, kept for its next call
+        with the same batch size (fresh memory would be page-faulted in on every call), so
+        calls from several threads do not mix; what is read is copied out of it.
+        """
+        buffers, table = self._workspace(batch)
+        arrays = list(buffers)
+        for index, buffer_role, name in self._supplied:
+            array = given.get(buffer_role) if buffer_role in ("input", "target", "hyper") \
+                else self._values[name]
+            if array is None:  # an entry that does not read it: the placeholder, never a
+                array = buffers[index]  # pointer left from an earlier call's array
+            arrays[index] = array
+            table[index] = array.ctypes.data
+        self._entries[role](batch, table)  # `arrays` keeps every buffer alive meanwhile
+        named = {b.name: array for b, array in zip(self._storage, arrays, strict=True)}
+        return {name: named[name].copy() for name in read}
+
+    def _workspace(self, batch: int) -> tuple[list[np.ndarray | None], Any]:
+        """This thread's buffers for a batch of `batch` and their pointer table (the slots
+        of supplied arrays are filled in by each call)."""
+        local = self._local
+        if getattr(local, "batch", None) == batch:
+            return local.buffers, local.table
+        local.batch, local.buffers, local.table = None, None, None  # free the old ones first
+        buffers = [self._buffer_for(buffer, batch) for buffer in self._storage]
+        table = (ctypes.c_void_p * len(buffers))(
+            *[0 if b is None else b.ctypes.data for b in buffers])
+        local.batch, local.buffers, local.table = batch, buffers, table
+        return buffers, table
+
+    def _buffer_for(self, buffer: Buffer, batch: int) -> np.ndarray | None:
+        if buffer.role in ("input", "param", "state"):
+            return None
+        if buffer.role in ("target", "hyper"):  # for entry points that do not read them
+            return np.zeros(8, dtype=buffer.numpy_dtype)
+        if buffer.role == "loss":
+            return np.zeros(1, dtype=self._dtype)
+        shape = buffer.sized(batch) or (1,)
+        try:
+            return np.empty(shape, dtype=buffer.numpy_dtype)
+        except MemoryError:
+            raise refuse(f"forward: a batch of {batch} needs more memory than there is "
+                         f"(the buffer {buffer.name} alone is {shape})") from None
+
+    def update(self, gradients: Mapping[str, np.ndarray], hyper: np.ndarray,
+               batch: int) -> None:
+        """The update kernels on parameters, state and the given gradients."""
+        unused = np.zeros(1, dtype=self._dtype)  # they read nothing else
+        arrays = [self._values[b.name] if b.role in ("param", "state") else
+                  hyper if b.role == "hyper" else gradients.get(b.name, unused)
+                  for b in self._storage]
+        table = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
+        self._entries["update"](batch, table)
+
+    # -- parameters and optimizer state -----------------------------------------------------
+    def values(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        return {name: self._values[name].copy() for name in names}
+
+    def write(self, values: Mapping[str, np.ndarray]) -> None:
+        self._values.update(values)
