@@ -17,7 +17,9 @@ import numpy as np
 
 from cnnc.artifact.format import numpy_dtype
 from cnnc.backends.llvm.codegen import compile_functions
-from cnnc.driver.pipeline import front_end, lower_program, module_kernels, to_source
+from cnnc.backends.target import host_cpu
+from cnnc.driver.pipeline import Options, Stage, run
+from cnnc.frontend.source import to_source
 from cnnc.runtime.loader import native_entries_from_object
 
 
@@ -28,13 +30,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--plain", action="store_true", help="unscheduled loops")
     args = parser.parse_args()
-    graph = front_end(to_source(args.program))
-    program = module_kernels(graph)
-    functions, scratch, _ = lower_program(program, not args.plain)
-    storage = list(program.storage) + scratch
+    target = host_cpu()
+    build = run(to_source(args.program), Options(target, scheduled=not args.plain),
+                until=Stage.LOWER)
+    graph, functions, storage = build.graph, build.lowered.functions, build.lowered.storage
     names = [t.name for t in storage]
     alone = {f"run_{f.name}": [f.name] for f in functions}
-    code = compile_functions(tuple(functions), names, 3, alone)
+    code = compile_functions(functions, names, 3, alone, target=target)
     entries, engine = native_entries_from_object(code.object_code, list(alone))
     arrays = [_buffer(t, args.batch, graph) for t in storage]
     table = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])

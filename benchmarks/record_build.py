@@ -14,31 +14,38 @@ import json
 import sys
 from pathlib import Path
 
+from cnnc.backends.target import host_cpu
 from cnnc.cli.main import emit_stage
-from cnnc.driver.pipeline import compile_cuda_module, compile_module, front_end, read_source
+from cnnc.driver.pipeline import Options, Stage, advance, run
+from cnnc.frontend.source import read_source
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def record(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    cpu = host_cpu()
+    scheduled, plain = Options(cpu, opt_level=3), Options(cpu, opt_level=3, scheduled=False)
     hashes: dict[str, dict[str, str]] = {}
     for path in sorted((REPO / "examples").glob("*.cnn")):
-        source = read_source(path.relative_to(REPO))
-        graph = front_end(source)
+        front = run(read_source(path.relative_to(REPO)), scheduled, until=Stage.SHAPES)
         name = path.stem
         for stage in ("ir", "grad", "kernels", "loops", "llvm"):
-            if stage == "grad" and graph.loss is None:
+            if stage == "grad" and front.graph.loss is None:
                 continue
-            (out / f"{name}.{stage}").write_text(emit_stage(graph, source, stage, 3, True))
-        (out / f"{name}.plain-loops").write_text(emit_stage(graph, source, "loops", 3, False))
-        (out / f"{name}.cuda").write_text(emit_stage(graph, source, "cuda", 3, True))
+            (out / f"{name}.{stage}").write_text(emit_stage(front, stage, scheduled))
+        (out / f"{name}.plain-loops").write_text(emit_stage(front, "loops", plain))
+        (out / f"{name}.cuda").write_text(emit_stage(front, "cuda", scheduled))
         hashes[name] = {
-            "cpu-O3": compile_module(graph, source, 3, True).manifest["code_sha256"],
-            "cpu-O0-plain": compile_module(graph, source, 0, False).manifest["code_sha256"],
-            "cuda": compile_cuda_module(graph, source).manifest["code_sha256"],
+            "cpu-O3": _code_hash(front, scheduled),
+            "cpu-O0-plain": _code_hash(front, Options(cpu, opt_level=0, scheduled=False)),
+            "cuda": _code_hash(front, Options(backend="cuda")),
         }
     (out / "hashes.json").write_text(json.dumps(hashes, indent=2, sort_keys=True) + "\n")
+
+
+def _code_hash(front, options: Options) -> str:
+    return advance(front, options).module.manifest["code_sha256"]
 
 
 if __name__ == "__main__":

@@ -92,6 +92,15 @@ class CnncInputError(CnncError):
     """A file cannot be read as a .cnn program (missing, a directory, binary, not UTF-8, empty)."""
 
 
+class CnncInternalError(CnncError):
+    """A stage of cnnc broke an invariant that the stages after it rely on: a bug in cnnc,
+    not in the program. The message names the stage, so that a report says where to look."""
+
+    @classmethod
+    def in_stage(cls, stage: str, detail: str) -> CnncInternalError:
+        return cls([Diagnostic(f"internal error in stage {stage}: {detail}; please report it")])
+
+
 def render_diagnostic(diag: Diagnostic, source: Source | None) -> str:
     """`file:line:col: error: message`, the source line, a caret line, then the notes."""
     if diag.span is None:

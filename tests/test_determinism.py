@@ -13,6 +13,7 @@ multiply-add rather than leave it to LLVM, so modules built at -O0 and -O3 must 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -23,6 +24,7 @@ from test_properties import valid_programs
 from test_schedule import conv_programs
 
 import cnnc
+from cnnc.backends.target import CpuTarget, host_cpu
 from cnnc.diagnostics import Source
 from cnnc.driver.pipeline import compile_module
 
@@ -112,17 +114,21 @@ def test_drawn_programs(text, opt_level, dtype, schedule):
     assert_thread_counts_agree(module, (17, 37))
 
 
-def test_hosts_without_fma_multiply_then_add(monkeypatch):
+def test_hosts_without_fma_multiply_then_add():
     """Where llvm.fma would be a slow libm call the backend multiplies and adds, and that
-    path must be as deterministic."""
-    from cnnc.backends import llvm
+    path must be as deterministic: built here for this CPU with FMA turned off."""
+    host = host_cpu()
+    if not host.triple.startswith(("x86_64", "i386", "i686")):
+        pytest.skip("FMA is part of the base instruction set of this CPU")
+    features = [f for f in host.features.split(",") if f not in ("+fma", "-fma")]
+    no_fma = dataclasses.replace(host, features=",".join([*features, "-fma"]))
+    assert not no_fma.has_fma
 
-    def llvm_ir(level: int) -> str:
-        file = compile_module(cnnc.check(DENSE), Source(DENSE), opt_level=level)
-        return file.sections["llvm_ir"].decode()
+    def module_file(level: int, target: CpuTarget):
+        return compile_module(cnnc.check(DENSE), Source(DENSE), opt_level=level, target=target)
 
-    assert ("llvm.fma" in llvm_ir(3)) == llvm.host_has_fma()
-    monkeypatch.setattr(llvm, "host_has_fma", lambda: False)
+    assert ("llvm.fma" in module_file(3, host).sections["llvm_ir"].decode()) == host.has_fma
     for level in (0, 3):
-        assert "llvm.fma" not in llvm_ir(level)
-        assert_thread_counts_agree(cnnc.compile(DENSE, opt_level=level, threads=1), (17, 37))
+        file = module_file(level, no_fma)
+        assert "llvm.fma" not in file.sections["llvm_ir"].decode()
+        assert_thread_counts_agree(cnnc.Module(file, threads=1), (17, 37))

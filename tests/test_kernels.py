@@ -67,7 +67,8 @@ def test_conv_activations_and_activation_lines_after_pools(activation):
 
 
 def _kernel_names(text: str) -> list[str]:
-    from cnnc.driver.pipeline import front_end, to_source
+    from cnnc.driver.pipeline import front_end
+    from cnnc.frontend.source import to_source
     from cnnc.passes.fuse import fuse
 
     return [k.name for k in fuse(front_end(to_source(text))).kernels]

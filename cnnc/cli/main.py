@@ -3,26 +3,33 @@ plot, download.
 
 Exit codes (api.md): 0 success; 1 an error in the user's program, data or files, reported
 as a message without a traceback; 2 a usage error; 130 interrupted (Ctrl-C). 3 means cnnc
-itself failed (a bug).
+itself failed (a bug); 70 (EX_SOFTWARE) that a stage of the compiler broke an invariant the
+check after it found, in a message that names the stage (a bug too, caught where it began).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cnnc import __version__
-from cnnc.diagnostics import CnncError, CnncInputError, Source
+from cnnc.diagnostics import CnncError, CnncInputError, CnncInternalError, Source
 from cnnc.graph.ir import Graph, format_shape
 from cnnc.support.files import shown_path, unusable_path, write_atomically
 from cnnc.support.streams import CnncOutputError, guarded_streams
 
+if TYPE_CHECKING:
+    from cnnc.driver.pipeline import Build, Options
+
 EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_BROKEN_INVARIANT = 70  # EX_SOFTWARE of sysexits.h
 EMIT_STAGES = ("ast", "ir", "grad", "kernels", "loops", "llvm", "asm", "cuda")
 
 
@@ -191,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = _run(args)
             sys.stdout.flush()
             return code
+        except CnncInternalError as error:
+            _say(error.render())
+            return EXIT_BROKEN_INVARIANT
         except CnncError as error:
             return _report(error)
         except KeyboardInterrupt as interrupt:
@@ -277,14 +287,16 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _program(args: argparse.Namespace) -> tuple[Source, Graph]:
-    from cnnc.driver.pipeline import front_end, read_source
+    from cnnc.driver.pipeline import front_end
+    from cnnc.frontend.source import read_source
 
     source = read_source(args.program)
     return source, front_end(source, getattr(args, "dtype", None))
 
 
 def _check(args: argparse.Namespace) -> int:
-    from cnnc.passes.summary import human_bytes, summarize
+    from cnnc.artifact.summary import human_bytes
+    from cnnc.passes.summary import summarize
 
     source, graph = _program(args)
     if args.grad:
@@ -302,7 +314,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _summary(args: argparse.Namespace) -> int:
-    from cnnc.passes.summary import format_table, summarize, to_json
+    from cnnc.artifact.summary import format_table, to_json
+    from cnnc.passes.summary import summarize
 
     if args.program.endswith(".cnnm"):
         summary = _module_summary(args.program)
@@ -314,53 +327,59 @@ def _summary(args: argparse.Namespace) -> int:
 def _module_summary(path: str):
     """From the manifest, once it is checked against the stored program (no code runs)."""
     from cnnc.artifact import format as artifact
+    from cnnc.artifact.summary import from_manifest
     from cnnc.driver.trust import trusted_file
-    from cnnc.passes.summary import from_manifest
 
     return from_manifest(trusted_file(artifact.read(path), path).manifest)
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from cnnc.driver.pipeline import front_end, read_source
+    from cnnc.driver.pipeline import Build, Stage, advance
+    from cnnc.frontend.source import read_source
 
     source = read_source(args.program)
-    if args.emit == "ast":
-        from cnnc.frontend.parse import parse
-        from cnnc.frontend.syntax import format_program
-
-        return _write(format_program(parse(source)), args.output)
-    graph = front_end(source, args.dtype)
-    scheduled = not args.no_schedule
+    options = _build_options(args)
+    if args.emit == "ast":  # the syntax tree even of a program with semantic errors
+        return _write(emit_stage(Build(source), "ast", options), args.output)
+    front = advance(Build(source), options, Stage.SHAPES)
     if args.target == "cuda" and (args.explain_schedule or args.emit in ("llvm", "asm")):
         shown = "--explain-schedule" if args.explain_schedule else f"--emit {args.emit}"
         print(f"error: {shown} shows CPU code; for --target cuda, --emit cuda shows the "
               "kernels", file=sys.stderr)
         return EXIT_USAGE
     if args.explain_schedule:
-        return _write(explain_schedules(graph, scheduled), args.output)
+        return _write(explain_schedules(front, options), args.output)
     if args.emit is not None:
-        return _write(emit_stage(graph, source, args.emit, int(args.opt_level), scheduled),
-                      args.output)
-    return _compile_to_file(args, source, graph, scheduled)
+        return _write(emit_stage(front, args.emit, options), args.output)
+    return _compile_to_file(args, front, options)
 
 
-def _compile_to_file(args: argparse.Namespace, source: Source, graph: Graph,
-                     scheduled: bool) -> int:
+def _build_options(args: argparse.Namespace) -> Options:
+    """The build the command line asks for, for this host's CPU (or for CUDA)."""
+    from cnnc.driver.pipeline import Options
+
+    if args.target == "cuda":
+        return Options(backend="cuda", dtype=args.dtype)
+    from cnnc.backends.target import host_cpu
+
+    return Options(host_cpu(), "llvm", args.dtype, int(args.opt_level), not args.no_schedule)
+
+
+def _compile_to_file(args: argparse.Namespace, front: Build, options: Options) -> int:
     from cnnc.artifact.format import write as write_module
-    from cnnc.driver.pipeline import compile_cuda_module, compile_module
+    from cnnc.driver.pipeline import advance
 
     output = Path(args.output) if args.output else Path(Path(args.program).stem + ".cnnm")
     started = time.perf_counter()
+    graph = front.graph
     params = f"{sum(p.size for p in graph.params):,} parameters, {graph.dtype.value}"
-    if args.target == "cuda":
-        module_file = compile_cuda_module(graph, source)
-        write_module(module_file, output)
+    module_file = advance(front, options).module
+    write_module(module_file, output)
+    if options.backend == "cuda":
         launches = len(module_file.manifest["entry_points"]["forward"])
         print(f"wrote {output}: network {graph.name}, target cuda, {launches} kernel launches "
               f"forward, {params} ({time.perf_counter() - started:.1f} s)")
         return EXIT_OK
-    module_file = compile_module(graph, source, int(args.opt_level), scheduled)
-    write_module(module_file, output)
     kernels = len(module_file.manifest["kernels"])
     forward = sum(1 for k in module_file.manifest["kernels"] if k.endswith("_fwd"))
     training = f" and {kernels - forward} for training" if kernels > forward else ""
@@ -369,47 +388,64 @@ def _compile_to_file(args: argparse.Namespace, source: Source, graph: Graph,
     return EXIT_OK
 
 
-def explain_schedules(graph: Graph, scheduled: bool) -> str:
+def explain_schedules(build: Build, options: Options) -> str:
     """Every kernel the module would have (the backward ones too, with a loss line)."""
-    from cnnc.backends.target import host_cpu
-    from cnnc.driver.pipeline import lower_program, module_kernels
+    from cnnc.driver.pipeline import Stage, advance
     from cnnc.schedule.cost import explain
 
-    _, _, schedules = lower_program(module_kernels(graph), scheduled)
-    plain = "no kernel is scheduled (--no-schedule)\n" if not schedules else ""
-    return explain(schedules, host_cpu().machine) + plain
+    lowered = advance(build, options, Stage.LOWER).lowered
+    plain = "no kernel is scheduled (--no-schedule)\n" if not lowered.schedules else ""
+    return explain(list(lowered.schedules), options.target.machine) + plain
 
 
-def emit_stage(graph: Graph, source: Source, stage: str, opt_level: int,
-               scheduled: bool = True) -> str:
-    """The text of one stage after the graph: ir, kernels, loops, llvm or asm."""
-    from cnnc.backends.llvm.codegen import assembly, compile_functions
-    from cnnc.driver.pipeline import (
-        compile_cuda_module,
-        entry_points,
-        lower_program,
-        module_kernels,
-    )
+# The stage each --emit prints the result of, and the backend it implies: LLVM IR and
+# assembly are CPU code, and --emit cuda shows a CUDA module's source whatever the target.
+EMITTED_AFTER = {"ast": "parse", "ir": "shapes", "grad": "autodiff", "kernels": "fuse",
+                 "loops": "lower", "llvm": "codegen", "asm": "codegen", "cuda": "codegen"}
+EMIT_BACKEND = {"llvm": "llvm", "asm": "llvm", "cuda": "cuda"}
+
+
+def emit_stage(build: Build, stage: str, options: Options) -> str:
+    """The text of one --emit stage of `build`, taken on as far as that stage: the module's
+    own loop functions and LLVM IR, its update functions included."""
+    from cnnc.driver.pipeline import Stage, advance
+
+    if stage in EMIT_BACKEND:
+        options = dataclasses.replace(options, backend=EMIT_BACKEND[stage])
+    done = advance(build, options, Stage(EMITTED_AFTER[stage]))
+    return _stage_text(done, stage, options)
+
+
+def _stage_text(build: Build, stage: str, options: Options) -> str:
     from cnnc.graph.ir import format_graph
-    from cnnc.loops.ir import format_functions
-    from cnnc.passes.autodiff import differentiate
-    from cnnc.passes.fuse import format_kernels
 
+    if stage == "ast":
+        from cnnc.frontend.syntax import format_program
+
+        return format_program(build.syntax)
     if stage == "ir":
-        return format_graph(graph)
+        return format_graph(build.graph)
     if stage == "grad":
-        return format_graph(differentiate(graph))
-    program = module_kernels(graph)
+        if build.differentiated is None:  # autodiff's own error: there is no loss line
+            from cnnc.passes.autodiff import differentiate
+
+            differentiate(build.graph)
+        return format_graph(build.differentiated)
     if stage == "kernels":
-        return format_kernels(program)
-    if stage == "cuda":
-        return compile_cuda_module(graph, source).sections["cuda"].decode("utf-8")
-    functions, scratch, _ = lower_program(program, scheduled)
+        from cnnc.passes.fuse import format_kernels
+
+        return format_kernels(build.kernels)
     if stage == "loops":
-        return format_functions(tuple(functions))
-    code = compile_functions(tuple(functions), [t.name for t in program.storage + tuple(scratch)],
-                             opt_level, entry_points(program))
-    return code.llvm_ir if stage == "llvm" else assembly(code.llvm_ir, opt_level)
+        from cnnc.loops.printer import format_functions
+
+        return format_functions(build.lowered.functions)
+    if stage == "cuda":
+        return build.code.source
+    if stage == "llvm":
+        return build.code.llvm_ir
+    from cnnc.backends.llvm.codegen import assembly
+
+    return assembly(build.code.llvm_ir, options.opt_level, target=options.target)
 
 
 CODE_NOTE = ("note: loading a .cnnm runs its code (native object code, or Python source for "

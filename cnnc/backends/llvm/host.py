@@ -24,28 +24,32 @@ LLVM_LOCK = threading.RLock()
 
 
 @functools.cache
-def host_target() -> HostTarget:
+def initialise() -> None:
+    """LLVM's code generator for the host's architecture, once a process (a forked compile
+    worker inherits it)."""
     with LLVM_LOCK:
         llvm.initialize_native_target()
         llvm.initialize_native_asmprinter()
+
+
+@functools.cache
+def host_target() -> HostTarget:
+    initialise()
+    with LLVM_LOCK:
         return HostTarget(llvm.get_process_triple(), llvm.get_host_cpu_name(),
                           llvm.get_host_cpu_features().flatten())
 
 
-@functools.cache
-def host_has_fma() -> bool:
-    """Whether the host computes a·b + c rounded once in hardware. Elsewhere `llvm.fma` would
-    be a call of the C library's (slow, software) `fma`, so cnnc multiplies and adds instead."""
-    host = host_target()
-    if host.triple.startswith(("x86_64", "i386", "i686")):
-        return "+fma" in host.features.split(",")
-    # FMA is part of the base instruction set of these
-    return host.triple.startswith(("aarch64", "arm64", "powerpc64", "ppc64", "s390x"))
+def create_machine(triple: str, cpu: str, features: str, opt_level: int) -> llvm.TargetMachine:
+    """A new machine each time (an MCJIT engine takes ownership of its machine), with the
+    code model the runtime's JIT expects of the object code it loads."""
+    initialise()
+    target = llvm.Target.from_triple(triple)
+    return target.create_target_machine(cpu=cpu, features=features, opt=opt_level,
+                                        codemodel="jitdefault")
 
 
 def target_machine(opt_level: int = 3) -> llvm.TargetMachine:
-    """A new machine for the host each time: an MCJIT engine takes ownership of its machine."""
+    """A machine for the host, on which the runtime runs object code."""
     host = host_target()
-    target = llvm.Target.from_triple(host.triple)
-    return target.create_target_machine(cpu=host.cpu, features=host.features, opt=opt_level,
-                                        codemodel="jitdefault")
+    return create_machine(host.triple, host.cpu, host.features, opt_level)
