@@ -241,7 +241,7 @@ FEW_CHANNELS = ("network w\ninput: 3x7x19\nconv c: 2 3x3 pad=1 -> relu\nconv d: 
 def test_few_output_channels_vectorize_over_output_width():
     """2 or 3 channels would fill 2 or 3 of 8 lanes; 17 or 16 columns fill most of them."""
     from cnnc.passes.fuse import fuse
-    from cnnc.schedule.blocked import lower_blocked
+    from cnnc.schedule.apply import lower_blocked
 
     program = fuse(differentiate(cnnc.check(FEW_CHANNELS)))
     avx2 = Machine(256, 16, 32 * 1024, 512 * 1024)

@@ -432,7 +432,7 @@ def _stage_text(build: Build, stage: str, options: Options) -> str:
             differentiate(build.graph)
         return format_graph(build.differentiated)
     if stage == "kernels":
-        from cnnc.passes.fuse import format_kernels
+        from cnnc.graph.kernels import format_kernels
 
         return format_kernels(build.kernels)
     if stage == "loops":

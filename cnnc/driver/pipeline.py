@@ -35,8 +35,8 @@ if TYPE_CHECKING:
     from cnnc.backends.llvm.codegen import NativeCode
     from cnnc.backends.target import CpuTarget
     from cnnc.graph.ir import Tensor
+    from cnnc.graph.kernels import KernelProgram
     from cnnc.loops.ir import LoopFunction
-    from cnnc.passes.fuse import KernelProgram
     from cnnc.schedule.cost import Machine, Schedule
 
 
@@ -212,7 +212,7 @@ def _scheduled(program: KernelProgram, machine: Machine, scheduled: bool):
     """One function a kernel, blocked for `machine` where a schedule applies (and
     `scheduled`), the scratch tensors the schedules add to the buffer table, the schedules."""
     from cnnc.loops.lower import lower_kernel
-    from cnnc.schedule.blocked import lower_blocked
+    from cnnc.schedule.apply import lower_blocked
 
     kernels, scratch, schedules = [], [], []
     for kernel in program.kernels:
@@ -268,10 +268,11 @@ def _update_functions(graph: Graph, program: KernelProgram, optimizer: str):
     """One update function a parameter, its optimizer state and the shared scalars buffer."""
     from cnnc.graph.ir import Role, Tensor
     from cnnc.loops.ir import Buffer
-    from cnnc.loops.lower_backward import HYPER_FIELDS, lower_update
+    from cnnc.ops import registry
 
-    hyper = Tensor("optimizer.hyper", Role.HYPER, graph.dtype, (len(HYPER_FIELDS),))
-    state_names = ("velocity",) if optimizer == "sgd" else ("adam_m", "adam_v")
+    definition = registry.optimizers()[optimizer]
+    hyper = Tensor("optimizer.hyper", Role.HYPER, graph.dtype, (len(registry.HYPER_FIELDS),))
+    state_names = definition.states
     gradient_of = dict(graph.gradients)
     functions, extra = [], [hyper]
     for param in graph.params:
@@ -282,9 +283,9 @@ def _update_functions(graph: Graph, program: KernelProgram, optimizer: str):
         flat_view = [Buffer(t.name, size, graph.dtype) for t in states]
         grad = Buffer(program.storage_of(gradient_of[param.name]), size, graph.dtype)
         name = f"{param.name.replace('.', '_')}_{optimizer}_update"
-        functions.append(lower_update(name, optimizer, Buffer(param.name, size, graph.dtype),
-                                      grad, tuple(flat_view),
-                                      Buffer(hyper.name, hyper.shape, graph.dtype)))
+        functions.append(definition.lower_update(
+            name, Buffer(param.name, size, graph.dtype), grad, tuple(flat_view),
+            Buffer(hyper.name, hyper.shape, graph.dtype)))
     return functions, extra
 
 
@@ -388,7 +389,7 @@ def _manifest(program: KernelProgram, lowered: Lowered, entry_table: dict, opt_l
         "layers": layers,
     }
     if graph.loss is not None:
-        manifest["loss"] = {"kind": graph.producer(graph.loss).op.value,
+        manifest["loss"] = {"kind": graph.producer(graph.loss).op,
                             "target": graph.target, "value": graph.loss}
         manifest["gradients"] = {name: program.storage_of(g) for name, g in graph.gradients}
         settings = dict(graph.train.settings) if graph.train else {"lr": 0.01, "momentum": 0.0}

@@ -17,26 +17,19 @@ from cnnc.frontend import options as opts
 from cnnc.frontend import syntax as ast
 from cnnc.frontend.parse_errors import ACTIVATION_NAMES, STATEMENT_KEYWORDS
 from cnnc.graph.ir import (
-    ACTIVATION_OPS,
     BATCH,
-    Attrs,
-    ConvAttrs,
-    DenseAttrs,
     DType,
     Graph,
     Layer,
-    LossAttrs,
     Node,
-    Op,
-    PoolAttrs,
+    Phase,
     Role,
     Tensor,
     TrainConfig,
-    Window,
-    argmax_name,
 )
+from cnnc.ops import registry
+from cnnc.ops.registry import Step
 
-LOSS_NAMES = ("cross_entropy", "mse")
 MAX_NAME = 64  # characters of a network or layer name
 LOSS_TENSOR = "loss"
 
@@ -278,37 +271,33 @@ class _Builder:
         name = self._claim(given, stmt.name.span if stmt.name else stmt.span,
                            kind if auto else None)
         owner = name if auto else f"{kind} {name}"
-        if isinstance(stmt, ast.ConvStmt):
-            steps = self._conv_steps(stmt, name, owner)
-        elif isinstance(stmt, ast.PoolStmt):
-            steps = self._pool_steps(stmt, name, owner)
-        elif isinstance(stmt, ast.DenseStmt):
-            steps = self._dense_steps(stmt, name, owner)
-        else:
-            steps = [_Step(Op.FLATTEN, suffix="flat")]
+        steps = registry.layer(kind).steps(stmt, LayerContext(self, stmt, name, owner))
         activation = self._activation(line.activation)
         if activation is not None:
-            steps.append(_Step(ACTIVATION_OPS[activation]))
+            steps.append(Step(activation))
+        params = [self._params(step.op, name) for step in steps]
         for position, step in enumerate(steps):
             last = position == len(steps) - 1
-            current = self._emit(step, current, name if last else f"{name}.{step.suffix}",
-                                 name, stmt.span)
+            current = self._emit(step, (current, *params[position]),
+                                 name if last else f"{name}.{step.suffix}", name, stmt.span)
         self.layers.append(Layer(name, kind, auto, current, stmt.span, activation))
         return current
 
-    def _emit(self, step: _Step, current: str, out: str, layer: str, span: Span) -> str:
+    def _params(self, op: str, layer: str) -> tuple[str, ...]:
+        """The parameter tensors of one op of `layer`, named LAYER.PARAM."""
+        names = tuple(f"{layer}.{param.name}" for param in registry.get(op).params)
+        self.tensors += [Tensor(name, Role.PARAM, self.dtype) for name in names]
+        return names
+
+    def _emit(self, step: Step, inputs: tuple[str, ...], out: str, layer: str,
+              span: Span) -> str:
         self.tensors.append(Tensor(out, Role.VALUE, self.dtype))
         outputs: tuple[str, ...] = (out,)
-        if step.op is Op.MAXPOOL2D:  # where each maximum was: the backward pass reads it
-            outputs += (argmax_name(layer),)
-            self.tensors.append(Tensor(outputs[1], Role.VALUE, DType.I32))
-        self.nodes.append(Node(step.op, (current, *step.params), outputs, layer, span,
-                               step.attrs))
+        for extra in registry.get(step.op).outputs:  # e.g. where each maximum was
+            outputs += (f"{layer}.{extra.name}",)
+            self.tensors.append(Tensor(outputs[-1], Role.VALUE, extra.dtype or self.dtype))
+        self.nodes.append(Node(step.op, inputs, outputs, layer, span, step.attrs))
         return out
-
-    def _param(self, name: str) -> str:
-        self.tensors.append(Tensor(name, Role.PARAM, self.dtype))
-        return name
 
     def _activation(self, word: ast.Word | None) -> str | None:
         if word is None or word.text == "none":
@@ -318,44 +307,6 @@ class _Builder:
                        word.span)
             return None
         return word.text
-
-    def _conv_steps(self, stmt: ast.ConvStmt, name: str, owner: str) -> list[_Step]:
-        filters = self._count(stmt.filters, "the filter count", owner, name)
-        kernel = self._kernel(stmt.kernel, "the kernel", owner, name)
-        values = self._options(stmt.options, opts.CONV_OPTIONS, owner, name)
-        pad = self._same_padding(values["pad"], kernel, values["stride"], owner, stmt, name)
-        window = Window(kernel, values["stride"], pad)
-        steps = [_Step(Op.CONV2D, (self._param(f"{name}.weight"),), ConvAttrs(filters, window),
-                       "conv")]
-        if values["bias"]:
-            steps.append(_Step(Op.BIAS_ADD, (self._param(f"{name}.bias"),), suffix="pre"))
-        return steps
-
-    def _pool_steps(self, stmt: ast.PoolStmt, name: str, owner: str) -> list[_Step]:
-        window = self._kernel(stmt.window, "the window", owner, name)
-        values = self._options(stmt.options, opts.POOL_OPTIONS, owner, name)
-        pad = values["pad"]
-        if pad == "same":
-            self.error(f"{owner}: pad=same is for conv layers; give a pooling layer pad=P",
-                       _option_span(stmt, "pad"))
-            self.broken.add(name)
-            pad = (0, 0)
-        elif pad[0] > window[0] // 2 or pad[1] > window[1] // 2:
-            self.error(f"{owner}: pad={pad[0]}x{pad[1]} is more than half the window "
-                       f"{window[0]}x{window[1]}; at most {window[0] // 2}x{window[1] // 2}",
-                       _option_span(stmt, "pad"))
-            self.broken.add(name)
-        op = Op.MAXPOOL2D if stmt.kind.text == "maxpool" else Op.AVGPOOL2D
-        return [_Step(op, (), PoolAttrs(Window(window, values["stride"] or window, pad)),
-                      "pool")]
-
-    def _dense_steps(self, stmt: ast.DenseStmt, name: str, owner: str) -> list[_Step]:
-        units = self._count(stmt.units, "the unit count", owner, name)
-        values = self._options(stmt.options, opts.DENSE_OPTIONS, owner, name)
-        steps = [_Step(Op.DENSE, (self._param(f"{name}.weight"),), DenseAttrs(units), "matmul")]
-        if values["bias"]:
-            steps.append(_Step(Op.BIAS_ADD, (self._param(f"{name}.bias"),), suffix="pre"))
-        return steps
 
     def _count(self, number: ast.Number, what: str, owner: str, layer: str) -> int:
         """A filter or unit count; a bad one is reported and replaced by 1 (layer broken)."""
@@ -379,60 +330,40 @@ class _Builder:
         self.broken.add(layer)
         return 1, 1
 
-    def _same_padding(self, pad: tuple[int, int] | str, kernel: tuple[int, int],
-                      stride: tuple[int, int], owner: str, stmt: ast.ConvStmt,
-                      layer: str) -> tuple[int, int]:
-        """`pad=same` keeps H and W, which needs stride 1 and an odd kernel."""
-        if pad != "same":
-            return pad
-        problem = None
-        if stride != (1, 1):
-            problem = f"stride 1, but {owner} has stride {stride[0]}x{stride[1]}"
-        elif kernel[0] % 2 == 0 or kernel[1] % 2 == 0:
-            problem = f"an odd kernel, but {owner} has {kernel[0]}x{kernel[1]}"
-        if problem:
-            self.error(f"pad=same needs {problem}", _option_span(stmt, "pad"))
-            self.broken.add(layer)
-        return (kernel[0] - 1) // 2, (kernel[1] - 1) // 2
-
     # -- loss and training --------------------------------------------------------------------
     def _loss(self, found: _Sections, output: str) -> tuple[str | None, str | None]:
         stmt = found.loss
         if stmt is None:
             return None, None
         kind = stmt.kind.text
-        if kind not in LOSS_NAMES:
-            self.error(f"unknown loss {kind!r}{suggest(kind, LOSS_NAMES)}", stmt.kind.span)
+        losses = registry.losses()
+        if kind not in losses:
+            self.error(f"unknown loss {kind!r}{suggest(kind, tuple(losses))}", stmt.kind.span)
             return None, None
-        values = self._options(stmt.options, opts.LOSS_OPTIONS[kind], f"loss {kind}",
-                               LOSS_TENSOR)
-        if kind == "cross_entropy":
+        loss = losses[kind]
+        values = self._options(stmt.options, loss.options, f"loss {kind}", LOSS_TENSOR)
+        if loss.needs_softmax:
             self._softmax_rules(found, stmt)
-            target, op, dtype = "loss.labels", Op.CROSS_ENTROPY, DType.I64
-            declared = None if values["classes"] is None else (values["classes"],)
-        else:
-            target, op, dtype = "loss.targets", Op.MSE, self.dtype
-            declared = values["targets"]
-        self.tensors.append(Tensor(target, Role.TARGET, dtype))
+        self.tensors.append(Tensor(loss.target, Role.TARGET, loss.target_dtype or self.dtype))
         self.tensors.append(Tensor(LOSS_TENSOR, Role.LOSS, self.dtype, ()))
-        self.nodes.append(Node(op, (output, target), (LOSS_TENSOR,), LOSS_TENSOR, stmt.span,
-                               LossAttrs(declared)))
-        return LOSS_TENSOR, target
+        self.nodes.append(Node(loss.op, (output, loss.target), (LOSS_TENSOR,), LOSS_TENSOR,
+                               stmt.span, loss.attrs(values), Phase.LOSS))
+        return LOSS_TENSOR, loss.target
 
     def _softmax_rules(self, found: _Sections, loss: ast.LossStmt) -> None:
-        """cross_entropy reads probabilities: softmax ends the last layer and only that one."""
+        """A loss that reads probabilities: softmax ends the last layer and only that one."""
         if not found.layers:
             return
         displays = [layer.display for layer in self.layers[1:]]
         for position, line in enumerate(found.layers[:-1]):
             if line.activation is not None and line.activation.text == "softmax":
-                self.error(f"softmax must be the last layer before loss cross_entropy, but "
+                self.error(f"softmax must be the last layer before loss {loss.kind.text}, but "
                            f"{displays[position + 1]} follows it", line.activation.span,
                            (Note("the loss is here", loss.span),))
         last = found.layers[-1]
         if last.activation is None or last.activation.text != "softmax":
             ends = f"ends in {last.activation.text}" if last.activation else "has no activation"
-            self.error(f"loss cross_entropy needs a softmax output, but the last layer, "
+            self.error(f"loss {loss.kind.text} needs a softmax output, but the last layer, "
                        f"{displays[-1]}, {ends}; end it with '-> softmax'", loss.span,
                        (Note("the last layer is here", last.stmt.span),))
 
@@ -450,16 +381,6 @@ class _Builder:
         return TrainConfig(optimizer, tuple(values.items()), stmt.span)
 
 
-@dataclass(frozen=True, slots=True)
-class _Step:
-    """One primitive op of a layer: its extra (parameter) inputs and a suffix naming its output."""
-
-    op: Op
-    params: tuple[str, ...] = ()
-    attrs: Attrs = None
-    suffix: str = ""
-
-
 def _kind_of(stmt: ast.LayerStmt) -> str:
     if isinstance(stmt, ast.PoolStmt):
         return stmt.kind.text
@@ -468,3 +389,31 @@ def _kind_of(stmt: ast.LayerStmt) -> str:
 
 def _option_span(stmt: ast.ConvStmt | ast.PoolStmt, key: str) -> Span:
     return next(o.span for o in stmt.options if o.key.text == key)
+
+
+class LayerContext:
+    """What an op file's `LayerDef.steps` may ask of irgen for one layer statement: its name
+    and how to report errors (every error marks the layer broken)."""
+
+    def __init__(self, builder: _Builder, stmt: ast.LayerStmt, name: str, owner: str) -> None:
+        self._builder = builder
+        self._stmt = stmt
+        self.name = name
+        self.owner = owner  # the layer as messages name it: `conv c1`, or `maxpool1`
+
+    def error(self, message: str, span: Span) -> None:
+        self._builder.error(message, span)
+        self._builder.broken.add(self.name)
+
+    def count(self, number: ast.Number, what: str) -> int:
+        return self._builder._count(number, what, self.owner, self.name)
+
+    def kernel(self, dims: ast.Dims, what: str) -> tuple[int, int]:
+        return self._builder._kernel(dims, what, self.owner, self.name)
+
+    def options(self, given: tuple[ast.Option, ...], table: dict[str, opts.OptionSpec]
+                ) -> dict[str, object]:
+        return self._builder._options(given, table, self.owner, self.name)
+
+    def option_span(self, key: str) -> Span:
+        return _option_span(self._stmt, key)

@@ -2,7 +2,8 @@
 
 A network is decomposed into primitive ops (conv2d, bias_add, relu, ...) on named tensors, so
 that gradient rules can be written per op and the fusion pass can group them again into
-kernels. Backward ops will be further members of `Op`, appended to the same node list.
+kernels. What each op means lives in the op registry (`cnnc/ops/`); a node names its op.
+autodiff appends the backward nodes to the same node list.
 Shapes are `None` until `shapes.infer` fills them; the batch dimension is the symbol `N`.
 """
 
@@ -31,61 +32,12 @@ class DType(enum.Enum):
         return self in (DType.F32, DType.F64)
 
 
-class Op(enum.Enum):
-    CONV2D = "conv2d"
-    MAXPOOL2D = "maxpool2d"
-    AVGPOOL2D = "avgpool2d"
-    DENSE = "dense"  # x · Wᵀ on the input flattened to N x features
-    BIAS_ADD = "bias_add"  # adds a per-channel (axis 1) bias
-    FLATTEN = "flatten"
-    RELU = "relu"
-    SIGMOID = "sigmoid"
-    TANH = "tanh"
-    SOFTMAX = "softmax"  # over axis 1 of an N x classes tensor
-    CROSS_ENTROPY = "cross_entropy"  # mean over the batch of -log p[label]
-    MSE = "mse"  # mean over all elements of the squared difference
-    # backward ops, made by autodiff; each names what it differentiates
-    CONV2D_GRAD_INPUT = "conv2d_grad_input"  # (dy, w) -> dx: full correlation, rotated w
-    CONV2D_GRAD_WEIGHT = "conv2d_grad_weight"  # (x, dy) -> dw: x correlated with dy
-    BIAS_GRAD = "bias_grad"  # (dy,) -> db: dy summed over all but axis 1
-    DENSE_GRAD_INPUT = "dense_grad_input"  # (dy, w) -> dx = dy · W, shaped like x
-    DENSE_GRAD_WEIGHT = "dense_grad_weight"  # (x, dy) -> dw = dyᵀ · x
-    MAXPOOL2D_GRAD = "maxpool2d_grad"  # (dy, argmax) -> dx: dy to where each max was
-    AVGPOOL2D_GRAD = "avgpool2d_grad"  # (dy,) -> dx: dy / (kh·kw) over each window
-    RELU_GRAD = "relu_grad"  # (dy, y) -> dy where y > 0
-    SIGMOID_GRAD = "sigmoid_grad"  # (dy, y) -> dy · y · (1 − y)
-    TANH_GRAD = "tanh_grad"  # (dy, y) -> dy · (1 − y²)
-    SOFTMAX_GRAD = "softmax_grad"  # (dy, y) -> y · (dy − Σ dy·y)
-    SOFTMAX_CROSS_ENTROPY_GRAD = "softmax_cross_entropy_grad"  # (p, labels) -> (p − onehot) / N
-    MSE_GRAD = "mse_grad"  # (y, t) -> 2 (y − t) / size
-    RESHAPE = "reshape"  # (dy,) -> dy shaped like the flatten's input
-    ADD = "add"  # (a, b) -> a + b: gradients of a tensor read by several ops
+class Phase(enum.Enum):
+    """Which pass made a node, and so which entry points run it."""
 
-
-class OpGroup:
-    """Named sets of ops, so passes say what they mean ("every activation") not list ops."""
-
-    ACTIVATION = frozenset({Op.RELU, Op.SIGMOID, Op.TANH, Op.SOFTMAX})
-    ELEMENTWISE = frozenset({Op.RELU, Op.SIGMOID, Op.TANH, Op.BIAS_ADD})
-    POOL = frozenset({Op.MAXPOOL2D, Op.AVGPOOL2D})
-    WINDOWED = frozenset({Op.CONV2D, Op.MAXPOOL2D, Op.AVGPOOL2D})
-    WEIGHTED = frozenset({Op.CONV2D, Op.DENSE})
-    LOSS = frozenset({Op.CROSS_ENTROPY, Op.MSE})
-    RESHAPE = frozenset({Op.FLATTEN, Op.RESHAPE})
-    BACKWARD = frozenset({
-        Op.CONV2D_GRAD_INPUT, Op.CONV2D_GRAD_WEIGHT, Op.BIAS_GRAD, Op.DENSE_GRAD_INPUT,
-        Op.DENSE_GRAD_WEIGHT, Op.MAXPOOL2D_GRAD, Op.AVGPOOL2D_GRAD, Op.RELU_GRAD,
-        Op.SIGMOID_GRAD, Op.TANH_GRAD, Op.SOFTMAX_GRAD, Op.SOFTMAX_CROSS_ENTROPY_GRAD,
-        Op.MSE_GRAD, Op.RESHAPE, Op.ADD})
-    ACTIVATION_GRAD = frozenset({Op.RELU_GRAD, Op.SIGMOID_GRAD, Op.TANH_GRAD})
-
-
-def argmax_name(layer: str) -> str:
-    """The int32 tensor in which max pooling records the flat position h·W + w of each max."""
-    return f"{layer}.argmax"
-
-
-ACTIVATION_OPS = {"relu": Op.RELU, "sigmoid": Op.SIGMOID, "tanh": Op.TANH, "softmax": Op.SOFTMAX}
+    FORWARD = "forward"
+    LOSS = "loss"  # the loss of the forward pass's output against the targets
+    BACKWARD = "backward"  # made by autodiff
 
 
 class Role(enum.Enum):
@@ -123,48 +75,18 @@ class Window:
 
 
 @dataclass(frozen=True, slots=True)
-class ConvAttrs:
-    filters: int
-    window: Window
-
-
-@dataclass(frozen=True, slots=True)
-class PoolAttrs:
-    window: Window
-
-
-@dataclass(frozen=True, slots=True)
-class DenseAttrs:
-    units: int
-
-
-@dataclass(frozen=True, slots=True)
-class ReshapeAttrs:
-    """The per-sample shape a reshape produces (the backward of flatten)."""
-
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class LossAttrs:
-    """A target shape the program declared (`loss mse targets=10`), checked against the output."""
-
-    declared: tuple[int, ...] | None = None
-
-
-Attrs = ConvAttrs | PoolAttrs | DenseAttrs | LossAttrs | ReshapeAttrs | None
-
-
-@dataclass(frozen=True, slots=True)
 class Node:
-    """One op: reads `inputs`, writes `outputs` (tensor names); `layer` is its source layer."""
+    """One op: reads `inputs`, writes `outputs` (tensor names); `layer` is its source layer.
+    `op` names its definition in the op registry (`cnnc.ops.registry`); `attrs` is that
+    op's attribute dataclass, whose `text()` is how `--emit ir` prints it."""
 
-    op: Op
+    op: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     layer: str
     span: Span
-    attrs: Attrs = None
+    attrs: object = None
+    phase: Phase = Phase.FORWARD
 
     @property
     def output(self) -> str:
@@ -264,9 +186,9 @@ def verify(graph: Graph) -> None:
     defined = {t.name for t in graph.tensors if t.role not in (Role.VALUE, Role.LOSS)}
     for node in graph.nodes:
         for name in node.inputs:
-            assert name in defined, f"{node.op.value} reads {name} before it is written"
+            assert name in defined, f"{node.op} reads {name} before it is written"
         for name in node.outputs:
-            assert name in names, f"{node.op.value} writes the undeclared tensor {name}"
+            assert name in names, f"{node.op} writes the undeclared tensor {name}"
             assert name not in defined, f"{name} is written twice"
             defined.add(name)
     for name in (graph.input, graph.output, graph.loss, graph.target):
@@ -308,24 +230,8 @@ def format_graph(graph: Graph) -> str:
 
 
 def _format_call(node: Node) -> str:
-    text = f"{', '.join(node.outputs)} = {node.op.value}({', '.join(node.inputs)})"
-    attrs = node.attrs
-    if isinstance(attrs, ConvAttrs):
-        text += f" filters={attrs.filters} {_format_window(attrs.window)}"
-    elif isinstance(attrs, PoolAttrs):
-        text += f" {_format_window(attrs.window)}"
-    elif isinstance(attrs, DenseAttrs):
-        text += f" units={attrs.units}"
-    elif isinstance(attrs, LossAttrs) and attrs.declared is not None:
-        text += f" declared={format_shape(attrs.declared, 'x')}"
-    return text
-
-
-def _format_window(window: Window) -> str:
-    def pair(p: tuple[int, int]) -> str:
-        return f"{p[0]}x{p[1]}"
-
-    return f"kernel={pair(window.kernel)} stride={pair(window.stride)} pad={pair(window.pad)}"
+    text = f"{', '.join(node.outputs)} = {node.op}({', '.join(node.inputs)})"
+    return text if node.attrs is None else text + node.attrs.text()
 
 
 def _format_setting(value: int | float | None) -> str:

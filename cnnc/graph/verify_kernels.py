@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from cnnc.graph.ir import Role
 
 if TYPE_CHECKING:
-    from cnnc.passes.fuse import KernelProgram
+    from cnnc.graph.kernels import KernelProgram
 
 # What the caller fills in before the first kernel runs.
 GIVEN = (Role.INPUT, Role.PARAM, Role.TARGET)

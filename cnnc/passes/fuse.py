@@ -1,98 +1,41 @@
-"""Graph → kernels: the forward ops grouped into the units code is generated for.
+"""Graph → kernels: the graph's ops grouped into the units code is generated for, by each
+op's fusion role (`OpDef.fusion`).
 
-conv + bias + activation and dense + bias + activation become one kernel each, and a max pool
-that reads a convolution's result joins its kernel too (the pool of a sample runs while the
-sample's convolution output is still in cache); max pooling also writes the position of each
-maximum to a named int32 tensor `LAYER.argmax`, which the backward pass will read; softmax
-and any activation left alone are kernels of their own; flatten is no kernel at all, only a
-second name for the same memory (NCHW is contiguous).
+An anchor (conv, dense) takes the epilogues that follow it (a bias, then an activation) into
+its kernel, as long as nothing else reads the intermediate result they replace; an anchor
+that `takes_pool` also takes a following pool (the pool of a sample runs while the sample's
+anchor output is still in cache; that output is kept, since the backward pass reads it).
+Every other op is a kernel of its own, except an alias (flatten), which is no kernel at all,
+only a second name for the same memory (NCHW is contiguous). For a differentiated graph the
+loss and each backward op get a kernel too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
-from dataclasses import dataclass
 
-from cnnc.graph.ir import BATCH, Graph, Node, Op, OpGroup, Role, Shape, Tensor, Window, argmax_name
-
-
-class KernelKind(enum.Enum):
-    CONV = "conv"
-    MAXPOOL = "maxpool"
-    AVGPOOL = "avgpool"
-    DENSE = "dense"
-    SOFTMAX = "softmax"
-    ACTIVATION = "activation"
-    LOSS = "loss"  # the mean loss of the batch, from the output and the targets
-    GRAD = "grad"  # one backward op of the graph (its `node`)
-    UPDATE = "update"  # one parameter's optimizer step
-
-
-@dataclass(frozen=True, slots=True)
-class Kernel:
-    """One generated function. `inputs` and `outputs` are storage tensors (aliases resolved)."""
-
-    kind: KernelKind
-    name: str  # the native function's name, e.g. c1_conv_relu_maxpool_fwd
-    layer: str
-    inputs: tuple[str, ...]  # data input first, then weight and bias where there are any
-    outputs: tuple[str, ...]  # the result, then (max pooling) its argmax
-    window: Window | None = None
-    activation: Op | None = None
-    has_bias: bool = False
-    node: Node | None = None  # the op of a LOSS or GRAD kernel
-    pool: Window | None = None  # a max pool fused after a CONV; outputs: conv, pool, argmax
-
-    def unfused(self) -> tuple[Kernel, ...]:
-        """The convolution and the max pool a fused kernel is made of; or the kernel alone."""
-        if self.pool is None:
-            return (self,)
-        conv = dataclasses.replace(self, outputs=self.outputs[:1], pool=None)
-        pool = Kernel(KernelKind.MAXPOOL, self.name, self.layer, self.outputs[:1],
-                      self.outputs[1:], self.pool)
-        return conv, pool
-
-    @property
-    def phase(self) -> str:
-        """forward, loss, backward or update: which entry points run this kernel."""
-        return {KernelKind.LOSS: "loss", KernelKind.GRAD: "backward",
-                KernelKind.UPDATE: "update"}.get(self.kind, "forward")
-
-
-@dataclass(frozen=True, slots=True)
-class KernelProgram:
-    """The forward pass as kernels over named storage tensors."""
-
-    graph: Graph
-    kernels: tuple[Kernel, ...]
-    storage: tuple[Tensor, ...]  # every tensor that has memory: input, params, kernel outputs
-    aliases: tuple[tuple[str, str], ...]  # (tensor, storage it shares), e.g. flatten outputs
-    output: str  # storage name of the network's output
-
-    def tensor(self, name: str) -> Tensor:
-        return next(t for t in self.storage if t.name == name)
-
-    def storage_of(self, name: str) -> str:
-        """The storage tensor a graph tensor lives in (itself, or what it aliases)."""
-        return dict(self.aliases).get(name, name)
+from cnnc.graph.ir import Graph, Node, Phase, Role, Tensor
+from cnnc.graph.kernels import Kernel, KernelProgram, format_kernels
+from cnnc.ops import registry
+from cnnc.ops.registry import Fusion, OpDef
 
 
 def fuse(graph: Graph) -> KernelProgram:
     """Forward kernels; for a differentiated graph also the loss and one kernel a backward op."""
-    nodes = [n for n in graph.nodes if n.op not in OpGroup.LOSS | OpGroup.BACKWARD]
+    readers = _readers(graph)
+    nodes = [n for n in graph.nodes if n.phase is Phase.FORWARD]
     alias: dict[str, str] = {}
     kernels: list[Kernel] = []
     storage: list[Tensor] = [t for t in graph.tensors if t.role in (Role.INPUT, Role.PARAM)]
     position = 0
     while position < len(nodes):
         node = nodes[position]
-        if node.op is Op.FLATTEN:
+        if registry.get(node.op).fusion is Fusion.ALIAS:
             alias[node.output] = alias.get(node.inputs[0], node.inputs[0])
             position += 1
             continue
-        covered = _covered(nodes, position)
-        kernel = _unique_name(_kernel(covered, alias), kernels)
+        covered = _covered(nodes, position, readers, graph.output)
+        kernel = _unique_name(_forward_kernel(covered, alias), kernels)
         kernels.append(kernel)
         storage += [graph.tensor(name) for name in kernel.outputs]
         position += len(covered)
@@ -102,23 +45,86 @@ def fuse(graph: Graph) -> KernelProgram:
     return KernelProgram(graph, tuple(kernels), tuple(storage), tuple(alias.items()), output)
 
 
+def _readers(graph: Graph) -> dict[str, list[Node]]:
+    """Every node that reads each tensor, forward and backward."""
+    readers: dict[str, list[Node]] = {}
+    for node in graph.nodes:
+        for name in node.inputs:
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
+def _covered(nodes: list[Node], start: int, readers: dict[str, list[Node]],
+             graph_output: str) -> list[Node]:
+    """The node at `start`, and, for an anchor, the epilogues (in slot order) and the pool
+    that follow it and read its result."""
+    covered = [nodes[start]]
+    anchor = registry.get(nodes[start].op)
+    if anchor.fusion is not Fusion.ANCHOR:
+        return covered
+    last_slot = 0
+    for node in nodes[start + 1:]:
+        op = registry.get(node.op)
+        result = covered[-1].output
+        if node.inputs[0] != result:
+            break
+        if op.fusion is Fusion.EPILOGUE and op.slot > last_slot and \
+                _private(result, node, readers, graph_output):
+            covered.append(node)
+            last_slot = op.slot
+        elif op.fusion is Fusion.POOL and anchor.takes_pool:
+            covered.append(node)  # the anchor's result stays an output of the kernel
+            break
+        else:
+            break
+    return covered
+
+
+def _private(tensor: str, reader: Node, readers: dict[str, list[Node]], graph_output: str
+             ) -> bool:
+    """Whether `reader` is the only use of `tensor`: then it need never be stored."""
+    return tensor != graph_output and readers.get(tensor, []) == [reader]
+
+
+def _forward_kernel(covered: list[Node], alias: dict[str, str]) -> Kernel:
+    head, op = covered[0], registry.get(covered[0].op)
+    inputs = tuple(alias.get(name, name) for name in head.inputs)
+    epilogues = [n for n in covered[1:] if registry.get(n.op).fusion is Fusion.EPILOGUE]
+    bias = next((n.inputs[1] for n in epilogues if _slot(n) is registry.Slot.BIAS), None)
+    activation = next((n.op for n in epilogues if _slot(n) is registry.Slot.ACTIVATION), None)
+    pool = covered[-1] if registry.get(covered[-1].op).fusion is Fusion.POOL and \
+        len(covered) > 1 else None
+    name = _forward_name(head, op, activation, pool)
+    outputs = covered[-1].outputs if pool is None else (covered[-2].output, *pool.outputs)
+    return Kernel(head.op, name, head.layer, inputs + ((bias,) if bias else ()), outputs, head,
+                  activation=activation, has_bias=bias is not None, pool=pool)
+
+
+def _slot(node: Node) -> registry.Slot | None:
+    return registry.get(node.op).slot
+
+
+def _forward_name(head: Node, op: OpDef, activation: str | None, pool: Node | None) -> str:
+    """c1_conv_relu_maxpool_fwd: the layer, the anchor's tag, the activation, the pool."""
+    parts = [head.layer, op.kernel_tag, activation or "",
+             registry.get(pool.op).pool_tag if pool else ""]
+    return "_".join(part for part in parts if part) + "_fwd"
+
+
 def _backward_kernels(graph: Graph, alias: dict[str, str], kernels: list[Kernel],
                       storage: list[Tensor]) -> None:
     """The loss kernel, then one kernel a backward op; a reshape is an alias like flatten."""
     storage += [graph.tensor(graph.target), graph.tensor(graph.loss)]
     for node in graph.nodes:
-        if node.op is Op.RESHAPE:
+        if node.phase is Phase.FORWARD:
+            continue
+        if registry.get(node.op).fusion is Fusion.ALIAS:
             alias[node.output] = alias.get(node.inputs[0], node.inputs[0])
             continue
-        if node.op in OpGroup.LOSS:
-            kind, name = KernelKind.LOSS, f"loss_{node.op.value}"
-        elif node.op in OpGroup.BACKWARD:
-            kind, name = KernelKind.GRAD, f"{node.layer}_{node.op.value}_bwd"
-        else:
-            continue
-        kernels.append(_unique_name(Kernel(kind, name, node.layer, node.inputs, node.outputs,
-                                           node=node), kernels))
-        if node.op not in OpGroup.LOSS:
+        name = f"loss_{node.op}" if node.phase is Phase.LOSS else f"{node.layer}_{node.op}_bwd"
+        kernels.append(_unique_name(Kernel(node.op, name, node.layer, node.inputs, node.outputs,
+                                           node, phase=node.phase.value), kernels))
+        if node.phase is not Phase.LOSS:
             storage.append(graph.tensor(node.output))
 
 
@@ -132,83 +138,4 @@ def _unique_name(kernel: Kernel, earlier: list[Kernel]) -> Kernel:
     return dataclasses.replace(kernel, name=name)
 
 
-def _covered(nodes: list[Node], start: int) -> list[Node]:
-    """The node at `start` and the bias, activation and (after a convolution) max pool that
-    follow it and read its result."""
-    covered = [nodes[start]]
-    if nodes[start].op not in OpGroup.WEIGHTED:
-        return covered
-    following_ops = [frozenset({Op.BIAS_ADD}), OpGroup.ACTIVATION - {Op.SOFTMAX}]
-    if nodes[start].op is Op.CONV2D:
-        following_ops.append(frozenset({Op.MAXPOOL2D}))
-    for wanted in following_ops:
-        following = start + len(covered)
-        if (following < len(nodes) and nodes[following].op in wanted
-                and nodes[following].inputs[0] == covered[-1].output):
-            covered.append(nodes[following])
-    return covered
-
-
-def _kernel(covered: list[Node], alias: dict[str, str]) -> Kernel:
-    head = covered[0]
-    source = alias.get(head.inputs[0], head.inputs[0])
-    bias = next((n.inputs[1] for n in covered if n.op is Op.BIAS_ADD), None)
-    activation = next((n.op for n in covered if n.op in OpGroup.ACTIVATION), None)
-    output = covered[-1].output
-    layer = head.layer
-    match head.op:
-        case Op.CONV2D | Op.DENSE:
-            return _weighted_kernel(covered, source, bias, activation)
-
-        case Op.MAXPOOL2D:
-            return Kernel(KernelKind.MAXPOOL, f"{layer}_fwd", layer, (source,),
-                          (output, argmax_name(layer)), head.attrs.window)
-        case Op.AVGPOOL2D:
-            return Kernel(KernelKind.AVGPOOL, f"{layer}_fwd", layer, (source,), (output,),
-                          head.attrs.window)
-        case Op.SOFTMAX:
-            return Kernel(KernelKind.SOFTMAX, f"{layer}_softmax_fwd", layer, (source,),
-                          (output,), activation=Op.SOFTMAX)
-        case Op.RELU | Op.SIGMOID | Op.TANH:
-            return Kernel(KernelKind.ACTIVATION, f"{layer}_{head.op.value}_fwd", layer,
-                          (source,), (output,), activation=head.op)
-    raise AssertionError(f"no kernel for {head.op}")
-
-
-def _weighted_kernel(covered: list[Node], source: str, bias: str | None,
-                     activation: Op | None) -> Kernel:
-    """conv or dense + bias + activation, and a conv's max pool, as one kernel."""
-    head, layer = covered[0], covered[0].layer
-    kind = KernelKind.CONV if head.op is Op.CONV2D else KernelKind.DENSE
-    inputs = (source, head.inputs[1]) + ((bias,) if bias else ())
-    name = f"{layer}_{kind.value}" + (f"_{activation.value}" if activation else "")
-    window = head.attrs.window if head.op is Op.CONV2D else None
-    pool = covered[-1] if covered[-1].op is Op.MAXPOOL2D else None
-    if pool is None:
-        return Kernel(kind, f"{name}_fwd", layer, inputs, (covered[-1].output,), window,
-                      activation, bias is not None)
-    outputs = (covered[-2].output, pool.output, argmax_name(pool.layer))
-    return Kernel(kind, f"{name}_maxpool_fwd", layer, inputs, outputs, window,
-                  activation, bias is not None, pool=pool.attrs.window)
-
-
-def format_kernels(program: KernelProgram) -> str:
-    """`--emit kernels`: storage tensors, aliases, then one line a kernel."""
-    lines = [f"kernels {program.graph.name} dtype={program.graph.dtype.value}"]
-    for tensor in program.storage:
-        lines.append(f"  {tensor.role.value:<6} {tensor.name}: {_shape(tensor.shape)} "
-                     f"{tensor.dtype.value}")
-    for name, target in program.aliases:
-        lines.append(f"  alias  {name} = {target}")
-    for kernel in program.kernels:
-        lines.append(f"  {kernel.name}({', '.join(kernel.inputs)}) -> {', '.join(kernel.outputs)}")
-    lines.append(f"  output {program.output}")
-    return "\n".join(lines) + "\n"
-
-
-def _shape(shape: Shape | None) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]" if shape is not None else "?"
-
-
-__all__ = ["BATCH", "Kernel", "KernelKind", "KernelProgram", "argmax_name", "format_kernels",
-           "fuse"]
+__all__ = ["Kernel", "KernelProgram", "format_kernels", "fuse"]

@@ -1,18 +1,19 @@
-"""Deterministic initial parameters from the train line's seed.
+"""Deterministic initial parameters from the train line's seed, each by its op's rule
+(`ParamDef.init`): conv and dense weights by their fans (He's scale before a relu, Glorot's
+otherwise), biases at zero.
 
-Weights feeding a relu are drawn with He's scale, N(0, 2 / fan_in); all others with
-Glorot's, U(±sqrt(6 / (fan_in + fan_out))); biases start at zero. The same seed gives the
-same parameters on every machine (numpy's PCG64 generator, drawn in float64, then rounded).
+The same seed gives the same parameters on every machine: one numpy PCG64 generator, drawn
+in float64 in the graph's parameter order, then rounded.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from cnnc.artifact.format import numpy_dtype
-from cnnc.graph.ir import Graph, Op
+from cnnc.graph.ir import Graph, Node
+from cnnc.ops import registry
+from cnnc.ops.registry import InitContext, ParamDef
 
 
 def initial_parameters(graph: Graph) -> dict[str, np.ndarray]:
@@ -21,22 +22,18 @@ def initial_parameters(graph: Graph) -> dict[str, np.ndarray]:
     dtype = numpy_dtype(graph.dtype)
     params: dict[str, np.ndarray] = {}
     for tensor in graph.params:
-        shape = tuple(tensor.shape)
-        if tensor.name.endswith(".bias"):
-            params[tensor.name] = np.zeros(shape, dtype=dtype)
-            continue
-        fan_in = math.prod(shape[1:])
-        fan_out = shape[0] * math.prod(shape[2:])
-        if _feeds_relu(graph, tensor.name):
-            values = rng.normal(0.0, math.sqrt(2.0 / fan_in), size=shape)
-        else:
-            limit = math.sqrt(6.0 / (fan_in + fan_out))
-            values = rng.uniform(-limit, limit, size=shape)
-        params[tensor.name] = values.astype(dtype)
+        node, param = _owner(graph, tensor.name)
+        context = InitContext(tuple(tensor.shape), dtype, node, graph, rng)
+        params[tensor.name] = param.init(context)
     return params
 
 
-def _feeds_relu(graph: Graph, weight: str) -> bool:
-    layer = next(n.layer for n in graph.nodes if weight in n.inputs)
-    return any(n.op is Op.RELU for n in graph.nodes_of(layer))
-
+def _owner(graph: Graph, name: str) -> tuple[Node, ParamDef]:
+    """The node that owns parameter `name` and its definition: params are a node's last
+    inputs, in the order its op declares them."""
+    for node in graph.nodes:
+        declared = registry.get(node.op).params
+        owned = node.inputs[len(node.inputs) - len(declared):] if declared else ()
+        if name in owned:
+            return node, declared[owned.index(name)]
+    raise AssertionError(f"no op owns the parameter {name}")

@@ -18,7 +18,8 @@ from cnnc.artifact.summary import (
     rows_to_json,
     to_json,
 )
-from cnnc.graph.ir import BATCH, ConvAttrs, Graph, Layer, Node, Op, Role
+from cnnc.graph.ir import BATCH, Graph, Layer, Node, Role
+from cnnc.ops import registry
 
 # the manifest's half, for the compiler's callers that take both from here
 __all__ = ["DTYPE_BYTES", "FLOPS_NOTE", "MEMORY_NOTE", "LayerRow", "Summary", "format_table",
@@ -28,7 +29,7 @@ __all__ = ["DTYPE_BYTES", "FLOPS_NOTE", "MEMORY_NOTE", "LayerRow", "Summary", "f
 
 def summarize(graph: Graph) -> Summary:
     rows = tuple(_row(graph, layer) for layer in graph.layers)
-    loss = graph.producer(graph.loss).op.value if graph.loss else None
+    loss = graph.producer(graph.loss).op if graph.loss else None
     return Summary(graph.name, graph.dtype.value,
                    (graph.input, tuple(graph.tensor(graph.input).shape[1:])),
                    (graph.output, tuple(graph.tensor(graph.output).shape[1:])), rows,
@@ -53,15 +54,9 @@ def _sample_bytes(graph: Graph, name: str) -> int:
 
 
 def node_flops(graph: Graph, node: Node) -> int:
-    """2 × multiply-adds for one sample of a conv or dense op, 0 for every other op."""
-    if node.op is Op.CONV2D:
-        assert isinstance(node.attrs, ConvAttrs)
-        weight = graph.tensor(node.inputs[1]).shape
-        out = graph.tensor(node.output).shape
-        return 2 * math.prod(weight) * out[2] * out[3]
-    if node.op is Op.DENSE:
-        return 2 * math.prod(graph.tensor(node.inputs[1]).shape)
-    return 0
+    """FLOPs of one sample by the node's op (`OpDef.flops`): 2 per multiply-add of conv and
+    dense ops, 0 for the others."""
+    return registry.get(node.op).flops(graph, node)
 
 
 def _kind(layer: Layer) -> str:

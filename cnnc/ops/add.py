@@ -1,0 +1,38 @@
+"""Elementwise sum of two or more tensors of one shape. The backward pass sums the gradients
+of a tensor read by several ops with it; its own gradient passes δ to every input."""
+
+from __future__ import annotations
+
+from functools import reduce
+
+import numpy as np
+
+from cnnc.graph.ir import Node
+from cnnc.loops.build import add
+from cnnc.ops import registry
+from cnnc.ops.activation import lower_binary
+from cnnc.ops.registry import Fusion, OpDef, ShapeContext, ShapeProblem
+from cnnc.ops.window import sample
+
+
+def _shape(ctx: ShapeContext) -> dict:
+    first = ctx.inputs[0]
+    for shape, source in zip(ctx.inputs[1:], ctx.sources[1:], strict=True):
+        if shape != first:
+            raise ShapeProblem(f"{ctx.subject} adds tensors of one shape, but {ctx.sources[0]} "
+                               f"gives {sample(first)} and {source} gives {sample(shape)}")
+    return {ctx.node.output: first}
+
+
+def _reference(node: Node, args: list[np.ndarray], shape, mode) -> np.ndarray:
+    return reduce(np.add, args[1:], args[0])
+
+
+def _gradient(node: Node, dy: str, b) -> list[tuple[str, str]]:
+    return [(x, dy) for x in node.inputs]
+
+
+registry.register(OpDef(
+    "add", "a + b (+ ...): elementwise, one shape", inputs=None, shape=_shape,
+    reference=_reference, gradient=_gradient, fusion=Fusion.ALONE, kernel_tag="add",
+    lower=lower_binary(add)))

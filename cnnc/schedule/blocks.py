@@ -1,0 +1,227 @@
+"""What every schedule pattern is built from: a loop function under construction with its
+scratch buffers, the register block (rows x vectors accumulators kept in registers through
+the reduction loops), row tiling with a tail block, the tile an accumulator block is stored
+to and scattered from (bias and activation applied on the way), channel-blocked repacking
+and zero padding. Each kernel packs what it needs into scratch buffers of its own at the
+start of the call."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cnnc.graph.ir import BATCH, DType, Role, Tensor
+from cnnc.loops.build import add, const, loop_nest, mul
+from cnnc.loops.ir import (
+    Assign,
+    Binary,
+    BinOp,
+    Broadcast,
+    Buffer,
+    Const,
+    Expr,
+    For,
+    If,
+    Load,
+    Local,
+    LoopFunction,
+    Select,
+    Stmt,
+    Store,
+    Var,
+    VecStore,
+)
+from cnnc.ops.lowering import activate
+from cnnc.schedule.cost import Block, Schedule
+
+ZERO = Const(0.0, True)
+
+
+@dataclass
+class Function:
+    """A loop function under construction: its buffers, locals and scratch tensors."""
+
+    name: str
+    dtype: DType
+    buffers: list[Buffer]
+    scratch: list[Tensor]
+    locals: list[Local]
+    body: list[Stmt]
+
+    def add_scratch(self, suffix: str, shape: tuple) -> str:
+        """A scratch buffer of this function; asking again for one returns the same."""
+        name = f"{self.name}.{suffix}"
+        for tensor in self.scratch:
+            if tensor.name == name:
+                assert tensor.shape == shape, f"scratch {name} asked for with two shapes"
+                return name
+        self.scratch.append(Tensor(name, Role.SCRATCH, self.dtype, shape))
+        self.buffers.append(Buffer(name, shape, self.dtype, is_output=True))
+        return name
+
+    def finished(self) -> LoopFunction:
+        return LoopFunction(self.name, tuple(self.buffers), tuple(self.locals),
+                            tuple(self.body))
+
+
+@dataclass(frozen=True, slots=True)
+class Lowered:
+    function: LoopFunction
+    scratch: tuple[Tensor, ...]
+    schedule: Schedule
+
+
+@dataclass(frozen=True, slots=True)
+class BlockCode:
+    """What a register block computes; each callable gets the row r (and vector v)."""
+
+    reduction: tuple[tuple[str, Expr], ...]  # (loop variable, extent), outermost first
+    broadcast: Callable[[int], Expr]  # the scalar operand of row r
+    vector: Callable[[int], Expr]  # the vector operand v (a VecLoad)
+    init: Callable[[int, int], Expr]  # the starting value of accumulator (r, v)
+    finish: Callable[[int, int, Expr], tuple[Stmt, ...]]  # consumes accumulator (r, v)
+    epilogue: Callable[[int], tuple[Stmt, ...]] = lambda rows: ()  # after all, given rows
+
+
+def register_block(f: Function, tag: str, block: Block, rows: int,
+                    code: BlockCode) -> tuple[Stmt, ...]:
+    """rows x vectors accumulators that live in registers through the reduction loops."""
+    lanes, vectors = block.lanes, block.vectors
+    acc = [[f"{tag}_acc{r}_{v}" for v in range(vectors)] for r in range(rows)]
+    weights = [f"{tag}_vec{v}" for v in range(vectors)]
+    scalar = f"{tag}_scalar"
+    f.locals += [Local(n, f.dtype, lanes) for row in acc for n in row]
+    f.locals += [Local(n, f.dtype, lanes) for n in weights] + [Local(scalar, f.dtype)]
+    start = [Assign(acc[r][v], code.init(r, v)) for r in range(rows) for v in range(vectors)]
+    step: list[Stmt] = [Assign(weights[v], code.vector(v)) for v in range(vectors)]
+    for r in range(rows):
+        step.append(Assign(scalar, code.broadcast(r)))
+        spread = Broadcast(Var(scalar), lanes)
+        step += [Assign(acc[r][v], add(Var(acc[r][v]), mul(spread, Var(weights[v]))))
+                 for v in range(vectors)]
+    names = [name for name, _ in code.reduction]
+    nest = loop_nest(names, [extent for _, extent in code.reduction], tuple(step))
+    end = [s for r in range(rows) for v in range(vectors)
+           for s in code.finish(r, v, Var(acc[r][v]))]
+    return (*start, nest, *end, *code.epilogue(rows))
+
+
+def row_tiles(f: Function, var: str, extent: int | None, block: Block,
+               code_at: Callable[[Expr], BlockCode]) -> tuple[Stmt, ...]:
+    """Rows 0..extent in blocks of block.rows and a smaller tail block; `code_at` gets the
+    first row of a block. An extent of None is the batch, known only at run time."""
+    size = block.rows
+    if extent is None:
+        full = Binary(BinOp.FLOOR_DIV, Var(BATCH), const(size))
+        main = For(var, full, register_block(f, f"{var}m", block, size,
+                                              code_at(mul(Var(var), const(size)))))
+        last = add(mul(full, const(size)), Var(f"{var}t"))
+        tail = For(f"{var}t", Binary(BinOp.MOD, Var(BATCH), const(size)),
+                   register_block(f, f"{var}t", Block(1, block.vectors, block.lanes), 1,
+                                   code_at(last)))
+        return (main, tail) if size > 1 else (main,)
+    full, rest = divmod(extent, size)
+    stmts: list[Stmt] = []
+    if full:
+        stmts.append(For(var, const(full), register_block(
+            f, f"{var}m", block, size, code_at(mul(Var(var), const(size))))))
+    if rest:
+        stmts += register_block(f, f"{var}t", block, rest, code_at(const(full * size)))
+    return tuple(stmts)
+
+
+def tile_store(tile: str, block: Block) -> Callable[[int, int, Expr], tuple[Stmt, ...]]:
+    """Accumulator (r, v) as one vector store into the block's tile."""
+    return lambda r, v, acc: (VecStore(tile, (const(r), const(v * block.lanes)), acc),)
+
+
+def tile_scatter(tile: str, out: str, index_of: Callable[[Expr, Expr], tuple[Expr, ...]],
+                  first: Expr, limit: int, width: int,
+                  activation: str | None) -> Callable[[int], tuple[Stmt, ...]]:
+    """The tile's rows x channels, activated, to out[index_of(row, first + j)], as a loop
+    (compact code) over the channels below `limit`."""
+    remaining = Binary(BinOp.SUB, const(limit), first)
+    channels = const(width) if limit % width == 0 else \
+        smaller(remaining, const(width))
+
+    def epilogue(rows: int) -> tuple[Stmt, ...]:
+        value = activate(activation, Load(tile, (Var("er"), Var("ej"))))
+        store = Store(out, index_of(Var("er"), add(first, Var("ej"))), value)
+        return (loop_nest(["er", "ej"], [const(rows), channels], (store,)),)
+
+    return epilogue
+
+
+def tile_buffer(f: Function, block: Block) -> str:
+    """Where a block's accumulators go before they are scattered to the output."""
+    return f.add_scratch("tile", (block.rows, block.width))
+
+
+def pack_blocked(f: Function, suffix: str, outer: list[tuple[str, int]], extent: int,
+                  width: int, value: Callable[[Expr, list[Expr]], Expr]) -> str:
+    """scratch[b, *outer, lane] = value(b·width + lane, outer) for channels below `extent`,
+    and 0 in the lanes past it: a channel-blocked copy whose vectors need no tail test."""
+    blocks = math.ceil(extent / width)
+    shape = (blocks, *(e for _, e in outer), width)
+    name = f.add_scratch(suffix, shape)
+    names = ["pb", *(n for n, _ in outer), "pl"]
+    where = tuple(Var(n) for n in names)
+    channel = add(mul(Var("pb"), const(width)), Var("pl"))
+    outer_vars = [Var(n) for n, _ in outer]
+    inside = Binary(BinOp.LT, channel, const(extent))
+    body = (Store(name, where, ZERO), If(inside, (Store(name, where, value(channel, outer_vars)),)))
+    f.body.append(loop_nest(names, [blocks, *(e for _, e in outer), width], body))
+    return name
+
+
+def pad(f: Function, source: Buffer, top: int, left: int, height: int,
+         width: int) -> str:
+    """scratch[n, c, top + i, left + j] = source[n, c, i, j], zero around it; or the source
+    itself where nothing needs padding."""
+    _, channels, rows, cols = source.shape
+    if (top, left, height, width) == (0, 0, rows, cols):
+        return source.name
+    name = f.add_scratch("pad", (BATCH, channels, height, width))
+    right, below = width - left - cols, height - top - rows
+
+    def zeros(row: Expr, start: int, count: int) -> For:
+        return For("pj", const(count), (Store(name, (Var("pn"), Var("pc"), row,
+                                                     add(Var("pj"), const(start))), ZERO),))
+
+    copy = For("pj", const(cols), (Store(name, (Var("pn"), Var("pc"), add(Var("pi"), const(top)),
+                                                add(Var("pj"), const(left))),
+                                         Load(source.name, (Var("pn"), Var("pc"), Var("pi"),
+                                                            Var("pj")))),))
+    inside_row = add(Var("pi"), const(top))
+    row_loops = [
+        For("pt", const(top), (zeros(Var("pt"), 0, width),)) if top else None,
+        For("pi", const(rows), tuple(s for s in (
+            zeros(inside_row, 0, left) if left else None, copy,
+            zeros(inside_row, left + cols, right) if right else None) if s is not None)),
+        For("pz", const(below), (zeros(add(Var("pz"), const(top + rows)), 0, width),))
+        if below else None]
+    f.body.append(loop_nest(["pn", "pc"], [Var(BATCH), channels],
+                            tuple(s for s in row_loops if s is not None)))
+    return name
+
+
+def affine(q: Expr, scale: int, shift: Expr) -> Expr:
+    scaled = q if scale == 1 else mul(q, const(scale))
+    if isinstance(shift, Const) and shift.value == 0:
+        return scaled
+    return add(scaled, shift)
+
+
+def larger(a: Expr, b: Expr) -> Expr:
+    return Select(Binary(BinOp.LT, a, b), b, a)
+
+
+def smaller(a: Expr, b: Expr) -> Expr:
+    return Select(Binary(BinOp.LT, a, b), a, b)
+
+
+def block_reason(block: Block, rows: int | None, vector_extent: int) -> str:
+    return (f"{block.rows * block.vectors} accumulators + {block.vectors} vector loads + 1 "
+            f"broadcast fit the registers; best estimate over every block for "
+            f"{'N' if rows is None else rows} rows x {vector_extent} channels")
