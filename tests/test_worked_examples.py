@@ -5,7 +5,7 @@ import numpy as np
 
 import cnnc
 from cnnc.graph.ir import Window
-from cnnc.passes.reference import maxpool2d
+from cnnc.ops.pool import maxpool2d
 
 
 def conv_module(text: str, weight: np.ndarray, bias: np.ndarray | None = None) -> cnnc.Module:

@@ -86,7 +86,10 @@ def _activation(name: str, doc: str, value: Callable[[Expr], Expr],
         reference=lambda node, args, shape, mode: reference(args[0]),
         gradient=_gradient_through_output(f"{name}_grad"), fusion=Fusion.EPILOGUE,
         slot=Slot.ACTIVATION, elementwise=value, activation=True, kernel_tag=name,
-        lower=_lower_alone))
+        lower=_lower_alone,
+        # once in a convolution's kernel, once after a pool (a kernel of its own)
+        example=f"input: 2x4x4\nconv c: 3 3x3 -> {name}\nmaxpool 1x1\n{name}\nflatten\n"
+                "dense e: 3\nloss mse"))
 
 
 def _activation_grad(name: str, doc: str, formula: Callable[[Expr, Expr], Expr],

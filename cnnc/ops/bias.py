@@ -63,7 +63,8 @@ registry.register(OpDef(
     "bias_add", "x + b, b per channel (axis 1)", inputs=("x",),
     params=(ParamDef("bias", registry.zeros),), shape=_shape, reference=_reference,
     gradient=_gradient, fusion=Fusion.EPILOGUE, slot=Slot.BIAS, kernel_tag="bias",
-    lower=_lower))
+    lower=_lower,
+    example="input: 3x4x4\nconv c: 2 3x3\ndense d: 3\nloss mse"))
 registry.register(OpDef(
     "bias_grad", "(dy,) -> db: dy summed over all but axis 1", inputs=("dy",),
     shape=lambda ctx: {}, differentiable=False, fusion=Fusion.ALONE,

@@ -195,7 +195,8 @@ registry.register(OpDef(
     inputs=("x",), params=(ParamDef("weight", registry.fan_scaled),), shape=_shape,
     reference=lambda node, args, shape, mode: conv2d(args[0], args[1], node.attrs.window),
     gradient=_gradient, fusion=Fusion.ANCHOR, takes_pool=True, kernel_tag="conv",
-    lower=_lower, schedule=correlation.conv_forward, flops=_flops))
+    lower=_lower, schedule=correlation.conv_forward, flops=_flops,
+    example="input: 2x7x6\nconv c: 3 3x3 stride=2 pad=1 bias=false\ndense d: 2\nloss mse"))
 registry.register(OpDef(
     "conv2d_grad_input", "(dy, w) -> dx: full correlation of δ with the rotated filters",
     inputs=("dy", "w"), shape=lambda ctx: {}, differentiable=False, fusion=Fusion.ALONE,

@@ -112,7 +112,8 @@ registry.register(OpDef(
     "dense", "x · Wᵀ on x flattened to N x features", inputs=("x",),
     params=(ParamDef("weight", registry.fan_scaled),), shape=_shape, reference=_reference,
     gradient=_gradient, fusion=Fusion.ANCHOR, kernel_tag="dense", lower=_lower,
-    schedule=product.dense_forward, flops=_flops))
+    schedule=product.dense_forward, flops=_flops,
+    example="input: 2x3x3\ndense d: 4 bias=false\nloss mse"))
 registry.register(OpDef(
     "dense_grad_input", "(dy, w) -> dx = dy · W, shaped like x", inputs=("dy", "w"),
     shape=lambda ctx: {}, differentiable=False, fusion=Fusion.ALONE,

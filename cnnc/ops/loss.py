@@ -161,14 +161,16 @@ registry.register_loss(LossDef(
 registry.register(OpDef(
     "cross_entropy", "mean over the batch of −log p[label]", inputs=("p", "labels"),
     shape=_cross_entropy_shape, reference=_cross_entropy, gradient=_cross_entropy_gradient,
-    fusion=Fusion.ALONE, lower=_lower_cross_entropy))
+    fusion=Fusion.ALONE, lower=_lower_cross_entropy,
+    example="input: 6\ndense d: 4 -> softmax\nloss cross_entropy"))
 registry.register(OpDef(
     "softmax_cross_entropy_grad", "(p, labels) -> (p − onehot) / N", inputs=("p", "labels"),
     shape=lambda ctx: {}, differentiable=False, fusion=Fusion.ALONE,
     reference=_softmax_cross_entropy_grad, lower=_lower_softmax_cross_entropy_grad))
 registry.register(OpDef(
     "mse", "mean over all elements of (y − t)²", inputs=("y", "targets"), shape=_mse_shape,
-    reference=_mse, gradient=_mse_gradient, fusion=Fusion.ALONE, lower=_lower_mse))
+    reference=_mse, gradient=_mse_gradient, fusion=Fusion.ALONE, lower=_lower_mse,
+    example="input: 2x2x2\nconv c: 3 1x1\nloss mse"))
 registry.register(OpDef(
     "mse_grad", "(y, t) -> 2 (y − t) / size", inputs=("y", "t"), shape=lambda ctx: {},
     differentiable=False, fusion=Fusion.ALONE,

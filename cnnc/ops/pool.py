@@ -215,7 +215,8 @@ registry.register(OpDef(
     outputs=(OutputDef("argmax", DType.I32),), shape=_shape,
     reference=lambda node, args, shape, mode: maxpool2d(args[0], node.attrs.window),
     gradient=_maxpool_gradient, fusion=Fusion.POOL, pool_tag="maxpool", lower=_lower_maxpool,
-    pool_schedule=pooling.maxpool_in_anchor))
+    pool_schedule=pooling.maxpool_in_anchor,
+    example="input: 2x7x7\nconv c: 2 1x1\nmaxpool p: 3x3 stride=2 pad=1\nloss mse"))
 registry.register(OpDef(
     "maxpool2d_grad", "(dy, argmax) -> dx: each δ to where its window's maximum was",
     inputs=("dy", "argmax"), shape=lambda ctx: {}, differentiable=False, fusion=Fusion.ALONE,
@@ -225,7 +226,8 @@ registry.register(OpDef(
 registry.register(OpDef(
     "avgpool2d", "the mean of each window, padding counted as zeros", inputs=("x",),
     shape=_shape, reference=lambda node, args, shape, mode: avgpool2d(args[0], node.attrs.window),
-    gradient=_avgpool_gradient, fusion=Fusion.ALONE, lower=_lower_avgpool))
+    gradient=_avgpool_gradient, fusion=Fusion.ALONE, lower=_lower_avgpool,
+    example="input: 2x7x7\nconv c: 2 1x1\navgpool p: 3x2 stride=2x1 pad=1\nloss mse"))
 registry.register(OpDef(
     "avgpool2d_grad", "(dy,) -> dx: δ / (kh·kw) to every position of its window",
     inputs=("dy",), shape=lambda ctx: {}, differentiable=False, fusion=Fusion.ALONE,

@@ -18,7 +18,7 @@ import importlib
 import math
 import pkgutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +170,9 @@ class OpDef:
     pool_schedule: ScheduleRule | None = None  # a POOL op's code inside a scheduled anchor
     differentiable: bool = True  # False: a backward op (the gradient of nothing)
     activation: bool = False  # may end a layer: `conv c: 6 5x5 -> NAME`, or a line of its own
-    extra: dict[str, Any] = field(default_factory=dict)  # family-specific facts
+    # a program using the op (after its network line), on which tests/ops checks the op's
+    # gradient rule against finite differences and its kernels against the reference
+    example: str = ""
 
 
 # -- statements of the language and optimizers --------------------------------------------

@@ -38,7 +38,8 @@ registry.register_layer(LayerDef("flatten", lambda stmt, ctx: [Step("flatten", s
 registry.register(OpDef(
     "flatten", "N x C x H x W -> N x C·H·W", inputs=("x",), shape=_flatten_shape,
     reference=lambda node, args, shape, mode: args[0].reshape(args[0].shape[0], -1),
-    gradient=_flatten_gradient, fusion=Fusion.ALIAS))
+    gradient=_flatten_gradient, fusion=Fusion.ALIAS,
+    example="input: 2x3x3\nconv c: 2 2x2\nflatten\ndense d: 3\nloss mse"))
 registry.register(OpDef(
     "reshape", "(dy,) -> dy shaped like the flatten's input", inputs=("dy",),
     shape=lambda ctx: {}, differentiable=False, fusion=Fusion.ALIAS,

@@ -92,7 +92,8 @@ def _lower_grad(kernel, program) -> LoopFunction:
 registry.register(OpDef(
     "softmax", "exp(x − max) / Σ exp(x − max) over axis 1", inputs=("x",), shape=_shape,
     reference=_reference, gradient=_gradient, fusion=Fusion.ALONE, activation=True,
-    kernel_tag="softmax", lower=_lower))
+    kernel_tag="softmax", lower=_lower,
+    example="input: 6\ndense d: 4 -> softmax\ndense e: 2\nloss mse"))
 registry.register(OpDef(
     "softmax_grad", "(dy, y) -> y · (dy − Σ dy·y)", inputs=("dy", "y"), shape=lambda ctx: {},
     differentiable=False, fusion=Fusion.ALONE, reference=_grad_reference, lower=_lower_grad))

@@ -55,23 +55,28 @@ def differentiate(graph: Graph) -> Graph:
         if node.phase is Phase.LOSS:
             contributions = rule(node, None, builder)
         elif node.output in pending:
-            dy = _total(builder, pending.pop(node.output), node)
+            dy = _total(builder, node.output, pending.pop(node.output), node)
             contributions = rule(node, dy, builder)
         else:
             continue  # nothing downstream depends on it (softmax before cross-entropy)
         for tensor, gradient in contributions:
             pending.setdefault(tensor, []).append(gradient)
     wanted = [graph.input] + [p.name for p in graph.params]
-    gradients = tuple((name, _total(builder, pending[name], None)) for name in wanted
-                      if name in pending)
+    gradients = tuple((name, _total(builder, name, pending[name], _first_reader(graph, name)))
+                      for name in wanted if name in pending)
     return dataclasses.replace(graph, tensors=tuple(builder.tensors),
                                nodes=tuple(builder.nodes), gradients=gradients)
 
 
-def _total(builder: _Builder, parts: list[str], node: Node | None) -> str:
-    """One gradient from several: a chain of `add` nodes."""
+def _total(builder: _Builder, tensor: str, parts: list[str], node: Node) -> str:
+    """The gradient of `tensor` from its contributions, one from each op that reads it: a
+    chain of `add` nodes, named like `tensor`'s other gradients, on behalf of `node`."""
     total = parts[0]
     for part in parts[1:]:
-        forward = node or builder.graph.producer(total) or builder.graph.nodes[-1]
-        total = builder.op("add", (total, part), total, forward)
+        total = builder.op("add", (total, part), tensor, node)
     return total
+
+
+def _first_reader(graph: Graph, tensor: str) -> Node:
+    """The op the sum of an input's or parameter's gradients is reported at."""
+    return next(node for node in graph.nodes if tensor in node.inputs)

@@ -1,0 +1,112 @@
+"""Every registered op, automatically: it has every rule the stages ask for, its gradient
+rule agrees with central finite differences (through the numpy reference), and its compiled
+kernels, forward and backward, agree with the reference. A new op is checked as soon as its
+file registers it, on the program in its `example` field."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gradcheck import numeric_gradient, relative_error
+from numerics import assert_close, random_params
+
+import cnnc
+from cnnc.diagnostics import Span
+from cnnc.graph.ir import BATCH, DType, Graph, Layer, Node, Phase, Role, Tensor
+from cnnc.ops import registry
+from cnnc.passes import reference
+from cnnc.passes.autodiff import differentiate
+from cnnc.passes.initialise import initial_parameters
+
+OPS = registry.all_ops()
+FORWARD = [op for op in OPS if op.differentiable]
+EXAMPLES = [op for op in FORWARD if op.example]
+
+
+def _variadic_graph(op: registry.OpDef) -> Graph:
+    """y = op(x, x), then mse: for an op no statement of the language makes yet. x is read
+    twice, so this also checks that the backward pass sums a tensor's gradients."""
+    span = Span.point("<test>", 1, 1)
+    shape = (BATCH, 3, 2)
+    tensors = (Tensor("x", Role.INPUT, DType.F64, shape), Tensor("y", Role.VALUE, DType.F64, shape),
+               Tensor("loss.targets", Role.TARGET, DType.F64, shape),
+               Tensor("loss", Role.LOSS, DType.F64, ()))
+    nodes = (Node(op.name, ("x", "x"), ("y",), "y", span),
+             Node("mse", ("y", "loss.targets"), ("loss",), "loss", span,
+                  registry.losses()["mse"].attrs({"targets": None}), Phase.LOSS))
+    layers = (Layer("x", "input", False, "x", span), Layer("y", op.name, False, "y", span))
+    return Graph("g", DType.F64, tensors, nodes, layers, "x", "y", "loss", "loss.targets")
+
+
+HAND_BUILT = {"add": _variadic_graph}
+
+
+def _graph(op: registry.OpDef) -> Graph:
+    if op.example:
+        return cnnc.check(f"network example\n{op.example}\n", dtype="f64")
+    return HAND_BUILT[op.name](op)
+
+
+@pytest.mark.parametrize("op", OPS, ids=[op.name for op in OPS])
+def test_every_op_has_every_rule_a_stage_needs(op):
+    assert registry.check_complete(op) == []
+
+
+@pytest.mark.parametrize("op", FORWARD, ids=[op.name for op in FORWARD])
+def test_every_differentiable_op_has_a_program_to_check_it_on(op):
+    assert op.example or op.name in HAND_BUILT, \
+        f"give {op.name} an example program (OpDef.example)"
+    assert op.name in {node.op for node in _graph(op).nodes}
+
+
+@pytest.mark.parametrize("op", FORWARD, ids=[op.name for op in FORWARD])
+def test_gradient_rule_against_finite_differences(op):
+    graph = differentiate(_graph(op))
+    rng = np.random.default_rng(3)
+    params = {name: value + 0.1 * rng.standard_normal(value.shape)
+              for name, value in initial_parameters(graph).items()}
+    batch = 3
+    x = rng.standard_normal((batch, *graph.tensor(graph.input).shape[1:]))
+    out_shape = graph.tensor(graph.output).shape[1:]
+    if graph.tensor(graph.target).dtype is DType.I64:
+        target = rng.integers(0, out_shape[0], batch)
+    else:
+        target = rng.standard_normal((batch, *out_shape))
+    values = reference.run(graph, x, params, target)
+
+    def loss() -> float:
+        return float(reference.run(graph, x, params, target)[graph.loss])
+
+    assert graph.gradients, "the example has nothing to differentiate"
+    for name, gradient in graph.gradients:
+        array = x if name == graph.input else params[name]
+        indices, numeric = numeric_gradient(loss, array)
+        analytic = values[gradient].reshape(-1)[indices]
+        assert relative_error(analytic, numeric) < 1e-6, name
+
+
+@pytest.mark.parametrize("schedule", [True, False], ids=["scheduled", "plain"])
+@pytest.mark.parametrize("op", EXAMPLES, ids=[op.name for op in EXAMPLES])
+def test_compiled_kernels_match_the_reference(op, schedule):
+    """Forward activations, loss and every gradient of the example, compiled, against the
+    reference interpreter run on the same parameters."""
+    text = f"network example\n{op.example}\n"
+    module = cnnc.compile(text, dtype="f64", schedule=schedule)
+    graph = differentiate(cnnc.check(text, dtype="f64"))
+    params = random_params(module, seed=1)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4, *module.input_shape))
+    out_shape = graph.tensor(graph.output).shape[1:]
+    if graph.tensor(graph.target).dtype is DType.I64:
+        y = rng.integers(0, out_shape[0], 4)
+    else:
+        y = rng.standard_normal((4, *out_shape))
+    expected = reference.run(graph, x, params, y)
+    assert_close(module.forward(x), expected[graph.output], np.float64, "output")
+    gradients, loss = module.gradients_and_loss(x, y)
+    assert_close(np.asarray(loss), expected[graph.loss], np.float64, "loss")
+    for name, gradient in graph.gradients:
+        if name != graph.input:
+            assert_close(gradients[name], expected[gradient], np.float64, name)
+    assert_close(module.input_gradient(x, y), expected[dict(graph.gradients)[graph.input]],
+                 np.float64, "input gradient")
