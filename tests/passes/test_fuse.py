@@ -31,9 +31,9 @@ def test_an_intermediate_read_twice_is_not_fused_away():
     graph = cnnc.check(PROGRAM)
     span = graph.nodes[0].span
     extra = Node("add", ("c.conv", "c"), ("both",), "both", span)
-    tensors = graph.tensors + (Tensor("both", Role.VALUE, graph.dtype, graph.tensor("c").shape),)
-    layers = graph.layers + (Layer("both", "add", False, "both", span),)
-    graph = dataclasses.replace(graph, nodes=graph.nodes + (extra,), tensors=tensors,
+    tensors = (*graph.tensors, Tensor("both", Role.VALUE, graph.dtype, graph.tensor("c").shape))
+    layers = (*graph.layers, Layer("both", "add", False, "both", span))
+    graph = dataclasses.replace(graph, nodes=(*graph.nodes, extra), tensors=tensors,
                                 layers=layers, output="both")
     # c.conv is read by the bias and by the add: it must be stored, so the bias and relu
     # that follow the convolution run as kernels of their own
