@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from cnnc.diagnostics import Diagnostic, Note, Span
 from cnnc.frontend import options as opts
 from cnnc.frontend import syntax as ast
-from cnnc.frontend.parse_errors import ACTIVATION_NAMES, STATEMENT_KEYWORDS
+from cnnc.frontend.parse_errors import activation_names, statement_keywords
 from cnnc.graph.ir import (
     BATCH,
     DType,
@@ -143,8 +143,8 @@ class _Builder:
 
     def _activation_line(self, found: _Sections, stmt: ast.ActivationStmt) -> None:
         word = stmt.activation
-        if word.text not in ACTIVATION_NAMES:
-            words = STATEMENT_KEYWORDS + ACTIVATION_NAMES
+        if word.text not in activation_names():
+            words = statement_keywords() + activation_names()
             self.error(f"unknown statement {word.text!r}{suggest(word.text, words)}", word.span)
             return
         self._after_loss_check(found, stmt.span, word.text)
@@ -302,8 +302,8 @@ class _Builder:
     def _activation(self, word: ast.Word | None) -> str | None:
         if word is None or word.text == "none":
             return None
-        if word.text not in ACTIVATION_NAMES:
-            self.error(f"unknown activation {word.text!r}{suggest(word.text, ACTIVATION_NAMES)}",
+        if word.text not in activation_names():
+            self.error(f"unknown activation {word.text!r}{suggest(word.text, activation_names())}",
                        word.span)
             return None
         return word.text

@@ -5,30 +5,17 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
 from cnnc.diagnostics import CnncSyntaxError, Diagnostic, Source, Span
 from cnnc.frontend import syntax as ast
+from cnnc.frontend.grammar import grammar_text
 from cnnc.frontend.parse_errors import describe_unexpected_token
 
 # A file with this many broken lines is not worth reading further.
 MAX_SYNTAX_ERRORS = 50
-
-
-@functools.cache
-def grammar_text() -> str:
-    """The grammar file, found through the package so an installed wheel finds it too."""
-    try:
-        grammar = resources.files("cnnc.grammar").joinpath("cnn.lark")
-    except ModuleNotFoundError:
-        # Imported straight from a source checkout (not installed, or installed elsewhere):
-        # the grammar sits beside the package, in grammar/ at the top of the repository.
-        grammar = Path(__file__).resolve().parents[2] / "grammar" / "cnn.lark"
-    return grammar.read_text(encoding="utf-8")
 
 
 @functools.cache

@@ -8,31 +8,62 @@ and the token before the fault tell what those terminals mean there, e.g. an INT
 from __future__ import annotations
 
 import difflib
+import functools
 
 from lark import Lark
 from lark.exceptions import LarkError, UnexpectedToken
 
-STATEMENT_KEYWORDS = ("network", "input", "conv", "maxpool", "avgpool", "dense", "flatten",
-                      "loss", "train")
-ACTIVATION_NAMES = ("relu", "sigmoid", "tanh", "softmax", "none")
+from cnnc.frontend.grammar import keywords
+from cnnc.ops import registry
 
-_KEYWORD_TERMINALS = {word.upper() for word in STATEMENT_KEYWORDS}
-
-_COUNT_WORDS = {"CONV": "a filter count like 6", "DENSE": "a unit count like 120",
-                "INPUT": "a shape like 1x28x28"}
-_DIMS_WORDS = {"CONV": "a kernel size like 5x5", "MAXPOOL": "a window size like 2x2",
-               "AVGPOOL": "a window size like 2x2", "INPUT": "a shape like 1x28x28"}
-_NAME_AFTER = {"ARROW": "an activation (relu, sigmoid, tanh, softmax or none)",
-               "NETWORK": "a network name", "LOSS": "a loss (cross_entropy or mse)",
-               "TRAIN": "an optimizer (sgd or adam)", "EQUAL": "a value"}
+_INPUT_WORDS = {"INT": "a shape like 1x28x28", "DIMS": "a shape like 1x28x28"}
 _PUNCTUATION_WORDS = {"COLON": "':' after the name", "EQUAL": "'=' after the option name",
                       "ARROW": "'->' and an activation", "_NL": "the end of the line",
                       "$END": "the end of the file"}
-# After `NAME:` the statement decides what comes next; the LALR tables merge these states,
-# so the parser's own expected set is wider than the truth there.
-_AFTER_LABEL = {"CONV": {"INT"}, "DENSE": {"INT"}, "MAXPOOL": {"DIMS"}, "AVGPOOL": {"DIMS"},
-                "INPUT": {"DIMS"}, "FLATTEN": {"_NL"}}
 _ORDER = ["NAME", "INT", "DIMS", "FLOAT", "COLON", "EQUAL", "ARROW", "_NL", "$END"]
+
+
+@functools.cache
+def statement_keywords() -> tuple[str, ...]:
+    return keywords()
+
+
+@functools.cache
+def activation_names() -> tuple[str, ...]:
+    """The words `->` takes: every activation op, and none."""
+    return (*registry.activations(), "none")
+
+
+def _either(words: tuple[str, ...] | list[str]) -> str:
+    return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
+
+
+@functools.cache
+def _name_after() -> dict[str, str]:
+    return {"ARROW": f"an activation ({_either(activation_names())})",
+            "NETWORK": "a network name", "LOSS": f"a loss ({_either(list(registry.losses()))})",
+            "TRAIN": f"an optimizer ({_either(list(registry.optimizers()))})",
+            "EQUAL": "a value"}
+
+
+def _words(statement: str | None) -> dict[str, str]:
+    """What each terminal means as a positional argument of `statement` (a keyword's
+    terminal name, e.g. CONV): from its LayerDef, e.g. INT is "a filter count like 6"."""
+    if statement == "INPUT":
+        return _INPUT_WORDS
+    layer = registry.layers().get((statement or "").lower())
+    return dict(layer.positional) if layer else {}
+
+
+def _after_label(statement: str) -> set[str] | None:
+    """After `NAME:` the statement decides what comes next; the LALR tables merge these
+    states, so the parser's own expected set is wider than the truth there."""
+    if statement == "INPUT":
+        return {"DIMS"}
+    layer = registry.layers().get(statement.lower())
+    if layer is None:
+        return None
+    return {layer.positional[0][0]} if layer.positional else {"_NL"}
 
 
 def describe_unexpected_token(error: UnexpectedToken, line_text: str,
@@ -40,15 +71,15 @@ def describe_unexpected_token(error: UnexpectedToken, line_text: str,
     """(message, column, width) for an unexpected token on `line_text`."""
     before = _tokens_before(line_text, error.column, parser)
     first_word = line_text.split()[0] if line_text.split() else ""
-    if before and before[0].type == "NAME" and first_word not in ACTIVATION_NAMES:
+    if before and before[0].type == "NAME" and first_word not in activation_names():
         return _unknown_statement(first_word, line_text)
     statement = before[0].type if before else None
     previous = before[-1].type if before else None
     expected = set(error.expected)
-    if previous == "COLON" and statement in _AFTER_LABEL:
-        expected = _AFTER_LABEL[statement]
+    if previous == "COLON" and statement and _after_label(statement) is not None:
+        expected = _after_label(statement)
     message = f"expected {_expected_words(expected, statement, previous)}, got {_got(error)}"
-    if "NAME" in expected and str(error.token) in STATEMENT_KEYWORDS:
+    if "NAME" in expected and str(error.token) in statement_keywords():
         message += f"; {error.token} is a keyword and cannot be a name"
     width = max(1, len(str(error.token))) if error.token.type != "_NL" else 1
     return message, error.column, width
@@ -56,11 +87,11 @@ def describe_unexpected_token(error: UnexpectedToken, line_text: str,
 
 def _unknown_statement(word: str, line_text: str) -> tuple[str, int, int]:
     message = f"unknown statement {word!r}"
-    close = difflib.get_close_matches(word, STATEMENT_KEYWORDS + ACTIVATION_NAMES, n=1)
+    close = difflib.get_close_matches(word, statement_keywords() + activation_names(), n=1)
     if close:
         message += f"; did you mean {close[0]!r}?"
     else:
-        message += "; a line starts with " + ", ".join(STATEMENT_KEYWORDS) + " or an activation"
+        message += "; a line starts with " + ", ".join(statement_keywords()) + " or an activation"
     return message, line_text.index(word) + 1, len(word)
 
 
@@ -72,8 +103,8 @@ def _tokens_before(line_text: str, column: int, parser: Lark) -> list:
 
 
 def _expected_words(expected: set[str], statement: str | None, previous: str | None) -> str:
-    if expected & _KEYWORD_TERMINALS:
-        return "a statement (" + ", ".join(STATEMENT_KEYWORDS) + " or an activation)"
+    if expected & _keyword_terminals():
+        return "a statement (" + ", ".join(statement_keywords()) + " or an activation)"
     words: list[str] = []
     for terminal in sorted(expected, key=lambda t: _ORDER.index(t) if t in _ORDER else 99):
         word = _describe(terminal, statement, previous)
@@ -88,15 +119,15 @@ def _describe(terminal: str, statement: str | None, previous: str | None) -> str
     if previous == "EQUAL" and terminal in ("INT", "FLOAT", "DIMS", "NAME"):
         return "a value"
     if terminal == "INT":
-        return _COUNT_WORDS.get(statement or "", "a number")
+        return _words(statement).get("INT", "a number")
     if terminal == "DIMS":
-        return _DIMS_WORDS.get(statement or "", "sizes like 3x3")
+        return _words(statement).get("DIMS", "sizes like 3x3")
     if terminal == "FLOAT":
         return "a number"
     if terminal == "NAME":
-        if previous in _NAME_AFTER:
-            return _NAME_AFTER[previous]
-        if previous in _KEYWORD_TERMINALS:
+        if previous in _name_after():
+            return _name_after()[previous]
+        if previous in _keyword_terminals():
             return "a layer name" if statement != "NETWORK" else "a network name"
         return "an option like stride=2"
     return _PUNCTUATION_WORDS.get(terminal, terminal.lower())
@@ -109,3 +140,8 @@ def _got(error: UnexpectedToken) -> str:
     if token.type == "$END":
         return "the end of the file"
     return f'"{token}"'
+
+
+@functools.cache
+def _keyword_terminals() -> frozenset[str]:
+    return frozenset(word.upper() for word in statement_keywords())

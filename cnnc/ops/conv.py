@@ -189,7 +189,8 @@ def _lower_grad_weight(kernel, program) -> LoopFunction:
     return LoopFunction(kernel.name, (x, dy, dw), (Local("acc", dw.dtype),), (nest,))
 
 
-registry.register_layer(LayerDef("conv", _steps))
+registry.register_layer(LayerDef("conv", _steps, (("INT", "a filter count like 6"),
+                                                   ("DIMS", "a kernel size like 5x5"))))
 registry.register(OpDef(
     "conv2d", "x correlated with each filter: N x C x H x W -> N x F x H' x W'",
     inputs=("x",), params=(ParamDef("weight", registry.fan_scaled),), shape=_shape,

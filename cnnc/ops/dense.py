@@ -107,7 +107,7 @@ def _lower_grad_weight(kernel, program) -> LoopFunction:
     return LoopFunction(kernel.name, (x, dy, dw), (Local("acc", dw.dtype),), (nest,))
 
 
-registry.register_layer(LayerDef("dense", _steps))
+registry.register_layer(LayerDef("dense", _steps, (("INT", "a unit count like 120"),)))
 registry.register(OpDef(
     "dense", "x · Wᵀ on x flattened to N x features", inputs=("x",),
     params=(ParamDef("weight", registry.fan_scaled),), shape=_shape, reference=_reference,

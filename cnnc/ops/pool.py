@@ -208,8 +208,9 @@ def _lower_avgpool_grad(kernel, program) -> LoopFunction:
     return LoopFunction(kernel.name, (dy, dx), (), (zero_fill(dx), nest))
 
 
-registry.register_layer(LayerDef("maxpool", _steps_of("maxpool2d")))
-registry.register_layer(LayerDef("avgpool", _steps_of("avgpool2d")))
+WINDOW_WORDS = (("DIMS", "a window size like 2x2"),)
+registry.register_layer(LayerDef("maxpool", _steps_of("maxpool2d"), WINDOW_WORDS))
+registry.register_layer(LayerDef("avgpool", _steps_of("avgpool2d"), WINDOW_WORDS))
 registry.register(OpDef(
     "maxpool2d", "the maximum of each window, and where it was", inputs=("x",),
     outputs=(OutputDef("argmax", DType.I32),), shape=_shape,

@@ -194,10 +194,13 @@ StepsRule = Callable[[Any, Any], list[Step]]
 
 @dataclass(frozen=True, slots=True)
 class LayerDef:
-    """A layer statement of the language (`conv`, `maxpool`, ...), keyed by its keyword."""
+    """A layer statement of the language (`conv`, `maxpool`, ...), keyed by its keyword.
+    `positional` says in words what each positional argument is, by its grammar terminal,
+    for syntax errors: (("INT", "a filter count like 6"), ("DIMS", "a kernel size ..."))."""
 
     keyword: str
     steps: StepsRule
+    positional: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +255,11 @@ def register_optimizer(optimizer: OptimizerDef) -> OptimizerDef:
 def layer(keyword: str) -> LayerDef:
     _load()
     return _LAYERS[keyword]
+
+
+def layers() -> dict[str, LayerDef]:
+    _load()
+    return dict(_LAYERS)
 
 
 def losses() -> dict[str, LossDef]:
