@@ -1,9 +1,11 @@
 """Schedules: how each heavy kernel's loops are blocked, vectorized and ordered, chosen by a
-small cost model from the host's vector width, register count and cache sizes (no tuning).
+small cost model from the target's vector width, register count and cache sizes (no
+tuning).
 
-A schedule is data. `choose` maps a kernel to one, `explain` prints it with the numbers that
-decided it (`cnnc compile --explain-schedule`), and `loops_blocked` applies it when it lowers
-the kernel to loop IR. Kernels without a schedule keep their plain loop nests.
+A schedule is data. `choose_block` picks its register block, `explain` prints it with the
+numbers that decided it (`cnnc compile --explain-schedule`), and the patterns of this folder
+(`correlation.py`, `product.py`, ...) apply it when they lower a kernel to loop IR. Kernels
+without a schedule keep their plain loop nests.
 
 The shape every schedule shares is a register block: `rows` x `vectors` accumulators of
 `lanes` floats each stay in registers through the whole reduction, fed each step by `vectors`
