@@ -82,7 +82,7 @@ def test_no_import_cycles():
         state[name] = 1
         for other in sorted(graph[name]):
             if state.get(other) == 1:
-                cycle = path[path.index(other):] + [other] if other in path else [name, other]
+                cycle = [*path[path.index(other):], other] if other in path else [name, other]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if other not in state:
                 visit(other, [*path, other])

@@ -280,11 +280,12 @@ def _update_functions(graph: Graph, program: KernelProgram, optimizer: str):
         states = [Tensor(f"{param.name}.{s}", Role.STATE, graph.dtype, param.shape)
                   for s in state_names]
         extra += states
-        flat_view = [Buffer(t.name, size, graph.dtype) for t in states]
+        # the update writes the parameter and its state in place
+        flat_view = [Buffer(t.name, size, graph.dtype, is_output=True) for t in states]
         grad = Buffer(program.storage_of(gradient_of[param.name]), size, graph.dtype)
         name = f"{param.name.replace('.', '_')}_{optimizer}_update"
         functions.append(definition.lower_update(
-            name, Buffer(param.name, size, graph.dtype), grad, tuple(flat_view),
+            name, Buffer(param.name, size, graph.dtype, is_output=True), grad, tuple(flat_view),
             Buffer(hyper.name, hyper.shape, graph.dtype)))
     return functions, extra
 
