@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__version__ = "0.2.0"
-
 from cnnc.artifact.format import CnncModuleError
 from cnnc.diagnostics import (
     CnncError,
@@ -16,6 +14,7 @@ from cnnc.diagnostics import (
 from cnnc.driver.load import load
 from cnnc.graph.ir import Graph
 from cnnc.runtime.module import CnncRuntimeError, Module
+from cnnc.version import __version__
 
 
 def check(program: str | Path, dtype: str | None = None) -> Graph:

@@ -68,7 +68,7 @@ def test_wheel_metadata_license_typing_and_one_version(wheel):
     assert "cnnc/py.typed" in names
     assert license_text.decode().startswith("MIT License")
     assert "License-Expression: MIT" in metadata
-    assert f"Version: {cnnc.__version__}" in metadata  # pyproject reads cnnc.__version__
+    assert f"Version: {cnnc.__version__}" in metadata  # pyproject reads cnnc/version.py
     assert "Classifier: Typing :: Typed" in metadata
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     base = [line for line in requires if "extra ==" not in line]

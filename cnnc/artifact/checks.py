@@ -40,7 +40,7 @@ FIELDS = frozenset({"cnnc_version", "network", "dtype", "input", "output", "stor
 # in memory has none
 TABLE_FIELDS = frozenset({"sections"})
 TRAINING_FIELDS = frozenset({"loss", "gradients", "optimizer"})
-LOSS_KINDS = ("cross_entropy", "mse")  # frontend.irgen.LOSS_NAMES
+LOSS_KINDS = ("cross_entropy", "mse")  # the losses the op registry defines (tests check)
 
 
 def _refuse(source: str, reason: str) -> artifact.CnncModuleError:

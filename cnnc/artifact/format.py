@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cnnc import __version__
 from cnnc.diagnostics import CnncError
 from cnnc.support import files
+from cnnc.version import __version__
 
 if TYPE_CHECKING:
     from cnnc.graph.ir import DType

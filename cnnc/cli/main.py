@@ -19,11 +19,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cnnc import __version__
 from cnnc.diagnostics import CnncError, CnncInputError, CnncInternalError, Source
 from cnnc.graph.ir import Graph, format_shape
 from cnnc.support.files import shown_path, unusable_path, write_atomically
 from cnnc.support.streams import CnncOutputError, guarded_streams
+from cnnc.version import __version__
 
 if TYPE_CHECKING:
     from cnnc.driver.pipeline import Build, Options

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cnnc import __version__
 from cnnc.artifact.format import ModuleFile, code_hash, params_to_bytes
 from cnnc.diagnostics import CnncInputError, CnncInternalError, CnncSemanticError, Source
 from cnnc.frontend import irgen
@@ -29,6 +28,7 @@ from cnnc.graph.verify_kernels import verify_kernels
 from cnnc.passes import shapes
 from cnnc.passes.limits import check_sizes
 from cnnc.passes.summary import rows_to_json, summarize
+from cnnc.version import __version__
 
 if TYPE_CHECKING:
     from cnnc.backends.cuda.codegen import CudaCode

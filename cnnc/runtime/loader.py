@@ -9,12 +9,12 @@ from typing import Any
 
 import llvmlite.binding as llvm
 
-from cnnc import __version__
 from cnnc.artifact import format as artifact
 from cnnc.artifact.checks import check_fields, check_outline
 from cnnc.artifact.manifest import Manifest, Target
 from cnnc.backends.llvm.host import LLVM_LOCK, host_target, target_machine
 from cnnc.backends.llvm.objects import unpack_objects
+from cnnc.version import __version__
 
 ForwardEntry = Any  # a ctypes function: (batch: int, buffers: void*[]) -> None
 

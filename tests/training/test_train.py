@@ -8,28 +8,18 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from synthetic import SMALL, synthetic
 
 import cnnc
 from cnnc.cli.main import main
 from cnnc.training.data import Dataset, load_mnist_split
 from cnnc.training.loop import CnncTrainingError, TrainOptions, train
-from conftest import EXAMPLES
+from conftest import EXAMPLES, REPO
 
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-SMALL = ("network small\ninput: 1x6x6\nconv c: 3 3x3 -> relu\nmaxpool 2x2\n"
-         "dense out: 3 -> softmax\nloss cross_entropy\ntrain sgd lr=0.1 momentum=0.9 seed=4\n")
-
-
-def synthetic(count: int, seed: int) -> Dataset:
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 3, count)
-    x = rng.standard_normal((count, 1, 6, 6)).astype(np.float32) * 0.3
-    x[np.arange(count), 0, y, y] += 2.0  # a learnable signal
-    return Dataset(x, y)
+MNIST = REPO.parent / "shared" / "data" / "mnist"
 
 
 def quiet(**kwargs) -> TrainOptions:

@@ -18,8 +18,9 @@ from cnnc.artifact.summary import from_manifest
 from cnnc.diagnostics import Source
 from cnnc.driver.pipeline import compile_cuda_module, compile_module, front_end
 from cnnc.frontend import options as opts
-from cnnc.frontend.irgen import LOSS_NAMES, MAX_NAME
+from cnnc.frontend.irgen import MAX_NAME
 from cnnc.graph.ir import DType, Role
+from cnnc.ops import registry
 from cnnc.passes.summary import summarize
 from conftest import EXAMPLES
 
@@ -108,7 +109,7 @@ def test_a_malformed_layer_row_is_refused_by_the_runtime():
 def test_the_file_formats_limits_are_the_languages():
     assert checks.MAX_SIZE == opts.MAX_SIZE
     assert checks.MAX_NAME == MAX_NAME
-    assert checks.LOSS_KINDS == LOSS_NAMES
+    assert tuple(registry.losses()) == checks.LOSS_KINDS
     assert tuple(role.value for role in Role) == checks.ROLES
     assert tuple(dtype.value for dtype in DType) == checks.STORAGE_DTYPES
     expected = {opts.positive_number: "a finite number above 0",

@@ -18,8 +18,9 @@ import pytest
 from cnnc.cli.main import main
 from cnnc.training.data import CnncDataError, load_mnist_split
 from cnnc.training.download import KNOWN_SIZES, SIZE_CAPS, download_mnist
+from conftest import REPO
 
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+MNIST = REPO.parent / "shared" / "data" / "mnist"
 needs_mnist = pytest.mark.skipif(not MNIST.is_dir(), reason="../shared/data/mnist is not here")
 
 QUIET = {"report": lambda _: None}

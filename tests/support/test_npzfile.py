@@ -13,6 +13,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from npzfiles import npy_header, zip_of
 
 from cnnc.support import npzfile
 from cnnc.support.npzfile import read_npz, read_npz_bytes
@@ -26,22 +27,6 @@ ARRAYS = {
     "empty": np.zeros((0, 7), dtype=np.float16),
     "param/conv1": np.full((2, 1, 3, 3), 7, dtype=np.uint64),  # checkpoints name them so
 }
-
-
-def npy_header(shape: tuple[int, ...], descr: str = "|u1", version: int = 1) -> bytes:
-    """A .npy header written by hand, so it can claim anything."""
-    text = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape!r}, }}".encode()
-    text += b" " * (-(len(text) + 11) % 64) + b"\n"
-    length = struct.pack("<H" if version == 1 else "<I", len(text))
-    return b"\x93NUMPY" + bytes([version, 0]) + length + text
-
-
-def zip_of(members: dict[str, bytes], method: int = zipfile.ZIP_STORED) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", method) as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
 
 
 def refusal(path, match: str, **limits) -> None:

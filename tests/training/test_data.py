@@ -24,8 +24,9 @@ from cnnc.training.data import (
     load_npz,
     read_idx,
 )
+from conftest import REPO
 
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+MNIST = REPO.parent / "shared" / "data" / "mnist"
 
 
 def idx_bytes(array: np.ndarray, magic: int) -> bytes:

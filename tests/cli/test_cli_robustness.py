@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train import SMALL, synthetic
+from synthetic import SMALL, synthetic
 
 import cnnc
 from cnnc.cli.main import main

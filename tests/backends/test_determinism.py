@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_properties import valid_programs
-from test_schedule import conv_programs
+from programs import conv_programs, valid_programs
 
 import cnnc
 from cnnc.backends.target import CpuTarget, host_cpu

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from numerics import assert_close, random_params
+from programs import conv_programs
 
 import cnnc
 from cnnc.backends.llvm.objects import pack_objects, unpack_objects
@@ -17,32 +18,9 @@ from cnnc.graph.ir import DType
 from cnnc.passes import reference
 from cnnc.passes.autodiff import differentiate
 from cnnc.schedule.cost import Block, Machine, choose_block
+from conftest import REPO
 
 FEW = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-@st.composite
-def conv_programs(draw) -> str:
-    """A conv layer (any stride, pad, channels), often followed by a max pool that fuses into
-    its kernel, and a dense head, with an mse loss."""
-    channels = draw(st.integers(1, 11))
-    height, width = draw(st.integers(3, 13)), draw(st.integers(3, 13))
-    kh, kw = draw(st.integers(1, min(5, height))), draw(st.integers(1, min(5, width)))
-    stride = draw(st.integers(1, 3))
-    pad = draw(st.integers(0, min(kh, kw) - 1))
-    filters = draw(st.integers(1, 20))
-    units = draw(st.integers(1, 19))
-    activation = draw(st.sampled_from(["", " -> relu", " -> tanh"]))
-    out_h = (height + 2 * pad - kh) // stride + 1
-    out_w = (width + 2 * pad - kw) // stride + 1
-    pool = ""
-    if draw(st.booleans()):
-        window = draw(st.integers(1, min(3, out_h, out_w)))
-        pool = (f"maxpool {window}x{window} stride={draw(st.integers(1, 3))} "
-                f"pad={draw(st.integers(0, window // 2))}\n")
-    return (f"network t\ninput: {channels}x{height}x{width}\n"
-            f"conv c: {filters} {kh}x{kw} stride={stride} pad={pad}{activation}\n"
-            f"{pool}flatten\ndense d: {units}\nloss mse\n")
 
 
 def _run_all(module: cnnc.Module, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
@@ -194,11 +172,10 @@ def test_block_width():
 
 
 def test_explain_schedule_names_every_scheduled_kernel_and_its_block(capsys, monkeypatch):
-    from pathlib import Path
 
     from cnnc.cli.main import main
 
-    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    monkeypatch.chdir(REPO)
     assert main(["compile", "examples/lenet.cnn", "--explain-schedule"]) == 0
     out = capsys.readouterr().out
     machine = host_cpu().machine
@@ -219,11 +196,10 @@ def test_explain_schedule_names_every_scheduled_kernel_and_its_block(capsys, mon
 
 
 def test_no_schedule_module_gives_the_same_output(tmp_path, monkeypatch):
-    from pathlib import Path
 
     from cnnc.cli.main import main
 
-    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    monkeypatch.chdir(REPO)
     plain, scheduled = tmp_path / "plain.cnnm", tmp_path / "scheduled.cnnm"
     assert main(["compile", "examples/mlp.cnn", "-O1", "--no-schedule", "-o", str(plain)]) == 0
     assert main(["compile", "examples/mlp.cnn", "-O1", "-o", str(scheduled)]) == 0

@@ -197,7 +197,7 @@ def test_weights_and_checkpoints_are_read_safely(tmp_path):
     import os
     import threading
 
-    from test_npzfile import npy_header, zip_of
+    from npzfiles import npy_header, zip_of
 
     from cnnc.training.loop import TrainOptions, _resume
 
