@@ -71,7 +71,7 @@ class ConvStmt:
 
 @dataclass(frozen=True, slots=True)
 class PoolStmt:
-    kind: Word  # "maxpool" or "avgpool"
+    kind: Word  # the pooling keyword the grammar matched
     name: Word | None
     window: Dims
     options: tuple[Option, ...]

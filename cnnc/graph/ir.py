@@ -98,7 +98,7 @@ class Layer:
     """A line of the program as the user sees it: what summaries and error notes talk about."""
 
     name: str
-    kind: str  # input, conv, maxpool, avgpool, dense, flatten, loss
+    kind: str  # the statement's keyword (conv, maxpool, ...), or input or loss
     auto_named: bool
     output: str
     span: Span

@@ -1,8 +1,6 @@
 """A plain numpy interpreter of the graph IR: the oracle of the numeric tests, never the
 fast path. Each op's semantics are its `OpDef.reference` (in cnnc/ops/), written from the
-same definitions as the compiled kernels (language.md), corner cases included: relu and max
-pooling let NaN through, max pooling pads with −∞ and records the first position holding
-the maximum, average pooling divides by the whole window.
+same definitions as the compiled kernels (language.md), corner cases included.
 """
 
 from __future__ import annotations
