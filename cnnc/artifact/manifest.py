@@ -8,16 +8,46 @@ are made from the JSON, never from these records, so the format stays what it wa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from cnnc.artifact.format import numpy_dtype_name
-from cnnc.artifact.summary import LayerRow
 from cnnc.backends.cuda.launch import Launch, launch_from_json, launches_to_json
 
 Setting = int | float | None  # a train line's option, as JSON has it
+
+
+# a row's fields as the manifest records them, each with the JSON type it must have
+ROW_FIELDS = (("name", str), ("kind", str), ("output_shape", list), ("params", int),
+              ("flops", int), ("param_bytes", int), ("activation_bytes", int))
+
+
+@dataclass(frozen=True, slots=True)
+class LayerRow:
+    name: str
+    kind: str
+    output_shape: tuple[int, ...]
+    params: int
+    flops: int
+    param_bytes: int = 0
+    activation_bytes: int = 0  # a sample's
+
+    @classmethod
+    def from_json(cls, row: Any) -> LayerRow:
+        """A row of the manifest's `layers`; ValueError for anything else (the field checks
+        leave rows to the comparison with the program, which a module made in memory
+        skips)."""
+        if not isinstance(row, dict) or set(row) != {key for key, _ in ROW_FIELDS} or any(
+                type(row[key]) is not kind for key, kind in ROW_FIELDS) or any(
+                type(d) is not int for d in row["output_shape"]):
+            raise ValueError("a layer row (name, kind, output_shape, params, flops, "
+                             "param_bytes, activation_bytes)")
+        return cls(**dict(row, output_shape=tuple(row["output_shape"])))
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(asdict(self), output_shape=list(self.output_shape))
 
 
 @dataclass(frozen=True, slots=True)

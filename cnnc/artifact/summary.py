@@ -5,45 +5,15 @@ and its JSON. It needs no front end: `from_manifest` reads a manifest, and
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
-if TYPE_CHECKING:
-    from cnnc.artifact.manifest import Manifest
+from cnnc.artifact.manifest import LayerRow, Manifest
 
 FLOPS_NOTE = "FLOPs: 2 per multiply-add of conv and dense layers, for one sample"
 MEMORY_NOTE = ("memory: the parameters' bytes, and the bytes of the tensors a layer writes "
                "for one sample (its output; max pooling also its argmax)")
 DTYPE_BYTES = {"f32": 4, "f64": 8, "i32": 4, "i64": 8}
-# a row's fields as the manifest records them, each with the JSON type it must have
-ROW_FIELDS = (("name", str), ("kind", str), ("output_shape", list), ("params", int),
-              ("flops", int), ("param_bytes", int), ("activation_bytes", int))
-
-
-@dataclass(frozen=True, slots=True)
-class LayerRow:
-    name: str
-    kind: str
-    output_shape: tuple[int, ...]
-    params: int
-    flops: int
-    param_bytes: int = 0
-    activation_bytes: int = 0  # a sample's
-
-    @classmethod
-    def from_json(cls, row: Any) -> LayerRow:
-        """A row of the manifest's `layers`; ValueError for anything else (the field checks
-        leave rows to the comparison with the program, which a module made in memory
-        skips)."""
-        if not isinstance(row, dict) or set(row) != {key for key, _ in ROW_FIELDS} or any(
-                type(row[key]) is not kind for key, kind in ROW_FIELDS) or any(
-                type(d) is not int for d in row["output_shape"]):
-            raise ValueError("a layer row (name, kind, output_shape, params, flops, "
-                             "param_bytes, activation_bytes)")
-        return cls(**dict(row, output_shape=tuple(row["output_shape"])))
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(asdict(self), output_shape=list(self.output_shape))
 
 
 @dataclass(frozen=True)
@@ -80,8 +50,6 @@ def rows_to_json(summary: Summary) -> list[dict[str, Any]]:
 def from_manifest(manifest: Manifest | dict[str, Any]) -> Summary:
     """The summary a module file's manifest holds (checked against its program on load);
     a dict is a manifest's JSON, after the field checks."""
-    from cnnc.artifact.manifest import Manifest
-
     if isinstance(manifest, dict):
         manifest = Manifest.from_json(manifest)
     params = tuple((e.name, tuple(e.shape)) for e in manifest.storage if e.role == "param")

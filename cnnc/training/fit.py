@@ -5,14 +5,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cnnc.runtime.module import CnncRuntimeError, Module
+from cnnc.runtime.arguments import CnncRuntimeError
 from cnnc.training.data import Dataset, hold_out
 from cnnc.training.loop import EpochResult, TrainOptions, TrainResult, check_data, train
 from cnnc.training.loop import evaluate as evaluate_data
+
+if TYPE_CHECKING:  # the runtime imports training lazily, for Module.fit
+    from cnnc.runtime.module import Module
 
 
 def fit(module: Module, x: Any, y: Any, *, epochs: int | None = None,

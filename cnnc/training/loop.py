@@ -17,16 +17,18 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
 from cnnc.artifact.format import params_to_bytes, write_atomically
 from cnnc.diagnostics import CnncError
-from cnnc.runtime.module import Module
 from cnnc.support.npzfile import read_npz
 from cnnc.training.data import CnncDataError, Dataset
 from cnnc.training.progress import Progress
+
+if TYPE_CHECKING:  # the runtime imports training lazily, for Module.fit
+    from cnnc.runtime.module import Module
 
 
 class CnncTrainingError(CnncError):
