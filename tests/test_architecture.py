@@ -78,6 +78,17 @@ def test_the_runtime_never_imports_the_compiler(name):
     assert not {m for m in imports(name) if within(m, COMPILER)}
 
 
+# the module file format is read by the runtime: it is data, and imports only what the
+# runtime may import
+ARTIFACT_MAY_IMPORT = ("cnnc.diagnostics", "cnnc.support", "cnnc.artifact", "cnnc.version",
+                       "cnnc.backends.cuda.launch")
+
+
+@pytest.mark.parametrize("name", [m for m in MODULES if within(m, ("cnnc.artifact",))])
+def test_the_module_file_format_imports_only_data(name):
+    assert not {m for m in imports(name) if not within(m, ARTIFACT_MAY_IMPORT)}
+
+
 def test_no_import_cycles():
     """No module imports itself around a cycle, not even through an import inside a
     function (a cycle makes import order matter, and the layers blur)."""
