@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from cnnc.backends.target import host_cpu
-from cnnc.cli.main import emit_stage
+from cnnc.cli.compile import emit_stage
 from cnnc.driver.pipeline import Options, Stage, advance, run
 from cnnc.frontend.source import read_source
 

@@ -38,7 +38,8 @@ def compile(program: str | Path, target: str = "cpu", dtype: str | None = None,
 
     `schedule=False` keeps every kernel a plain loop nest: slow, but the simplest code, for
     comparing with the scheduled kernels."""
-    from cnnc.driver.pipeline import compile_cuda_module, compile_module, front_end
+    from cnnc.driver.modules import compile_cuda_module, compile_module
+    from cnnc.driver.pipeline import front_end
     from cnnc.frontend.source import to_source
 
     if target not in ("cpu", "cuda"):

@@ -258,7 +258,7 @@ def _one_split(whole: Dataset, where: str, split: str, val_split: float, seed: i
 
 def run_gradient_check(graph: Graph, source: Source, tolerance: float,
                        samples: int = 1000) -> int:
-    from cnnc.driver.pipeline import compile_module
+    from cnnc.driver.modules import compile_module
     from cnnc.training.gradcheck import check_gradients
 
     if graph.loss is None:

@@ -11,22 +11,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import json
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from cnnc.cli.compile import run_compile, run_inspect
+from cnnc.cli.output import write_text
 from cnnc.diagnostics import CnncError, CnncInputError, CnncInternalError, Source
 from cnnc.graph.ir import Graph, format_shape
-from cnnc.support.files import shown_path, unusable_path, write_atomically
+from cnnc.support.files import shown_path, unusable_path
 from cnnc.support.streams import CnncOutputError, guarded_streams
 from cnnc.version import __version__
-
-if TYPE_CHECKING:
-    from cnnc.driver.pipeline import Build, Options
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_BROKEN_INVARIANT = 70  # EX_SOFTWARE of sysexits.h
@@ -254,10 +249,6 @@ def _run(args: argparse.Namespace) -> int:
     return COMMANDS[args.command](args)
 
 
-def _inspect(args: argparse.Namespace) -> int:
-    return _write(inspect_text(args), None)
-
-
 def _download(args: argparse.Namespace) -> int:
     from cnnc.training.download import DEFAULT_MIRRORS, download_mnist
 
@@ -321,7 +312,8 @@ def _summary(args: argparse.Namespace) -> int:
         summary = _module_summary(args.program)
     else:
         summary = summarize(_program(args)[1])
-    return _write(to_json(summary) if args.json else format_table(summary), None)
+    write_text(to_json(summary) if args.json else format_table(summary), None)
+    return EXIT_OK
 
 
 def _module_summary(path: str):
@@ -333,159 +325,9 @@ def _module_summary(path: str):
     return from_manifest(trusted_file(artifact.read(path), path).manifest)
 
 
-def _compile(args: argparse.Namespace) -> int:
-    from cnnc.driver.pipeline import Build, Stage, advance
-    from cnnc.frontend.source import read_source
-
-    source = read_source(args.program)
-    options = _build_options(args)
-    if args.emit == "ast":  # the syntax tree even of a program with semantic errors
-        return _write(emit_stage(Build(source), "ast", options), args.output)
-    front = advance(Build(source), options, Stage.SHAPES)
-    if args.target == "cuda" and (args.explain_schedule or args.emit in ("llvm", "asm")):
-        shown = "--explain-schedule" if args.explain_schedule else f"--emit {args.emit}"
-        print(f"error: {shown} shows CPU code; for --target cuda, --emit cuda shows the "
-              "kernels", file=sys.stderr)
-        return EXIT_USAGE
-    if args.explain_schedule:
-        return _write(explain_schedules(front, options), args.output)
-    if args.emit is not None:
-        return _write(emit_stage(front, args.emit, options), args.output)
-    return _compile_to_file(args, front, options)
-
-
-def _build_options(args: argparse.Namespace) -> Options:
-    """The build the command line asks for, for this host's CPU (or for CUDA)."""
-    from cnnc.driver.pipeline import Options
-
-    if args.target == "cuda":
-        return Options(backend="cuda", dtype=args.dtype)
-    from cnnc.backends.target import host_cpu
-
-    return Options(host_cpu(), "llvm", args.dtype, int(args.opt_level), not args.no_schedule)
-
-
-def _compile_to_file(args: argparse.Namespace, front: Build, options: Options) -> int:
-    from cnnc.artifact.format import write as write_module
-    from cnnc.driver.pipeline import advance
-
-    output = Path(args.output) if args.output else Path(Path(args.program).stem + ".cnnm")
-    started = time.perf_counter()
-    graph = front.graph
-    params = f"{sum(p.size for p in graph.params):,} parameters, {graph.dtype.value}"
-    module_file = advance(front, options).module
-    write_module(module_file, output)
-    if options.backend == "cuda":
-        launches = len(module_file.manifest["entry_points"]["forward"])
-        print(f"wrote {output}: network {graph.name}, target cuda, {launches} kernel launches "
-              f"forward, {params} ({time.perf_counter() - started:.1f} s)")
-        return EXIT_OK
-    kernels = len(module_file.manifest["kernels"])
-    forward = sum(1 for k in module_file.manifest["kernels"] if k.endswith("_fwd"))
-    training = f" and {kernels - forward} for training" if kernels > forward else ""
-    print(f"wrote {output}: network {graph.name}, {forward} forward kernels{training}, "
-          f"{params}, -O{args.opt_level} ({time.perf_counter() - started:.1f} s)")
-    return EXIT_OK
-
-
-def explain_schedules(build: Build, options: Options) -> str:
-    """Every kernel the module would have (the backward ones too, with a loss line)."""
-    from cnnc.driver.pipeline import Stage, advance
-    from cnnc.schedule.cost import explain
-
-    lowered = advance(build, options, Stage.LOWER).lowered
-    plain = "no kernel is scheduled (--no-schedule)\n" if not lowered.schedules else ""
-    return explain(list(lowered.schedules), options.target.machine) + plain
-
-
-# The stage each --emit prints the result of, and the backend it implies: LLVM IR and
-# assembly are CPU code, and --emit cuda shows a CUDA module's source whatever the target.
-EMITTED_AFTER = {"ast": "parse", "ir": "shapes", "grad": "autodiff", "kernels": "fuse",
-                 "loops": "lower", "llvm": "codegen", "asm": "codegen", "cuda": "codegen"}
-EMIT_BACKEND = {"llvm": "llvm", "asm": "llvm", "cuda": "cuda"}
-
-
-def emit_stage(build: Build, stage: str, options: Options) -> str:
-    """The text of one --emit stage of `build`, taken on as far as that stage: the module's
-    own loop functions and LLVM IR, its update functions included."""
-    from cnnc.driver.pipeline import Stage, advance
-
-    if stage in EMIT_BACKEND:
-        options = dataclasses.replace(options, backend=EMIT_BACKEND[stage])
-    done = advance(build, options, Stage(EMITTED_AFTER[stage]))
-    return _stage_text(done, stage, options)
-
-
-def _stage_text(build: Build, stage: str, options: Options) -> str:
-    from cnnc.graph.ir import format_graph
-
-    if stage == "ast":
-        from cnnc.frontend.syntax import format_program
-
-        return format_program(build.syntax)
-    if stage == "ir":
-        return format_graph(build.graph)
-    if stage == "grad":
-        if build.differentiated is None:  # autodiff's own error: there is no loss line
-            from cnnc.passes.autodiff import differentiate
-
-            differentiate(build.graph)
-        return format_graph(build.differentiated)
-    if stage == "kernels":
-        from cnnc.graph.kernels import format_kernels
-
-        return format_kernels(build.kernels)
-    if stage == "loops":
-        from cnnc.loops.printer import format_functions
-
-        return format_functions(build.lowered.functions)
-    if stage == "cuda":
-        return build.code.source
-    if stage == "llvm":
-        return build.code.llvm_ir
-    from cnnc.backends.llvm.codegen import assembly
-
-    return assembly(build.code.llvm_ir, options.opt_level, target=options.target)
-
-
-CODE_NOTE = ("note: loading a .cnnm runs its code (native object code, or Python source for "
-             "Numba). cnnc checks that its manifest matches its stored program, but trusts "
-             "the code itself; for a file you did not build, use --rebuild (Python: "
-             "cnnc.load(path, trust=\"rebuild\")), which compiles the stored program again "
-             "and ignores the stored code.\n")
-
-
-def inspect_text(args: argparse.Namespace) -> str:
-    from cnnc.artifact import format as artifact
-    from cnnc.driver.trust import trusted_file
-
-    module_file = trusted_file(artifact.read(args.module), args.module)  # runs nothing
-    kind = artifact.target_kind(module_file.manifest)
-    if args.json:
-        return json.dumps(module_file.manifest, indent=2, sort_keys=True) + "\n"
-    section = "llvm_ir" if args.llvm else "cuda" if args.cuda else "loops" if args.loops \
-        else "program" if args.program else None
-    if section is not None and section not in module_file.sections:
-        raise CnncInputError.single(f"{args.module} is a {kind} module and holds no "
-                                    f"{'LLVM IR' if args.llvm else 'CUDA source'}")
-    if section is not None:
-        return module_file.sections[section].decode("utf-8")
-    return artifact.format_manifest(module_file) + CODE_NOTE
-
-
-def _write(text: str, output: str | None) -> int:
-    """To standard output, or atomically to a file (a failed write leaves the old one)."""
-    if output is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return EXIT_OK
-    write_atomically(output, text.encode("utf-8"), CnncInputError)  # a str: keeps a final /
-    return EXIT_OK
-
-
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "check": _check, "summary": _summary, "compile": _compile, "train": _train,
-    "eval": _eval, "inspect": _inspect, "plot": _plot, "download": _download}
+    "check": _check, "summary": _summary, "compile": run_compile, "train": _train,
+    "eval": _eval, "inspect": run_inspect, "plot": _plot, "download": _download}
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def _stored_graph(file: artifact.ModuleFile, manifest: dict[str, Any],
 
 
 def _planned(manifest: dict[str, Any], graph: Graph, program: Source) -> dict[str, Any]:
-    from cnnc.driver.pipeline import plan_module
+    from cnnc.driver.modules import plan_module
     from cnnc.schedule.cost import Machine
 
     build = manifest["build"]
@@ -153,7 +153,7 @@ def _difference(path: str, stored: Any, derived: Any) -> str:
 def _compare_cuda(file: artifact.ModuleFile, manifest: dict[str, Any], graph: Graph,
                   program: Source, source: str) -> None:
     """CUDA modules are Python source for Numba: derived in full, source included."""
-    from cnnc.driver.pipeline import compile_cuda_module
+    from cnnc.driver.modules import compile_cuda_module
 
     derived = compile_cuda_module(graph, program)
     _compare(manifest, derived.manifest, source)
@@ -168,7 +168,7 @@ def _rebuilt(file: artifact.ModuleFile, manifest: dict[str, Any], graph: Graph,
              program: Source, source: str) -> artifact.ModuleFile:
     """The stored program compiled here, with the file's parameters (which the runtime
     checks against it, as it checks any module's)."""
-    from cnnc.driver.pipeline import compile_cuda_module, compile_module
+    from cnnc.driver.modules import compile_cuda_module, compile_module
 
     if manifest["target"]["kind"] == "cuda":
         fresh = compile_cuda_module(graph, program)

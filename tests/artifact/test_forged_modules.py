@@ -556,7 +556,8 @@ def test_a_consistent_forgery_of_the_build_record_is_trusted_like_the_code(small
     buffers are larger than the table says). Like the code, the record of what it was built
     for is trusted (verify); trust="rebuild" computes what the original does."""
     from cnnc.diagnostics import Source
-    from cnnc.driver.pipeline import front_end, plan_module
+    from cnnc.driver.modules import plan_module
+    from cnnc.driver.pipeline import front_end
     from cnnc.schedule.cost import Machine
 
     built_for = small.module.manifest["build"]["machine"]

@@ -16,7 +16,8 @@ from cnnc.artifact import format as artifact
 from cnnc.artifact.manifest import Manifest
 from cnnc.artifact.summary import from_manifest
 from cnnc.diagnostics import Source
-from cnnc.driver.pipeline import compile_cuda_module, compile_module, front_end
+from cnnc.driver.modules import compile_cuda_module, compile_module
+from cnnc.driver.pipeline import front_end
 from cnnc.frontend import options as opts
 from cnnc.frontend.irgen import MAX_NAME
 from cnnc.graph.ir import DType, Role

@@ -241,7 +241,7 @@ def test_staged_filters_across_block_boundaries():
 
 def _kernel_sources(text: str) -> dict[str, str]:
     from cnnc.diagnostics import Source
-    from cnnc.driver.pipeline import compile_cuda_module
+    from cnnc.driver.modules import compile_cuda_module
 
     source = compile_cuda_module(cnnc.check(text), Source(text)).sections["cuda"].decode()
     return {part.split("(")[0]: part for part in source.split("@cuda.jit\ndef ")[1:]}

@@ -25,7 +25,7 @@ from programs import conv_programs, valid_programs
 import cnnc
 from cnnc.backends.target import CpuTarget, host_cpu
 from cnnc.diagnostics import Source
-from cnnc.driver.pipeline import compile_module
+from cnnc.driver.modules import compile_module
 
 # Uneven slices for 2, 3 and 4 threads (at least 4 samples a slice), and on one thread both
 # whole register blocks of samples and a tail, for blocks of 4 to 16 rows.

@@ -13,15 +13,8 @@ import cnnc
 from cnnc.backends.target import host_cpu
 from cnnc.cli.main import EXIT_BROKEN_INVARIANT, EXIT_INTERNAL, EXIT_USAGE, EXIT_USER_ERROR
 from cnnc.diagnostics import CnncInternalError, Source
-from cnnc.driver.pipeline import (
-    Options,
-    Stage,
-    advance,
-    compile_cuda_module,
-    compile_module,
-    front_end,
-    run,
-)
+from cnnc.driver.modules import compile_cuda_module, compile_module
+from cnnc.driver.pipeline import Options, Stage, advance, front_end, run
 from cnnc.schedule.cost import Machine
 from conftest import run_cli
 

@@ -8,7 +8,8 @@ import math
 import pytest
 
 from cnnc.diagnostics import Source
-from cnnc.driver.pipeline import Options, Stage, front_end, plan_module, run
+from cnnc.driver.modules import plan_module
+from cnnc.driver.pipeline import Options, Stage, front_end, run
 from cnnc.graph.ir import DType
 from cnnc.loops.build import add, const, mul
 from cnnc.loops.ir import (

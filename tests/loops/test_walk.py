@@ -9,7 +9,8 @@ import pytest
 
 from cnnc.backends.cuda.shared import accesses_of, names_bound, variables_of
 from cnnc.diagnostics import Source
-from cnnc.driver.pipeline import front_end, plan_module
+from cnnc.driver.modules import plan_module
+from cnnc.driver.pipeline import front_end
 from cnnc.graph.ir import DType
 from cnnc.loops.build import add, const, mul
 from cnnc.loops.ir import (

@@ -1,4 +1,4 @@
-"""Loop IR → LLVM IR through llvmlite → native object code for the host CPU.
+"""Loop IR → LLVM IR through llvmlite → native object code for the target CPU.
 
 Each loop function becomes one LLVM function named after its kernel (`c1_conv_relu_fwd`),
 with noalias pointer arguments; `cnnc_forward(N, buffers)` calls them in order, so running
@@ -6,7 +6,7 @@ the network is one native call. Scalars and loop indices live in allocas that LL
 to registers.
 
 Floating-point arithmetic is exactly what the loop IR says: no fast-math flags, not even
-`contract`, and every `x ± a·b` is one explicit `llvm.fma` where the host has FMA (else a
+`contract`, and every `x ± a·b` is one explicit `llvm.fma` where the CPU has FMA (else a
 multiply and an add). With `contract`, whether LLVM fuses a pair depends on the code around
 it: -O0 instruction selection fused some rows of a register block and not others, and at
 -O1 the scalar remainder of a vectorized loop paired its multiplies into a vector and added
@@ -17,7 +17,6 @@ out, each element gets the same operations on every path, at every optimisation 
 
 from __future__ import annotations
 
-import contextvars
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -105,11 +104,6 @@ class Job:
     target: CpuTarget
 
 
-# The target of the module being built, for each `_Emitter` of it: whether `x ± a·b` is one
-# fused multiply-add depends on the CPU. Set by `_compile_job` for the length of one build.
-_BUILDING_FOR: contextvars.ContextVar[CpuTarget] = contextvars.ContextVar("building_for")
-
-
 def _run_jobs(jobs: list[Job]) -> list[tuple[bytes, str]]:
     """Every module compiled, in forked worker processes where there are several cores:
     llvmlite serialises all calls behind one lock, so threads would not run LLVM at once."""
@@ -127,14 +121,10 @@ def _run_jobs(jobs: list[Job]) -> list[tuple[bytes, str]]:
 
 def _compile_job(job: Job) -> tuple[bytes, str]:
     """A module of kernels (entries None) or of the entry points calling them, compiled."""
-    building = _BUILDING_FOR.set(job.target)
-    try:
-        if job.entries is None:
-            module = build_module(job.functions, job.storage, {})
-        else:
-            module = build_entry_module(job.functions, job.storage, job.entries)
-    finally:
-        _BUILDING_FOR.reset(building)
+    if job.entries is None:
+        module = build_module(job.functions, job.storage, {}, has_fma=job.target.has_fma)
+    else:
+        module = build_entry_module(job.functions, job.storage, job.entries)
     return _compile_text(str(module), job.opt_level, job.target)
 
 
@@ -177,12 +167,13 @@ def assembly(llvm_ir: str, opt_level: int = 3, *, target: CpuTarget) -> str:
 
 
 def build_module(functions: tuple[LoopFunction, ...], storage: list[str],
-                 entries: dict[str, list[str]] | None = None) -> ir.Module:
-    """The kernels `functions`, and the entry points `entries` (default: none)."""
+                 entries: dict[str, list[str]] | None = None, *, has_fma: bool) -> ir.Module:
+    """The kernels `functions`, and the entry points `entries` (default: none). `has_fma`:
+    whether the CPU the module is for has fused multiply-add, which `x ± a·b` then is."""
     module = ir.Module(name="cnnc")
     declared = [_declare(module, f) for f in functions]
     for function, llvm_function in zip(functions, declared, strict=True):
-        _Emitter(module, function, llvm_function).emit()
+        _Emitter(module, function, llvm_function, has_fma).emit()
     _emit_entries(module, functions, declared, storage, entries or {})
     return module
 
@@ -235,7 +226,8 @@ def _emit_entry(module: ir.Module, name: str, functions: list[LoopFunction],
 class _Emitter:
     """Emits one loop function: statements recursively, expressions to SSA values."""
 
-    def __init__(self, module: ir.Module, function: LoopFunction, llvm_function: ir.Function):
+    def __init__(self, module: ir.Module, function: LoopFunction, llvm_function: ir.Function,
+                 has_fma: bool):
         self.module = module
         self.function = function
         self.float_type = next(FLOAT_TYPES[b.dtype] for b in function.buffers
@@ -245,7 +237,7 @@ class _Emitter:
         self.pointers = {b.name: arg for b, arg in
                          zip(function.buffers, llvm_function.args[1:], strict=True)}
         self.slots: dict[str, ir.AllocaInstr] = {}
-        self.has_fma = _BUILDING_FOR.get().has_fma
+        self.has_fma = has_fma  # the CPU's: whether `x ± a·b` is one fused multiply-add
 
     def emit(self) -> None:
         for local in self.function.locals:
@@ -398,7 +390,7 @@ class _Emitter:
         return self.binary(expr.op, *self.matched(self.expr(expr.left), self.expr(expr.right)))
 
     def multiply_add(self, expr: Binary, product: Binary, product_on_left: bool) -> ir.Value:
-        """`c ± a·b` or `a·b ± c`: one fused multiply-add of floats where the host has FMA,
+        """`c ± a·b` or `a·b ± c`: one fused multiply-add of floats where the CPU has FMA,
         else (and for indices) a multiply, then an add."""
         factors = [self.expr(product.left), self.expr(product.right)]
         addend = self.expr(expr.right if product_on_left else expr.left)

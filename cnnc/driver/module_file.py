@@ -1,0 +1,128 @@
+"""The module file a build ends in: the manifest (which `verify` derives again from the
+stored program when the file is loaded), the hash of the code, the sections, and the check
+that the manifest is what its typed records (`artifact.manifest`) give back."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from cnnc.artifact.format import ModuleFile, code_hash, params_to_bytes
+from cnnc.driver.lowering import ENTRY_NAMES
+from cnnc.passes.summary import rows_to_json, summarize
+from cnnc.version import __version__
+
+if TYPE_CHECKING:
+    from cnnc.backends.target import CpuTarget
+    from cnnc.diagnostics import Source
+    from cnnc.driver.lowering import Lowered
+    from cnnc.driver.pipeline import Build, Options
+    from cnnc.graph.kernels import KernelProgram
+    from cnnc.schedule.cost import Machine
+
+
+def make_module_file(build: Build, options: Options) -> ModuleFile:
+    """The module file, which also keeps the program it was compiled from (`trust="rebuild"`
+    compiles that) and the loop functions as text."""
+    from cnnc.loops.printer import format_functions
+    from cnnc.passes.initialise import initial_parameters
+
+    manifest = module_manifest(build, options)
+    if options.backend == "cuda":
+        manifest["target"] = CUDA_TARGET
+        hashed = build.code.source.encode()
+        code = {"cuda": hashed}
+    else:
+        manifest["target"] = _cpu_target_record(options.cpu())
+        hashed = build.code.object_code
+        code = {"object": hashed, "llvm_ir": build.code.llvm_ir.encode()}
+    program = build.source.text.encode("utf-8")
+    manifest["code_sha256"] = code_hash(hashed, manifest, program)
+    sections = {**code, "loops": format_functions(build.lowered.functions).encode(),
+                "params": params_to_bytes(initial_parameters(build.graph)),
+                "program": program}
+    return ModuleFile(manifest, sections)
+
+
+CUDA_TARGET = {"kind": "cuda", "triple": "nvptx64-nvidia-cuda", "cpu": "numba", "features": []}
+
+
+def _cpu_target_record(target: CpuTarget) -> dict[str, Any]:
+    """The manifest's `target` of a CPU module: the features LLVM turned on."""
+    features = [f[1:] for f in target.features.split(",") if f.startswith("+")]
+    return {"kind": "cpu", "triple": target.triple, "cpu": target.cpu, "features": features}
+
+
+def module_manifest(build: Build, options: Options) -> dict[str, Any]:
+    """Every manifest field but the code's own (target, code_sha256): on the CPU known once
+    the build is lowered; a CUDA module's entry points are its launches, known from codegen."""
+    from cnnc.backends.llvm.codegen import ENTRY
+
+    lowered, graph = build.lowered, build.graph
+    if options.backend == "cuda":
+        from cnnc.backends.cuda.launch import launches_to_json
+
+        launches = launches_to_json(build.code.launches)
+        # each entry point is its launches, in order: what the runtime runs for it
+        entry_table = {role: [launch for name in lowered.entries[symbol]
+                              for launch in launches[name]]
+                       for role, symbol in ENTRY_NAMES.items() if symbol in lowered.entries}
+        opt_level, record = 0, {"program": build.source.name}
+    else:
+        entry_table = dict(ENTRY_NAMES) if graph.loss is not None else {"forward": ENTRY}
+        opt_level = options.opt_level
+        record = build_record(build.source, options.scheduled, options.cpu().machine)
+    return _manifest(build.kernels, lowered, entry_table, opt_level, record,
+                     rows_to_json(summarize(graph)))
+
+
+def build_record(source: Source, scheduled: bool, machine: Machine) -> dict[str, Any]:
+    """How the module was built, beyond its program and opt level: what `verify` needs to
+    derive the same buffer table on another machine."""
+    return {"program": source.name, "scheduled": bool(scheduled),
+            "machine": dataclasses.asdict(machine)}
+
+
+def _manifest(program: KernelProgram, lowered: Lowered, entry_table: dict, opt_level: int,
+              build: dict[str, Any], layers: list) -> dict:
+    graph = program.graph
+    table = [{"name": t.name, "role": t.role.value, "dtype": t.dtype.value,
+              "shape": list(t.shape)} for t in lowered.storage]
+    io_shape = {name: list(graph.tensor(name).shape[1:]) for name in (graph.input, graph.output)}
+    manifest = {
+        "cnnc_version": __version__,
+        "network": graph.name,
+        "dtype": graph.dtype.value,
+        "input": {"name": graph.input, "shape": io_shape[graph.input]},
+        "output": {"name": program.output, "shape": io_shape[graph.output]},
+        "storage": table,
+        "entry_points": entry_table,
+        "kernels": [k.name for k in program.kernels],
+        "activations": [program.storage_of(out) for k in program.kernels if k.phase == "forward"
+                        for out in k.outputs],
+        "opt_level": opt_level,
+        "build": build,
+        "layers": layers,
+    }
+    if graph.loss is not None:
+        manifest["loss"] = {"kind": graph.producer(graph.loss).op,
+                            "target": graph.target, "value": graph.loss}
+        manifest["gradients"] = {name: program.storage_of(g) for name, g in graph.gradients}
+        settings = dict(graph.train.settings) if graph.train else {"lr": 0.01, "momentum": 0.0}
+        manifest["optimizer"] = {"kind": lowered.optimizer, **settings}
+    return manifest
+
+
+def check_manifest(manifest: dict[str, Any]) -> None:
+    """The whole manifest (target and code hash included) is what its typed records give
+    back, field for field: the runtime reads a module through those records, so a field
+    they lose or change would be a module that runs other than it was built."""
+    from cnnc.artifact.manifest import Manifest
+
+    try:
+        typed = Manifest.from_json(manifest).to_json()
+    except (KeyError, TypeError, ValueError) as error:  # a field the records cannot hold
+        raise AssertionError(f"the manifest has no typed form: {error!r}") from error
+    assert typed == manifest, "the manifest differs from its typed records in " + ", ".join(
+        sorted(key for key in manifest.keys() | typed.keys()
+               if manifest.get(key) != typed.get(key)))
