@@ -7,10 +7,11 @@ from functools import reduce
 
 import numpy as np
 
-from cnnc.graph.ir import Node
-from cnnc.loops.build import add
+from cnnc.graph.ir import BATCH, Node
+from cnnc.loops.build import add, loop_nest
+from cnnc.loops.ir import Load, LoopFunction, Store, Var
 from cnnc.ops import registry
-from cnnc.ops.activation import lower_binary
+from cnnc.ops.lowering import flat
 from cnnc.ops.registry import Fusion, OpDef, ShapeContext, ShapeProblem
 from cnnc.ops.window import sample
 
@@ -32,7 +33,22 @@ def _gradient(node: Node, dy: str, b) -> list[tuple[str, str]]:
     return [(x, dy) for x in node.inputs]
 
 
+def _lower(kernel, program) -> LoopFunction:
+    """out = a + b + ..., added left to right, over flat views."""
+    inputs = [flat(program, name) for name in kernel.inputs]
+    out = flat(program, kernel.outputs[0], is_output=True)
+    where = (Var("n"), Var("i"))
+    total = reduce(add, [Load(buffer.name, where) for buffer in inputs])
+    nest = loop_nest(["n", "i"], [Var(BATCH), out.shape[1]], (Store(out.name, where, total),))
+    return LoopFunction(kernel.name, (*_distinct(inputs), out), (), (nest,))
+
+
+def _distinct(buffers: list) -> list:
+    """A tensor added to itself is one buffer argument."""
+    return list({buffer.name: buffer for buffer in buffers}.values())
+
+
 registry.register(OpDef(
     "add", "a + b (+ ...): elementwise, one shape", inputs=None, shape=_shape,
     reference=_reference, gradient=_gradient, fusion=Fusion.ALONE, kernel_tag="add",
-    lower=lower_binary(add)))
+    lower=_lower))
