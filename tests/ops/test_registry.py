@@ -11,12 +11,14 @@ from gradcheck import numeric_gradient, relative_error
 from numerics import assert_close, random_params
 
 import cnnc
-from cnnc.diagnostics import Span
+from cnnc.diagnostics import Source, Span
+from cnnc.driver.modules import compile_module
 from cnnc.graph.ir import BATCH, DType, Graph, Layer, Node, Phase, Role, Tensor
 from cnnc.ops import registry
 from cnnc.passes import reference
 from cnnc.passes.autodiff import differentiate
 from cnnc.passes.initialise import initial_parameters
+from cnnc.runtime.module import Module
 
 OPS = registry.all_ops()
 FORWARD = [op for op in OPS if op.differentiable]
@@ -110,3 +112,20 @@ def test_compiled_kernels_match_the_reference(op, schedule):
             assert_close(gradients[name], expected[gradient], np.float64, name)
     assert_close(module.input_gradient(x, y), expected[dict(graph.gradients)[graph.input]],
                  np.float64, "input gradient")
+
+
+@pytest.mark.parametrize("schedule", [True, False], ids=["scheduled", "plain"])
+@pytest.mark.parametrize("name", sorted(HAND_BUILT))
+def test_hand_built_ops_compile_to_the_reference(name, schedule):
+    """An op no statement makes yet, compiled from its hand-built graph: its forward kernel,
+    and (x read twice) the backward pass's sum of the two gradients of x."""
+    graph = HAND_BUILT[name](registry.get(name))
+    differentiated = differentiate(graph)
+    module = Module(compile_module(graph, Source("", "<hand-built>"), 0, schedule))
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, *module.input_shape))
+    y = rng.standard_normal((3, *module.output_shape))
+    expected = reference.run(differentiated, x, {}, y)
+    assert_close(module.forward(x), expected[graph.output], np.float64, "output")
+    gradient = dict(differentiated.gradients)[graph.input]
+    assert_close(module.input_gradient(x, y), expected[gradient], np.float64, "input gradient")
