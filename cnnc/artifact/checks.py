@@ -29,7 +29,7 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 # graph.ir.Role and graph.ir.DType, by value
 ROLES = ("input", "target", "param", "value", "loss", "state", "hyper", "scratch")
 STORAGE_DTYPES = ("f32", "f64", "i32", "i64")
-# pipeline.ENTRY_NAMES' roles: what a network without a loss line has, and with one
+# driver.lowering.ENTRY_NAMES' roles: what a network without a loss line has, and with one
 FORWARD_ROLES = frozenset({"forward"})
 TRAINING_ROLES = frozenset({"forward", "loss", "gradients", "input_gradient", "train_step",
                             "update"})

@@ -10,7 +10,8 @@ import cnnc
 from conftest import REPO
 
 COMPILER = ("cnnc.frontend", "cnnc.passes", "cnnc.loops", "cnnc.schedule", "cnnc.ops",
-            "cnnc.driver.trust", "cnnc.driver.pipeline", "cnnc.backends.llvm.codegen",
+            "cnnc.driver.trust", "cnnc.driver.pipeline", "cnnc.driver.lowering",
+            "cnnc.driver.module_file", "cnnc.driver.modules", "cnnc.backends.llvm.codegen",
             "cnnc.backends.cuda.codegen")
 
 
