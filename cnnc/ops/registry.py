@@ -92,12 +92,11 @@ def fan_scaled(ctx: InitContext) -> np.ndarray:
 
 @dataclass(frozen=True, slots=True)
 class ParamDef:
-    """A tensor an op owns, named `LAYER.NAME`; the last inputs of the op's nodes, in order.
-    `trainable=False` is state the training step updates itself (running statistics)."""
+    """A tensor an op owns, named `LAYER.NAME`: the last inputs of the op's nodes, in order,
+    each started by its own initialiser."""
 
     name: str
     init: Initialiser
-    trainable: bool = True
 
 
 @dataclass(frozen=True, slots=True)

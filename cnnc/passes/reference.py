@@ -17,10 +17,12 @@ INFERENCE = Mode(training=False)
 
 
 def run(graph: Graph, x: np.ndarray, params: Mapping[str, np.ndarray],
-        target: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        target: np.ndarray | None = None, mode: Mode = INFERENCE) -> dict[str, np.ndarray]:
     """Every tensor of the graph, computed from input `x` (N x sample shape) and `params`.
 
     With `target` (labels or regression targets) and a loss line, the loss is computed too.
+    `mode` says whether ops that behave differently in training (dropout) run as in a
+    training step or as in inference.
     """
     values: dict[str, np.ndarray] = {graph.input: x, **params}
     if target is not None and graph.target is not None:
@@ -30,7 +32,7 @@ def run(graph: Graph, x: np.ndarray, params: Mapping[str, np.ndarray],
             continue  # the loss, when no target was given
         batch = x.shape[0]
         shape = tuple(batch if d == BATCH else d for d in graph.tensor(node.output).shape)
-        result = evaluate(node, [values[name] for name in node.inputs], shape)
+        result = evaluate(node, [values[name] for name in node.inputs], shape, mode)
         values.update(zip(node.outputs, result if isinstance(result, tuple) else (result,),
                           strict=True))
     return values
