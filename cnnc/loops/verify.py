@@ -45,7 +45,6 @@ from cnnc.loops.ir import (
     VecStore,
 )
 from cnnc.loops.printer import format_expr
-from cnnc.loops.walk import walk
 
 
 def verify_function(function: LoopFunction) -> None:
@@ -70,6 +69,10 @@ class Value:
 
     kind: Kind
     lanes: int = 1
+
+
+# one Value a scalar kind, made once: the checker asks for them at every node
+_SCALAR = {kind: Value(kind) for kind in Kind}
 
 
 def kind_of(dtype: DType) -> Kind:
@@ -145,9 +148,7 @@ class _Checker:
                       f"{_describe(Value(kind_of(local.dtype), local.lanes))}")
 
     def store(self, stmt: Store | VecStore, scope: tuple[str, ...]) -> None:
-        for item in stmt.index:
-            self.names(item, scope)
-        buffer = self.access(stmt.buffer, stmt.index, "stores to")
+        buffer = self.access(stmt.buffer, stmt.index, "stores to", scope)
         if not buffer.is_output:
             self.fail(f"stores to {stmt.buffer}, which is not an output buffer")
         value = self.value(stmt.value, scope)
@@ -161,40 +162,28 @@ class _Checker:
 
     # -- expressions ----------------------------------------------------------------------
     def expect(self, expr: Expr, scope: tuple[str, ...], kind: Kind, what: str) -> None:
-        self.names(expr, scope)
-        self.scalar(expr, kind, what)
-
-    def scalar(self, expr: Expr, kind: Kind, what: str) -> None:
-        value = self.typed(expr)
-        if value != Value(kind):
+        value = self.typed(expr, scope)
+        if value != _SCALAR[kind]:
             self.fail(f"{what} is {_describe(value)}, where it must be {kind.value}: "
                       f"{format_expr(expr)}")
 
     def value(self, expr: Expr, scope: tuple[str, ...]) -> Value:
-        """The kind and lanes of `expr`, once its names and accesses are checked."""
-        self.names(expr, scope)
-        return self.typed(expr)
-
-    def names(self, expr: Expr, scope: tuple[str, ...]) -> None:
-        """Every variable `expr` reads is in scope, every buffer it loads from declared."""
-        for node in walk(expr):
-            if isinstance(node, Var):
-                self.variable(node.name, scope)
-            elif isinstance(node, Load | VecLoad):
-                self.access(node.buffer, node.index, "loads from")
+        """The kind and lanes of `expr`, its names and accesses checked on the way."""
+        return self.typed(expr, scope)
 
     def variable(self, name: str, scope: tuple[str, ...]) -> None:
         if name != BATCH and name not in scope and name not in self.locals:
             self.fail(f"reads {name}, which is neither N, an enclosing loop's variable "
                       f"nor a declared local")
 
-    def access(self, name: str, index: tuple[Expr, ...], verb: str) -> Buffer:
+    def access(self, name: str, index: tuple[Expr, ...], verb: str,
+               scope: tuple[str, ...]) -> Buffer:
         buffer = self.declared(name, verb)
         if len(index) != len(buffer.shape):
             self.fail(f"{verb} {name} with {len(index)} indices, but it has rank "
                       f"{len(buffer.shape)}")
         for item in index:
-            self.scalar(item, Kind.INT, f"an index of {name}")
+            self.expect(item, scope, Kind.INT, f"an index of {name}")
         return buffer
 
     def declared(self, name: str, verb: str) -> Buffer:
@@ -203,36 +192,40 @@ class _Checker:
             self.fail(f"{verb} {name}, which is not a declared buffer")
         return buffer
 
-    def typed(self, expr: Expr) -> Value:
-        """The kind and lanes of `expr`, checking that each operator gets what it takes."""
+    def typed(self, expr: Expr, scope: tuple[str, ...]) -> Value:
+        """The kind and lanes of `expr`, checking that each operator gets what it takes,
+        every variable it reads is in scope and every buffer it loads from is declared: one
+        pass over the expression."""
         if isinstance(expr, Var):
+            self.variable(expr.name, scope)
             local = self.locals.get(expr.name)
             if local is None:  # N or a loop's variable
-                return Value(Kind.INT)
+                return _SCALAR[Kind.INT]
             return Value(kind_of(local.dtype), local.lanes)
         if isinstance(expr, Const):
-            return Value(Kind.FLOAT if expr.is_float else Kind.INT)
+            return _SCALAR[Kind.FLOAT if expr.is_float else Kind.INT]
         if isinstance(expr, Load):
-            return Value(kind_of(self.declared(expr.buffer, "loads from").dtype))
+            return _SCALAR[kind_of(self.access(expr.buffer, expr.index, "loads from", scope).dtype)]
         if isinstance(expr, VecLoad):
             if expr.lanes < 2 or expr.stride < 1:
                 self.fail(f"a vector load of {expr.lanes} lanes, stride {expr.stride}")
-            return Value(kind_of(self.declared(expr.buffer, "loads from").dtype), expr.lanes)
+            buffer = self.access(expr.buffer, expr.index, "loads from", scope)
+            return Value(kind_of(buffer.dtype), expr.lanes)
         if isinstance(expr, Broadcast | Ramp):
-            return self.vector(expr)
+            return self.vector(expr, scope)
         if isinstance(expr, Lane):
-            vector = self.typed(expr.vector)
+            vector = self.typed(expr.vector, scope)
             if not 0 <= expr.lane < vector.lanes or vector.lanes < 2:
                 self.fail(f"lane {expr.lane} of {_describe(vector)}: {format_expr(expr)}")
             return Value(vector.kind)
         if isinstance(expr, Select):
-            return self.select(expr)
+            return self.select(expr, scope)
         if isinstance(expr, Unary):
-            return self.unary(expr)
-        return self.binary(expr)
+            return self.unary(expr, scope)
+        return self.binary(expr, scope)
 
-    def vector(self, expr: Broadcast | Ramp) -> Value:
-        scalar = self.typed(expr.value if isinstance(expr, Broadcast) else expr.base)
+    def vector(self, expr: Broadcast | Ramp, scope: tuple[str, ...]) -> Value:
+        scalar = self.typed(expr.value if isinstance(expr, Broadcast) else expr.base, scope)
         if scalar.lanes != 1 or expr.lanes < 2:
             self.fail(f"a vector of {expr.lanes} lanes made from {_describe(scalar)}: "
                       f"{format_expr(expr)}")
@@ -240,22 +233,23 @@ class _Checker:
             self.fail(f"a ramp starts at {_describe(scalar)}: {format_expr(expr)}")
         return Value(scalar.kind, expr.lanes)
 
-    def select(self, expr: Select) -> Value:
-        cond, then, otherwise = (self.typed(e) for e in (expr.cond, expr.then, expr.otherwise))
+    def select(self, expr: Select, scope: tuple[str, ...]) -> Value:
+        cond, then, otherwise = (self.typed(e, scope)
+                                 for e in (expr.cond, expr.then, expr.otherwise))
         if cond.kind is not Kind.BOOL or then.kind is not otherwise.kind:
             self.fail(f"select of {_describe(then)} or {_describe(otherwise)} on "
                       f"{_describe(cond)}: {format_expr(expr)}")
         return Value(then.kind, self.lanes(expr, cond, then, otherwise))
 
-    def unary(self, expr: Unary) -> Value:
-        operand = self.typed(expr.operand)
+    def unary(self, expr: Unary, scope: tuple[str, ...]) -> Value:
+        operand = self.typed(expr.operand, scope)
         takes, gives = _UNARY[expr.op]
         if operand.kind is not takes:
             self.fail(f"{expr.op.value} of {_describe(operand)}: {format_expr(expr)}")
         return Value(gives, operand.lanes)
 
-    def binary(self, expr: Binary) -> Value:
-        left, right = self.typed(expr.left), self.typed(expr.right)
+    def binary(self, expr: Binary, scope: tuple[str, ...]) -> Value:
+        left, right = self.typed(expr.left, scope), self.typed(expr.right, scope)
         lanes = self.lanes(expr, left, right)
         if expr.op in _ARITHMETIC or expr.op.is_comparison:
             fits = left.kind is right.kind and left.kind is not Kind.BOOL

@@ -17,6 +17,7 @@ out, each element gets the same operations on every path, at every optimisation 
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -83,7 +84,10 @@ def compile_functions(functions: tuple[LoopFunction, ...], storage: list[str],
     entries = entries or {ENTRY: [f.name for f in functions]}
     # each job builds its LLVM IR in the worker too: in Python, that is a quarter of the work
     jobs = [Job(group, storage, None, opt_level, target) for group in _groups(functions)]
-    jobs.append(Job(functions, storage, entries, opt_level, target))
+    # the entry points call the kernels and need only their signatures: without the bodies,
+    # the job a worker is sent is a fraction of the size
+    signatures = tuple(dataclasses.replace(f, locals=(), body=()) for f in functions)
+    jobs.append(Job(signatures, storage, entries, opt_level, target))
     initialise()  # before any fork, so that no worker needs LLVM's lock to set it up
     with LLVM_LOCK:
         results = _run_jobs(jobs)
@@ -113,10 +117,25 @@ def _run_jobs(jobs: list[Job]) -> list[tuple[bytes, str]]:
         return [_compile_job(job) for job in jobs]
     context = multiprocessing.get_context("fork")
     try:
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            return list(pool.map(_compile_job, jobs))
+        # a forked worker inherits the jobs (an initialiser's arguments are not pickled
+        # under fork) and is sent only their numbers: pickling the loop functions cost more
+        # than building their LLVM IR
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_receive_jobs,
+                                 initargs=(jobs,)) as pool:
+            return list(pool.map(_compile_numbered, range(len(jobs))))
     except (OSError, BrokenProcessPool):  # no processes to be had: compile here instead
         return [_compile_job(job) for job in jobs]
+
+
+_WORKER_JOBS: list[Job] = []  # in a worker process only: the jobs it was forked with
+
+
+def _receive_jobs(jobs: list[Job]) -> None:
+    _WORKER_JOBS[:] = jobs
+
+
+def _compile_numbered(number: int) -> tuple[bytes, str]:
+    return _compile_job(_WORKER_JOBS[number])
 
 
 def _compile_job(job: Job) -> tuple[bytes, str]:
