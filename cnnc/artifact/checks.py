@@ -63,9 +63,9 @@ def _at_least_zero(value: Any) -> bool:
     return _is_number(value) and value >= 0
 
 
-# The train line's options (frontend.options.TRAIN_OPTIONS) as JSON values, in that table's
-# order: each one's check, and what it expects. An option that may be left out (max_iter)
-# is null.
+# The train line's options (each OptimizerDef's, then frontend.options.TRAINING_OPTIONS) as
+# JSON values, in that order: each one's check, and what it expects. An option that may be
+# left out (max_iter) is null. tests/artifact/test_manifest.py checks they agree.
 RATE = (_positive, "a finite number above 0")
 FRACTION = (_fraction, "a number from 0 up to (not including) 1")
 COUNT = (_count, "a whole number from 1 to 2**31 - 1")

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from cnnc.ops import registry
+
 if TYPE_CHECKING:
     from cnnc.graph.ir import Graph, Tensor
     from cnnc.graph.kernels import KernelProgram
@@ -53,7 +55,8 @@ def _assembled(program: KernelProgram, kernels: list, scratch: list, schedules: 
     entries = entry_points(program)
     optimizer = None
     if program.graph.loss is not None:
-        optimizer = program.graph.train.optimizer if program.graph.train else "sgd"
+        optimizer = program.graph.train.optimizer if program.graph.train else \
+            registry.DEFAULT_OPTIMIZER
         updates, extra = _update_functions(program.graph, program, optimizer)
         kernels += [(f.name, (f,)) for f in updates]
         storage += extra
@@ -112,8 +115,6 @@ def _update_functions(graph: Graph, program: KernelProgram, optimizer: str):
     """One update function a parameter, its optimizer state and the shared scalars buffer."""
     from cnnc.graph.ir import Role, Tensor
     from cnnc.loops.ir import Buffer
-    from cnnc.ops import registry
-
     definition = registry.optimizers()[optimizer]
     hyper = Tensor("optimizer.hyper", Role.HYPER, graph.dtype, (len(registry.HYPER_FIELDS),))
     state_names = definition.states

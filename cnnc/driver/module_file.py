@@ -1,5 +1,5 @@
-"""The module file a build ends in: the manifest (which `verify` derives again from the
-stored program when the file is loaded), the hash of the code, the sections, and the check
+"""The module file a build ends in: the manifest (which `driver.trust` derives again from
+the stored program when the file is loaded), the hash of the code, the sections, and the check
 that the manifest is what its typed records (`artifact.manifest`) give back."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from cnnc.artifact.format import ModuleFile, code_hash, params_to_bytes
 from cnnc.driver.lowering import ENTRY_NAMES
+from cnnc.ops import registry
 from cnnc.passes.summary import rows_to_json, summarize
 from cnnc.version import __version__
 
@@ -108,7 +109,8 @@ def _manifest(program: KernelProgram, lowered: Lowered, entry_table: dict, opt_l
         manifest["loss"] = {"kind": graph.producer(graph.loss).op,
                             "target": graph.target, "value": graph.loss}
         manifest["gradients"] = {name: program.storage_of(g) for name, g in graph.gradients}
-        settings = dict(graph.train.settings) if graph.train else {"lr": 0.01, "momentum": 0.0}
+        settings = dict(graph.train.settings) if graph.train else \
+            dict(registry.DEFAULT_SETTINGS)
         manifest["optimizer"] = {"kind": lowered.optimizer, **settings}
     return manifest
 

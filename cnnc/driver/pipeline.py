@@ -210,16 +210,25 @@ def _nothing(build: Build) -> None:
 
 def _check_generated(build: Build) -> None:
     if not build.generated.diagnostics:  # a graph with errors is never used
-        verify(build.generated.graph)
+        _check(build.generated.graph)
 
 
 def _check_graph(build: Build) -> None:
-    verify(build.graph)
+    _check(build.graph)
 
 
 def _check_differentiated(build: Build) -> None:
     if build.differentiated is not None:
-        verify(build.differentiated)
+        _check(build.differentiated)
+
+
+def _check(graph: Graph) -> None:
+    """The graph's own invariants, and every node's inputs and outputs as its op declares."""
+    from cnnc.ops import registry
+
+    verify(graph)
+    for node in graph.nodes:
+        registry.check_node(node)
 
 
 def _check_kernels(build: Build) -> None:
@@ -227,12 +236,8 @@ def _check_kernels(build: Build) -> None:
 
 
 def _check_lowered(build: Build) -> None:
-    try:
-        from cnnc.loops.verify import verify_function
-    except ModuleNotFoundError as missing:  # a tree without the loop-IR verifier
-        if missing.name != "cnnc.loops.verify":
-            raise
-        return
+    from cnnc.loops.verify import verify_function
+
     for function in build.lowered.functions:
         verify_function(function)
 

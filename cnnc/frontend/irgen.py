@@ -342,42 +342,44 @@ class _Builder:
             return None, None
         loss = losses[kind]
         values = self._options(stmt.options, loss.options, f"loss {kind}", LOSS_TENSOR)
-        if loss.needs_softmax:
-            self._softmax_rules(found, stmt)
+        if loss.needs_output is not None:
+            self._output_rules(found, stmt, loss.needs_output)
         self.tensors.append(Tensor(loss.target, Role.TARGET, loss.target_dtype or self.dtype))
         self.tensors.append(Tensor(LOSS_TENSOR, Role.LOSS, self.dtype, ()))
         self.nodes.append(Node(loss.op, (output, loss.target), (LOSS_TENSOR,), LOSS_TENSOR,
                                stmt.span, loss.attrs(values), Phase.LOSS))
         return LOSS_TENSOR, loss.target
 
-    def _softmax_rules(self, found: _Sections, loss: ast.LossStmt) -> None:
-        """A loss that reads probabilities: softmax ends the last layer and only that one."""
+    def _output_rules(self, found: _Sections, loss: ast.LossStmt, wanted: str) -> None:
+        """A loss that reads, say, probabilities: activation `wanted` (softmax) ends the last
+        layer and only that one."""
         if not found.layers:
             return
         displays = [layer.display for layer in self.layers[1:]]
         for position, line in enumerate(found.layers[:-1]):
-            if line.activation is not None and line.activation.text == "softmax":
-                self.error(f"softmax must be the last layer before loss {loss.kind.text}, but "
+            if line.activation is not None and line.activation.text == wanted:
+                self.error(f"{wanted} must be the last layer before loss {loss.kind.text}, but "
                            f"{displays[position + 1]} follows it", line.activation.span,
                            (Note("the loss is here", loss.span),))
         last = found.layers[-1]
-        if last.activation is None or last.activation.text != "softmax":
+        if last.activation is None or last.activation.text != wanted:
             ends = f"ends in {last.activation.text}" if last.activation else "has no activation"
-            self.error(f"loss {loss.kind.text} needs a softmax output, but the last layer, "
-                       f"{displays[-1]}, {ends}; end it with '-> softmax'", loss.span,
+            self.error(f"loss {loss.kind.text} needs a {wanted} output, but the last layer, "
+                       f"{displays[-1]}, {ends}; end it with '-> {wanted}'", loss.span,
                        (Note("the last layer is here", last.stmt.span),))
 
     def _train(self, stmt: ast.TrainStmt | None) -> TrainConfig | None:
         if stmt is None:
             return None
         optimizer = stmt.optimizer.text
-        if optimizer not in opts.TRAIN_OPTIONS:
-            valid = tuple(opts.TRAIN_OPTIONS)
+        optimizers = registry.optimizers()
+        if optimizer not in optimizers:
+            valid = tuple(optimizers)
             self.error(f"unknown optimizer {optimizer!r}{suggest(optimizer, valid)}",
                        stmt.optimizer.span)
             return None
-        values = self._options(stmt.options, opts.TRAIN_OPTIONS[optimizer],
-                               f"train {optimizer}", "train")
+        table = opts.train_options(optimizers[optimizer].options)
+        values = self._options(stmt.options, table, f"train {optimizer}", "train")
         return TrainConfig(optimizer, tuple(values.items()), stmt.span)
 
 

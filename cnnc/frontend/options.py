@@ -139,20 +139,12 @@ class OptionSpec:
 
 
 INPUT_OPTIONS = {"dtype": OptionSpec(dtype_name, "f32")}
-CONV_OPTIONS = {"stride": OptionSpec(stride, (1, 1)), "pad": OptionSpec(padding, (0, 0)),
-                "bias": OptionSpec(boolean, True)}
-POOL_OPTIONS = {"stride": OptionSpec(stride, None), "pad": OptionSpec(padding, (0, 0))}
-DENSE_OPTIONS = {"bias": OptionSpec(boolean, True)}
-LOSS_OPTIONS = {"cross_entropy": {"classes": OptionSpec(positive_int, None)},
-                "mse": {"targets": OptionSpec(shape, None)}}
+# The train line's options that every optimizer takes, after its own (OptimizerDef.options).
+TRAINING_OPTIONS = {"batch": OptionSpec(positive_int, 64), "epochs": OptionSpec(positive_int, 1),
+                    "max_iter": OptionSpec(positive_int, None),
+                    "tol": OptionSpec(non_negative_number, 0.0), "seed": OptionSpec(seed, 0)}
 
-_COMMON_TRAIN = {"batch": OptionSpec(positive_int, 64), "epochs": OptionSpec(positive_int, 1),
-                 "max_iter": OptionSpec(positive_int, None),
-                 "tol": OptionSpec(non_negative_number, 0.0), "seed": OptionSpec(seed, 0)}
-TRAIN_OPTIONS = {
-    "sgd": {"lr": OptionSpec(positive_number, 0.01), "momentum": OptionSpec(fraction, 0.0),
-            **_COMMON_TRAIN},
-    "adam": {"lr": OptionSpec(positive_number, 0.001), "beta1": OptionSpec(fraction, 0.9),
-             "beta2": OptionSpec(fraction, 0.999), "eps": OptionSpec(positive_number, 1e-8),
-             **_COMMON_TRAIN},
-}
+
+def train_options(optimizer_options: dict[str, OptionSpec]) -> dict[str, OptionSpec]:
+    """Every option of `train NAME`: the optimizer's own, then the common ones."""
+    return {**optimizer_options, **TRAINING_OPTIONS}

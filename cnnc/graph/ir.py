@@ -149,6 +149,10 @@ class Graph:
     def layer(self, name: str) -> Layer:
         return self._layer_index[name]
 
+    def has_layer(self, name: str) -> bool:
+        """Whether `name` is a line of the program (the loss node's `loss` is not)."""
+        return name in self._layer_index
+
     def producer(self, tensor: str) -> Node | None:
         return self._producer_index.get(tensor)
 

@@ -11,7 +11,7 @@ from cnnc.graph.ir import BATCH, Node
 from cnnc.loops.build import add, loop_nest
 from cnnc.loops.ir import Load, LoopFunction, Store, Var
 from cnnc.ops import registry
-from cnnc.ops.lowering import flat
+from cnnc.ops.lowering import flat, view
 from cnnc.ops.registry import Fusion, OpDef, ShapeContext, ShapeProblem
 from cnnc.ops.window import sample
 
@@ -34,13 +34,22 @@ def _gradient(node: Node, dy: str, b) -> list[tuple[str, str]]:
 
 
 def _lower(kernel, program) -> LoopFunction:
-    """out = a + b + ..., added left to right, over flat views."""
-    inputs = [flat(program, name) for name in kernel.inputs]
-    out = flat(program, kernel.outputs[0], is_output=True)
-    where = (Var("n"), Var("i"))
+    """out = a + b + ..., added left to right, over flat views: N x elements for a batch of
+    values, all elements for a parameter's gradients."""
+    batched = program.graph.tensor(kernel.outputs[0]).shape[:1] == (BATCH,)
+    inputs = [_flat(program, name, batched) for name in kernel.inputs]
+    out = _flat(program, kernel.outputs[0], batched, is_output=True)
+    where = (Var("n"), Var("i")) if batched else (Var("i"),)
     total = reduce(add, [Load(buffer.name, where) for buffer in inputs])
-    nest = loop_nest(["n", "i"], [Var(BATCH), out.shape[1]], (Store(out.name, where, total),))
+    extents = [Var(BATCH), out.shape[1]] if batched else [out.shape[0]]
+    nest = loop_nest([v.name for v in where], extents, (Store(out.name, where, total),))
     return LoopFunction(kernel.name, (*_distinct(inputs), out), (), (nest,))
+
+
+def _flat(program, name: str, batched: bool, is_output: bool = False):
+    if batched:
+        return flat(program, name, is_output)
+    return view(program, name, (program.graph.tensor(name).size,), is_output)
 
 
 def _distinct(buffers: list) -> list:
@@ -50,5 +59,5 @@ def _distinct(buffers: list) -> list:
 
 registry.register(OpDef(
     "add", "a + b (+ ...): elementwise, one shape", inputs=None, shape=_shape,
-    reference=_reference, gradient=_gradient, fusion=Fusion.ALONE, kernel_tag="add",
+    reference=_reference, gradient=_gradient, fusion=Fusion.ALONE, kernel_tag="add", sums=True,
     lower=_lower))

@@ -154,7 +154,7 @@ def _lower_mse_grad(kernel, program) -> LoopFunction:
 registry.register_loss(LossDef(
     "cross_entropy", {"classes": OptionSpec(positive_int, None)}, "loss.labels", DType.I64,
     lambda values: LossAttrs(None if values["classes"] is None else (values["classes"],)),
-    needs_softmax=True))
+    needs_output="softmax"))
 registry.register_loss(LossDef(
     "mse", {"targets": OptionSpec(shape, None)}, "loss.targets", None,
     lambda values: LossAttrs(values["targets"])))

@@ -8,6 +8,7 @@ with the bias corrections c1 = 1 − β1^t and c2 = 1 − β2^t computed by the 
 
 from __future__ import annotations
 
+from cnnc.frontend.options import OptionSpec, fraction, positive_number
 from cnnc.loops.build import add, const, mul
 from cnnc.loops.ir import (
     Binary,
@@ -70,5 +71,9 @@ def _adam(name: str, param: Buffer, grad: Buffer, states: tuple[Buffer, ...],
     return _update(name, param, grad, states, hyper, body)
 
 
-registry.register_optimizer(OptimizerDef("sgd", ("velocity",), _sgd))
-registry.register_optimizer(OptimizerDef("adam", ("adam_m", "adam_v"), _adam))
+SGD_OPTIONS = {"lr": OptionSpec(positive_number, 0.01), "momentum": OptionSpec(fraction, 0.0)}
+ADAM_OPTIONS = {"lr": OptionSpec(positive_number, 0.001), "beta1": OptionSpec(fraction, 0.9),
+                "beta2": OptionSpec(fraction, 0.999), "eps": OptionSpec(positive_number, 1e-8)}
+
+registry.register_optimizer(OptimizerDef("sgd", SGD_OPTIONS, ("velocity",), _sgd))
+registry.register_optimizer(OptimizerDef("adam", ADAM_OPTIONS, ("adam_m", "adam_v"), _adam))

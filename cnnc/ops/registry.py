@@ -63,6 +63,8 @@ class InitContext:
     @property
     def activation(self) -> str | None:
         """The activation of the layer that reads this parameter, if it has one."""
+        if not self.graph.has_layer(self.node.layer):
+            return None
         return self.graph.layer(self.node.layer).activation
 
 
@@ -136,6 +138,9 @@ ReferenceRule = Callable[[Node, list[np.ndarray], tuple[int, ...], Mode], Any]
 GradientRule = Callable[[Node, str | None, Any], list[tuple[str, str]]]
 LowerRule = Callable[[Any, Any], Any]  # (Kernel, KernelProgram) -> LoopFunction
 ScheduleRule = Callable[[Any, Any, Any], Any]  # (Kernel, KernelProgram, Machine) -> Lowered | None
+# a pool inside a scheduled anchor: (Kernel, KernelProgram, Machine) ->
+# (its loop function, or None for the plain loops; what --explain-schedule says of it)
+PoolScheduleRule = Callable[[Any, Any, Any], tuple[Any, str]]
 FlopsRule = Callable[[Any, Node], int]  # (graph, node) -> FLOPs for one sample
 ElementwiseRule = Callable[[Any], Any]  # loop IR Expr -> Expr
 
@@ -166,9 +171,10 @@ class OpDef:
     slot: Slot | None = None  # an epilogue's place in its anchor's kernel
     elementwise: ElementwiseRule | None = None  # an epilogue's value from the anchor's
     takes_pool: bool = False  # an anchor whose kernel may run a following POOL op
-    pool_schedule: ScheduleRule | None = None  # a POOL op's code inside a scheduled anchor
+    pool_schedule: PoolScheduleRule | None = None  # a POOL op's code inside a scheduled anchor
     differentiable: bool = True  # False: a backward op (the gradient of nothing)
     activation: bool = False  # may end a layer: `conv c: 6 5x5 -> NAME`, or a line of its own
+    sums: bool = False  # adds its inputs: autodiff sums a tensor's gradients with it
     # a program using the op (after its network line), on which tests/ops checks the op's
     # gradient rule against finite differences and its kernels against the reference
     example: str = ""
@@ -211,7 +217,8 @@ class LossDef:
     target: str  # the target tensor's name, e.g. loss.labels
     target_dtype: DType | None  # None: the network's dtype
     attrs: Callable[[dict[str, Any]], object]  # the loss node's attributes, from the options
-    needs_softmax: bool = False  # reads probabilities: the last layer must end in softmax
+    # an activation the network must end in, and only there (softmax: it reads probabilities)
+    needs_output: str | None = None
 
 
 # The optimizer's scalars, in this order, in a small buffer the runtime passes at every step:
@@ -219,11 +226,18 @@ class LossDef:
 HYPER_FIELDS = ("lr", "momentum", "beta1", "beta2", "eps", "correction1", "correction2")
 
 
+# A network with a loss line but no train line is trained with this optimizer and these
+# settings (a module file records them).
+DEFAULT_OPTIMIZER = "sgd"
+DEFAULT_SETTINGS = {"lr": 0.01, "momentum": 0.0}
+
+
 @dataclass(frozen=True, slots=True)
 class OptimizerDef:
     """`train NAME ...`: the state each parameter keeps and the loop IR of one step."""
 
     name: str
+    options: dict[str, Any]  # its own options of the train line (frontend OptionSpecs)
     states: tuple[str, ...]  # per parameter, named PARAM.STATE, shaped like it
     lower_update: Callable[..., Any]  # (name, param, grad, states, hyper) -> LoopFunction
 
@@ -242,11 +256,13 @@ def register_layer(layer: LayerDef) -> LayerDef:
 
 
 def register_loss(loss: LossDef) -> LossDef:
+    assert loss.op not in _LOSSES, f"loss {loss.op} is registered twice"
     _LOSSES[loss.op] = loss
     return loss
 
 
 def register_optimizer(optimizer: OptimizerDef) -> OptimizerDef:
+    assert optimizer.name not in _OPTIMIZERS, f"optimizer {optimizer.name} is registered twice"
     _OPTIMIZERS[optimizer.name] = optimizer
     return optimizer
 
@@ -269,6 +285,11 @@ def losses() -> dict[str, LossDef]:
 def optimizers() -> dict[str, OptimizerDef]:
     _load()
     return dict(_OPTIMIZERS)
+
+
+def gradient_sum() -> str:
+    """The op autodiff adds the gradients of a tensor read by several ops with."""
+    return next(op.name for op in all_ops() if op.sums)
 
 
 def activations() -> tuple[str, ...]:
@@ -299,11 +320,25 @@ def _load() -> None:
     global _LOADED
     if _LOADED:
         return
-    _LOADED = True
     folder = Path(__file__).parent
     # helper modules (window.py, lowering.py) register nothing: importing them is harmless
     for module in pkgutil.iter_modules([str(folder)]):
         importlib.import_module(f"cnnc.ops.{module.name}")
+    _LOADED = True  # only now: an op file that fails to import fails every lookup alike
+
+
+def check_node(node: Node) -> None:
+    """A node has as many inputs as its op takes (AssertionError otherwise): its data inputs
+    and then its parameters, or, for an op of any number of inputs, at least two."""
+    op = get(node.op)
+    if op.inputs is None:
+        assert len(node.inputs) >= 2, f"{node.op} of {len(node.inputs)} input(s)"
+    else:
+        wanted = len(op.inputs) + len(op.params)
+        assert len(node.inputs) == wanted, \
+            f"{node.op} takes {wanted} inputs, but a node of it has {len(node.inputs)}"
+    assert len(node.outputs) == 1 + len(op.outputs), \
+        f"{node.op} makes {1 + len(op.outputs)} outputs, but a node of it has {len(node.outputs)}"
 
 
 def check_complete(op: OpDef) -> list[str]:

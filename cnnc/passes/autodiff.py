@@ -52,6 +52,7 @@ def differentiate(graph: Graph) -> Graph:
     pending: dict[str, list[str]] = {}
     for node in reversed(graph.nodes):
         rule = registry.get(node.op).gradient
+        assert rule is not None, f"the op {node.op} has no gradient rule"
         if node.phase is Phase.LOSS:
             contributions = rule(node, None, builder)
         elif node.output in pending:
@@ -73,7 +74,7 @@ def _total(builder: _Builder, tensor: str, parts: list[str], node: Node) -> str:
     chain of `add` nodes, named like `tensor`'s other gradients, on behalf of `node`."""
     total = parts[0]
     for part in parts[1:]:
-        total = builder.op("add", (total, part), tensor, node)
+        total = builder.op(registry.gradient_sum(), (total, part), tensor, node)
     return total
 
 

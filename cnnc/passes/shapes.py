@@ -49,8 +49,7 @@ def infer_collect(graph: Graph, broken: frozenset[str] = frozenset()
 
 def _infer_node(node: Node, shapes: list[Shape | None], graph: Graph) -> dict[str, Shape]:
     """The shapes of the node's outputs and of the parameters it reads, by its op's rule."""
-    layers = {layer.name for layer in graph.layers}
-    subject = graph.layer(node.layer).display if node.layer in layers else node.layer
+    subject = graph.layer(node.layer).display if graph.has_layer(node.layer) else node.layer
     context = ShapeContext(node, shapes, subject,
                            [_producer_display(graph, name) for name in node.inputs])
     return registry.get(node.op).shape(context)

@@ -118,8 +118,10 @@ def test_the_file_formats_limits_are_the_languages():
                 opts.positive_int: "a whole number from 1 to 2**31 - 1",
                 opts.non_negative_number: "a finite number of at least 0",
                 opts.seed: "a whole number from 0 to 2**63 - 1"}
-    assert list(checks.OPTIMIZER_SETTINGS) == list(opts.TRAIN_OPTIONS)
-    for kind, table in opts.TRAIN_OPTIONS.items():
+    tables = {name: opts.train_options(optimizer.options)
+              for name, optimizer in registry.optimizers().items()}
+    assert list(checks.OPTIMIZER_SETTINGS) == list(tables)
+    for kind, table in tables.items():
         settings = checks.OPTIMIZER_SETTINGS[kind]
         assert list(settings) == list(table), kind
         for key, spec in table.items():
