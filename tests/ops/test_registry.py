@@ -129,3 +129,43 @@ def test_hand_built_ops_compile_to_the_reference(name, schedule):
     assert_close(module.forward(x), expected[graph.output], np.float64, "output")
     gradient = dict(differentiated.gradients)[graph.input]
     assert_close(module.input_gradient(x, y), expected[gradient], np.float64, "input gradient")
+
+
+def test_a_parameter_read_by_two_ops_gets_the_sum_of_its_gradients():
+    """x and W read by two dense ops: autodiff sums the two gradients of each with `add`, a
+    batched sum for x and one over the parameter's own shape for W, compiled and in the
+    reference alike."""
+    from cnnc.ops.dense import DenseAttrs
+    from cnnc.passes.shapes import infer
+
+    span = Span.point("<test>", 1, 1)
+    tensors = (Tensor("x", Role.INPUT, DType.F64, (BATCH, 3)),
+               Tensor("w", Role.PARAM, DType.F64),
+               *(Tensor(name, Role.VALUE, DType.F64) for name in ("a", "b", "y")),
+               Tensor("loss.targets", Role.TARGET, DType.F64),
+               Tensor("loss", Role.LOSS, DType.F64, ()))
+    nodes = (Node("dense", ("x", "w"), ("a",), "a", span, DenseAttrs(4)),
+             Node("dense", ("x", "w"), ("b",), "b", span, DenseAttrs(4)),
+             Node("add", ("a", "b"), ("y",), "y", span),
+             Node("mse", ("y", "loss.targets"), ("loss",), "loss", span,
+                  registry.losses()["mse"].attrs({"targets": None}), Phase.LOSS))
+    layers = tuple(Layer(name, kind, False, name, span)
+                   for name, kind in (("x", "input"), ("a", "dense"), ("b", "dense"), ("y", "add")))
+    graph = infer(Graph("shared", DType.F64, tensors, nodes, layers, "x", "y", "loss",
+                        "loss.targets"))
+    differentiated = differentiate(graph)
+    sums = [n for n in differentiated.nodes if n.op == "add" and n.phase is Phase.BACKWARD]
+    assert [n.outputs for n in sums] == [("x.grad3",), ("w.grad3",)]  # .grad + .grad2
+    module = Module(compile_module(graph, Source("", "<hand-built>"), 0, True))
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((4, 3))
+    module.set_params({"w": w})
+    x, y = rng.standard_normal((6, 3)), rng.standard_normal((6, 4))
+    expected = reference.run(differentiated, x, {"w": w}, y)
+    gradients = module.gradients(x, y)
+    assert_close(gradients["w"], expected[dict(differentiated.gradients)["w"]], np.float64, "w")
+    # y = 2·x·Wᵀ, loss = mean((y − t)²): dW = 2 · 2 (y − t)ᵀ x / size
+    np.testing.assert_allclose(gradients["w"], 2 * 2 * ((2 * x @ w.T - y).T @ x) / y.size,
+                               rtol=1e-12)
+    assert_close(module.input_gradient(x, y), expected[dict(differentiated.gradients)["x"]],
+                 np.float64, "x")
