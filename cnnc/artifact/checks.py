@@ -4,7 +4,7 @@ CnncModuleError naming the field, never a Python exception or a wrong buffer siz
 
 These are pure data checks, so the runtime makes them without the compiler. The limits the
 language sets (names, sizes, losses, the train line's settings) are written out here as the
-file format's own; tests/test_manifest.py checks that they agree with the front end's.
+file format's own; tests/artifact/test_manifest.py checks that they agree with the front end's.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ TRAINING_ROLES = frozenset({"forward", "loss", "gradients", "input_gradient", "t
 FIELDS = frozenset({"cnnc_version", "network", "dtype", "input", "output", "storage",
                     "entry_points", "kernels", "activations", "opt_level", "build", "layers",
                     "target", "code_sha256"})
-# the section table of a file, checked as the file is read (module.unpack); a module made
+# the section table of a file, checked as the file is read (artifact.format.unpack); a module made
 # in memory has none
 TABLE_FIELDS = frozenset({"sections"})
 TRAINING_FIELDS = frozenset({"loss", "gradients", "optimizer"})

@@ -196,7 +196,7 @@ UNBOUND_FIELDS = ("sections", "code_sha256")
 def code_hash(code: bytes, manifest: dict[str, Any], program: bytes) -> str:
     """SHA-256 of the code, the program it was compiled from and every manifest field it
     relies on: an edit to one of them alone is caught as damage. (A forger can recompute
-    it, so `verify` also derives the manifest from the program again.)"""
+    it, so `driver.trust` also derives the manifest from the program again.)"""
     bound = {key: value for key, value in manifest.items() if key not in UNBOUND_FIELDS}
     table = json.dumps(bound, sort_keys=True).encode("utf-8")
     return hashlib.sha256(code + b"\0" + program + b"\0" + table).hexdigest()

@@ -18,7 +18,7 @@ def load(path: str | Path, threads: int | None = None, trust: str = "code") -> M
     the file's stored program implies. trust="rebuild" (for files from
     anyone else) ignores the stored code and compiles the stored program again, validated
     like a new program, keeping only the file's parameters (checked): such a file can do no
-    more than a .cnn program can. See `verify`."""
+    more than a .cnn program can. See `driver.trust`."""
     from cnnc.driver.trust import check_trust, trusted_file  # the compiler: only when used
 
     if not isinstance(path, (str, Path)):

@@ -78,7 +78,7 @@ def module_manifest(build: Build, options: Options) -> dict[str, Any]:
 
 
 def build_record(source: Source, scheduled: bool, machine: Machine) -> dict[str, Any]:
-    """How the module was built, beyond its program and opt level: what `verify` needs to
+    """How the module was built, beyond its program and opt level: what `driver.trust` needs to
     derive the same buffer table on another machine."""
     return {"program": source.name, "scheduled": bool(scheduled),
             "machine": dataclasses.asdict(machine)}

@@ -32,7 +32,7 @@ def plan_module(graph: Graph, source: Source, opt_level: int = 3, scheduled: boo
                 machine: Machine | None = None, target: CpuTarget | None = None) -> ModulePlan:
     """The CPU module of `graph` (the program `source` describes) up to its code generation,
     scheduled for `machine` where given (a module file's recorded one): loading a module
-    file plans its stored program again and compares (`verify`)."""
+    file plans its stored program again and compares (`driver.trust`)."""
     options = _cpu_options(opt_level, scheduled, target, machine)
     build = advance(from_graph(graph, source), options, Stage.LOWER)
     lowered = build.lowered

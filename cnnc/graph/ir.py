@@ -1,4 +1,4 @@
-"""The graph IR: named tensors, ops as an Enum with named groups, frozen nodes and layers.
+"""The graph IR: named tensors, frozen nodes (each names its op) and layers.
 
 A network is decomposed into primitive ops (conv2d, bias_add, relu, ...) on named tensors, so
 that gradient rules can be written per op and the fusion pass can group them again into

@@ -4,7 +4,7 @@ Each stage is a loop over nodes or kernels that looks their op up here by name (
 never lists op names itself: shapes calls `shape`, the reference interpreter `reference`,
 autodiff `gradient`, fusion reads `fusion`, lowering calls `lower` and `schedule`, the
 summary `flops`, initialisation each `ParamDef.init`. An op family lives in one file of
-`cnnc/ops/` that registers its ops when the package is imported; `check_complete` says
+`cnnc/ops/` that registers its ops when the registry first loads it; `check_complete` says
 which rule an op lacks for a stage that will ask for it.
 
 This module is a leaf: it imports the IRs only, so a stage (or a schedule pattern) can import

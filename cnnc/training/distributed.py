@@ -1,7 +1,7 @@
 """Data-parallel training on MPI, through mpi4py: `mpirun -n P cnnc train NET.cnn --data …`,
 or `train_data_parallel` from Python.
 
-Every rank runs the same training loop (`train.train`) with an `MpiTeam`:
+Every rank runs the same training loop (`training.loop.train`) with an `MpiTeam`:
 
 - At the start rank 0 broadcasts the parameters, the optimizer state and the data-order
   generator (after resuming from a checkpoint, which only rank 0 reads), so every rank
@@ -91,7 +91,7 @@ def world_team(timeout: float = DEFAULT_TIMEOUT_S) -> MpiTeam | None:
 
 class MpiTeam:
     """The ranks of one MPI communicator training one network together (see the module
-    docstring); `train.train` calls these at the points where ranks must agree."""
+    docstring); `training.loop.train` calls these at the points where ranks must agree."""
 
     def __init__(self, comm: Any, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         from mpi4py import MPI

@@ -22,7 +22,7 @@ The same plain loop nests the CPU backend starts from become GPU kernels:
   thread, because overlapping windows would race.
 - Any other function whose body is not only loop nests is one thread.
 
-The kernels are compiled by Numba when the module is loaded (`runtime_cuda`), on a GPU, or
+The kernels are compiled by Numba when the module is loaded (`cnnc/runtime/cuda.py`), on a GPU, or
 in Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) where there is none.
 """
 
