@@ -201,7 +201,7 @@ class _Builder:
         else:
             name = stmt.name.text if stmt.name else "input"
             span, auto = stmt.span, stmt.name is None
-            values = self._options(stmt.options, opts.INPUT_OPTIONS, "input", name)
+            values = self.checked_options(stmt.options, opts.INPUT_OPTIONS, "input", name)
             self.dtype = DType(dtype or values.get("dtype") or "f32")
             shape = self._input_shape(stmt.shape)
             if shape is None:
@@ -238,7 +238,7 @@ class _Builder:
         self.names[unique] = span
         return unique
 
-    def _options(self, given: tuple[ast.Option, ...], table: dict[str, opts.OptionSpec],
+    def checked_options(self, given: tuple[ast.Option, ...], table: dict[str, opts.OptionSpec],
                  owner: str, layer: str) -> dict[str, object]:
         """Validated option values, defaults filled; a bad option marks `layer` broken."""
         values = {key: spec.default for key, spec in table.items()}
@@ -308,7 +308,7 @@ class _Builder:
             return None
         return word.text
 
-    def _count(self, number: ast.Number, what: str, owner: str, layer: str) -> int:
+    def checked_count(self, number: ast.Number, what: str, owner: str, layer: str) -> int:
         """A filter or unit count; a bad one is reported and replaced by 1 (layer broken)."""
         value = number.value
         if isinstance(value, int) and 1 <= value <= opts.MAX_SIZE:
@@ -318,7 +318,7 @@ class _Builder:
         self.broken.add(layer)
         return 1
 
-    def _kernel(self, dims: ast.Dims, what: str, owner: str, layer: str) -> tuple[int, int]:
+    def checked_kernel(self, dims: ast.Dims, what: str, owner: str, layer: str) -> tuple[int, int]:
         values = dims.values
         if len(values) != 2:
             self.error(f"{owner}: {what} must be HxW like 3x3, got {dims.text}", dims.span)
@@ -341,7 +341,7 @@ class _Builder:
             self.error(f"unknown loss {kind!r}{suggest(kind, tuple(losses))}", stmt.kind.span)
             return None, None
         loss = losses[kind]
-        values = self._options(stmt.options, loss.options, f"loss {kind}", LOSS_TENSOR)
+        values = self.checked_options(stmt.options, loss.options, f"loss {kind}", LOSS_TENSOR)
         if loss.needs_output is not None:
             self._output_rules(found, stmt, loss.needs_output)
         self.tensors.append(Tensor(loss.target, Role.TARGET, loss.target_dtype or self.dtype))
@@ -379,7 +379,7 @@ class _Builder:
                        stmt.optimizer.span)
             return None
         table = opts.train_options(optimizers[optimizer].options)
-        values = self._options(stmt.options, table, f"train {optimizer}", "train")
+        values = self.checked_options(stmt.options, table, f"train {optimizer}", "train")
         return TrainConfig(optimizer, tuple(values.items()), stmt.span)
 
 
@@ -408,14 +408,14 @@ class LayerContext:
         self._builder.broken.add(self.name)
 
     def count(self, number: ast.Number, what: str) -> int:
-        return self._builder._count(number, what, self.owner, self.name)
+        return self._builder.checked_count(number, what, self.owner, self.name)
 
     def kernel(self, dims: ast.Dims, what: str) -> tuple[int, int]:
-        return self._builder._kernel(dims, what, self.owner, self.name)
+        return self._builder.checked_kernel(dims, what, self.owner, self.name)
 
     def options(self, given: tuple[ast.Option, ...], table: dict[str, opts.OptionSpec]
                 ) -> dict[str, object]:
-        return self._builder._options(given, table, self.owner, self.name)
+        return self._builder.checked_options(given, table, self.owner, self.name)
 
     def option_span(self, key: str) -> Span:
         return _option_span(self._stmt, key)

@@ -14,7 +14,7 @@ from cnnc.ops.registry import ShapeContext, ShapeProblem
 
 def output_size(height: int, width: int, window: Window) -> tuple[int, int]:
     (kh, kw), (sh, sw), (ph, pw) = window.kernel, window.stride, window.pad
-    return (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+    return out_size(height, kh, sh, ph), out_size(width, kw, sw, pw)
 
 
 def arithmetic(height: int, width: int, window: Window) -> str:
