@@ -78,11 +78,12 @@ def device_batch(array: Any, sample: tuple[int, ...], dtype: np.dtype) -> Any:
     return array
 
 
-def labels_or_targets(value: Any, batch: int, loss: str, output: tuple[int, ...],
+def labels_or_targets(value: Any, batch: int, labels: bool, output: tuple[int, ...],
                       dtype: np.dtype) -> np.ndarray:
-    """Class labels in range for cross-entropy; targets of the output's shape for mse."""
+    """Class labels in range, for a loss that compares with labels (cross-entropy); else
+    targets of the output's shape (mse)."""
     array = as_array(value, "y")
-    if loss == "cross_entropy":
+    if labels:
         classes = output[0]
         if array.shape != (batch,):
             raise refuse(f"y must hold one class label a sample, shape ({batch},), "

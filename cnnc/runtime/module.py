@@ -87,6 +87,14 @@ class Module:
         return self._manifest.target.kind
 
     @property
+    def takes_labels(self) -> bool:
+        """Whether `y` is one integer class label a sample (the loss's target tensor holds
+        integers, as cross-entropy's does) rather than targets shaped like the output; False
+        without a loss line."""
+        loss = self._manifest.loss
+        return loss is not None and self._manifest.buffer(loss.target).dtype in ("i32", "i64")
+
+    @property
     def optimizer(self) -> dict[str, Any]:
         """The optimizer's kind and settings, from the train line."""
         return self._manifest.optimizer.to_json() if self._manifest.optimizer else {}
@@ -378,8 +386,8 @@ class Module:
     def _checked_target(self, value: Any, batch: int) -> np.ndarray:
         """Labels or targets for a batch of `batch` (fit checks a whole data set with it)."""
         assert self._manifest.loss is not None
-        return arguments.labels_or_targets(value, batch, self._manifest.loss.kind,
-                                           self.output_shape, self._dtype)
+        return arguments.labels_or_targets(value, batch, self.takes_labels, self.output_shape,
+                                           self._dtype)
 
     def _checked_gradients(self, gradients: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Every parameter's gradient, contiguous, of its shape and the module's dtype."""

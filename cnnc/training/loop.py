@@ -102,7 +102,7 @@ def check_data(module: Module, data: Dataset, name: str) -> None:
 def evaluate(module: Module, data: Dataset, batch: int = 500) -> tuple[float, float | None]:
     """(mean loss, accuracy or None) over `data`, in batches."""
     total, correct = 0.0, 0
-    classify = module.manifest["loss"]["kind"] == "cross_entropy"
+    classify = module.takes_labels
     for start in range(0, len(data), batch):
         x, y = data.x[start:start + batch], data.y[start:start + batch]
         total += module.loss(x, y) * len(x)

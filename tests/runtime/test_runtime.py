@@ -228,3 +228,13 @@ def _refusal(module, path) -> str:
     except cnnc.CnncError as error:
         return str(error)
     return "loaded"
+
+
+@pytest.mark.parametrize("lines, labels", [
+    ("dense d: 3 -> softmax\nloss cross_entropy", True),
+    ("dense d: 3\nloss mse", False),
+    ("dense d: 3", False),
+])
+def test_takes_labels_follows_the_losss_target_tensor(lines, labels):
+    module = cnnc.compile(f"network t\ninput: 4\n{lines}\n", opt_level=0)
+    assert module.takes_labels is labels
