@@ -31,3 +31,33 @@ def relative_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
     """‖a − n‖ / max(‖a‖ + ‖n‖, 1e-12): small when they agree, whatever the scale."""
     scale = max(float(np.linalg.norm(analytic) + np.linalg.norm(numeric)), 1e-12)
     return float(np.linalg.norm(analytic - numeric)) / scale
+
+
+def check_graph_gradients(graph, batch: int = 2, seed: int = 0) -> None:
+    """Every gradient a differentiated graph names (its input's and its parameters') against
+    central finite differences of the reference's loss, at realistic parameter scales (He or
+    Glorot) with nonzero biases, so that no bias rule hides behind zeros."""
+    from cnnc.graph.ir import DType
+    from cnnc.passes import reference
+    from cnnc.passes.initialise import initial_parameters
+
+    rng = np.random.default_rng(seed)
+    params = {name: value + 0.1 * rng.standard_normal(value.shape)
+              for name, value in initial_parameters(graph).items()}
+    x = rng.standard_normal((batch, *graph.tensor(graph.input).shape[1:]))
+    out_shape = graph.tensor(graph.output).shape[1:]
+    if graph.tensor(graph.target).dtype is DType.I64:  # class labels
+        target = rng.integers(0, out_shape[0], batch)
+    else:
+        target = rng.standard_normal((batch, *out_shape))
+    values = reference.run(graph, x, params, target)
+
+    def loss() -> float:
+        return float(reference.run(graph, x, params, target)[graph.loss])
+
+    assert graph.gradients, "the graph has nothing to differentiate"
+    for name, gradient in graph.gradients:
+        array = x if name == graph.input else params[name]
+        indices, numeric = numeric_gradient(loss, array, seed=seed)
+        analytic = values[gradient].reshape(-1)[indices]
+        assert relative_error(analytic, numeric) < 1e-6, name

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gradcheck import numeric_gradient, relative_error
+from gradcheck import check_graph_gradients
 from numerics import assert_close, random_params
 
 import cnnc
@@ -17,7 +17,6 @@ from cnnc.graph.ir import BATCH, DType, Graph, Layer, Node, Phase, Role, Tensor
 from cnnc.ops import registry
 from cnnc.passes import reference
 from cnnc.passes.autodiff import differentiate
-from cnnc.passes.initialise import initial_parameters
 from cnnc.runtime.module import Module
 
 OPS = registry.all_ops()
@@ -63,28 +62,7 @@ def test_every_differentiable_op_has_a_program_to_check_it_on(op):
 
 @pytest.mark.parametrize("op", FORWARD, ids=[op.name for op in FORWARD])
 def test_gradient_rule_against_finite_differences(op):
-    graph = differentiate(_graph(op))
-    rng = np.random.default_rng(3)
-    params = {name: value + 0.1 * rng.standard_normal(value.shape)
-              for name, value in initial_parameters(graph).items()}
-    batch = 3
-    x = rng.standard_normal((batch, *graph.tensor(graph.input).shape[1:]))
-    out_shape = graph.tensor(graph.output).shape[1:]
-    if graph.tensor(graph.target).dtype is DType.I64:
-        target = rng.integers(0, out_shape[0], batch)
-    else:
-        target = rng.standard_normal((batch, *out_shape))
-    values = reference.run(graph, x, params, target)
-
-    def loss() -> float:
-        return float(reference.run(graph, x, params, target)[graph.loss])
-
-    assert graph.gradients, "the example has nothing to differentiate"
-    for name, gradient in graph.gradients:
-        array = x if name == graph.input else params[name]
-        indices, numeric = numeric_gradient(loss, array)
-        analytic = values[gradient].reshape(-1)[indices]
-        assert relative_error(analytic, numeric) < 1e-6, name
+    check_graph_gradients(differentiate(_graph(op)), batch=3, seed=3)
 
 
 @pytest.mark.parametrize("schedule", [True, False], ids=["scheduled", "plain"])
