@@ -4,6 +4,7 @@ update a parameter with the state it keeps."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,14 @@ class Lowered:
     entries: dict[str, list[str]]  # entry symbol -> kernel names
     schedules: tuple[Schedule, ...]
     optimizer: str | None  # with a loss line, the optimizer the update functions apply
+
+    @functools.cached_property
+    def texts(self) -> tuple[str, ...]:
+        """Each function as `--emit loops` prints it, in order: the module's loops section,
+        and the sizes LLVM's modules are balanced by."""
+        from cnnc.loops.printer import format_function
+
+        return tuple(format_function(f) for f in self.functions)
 
     @property
     def functions(self) -> tuple[LoopFunction, ...]:

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 def make_module_file(build: Build, options: Options) -> ModuleFile:
     """The module file, which also keeps the program it was compiled from (`trust="rebuild"`
     compiles that) and the loop functions as text."""
-    from cnnc.loops.printer import format_functions
     from cnnc.passes.initialise import initial_parameters
 
     manifest = module_manifest(build, options)
@@ -39,7 +38,7 @@ def make_module_file(build: Build, options: Options) -> ModuleFile:
         code = {"object": hashed, "llvm_ir": build.code.llvm_ir.encode()}
     program = build.source.text.encode("utf-8")
     manifest["code_sha256"] = code_hash(hashed, manifest, program)
-    sections = {**code, "loops": format_functions(build.lowered.functions).encode(),
+    sections = {**code, "loops": "\n".join(build.lowered.texts).encode(),
                 "params": params_to_bytes(initial_parameters(build.graph)),
                 "program": program}
     return ModuleFile(manifest, sections)

@@ -192,8 +192,11 @@ def _codegen(build: Build, options: Options) -> Build:
     else:
         from cnnc.backends.llvm.codegen import compile_functions
 
+        sizes = {f.name: len(text) for f, text in zip(lowered.functions, lowered.texts,
+                                                      strict=True)}
         code = compile_functions(lowered.functions, [t.name for t in lowered.storage],
-                                 options.opt_level, lowered.entries, target=options.cpu())
+                                 options.opt_level, lowered.entries, target=options.cpu(),
+                                 sizes=sizes)
     return dataclasses.replace(build, code=code)
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 
 from cnnc.graph.ir import BATCH, Node
-from cnnc.loops.build import add, const, loop_nest, mul
+from cnnc.loops.build import add, loop_nest, mul
 from cnnc.loops.ir import (
     Binary,
     BinOp,
@@ -28,6 +28,7 @@ from cnnc.ops.lowering import buffer, flat
 from cnnc.ops.registry import Fusion, OpDef, ShapeContext, Slot
 
 ZERO = Const(0.0, True)
+ONE = Const(1.0, True)
 
 
 def _same_shape(ctx: ShapeContext) -> dict:
@@ -39,8 +40,7 @@ def _relu(value: Expr) -> Expr:
 
 
 def _sigmoid(value: Expr) -> Expr:
-    one = const(1.0)
-    return Binary(BinOp.DIV, one, add(one, Unary(UnaryOp.EXP, Unary(UnaryOp.NEG, value))))
+    return Binary(BinOp.DIV, ONE, add(ONE, Unary(UnaryOp.EXP, Unary(UnaryOp.NEG, value))))
 
 
 def _tanh(value: Expr) -> Expr:
@@ -100,7 +100,6 @@ def _activation_grad(name: str, doc: str, formula: Callable[[Expr, Expr], Expr],
         lower=lower_binary(formula)))
 
 
-ONE = Const(1.0, True)
 _activation("relu", "max(x, 0); NaN stays NaN", _relu,
             lambda x: np.where(x < 0, np.zeros_like(x), x))
 _activation("sigmoid", "1 / (1 + exp(−x))", _sigmoid, lambda x: 1 / (1 + np.exp(-x)))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from cnnc.graph.ir import Graph, Node, Phase, Role, Tensor
-from cnnc.graph.kernels import Kernel, KernelProgram, format_kernels
+from cnnc.graph.kernels import Kernel, KernelProgram
 from cnnc.ops import registry
 from cnnc.ops.registry import Fusion, OpDef
 
@@ -137,5 +137,3 @@ def _unique_name(kernel: Kernel, earlier: list[Kernel]) -> Kernel:
         name = f"{kernel.name}_{count}"
     return dataclasses.replace(kernel, name=name)
 
-
-__all__ = ["Kernel", "KernelProgram", "format_kernels", "fuse"]

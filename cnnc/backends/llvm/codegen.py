@@ -77,13 +77,14 @@ MODULE_SEPARATOR = "\n; ---- next module ----\n"
 
 def compile_functions(functions: tuple[LoopFunction, ...], storage: list[str],
                       opt_level: int = 3, entries: dict[str, list[str]] | None = None, *,
-                      target: CpuTarget) -> NativeCode:
+                      target: CpuTarget, sizes: dict[str, int] | None = None) -> NativeCode:
     """Generate, verify, optimise (at -O`opt_level`) and emit object code for `target`.
     `entries` maps each entry point to the kernels it runs in order (default:
-    `cnnc_forward`, all)."""
+    `cnnc_forward`, all). `sizes` (each function's printed length, by name) balances the
+    modules; it is measured here where the caller has not."""
     entries = entries or {ENTRY: [f.name for f in functions]}
     # each job builds its LLVM IR in the worker too: in Python, that is a quarter of the work
-    jobs = [Job(group, storage, None, opt_level, target) for group in _groups(functions)]
+    jobs = [Job(group, storage, None, opt_level, target) for group in _groups(functions, sizes)]
     # the entry points call the kernels and need only their signatures: without the bodies,
     # the job a worker is sent is a fraction of the size
     signatures = tuple(dataclasses.replace(f, locals=(), body=()) for f in functions)
@@ -147,11 +148,13 @@ def _compile_job(job: Job) -> tuple[bytes, str]:
     return _compile_text(str(module), job.opt_level, job.target)
 
 
-def _groups(functions: tuple[LoopFunction, ...]) -> list[tuple[LoopFunction, ...]]:
+def _groups(functions: tuple[LoopFunction, ...],
+            sizes: dict[str, int] | None = None) -> list[tuple[LoopFunction, ...]]:
     """Kernels in MODULE_COUNT groups of about equal size, largest kernels placed first."""
     from cnnc.loops.printer import format_function
 
-    sizes = {f.name: len(format_function(f)) for f in functions}
+    if sizes is None:
+        sizes = {f.name: len(format_function(f)) for f in functions}
     bins: list[list[LoopFunction]] = [[] for _ in range(MODULE_COUNT)]
     totals = [0] * MODULE_COUNT
     for function in sorted(functions, key=lambda f: -sizes[f.name]):
