@@ -42,6 +42,7 @@ class Diagnostic:
     message: str
     span: Span | None = None
     notes: tuple[Note, ...] = ()
+    severity: str = "error"  # or "warning": said, but the build goes on
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,12 +105,13 @@ class CnncInternalError(CnncError):
 def render_diagnostic(diag: Diagnostic, source: Source | None) -> str:
     """`file:line:col: error: message`, the source line, a caret line, then the notes."""
     if diag.span is None:
-        head = f"error: {diag.message}"
+        head = f"{diag.severity}: {diag.message}"
         if source is not None:
             head = f"{source.name}: {head}"
         lines = [head]
     else:
-        lines = [f"{diag.span.where()}: error: {diag.message}", *_quote(diag.span, source)]
+        lines = [f"{diag.span.where()}: {diag.severity}: {diag.message}",
+                 *_quote(diag.span, source)]
     for note in diag.notes:
         if note.span is None:
             lines.append(f"note: {note.message}")
@@ -139,3 +141,8 @@ def _quote(span: Span, source: Source | None) -> list[str]:
 
 
 MAX_QUOTED = 120  # characters of a source line shown under an error
+
+
+class CnncWarning(UserWarning):
+    """A program that builds but says something that is most likely a mistake (a layer whose
+    output nothing reads); its text is the rendered diagnostic."""

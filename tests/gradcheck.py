@@ -37,23 +37,27 @@ def check_graph_gradients(graph, batch: int = 2, seed: int = 0) -> None:
     """Every gradient a differentiated graph names (its input's and its parameters') against
     central finite differences of the reference's loss, at realistic parameter scales (He or
     Glorot) with nonzero biases, so that no bias rule hides behind zeros."""
-    from cnnc.graph.ir import DType
+    from cnnc.graph.ir import DType, Role
     from cnnc.passes import reference
     from cnnc.passes.initialise import initial_parameters
+    from cnnc.passes.reference import TRAINING
 
     rng = np.random.default_rng(seed)
     params = {name: value + 0.1 * rng.standard_normal(value.shape)
               for name, value in initial_parameters(graph).items()}
+    for tensor in graph.tensors:  # dropout's random numbers, fixed for the whole check
+        if tensor.role is Role.NOISE:
+            params[tensor.name] = rng.random((batch, *tensor.shape[1:]))
     x = rng.standard_normal((batch, *graph.tensor(graph.input).shape[1:]))
     out_shape = graph.tensor(graph.output).shape[1:]
     if graph.tensor(graph.target).dtype is DType.I64:  # class labels
         target = rng.integers(0, out_shape[0], batch)
     else:
         target = rng.standard_normal((batch, *out_shape))
-    values = reference.run(graph, x, params, target)
+    values = reference.run(graph, x, params, target, mode=TRAINING)
 
     def loss() -> float:
-        return float(reference.run(graph, x, params, target)[graph.loss])
+        return float(reference.run(graph, x, params, target, mode=TRAINING)[graph.loss])
 
     assert graph.gradients, "the graph has nothing to differentiate"
     for name, gradient in graph.gradients:

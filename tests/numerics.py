@@ -25,8 +25,22 @@ def random_params(module: cnnc.Module, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     values = {name: rng.standard_normal(p.shape).astype(p.dtype) * 0.5
               for name, p in module.params.items()}
+    for name, buffer in module.buffers.items():  # running statistics: variances above 0
+        if name.endswith(".running_var"):
+            values[name] = rng.uniform(0.5, 1.5, buffer.shape).astype(buffer.dtype)
+        elif name.endswith(".running_mean"):
+            values[name] = rng.standard_normal(buffer.shape).astype(buffer.dtype) * 0.5
     module.set_params(values)
     return values
+
+
+def training_noise(module: cnnc.Module, batch: int) -> dict[str, np.ndarray]:
+    """The random numbers the module's next training call draws (dropout's), for the
+    reference to run on."""
+    from cnnc.runtime.noise import NoiseSource
+
+    return NoiseSource(module._manifest).draw(batch, module.optimizer_state().get(
+        "train_step.count", 0))
 
 
 def compare_with_reference(text: str, batch: int, dtype=np.float32, seed: int = 0,

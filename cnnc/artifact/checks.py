@@ -27,10 +27,13 @@ TARGET_WORD = re.compile(r"[A-Za-z0-9_.+-]{1,100}")  # a triple, CPU or feature 
 VERSION = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6}){1,3}[A-Za-z0-9.+-]{0,30}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 # graph.ir.Role and graph.ir.DType, by value
-ROLES = ("input", "target", "param", "value", "loss", "state", "hyper", "scratch")
+ROLES = ("input", "target", "param", "value", "loss", "state", "hyper", "scratch", "buffer",
+         "noise")
 STORAGE_DTYPES = ("f32", "f64", "i32", "i64")
 # driver.lowering.ENTRY_NAMES' roles: what a network without a loss line has, and with one
 FORWARD_ROLES = frozenset({"forward"})
+# a network whose training computes otherwise (batch norm, dropout) has these too
+TRAINING_MODE_ROLES = frozenset({"forward_train", "loss_train"})
 TRAINING_ROLES = frozenset({"forward", "loss", "gradients", "input_gradient", "train_step",
                             "update"})
 FIELDS = frozenset({"cnnc_version", "network", "dtype", "input", "output", "storage",
@@ -40,7 +43,9 @@ FIELDS = frozenset({"cnnc_version", "network", "dtype", "input", "output", "stor
 # in memory has none
 TABLE_FIELDS = frozenset({"sections"})
 TRAINING_FIELDS = frozenset({"loss", "gradients", "optimizer"})
-LOSS_KINDS = ("cross_entropy", "mse")  # the losses the op registry defines (tests check)
+# the loss ops a loss line may add, as the op registry defines them (tests check): each
+# LossDef's op, then its logits op if it has one
+LOSS_KINDS = ("cross_entropy", "softmax_cross_entropy", "mse")
 
 
 def _refuse(source: str, reason: str) -> artifact.CnncModuleError:
@@ -69,16 +74,30 @@ def _at_least_zero(value: Any) -> bool:
 RATE = (_positive, "a finite number above 0")
 FRACTION = (_fraction, "a number from 0 up to (not including) 1")
 COUNT = (_count, "a whole number from 1 to 2**31 - 1")
+AT_LEAST_ZERO = (_at_least_zero, "a finite number of at least 0")
+SCHEDULES = ("constant", "step", "cosine")  # frontend.options.SCHEDULES
 COMMON_SETTINGS = {
     "batch": COUNT, "epochs": COUNT,
     "max_iter": (lambda v: v is None or _count(v), f"null or {COUNT[1]}"),
-    "tol": (_at_least_zero, "a finite number of at least 0"),
+    "tol": AT_LEAST_ZERO,
     "seed": (lambda v: _is_int(v, 0, 2**63 - 1), "a whole number from 0 to 2**63 - 1"),
+    "schedule": (lambda v: v in SCHEDULES, "constant, step or cosine"),
+    "step_size": COUNT, "gamma": RATE,
+    "warmup": (lambda v: _is_int(v, 0, MAX_SIZE), "a whole number from 0 to 2**31 - 1"),
 }
+ADAM_SETTINGS = {"lr": RATE, "beta1": FRACTION, "beta2": FRACTION, "eps": RATE,
+                 "weight_decay": AT_LEAST_ZERO, **COMMON_SETTINGS}
 OPTIMIZER_SETTINGS = {
-    "sgd": {"lr": RATE, "momentum": FRACTION, **COMMON_SETTINGS},
-    "adam": {"lr": RATE, "beta1": FRACTION, "beta2": FRACTION, "eps": RATE, **COMMON_SETTINGS},
+    "sgd": {"lr": RATE, "momentum": FRACTION, "weight_decay": AT_LEAST_ZERO,
+            "nesterov": (lambda v: type(v) is bool, "true or false"), **COMMON_SETTINGS},
+    "adam": ADAM_SETTINGS,
+    "adamw": ADAM_SETTINGS,
 }
+
+
+def _either(words: tuple[str, ...]) -> str:
+    """('sgd', 'adam', 'adamw') -> 'sgd, adam or adamw'."""
+    return ", ".join(words[:-1]) + f" or {words[-1]}" if len(words) > 1 else words[0]
 
 
 def _is_int(value: Any, low: int, high: int) -> bool:
@@ -303,7 +322,11 @@ def _check_entry_points(fields: _Fields, manifest: dict[str, Any], storage: dict
     """An entry point for each role the network has: on the CPU a symbol of its own that
     names no kernel, on cuda the launches it runs, each on buffers of the table."""
     roles = TRAINING_ROLES if training else FORWARD_ROLES
-    entries = fields.record(manifest["entry_points"], "entry_points", roles)
+    optional = {"forward_train"} | (TRAINING_MODE_ROLES if training else set())
+    entries = fields.record(manifest["entry_points"], "entry_points", roles, optional)
+    if ("loss_train" in entries) != ("forward_train" in entries) and training:
+        raise fields.wrong("entry_points", "forward_train and loss_train together, or "
+                                           "neither", sorted(entries))
     if kind == "cuda":
         for role in entries:
             launches = fields.field(entries, role, "entry_points", lambda v: isinstance(
@@ -338,7 +361,8 @@ def _check_training(fields: _Fields, manifest: dict[str, Any], storage: dict[str
     if not isinstance(settings, dict) or settings.get("kind") not in tuple(OPTIMIZER_SETTINGS):
         shown = settings.get("kind") if isinstance(settings, dict) else settings
         raise fields.wrong("optimizer.kind" if isinstance(settings, dict) else "optimizer",
-                           "sgd or adam" if isinstance(settings, dict) else "an object", shown)
+                           _either(tuple(OPTIMIZER_SETTINGS)) if isinstance(settings, dict)
+                           else "an object", shown)
     ranges = OPTIMIZER_SETTINGS[settings["kind"]]
     unknown = sorted(set(settings) - set(ranges) - {"kind"})
     if unknown:

@@ -232,6 +232,10 @@ def format_manifest(module: ModuleFile) -> str:
         "  parameters:",
     ]
     lines += [f"    {e['name']}: {_dims(e['shape'])} {e['dtype']}" for e in params]
+    buffers = [e for e in m["storage"] if e["role"] == "buffer"]
+    if buffers:  # saved with the parameters, updated by training steps, no gradient
+        lines.append("  buffers:")
+        lines += [f"    {e['name']}: {_dims(e['shape'])} {e['dtype']}" for e in buffers]
     lines.append("  sections:")
     lines += [f"    {name}: {where['length']:,} bytes" for name, where in m["sections"].items()]
     return "\n".join(lines) + "\n"

@@ -16,7 +16,7 @@ import numpy as np
 from cnnc.artifact.format import numpy_dtype_name
 from cnnc.backends.cuda.launch import Launch, launch_from_json, launches_to_json
 
-Setting = int | float | None  # a train line's option, as JSON has it
+Setting = int | float | bool | str | None  # a train line's option, as JSON has it
 
 
 # a row's fields as the manifest records them, each with the JSON type it must have
@@ -152,7 +152,7 @@ class Build:
 
 @dataclass(frozen=True, slots=True)
 class Loss:
-    kind: str  # cross_entropy or mse
+    kind: str  # the loss op: cross_entropy, softmax_cross_entropy or mse
     target: str  # the buffer of labels or targets
     value: str  # the buffer of the mean loss
 
@@ -165,7 +165,7 @@ class Optimizer:
     """The train line's optimizer and its settings, in the order the line's table has
     them."""
 
-    kind: str  # sgd or adam
+    kind: str  # sgd, adam or adamw
     settings: tuple[tuple[str, Setting], ...]
 
     @classmethod

@@ -177,16 +177,21 @@ def _check_flags(args: argparse.Namespace) -> None:
 def _training_line(module: Module, options: TrainOptions, train_data: Dataset,
                    held_out: Dataset, processes: int) -> str:
     """What is trained how; under mpirun, what the batch and learning rate mean there."""
+    from cnnc.training.schedule import describe
+
     settings = module.optimizer
     rate = options.lr if options.lr is not None else settings["lr"]
     extras = "".join(f" {k}={settings[k]}" for k in ("momentum", "beta1", "beta2")
                      if k in settings)
+    extras += f" weight_decay={settings['weight_decay']}" if settings.get("weight_decay") else ""
+    extras += " nesterov" if settings.get("nesterov") else ""
     where, batch = module.target, f"batch {options.batch}"
     if processes > 1:
         threads = f"{module.threads} thread{'s' if module.threads > 1 else ''}"
         where += f", {processes} MPI processes of {threads}"
         extras += " (as given: not scaled with the processes)"
         batch += f" a process = {options.batch * processes} a step"
+    extras += f", {describe(settings)}" if describe(settings) else ""
     return (f"training {module.name} on {where}: {settings['kind']} lr={rate}{extras}, "
             f"{batch}, {options.epochs} epochs, {len(train_data):,} samples "
             f"({len(held_out):,} held out)")

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cnnc.cli.compile import run_compile, run_inspect
 from cnnc.cli.output import write_text
-from cnnc.diagnostics import CnncError, CnncInputError, CnncInternalError, Source
+from cnnc.diagnostics import CnncError, CnncInputError, CnncInternalError, CnncWarning, Source
 from cnnc.graph.ir import Graph, format_shape
 from cnnc.support.files import shown_path, unusable_path
 from cnnc.support.streams import CnncOutputError, guarded_streams
@@ -186,7 +187,9 @@ def _add_download(commands) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    with guarded_streams():
+    with guarded_streams(), warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        warnings.simplefilter("always", CnncWarning)
         try:
             args = build_parser().parse_args(argv)  # exits with 2 on a usage error
             _check_paths(args)
@@ -207,6 +210,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             _say(f"cnnc: internal error: {type(error).__name__}: {error} "
                  "(this is a bug in cnnc; please report it with the program)")
             return EXIT_INTERNAL
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A program's warnings as its errors are shown: the diagnostic's text, on stderr."""
+    if issubclass(category, CnncWarning):
+        _say(str(message))
+    else:
+        _say(f"warning: {message}")
 
 
 def _report(error: CnncError) -> int:

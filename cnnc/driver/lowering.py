@@ -44,7 +44,10 @@ class Lowered:
 
 ENTRY_NAMES = {"forward": "cnnc_forward", "loss": "cnnc_loss", "gradients": "cnnc_gradients",
                "input_gradient": "cnnc_input_gradient", "train_step": "cnnc_train_step",
-               "update": "cnnc_update"}
+               "update": "cnnc_update",
+               # where training computes otherwise (batch norm, dropout): forward and loss
+               # as a training call computes them
+               "forward_train": "cnnc_forward_train", "loss_train": "cnnc_loss_train"}
 
 
 def lower_for_cpu(program: KernelProgram, machine: Machine, scheduled: bool) -> Lowered:
@@ -67,11 +70,12 @@ def _assembled(program: KernelProgram, kernels: list, scratch: list, schedules: 
         optimizer = program.graph.train.optimizer if program.graph.train else \
             registry.DEFAULT_OPTIMIZER
         updates, extra = _update_functions(program.graph, program, optimizer)
-        kernels += [(f.name, (f,)) for f in updates]
+        statistics = _buffer_updates(program)
+        kernels += [(f.name, (f,)) for f in updates + statistics]
         storage += extra
         entries[ENTRY_NAMES["update"]] = [f.name for f in updates]
         entries[ENTRY_NAMES["train_step"]] = entries[ENTRY_NAMES["gradients"]] + \
-            entries[ENTRY_NAMES["update"]]
+            entries[ENTRY_NAMES["update"]] + [f.name for f in statistics]
     return Lowered(tuple(kernels), tuple(storage), entries, tuple(schedules), optimizer)
 
 
@@ -105,19 +109,36 @@ def _parts(program: KernelProgram) -> list:
 def entry_points(program: KernelProgram) -> dict[str, list[str]]:
     """Which kernels each entry point runs, in order. Training needs no gradient of the
     network's input, so only `cnnc_input_gradient` runs the kernel that makes it."""
-    def names(*phases: str) -> list[str]:
-        return [k.name for k in program.kernels if k.phase in phases]
+    def names(phase: str) -> list[str]:
+        return [k.name for k in program.kernels if k.phase == phase]
 
-    entries = {ENTRY_NAMES["forward"]: names("forward")}
+    training, inference = program.forward_kernels(True), program.forward_kernels(False)
+    entries = {ENTRY_NAMES["forward"]: inference}
+    if program.inference:
+        entries[ENTRY_NAMES["forward_train"]] = training
     if program.graph.loss is not None:
         graph = program.graph
         input_gradient = program.storage_of(dict(graph.gradients).get(graph.input, ""))
         needed = [k.name for k in program.kernels
                   if k.phase == "backward" and input_gradient not in k.outputs]
-        entries[ENTRY_NAMES["loss"]] = names("forward", "loss")
-        entries[ENTRY_NAMES["gradients"]] = names("forward", "loss") + needed
-        entries[ENTRY_NAMES["input_gradient"]] = names("forward", "loss", "backward")
+        entries[ENTRY_NAMES["loss"]] = inference + names("loss")
+        if program.inference:
+            entries[ENTRY_NAMES["loss_train"]] = training + names("loss")
+        entries[ENTRY_NAMES["gradients"]] = training + names("loss") + needed
+        entries[ENTRY_NAMES["input_gradient"]] = training + names("loss") + names("backward")
     return entries
+
+
+def _buffer_updates(program: KernelProgram) -> list[LoopFunction]:
+    """The functions a training step ends with that update buffers in place (batch norm's
+    running statistics from the batch's), one a node whose op has them."""
+    functions = []
+    for node in program.graph.nodes:
+        rule = registry.get(node.op).update_buffers
+        if rule is not None:
+            functions.append(rule(node, program, f"{node.layer.replace('.', '_')}_"
+                                                 f"{node.op}_update_buffers"))
+    return functions
 
 
 def _update_functions(graph: Graph, program: KernelProgram, optimizer: str):
@@ -127,6 +148,7 @@ def _update_functions(graph: Graph, program: KernelProgram, optimizer: str):
     definition = registry.optimizers()[optimizer]
     hyper = Tensor("optimizer.hyper", Role.HYPER, graph.dtype, (len(registry.HYPER_FIELDS),))
     state_names = definition.states
+    settings = dict(graph.train.settings) if graph.train else dict(registry.DEFAULT_SETTINGS)
     gradient_of = dict(graph.gradients)
     functions, extra = [], [hyper]
     for param in graph.params:
@@ -140,5 +162,5 @@ def _update_functions(graph: Graph, program: KernelProgram, optimizer: str):
         name = f"{param.name.replace('.', '_')}_{optimizer}_update"
         functions.append(definition.lower_update(
             name, Buffer(param.name, size, graph.dtype, is_output=True), grad, tuple(flat_view),
-            Buffer(hyper.name, hyper.shape, graph.dtype)))
+            Buffer(hyper.name, hyper.shape, graph.dtype), settings))
     return functions, extra

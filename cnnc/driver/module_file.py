@@ -56,8 +56,6 @@ def _cpu_target_record(target: CpuTarget) -> dict[str, Any]:
 def module_manifest(build: Build, options: Options) -> dict[str, Any]:
     """Every manifest field but the code's own (target, code_sha256): on the CPU known once
     the build is lowered; a CUDA module's entry points are its launches, known from codegen."""
-    from cnnc.backends.llvm.codegen import ENTRY
-
     lowered, graph = build.lowered, build.graph
     if options.backend == "cuda":
         from cnnc.backends.cuda.launch import launches_to_json
@@ -69,7 +67,8 @@ def module_manifest(build: Build, options: Options) -> dict[str, Any]:
                        for role, symbol in ENTRY_NAMES.items() if symbol in lowered.entries}
         opt_level, record = 0, {"program": build.source.name}
     else:
-        entry_table = dict(ENTRY_NAMES) if graph.loss is not None else {"forward": ENTRY}
+        entry_table = {role: symbol for role, symbol in ENTRY_NAMES.items()
+                       if symbol in lowered.entries}
         opt_level = options.opt_level
         record = build_record(build.source, options.scheduled, options.cpu().machine)
     return _manifest(build.kernels, lowered, entry_table, opt_level, record,
@@ -98,8 +97,7 @@ def _manifest(program: KernelProgram, lowered: Lowered, entry_table: dict, opt_l
         "storage": table,
         "entry_points": entry_table,
         "kernels": [k.name for k in program.kernels],
-        "activations": [program.storage_of(out) for k in program.kernels if k.phase == "forward"
-                        for out in k.outputs],
+        "activations": _activations(program),
         "opt_level": opt_level,
         "build": build,
         "layers": layers,
@@ -112,6 +110,13 @@ def _manifest(program: KernelProgram, lowered: Lowered, entry_table: dict, opt_l
             dict(registry.DEFAULT_SETTINGS)
         manifest["optimizer"] = {"kind": lowered.optimizer, **settings}
     return manifest
+
+
+def _activations(program: KernelProgram) -> list[str]:
+    """What `forward` writes, kernel by kernel: what `Module.activations` reads back."""
+    by_name = {k.name: k for k in program.kernels}
+    return list(dict.fromkeys(program.storage_of(out) for name in program.forward_kernels(False)
+                              for out in by_name[name].outputs))
 
 
 def check_manifest(manifest: dict[str, Any]) -> None:

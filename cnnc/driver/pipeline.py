@@ -17,11 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cnnc.diagnostics import CnncInputError, CnncInternalError, CnncSemanticError, Source
+from cnnc.diagnostics import (
+    CnncInputError,
+    CnncInternalError,
+    CnncSemanticError,
+    CnncWarning,
+    Source,
+    render_diagnostic,
+)
 from cnnc.driver.lowering import Lowered, lower_for_cpu, lower_for_cuda
 from cnnc.driver.module_file import check_manifest, make_module_file
 from cnnc.frontend import irgen
@@ -29,7 +37,7 @@ from cnnc.frontend.parse import parse
 from cnnc.frontend.syntax import Program
 from cnnc.graph.ir import Graph, verify
 from cnnc.graph.verify_kernels import verify_kernels
-from cnnc.passes import shapes
+from cnnc.passes import inference, shapes
 from cnnc.passes.limits import check_sizes
 
 if TYPE_CHECKING:
@@ -144,8 +152,10 @@ def _shapes(build: Build, options: Options) -> Build:
     diagnostics = sorted([*generated.diagnostics, *shape_errors], key=_position)
     if diagnostics:
         raise CnncSemanticError(diagnostics, build.source)
+    for warning in generated.warnings:
+        warnings.warn(CnncWarning(render_diagnostic(warning, build.source)), stacklevel=2)
     check_sizes(typed, build.source)
-    return dataclasses.replace(build, graph=typed)
+    return dataclasses.replace(build, graph=inference.derive(typed))
 
 
 def _position(diagnostic) -> tuple[int, int]:

@@ -8,11 +8,13 @@ can still look at the independent parts of the program and all errors are report
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections import Counter
 from dataclasses import dataclass, field
 
 from cnnc.diagnostics import Diagnostic, Note, Span
+from cnnc.frontend import blocks
 from cnnc.frontend import options as opts
 from cnnc.frontend import syntax as ast
 from cnnc.frontend.parse_errors import activation_names, statement_keywords
@@ -56,14 +58,18 @@ class IrgenResult:
     graph: Graph
     diagnostics: tuple[Diagnostic, ...]
     broken_layers: frozenset[str]  # layers whose output shape cannot be known
+    warnings: tuple[Diagnostic, ...] = ()
 
 
 def generate(program: ast.Program, dtype: str | None = None) -> IrgenResult:
     """Build the graph of `program`; `dtype` ("f32"/"f64") overrides the input line's."""
     builder = _Builder(program.file)
+    program, block_errors = blocks.expand(program)
+    builder.diagnostics += block_errors
     sections = builder.sections(program)
     graph = builder.build(sections, dtype)
-    return IrgenResult(graph, tuple(builder.diagnostics), frozenset(builder.broken))
+    return IrgenResult(graph, tuple(builder.diagnostics), frozenset(builder.broken),
+                       tuple(builder.warnings))
 
 
 def suggest(word: str, valid: tuple[str, ...] | list[str]) -> str:
@@ -84,9 +90,21 @@ class _Builder:
         self.layers: list[Layer] = []
         self.names: dict[str, Span] = {}
         self.dtype = DType.F32
+        self.values: dict[str, str] = {}  # a name a line may read -> its tensor
+        self.later: dict[str, Span] = {}  # every label of the program, for "defined later"
+        self.scopes: list[ast.ScopeStmt] = []  # the used blocks the current line is in
+        self.warnings: list[Diagnostic] = []
 
     def error(self, message: str, span: Span | None, notes: tuple[Note, ...] = ()) -> None:
-        self.diagnostics.append(Diagnostic(message, span, notes))
+        self.diagnostics.append(Diagnostic(message, span, notes + self._use_notes()))
+
+    def warning(self, message: str, span: Span | None, notes: tuple[Note, ...] = ()) -> None:
+        self.warnings.append(Diagnostic(message, span, notes, severity="warning"))
+
+    def _use_notes(self) -> tuple[Note, ...]:
+        """Inside a used block, where each enclosing block was used."""
+        return tuple(Note(f"in block {scope.block.text}, used as {scope.prefix.text} here",
+                          scope.span) for scope in reversed(self.scopes))
 
     def start_span(self) -> Span:
         return Span.point(self.file, 1, 1)
@@ -105,6 +123,8 @@ class _Builder:
                 self._once(found, "loss", stmt)
             elif isinstance(stmt, ast.TrainStmt):
                 self._once(found, "train", stmt)
+            elif isinstance(stmt, ast.ScopeStmt):
+                found.layers.append(_LayerLine(stmt, None))
             else:
                 named = f"{_kind_of(stmt)} {stmt.name.text}" if stmt.name else _kind_of(stmt)
                 self._after_loss_check(found, stmt.span, named)
@@ -153,6 +173,11 @@ class _Builder:
                        "but there is no layer above it", stmt.span)
             return
         above = found.layers[-1]
+        if isinstance(above.stmt, ast.ScopeStmt):
+            self.error(f"{word.text} on a line of its own applies to the layer above, but the "
+                       f"line above uses block {above.stmt.block.text}; end the block's last "
+                       "line with it instead", stmt.span)
+            return
         if above.activation is not None:
             self.error(f"the layer above already has the activation {above.activation.text}; "
                        "a layer takes one", stmt.span,
@@ -182,12 +207,18 @@ class _Builder:
     # -- building the graph -------------------------------------------------------------------
     def build(self, found: _Sections, dtype: str | None) -> Graph:
         input_name = self._input(found.input, dtype)
+        self.values[input_name] = input_name
+        self.later = _labels(found)
         current = input_name
         kind_counts: Counter[str] = Counter()
         for line in found.layers:
+            if isinstance(line.stmt, ast.ScopeStmt):
+                current = self._scope(line.stmt, current)
+                continue
             kind = _kind_of(line.stmt)
             kind_counts[kind] += 1
             current = self._layer(line, kind, kind_counts[kind], current)
+        self._unread(current)
         loss, target = self._loss(found, current)
         train = self._train(found.train)
         name = found.network.name.text if found.network else "network"
@@ -271,22 +302,97 @@ class _Builder:
         name = self._claim(given, stmt.name.span if stmt.name else stmt.span,
                            kind if auto else None)
         owner = name if auto else f"{kind} {name}"
+        inputs, stmt = self._inputs(stmt, current, name, owner)
         steps = registry.layer(kind).steps(stmt, LayerContext(self, stmt, name, owner))
-        activation = self._activation(line.activation)
+        activation = self._activation(line.activation, name)
         if activation is not None:
-            steps.append(Step(activation))
+            steps.append(activation)
         params = [self._params(step.op, name) for step in steps]
+        current = inputs[0]
         for position, step in enumerate(steps):
             last = position == len(steps) - 1
-            current = self._emit(step, (current, *params[position]),
+            data = inputs if position == 0 else (current,)
+            current = self._emit(step, (*data, *params[position]),
                                  name if last else f"{name}.{step.suffix}", name, stmt.span)
-        self.layers.append(Layer(name, kind, auto, current, stmt.span, activation))
+        uses = tuple(scope.span for scope in reversed(self.scopes))
+        self.layers.append(Layer(name, kind, auto, current, stmt.span,
+                                 activation.op if activation else None, uses))
+        self.values[name] = current
         return current
+
+    def _inputs(self, stmt: ast.LayerStmt, current: str, name: str, owner: str
+                ) -> tuple[tuple[str, ...], ast.LayerStmt]:
+        """What the layer reads (the line above, its `from=`, or a merge's names) and the
+        statement without its `from=` option, which no op's option table knows."""
+        if isinstance(stmt, ast.MergeStmt):
+            return tuple(self._resolve(word, current, name, owner) for word in stmt.inputs), stmt
+        given = [o for o in stmt.options if o.key.text == "from"]
+        if not given:
+            return (current,), stmt
+        rest = tuple(o for o in stmt.options if o.key.text != "from")
+        stmt = dataclasses.replace(stmt, options=rest)
+        if len(given) > 1:
+            self.error(f"{owner}: the option from is given twice", given[1].span,
+                       (Note("first given here", given[0].span),))
+        value = given[0].value
+        if not isinstance(value, ast.Word):
+            self.error(f"{owner}: from expects the name of a layer above, got {value.text}",
+                       value.span)
+            self.broken.add(name)
+            return (current,), stmt
+        return (self._resolve(value, current, name, owner),), stmt
+
+    def _resolve(self, word: ast.Word, current: str, name: str, owner: str) -> str:
+        """The tensor a name stands for; an unknown or later name is reported (the layer is
+        broken and reads the line above meanwhile)."""
+        tensor = self.values.get(word.text)
+        if tensor is not None:
+            return tensor
+        self.broken.add(name)
+        later = self.later.get(word.text)
+        if word.text == name:
+            self.error(f"{owner} reads its own output; a layer reads only the layers above "
+                       "it", word.span)
+        elif later is not None and (later.line, later.col) >= (word.span.line, word.span.col):
+            self.error(f"{owner} reads {word.text!r}, which is defined later; a layer reads "
+                       "only the layers above it", word.span,
+                       (Note(f"{word.text!r} is defined here", later),))
+        else:
+            known = [n for n in self.values if "~" not in n]
+            close = difflib.get_close_matches(word.text, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            self.error(f"{owner} reads {word.text!r}, but no layer above has that name{hint}",
+                       word.span)
+        return current
+
+    def _scope(self, stmt: ast.ScopeStmt, current: str) -> str:
+        """Entering a used block: PREFIX.in names what it reads; leaving: PREFIX names
+        what its last line made."""
+        prefix = stmt.prefix.text
+        if stmt.opening:
+            self.scopes.append(stmt)
+            self.values[f"{prefix}.in"] = current
+            return current
+        self.scopes.pop()
+        if self._claim(prefix, stmt.prefix.span, None) == prefix:
+            self.values[prefix] = current
+        return current
+
+    def _unread(self, output: str) -> None:
+        """A layer whose output nothing reads is most likely a wrong `from=` or name."""
+        read = {name for node in self.nodes for name in node.inputs}
+        for layer in self.layers[1:]:
+            if layer.output != output and layer.output not in read and \
+                    layer.name not in self.broken:
+                self.warning(f"the output of {layer.display} is never read; a later line "
+                             "names it, or the line below it reads it", layer.span)
 
     def _params(self, op: str, layer: str) -> tuple[str, ...]:
         """The parameter tensors of one op of `layer`, named LAYER.PARAM."""
-        names = tuple(f"{layer}.{param.name}" for param in registry.get(op).params)
-        self.tensors += [Tensor(name, Role.PARAM, self.dtype) for name in names]
+        declared = registry.get(op).params
+        names = tuple(f"{layer}.{param.name}" for param in declared)
+        self.tensors += [Tensor(name, Role(param.role), self.dtype)
+                         for name, param in zip(names, declared, strict=True)]
         return names
 
     def _emit(self, step: Step, inputs: tuple[str, ...], out: str, layer: str,
@@ -299,14 +405,27 @@ class _Builder:
         self.nodes.append(Node(step.op, inputs, outputs, layer, span, step.attrs))
         return out
 
-    def _activation(self, word: ast.Word | None) -> str | None:
-        if word is None or word.text == "none":
+    def _activation(self, act: ast.Act | None, layer: str) -> Step | None:
+        """The activation's op with its attributes (`leaky_relu(0.1)`: its slope)."""
+        if act is None or act.text == "none":
             return None
-        if word.text not in activation_names():
-            self.error(f"unknown activation {word.text!r}{suggest(word.text, activation_names())}",
-                       word.span)
+        if act.text not in activation_names():
+            self.error(f"unknown activation {act.text!r}{suggest(act.text, activation_names())}",
+                       act.name.span)
             return None
-        return word.text
+        op = registry.get(act.text)
+        arg = None if act.arg is None else act.arg.value
+        if op.activation_attrs is None:
+            if arg is not None:
+                self.error(f"{act.text} takes no argument; write {act.text}", act.span)
+                self.broken.add(layer)
+            return Step(act.text)
+        try:
+            return Step(act.text, op.activation_attrs(arg))
+        except ValueError as problem:
+            self.error(f"{act.text}: {problem}", act.span)
+            self.broken.add(layer)
+            return Step(act.text, op.activation_attrs(None))
 
     def checked_count(self, number: ast.Number, what: str, owner: str, layer: str) -> int:
         """A filter or unit count; a bad one is reported and replaced by 1 (layer broken)."""
@@ -342,31 +461,42 @@ class _Builder:
             return None, None
         loss = losses[kind]
         values = self.checked_options(stmt.options, loss.options, f"loss {kind}", LOSS_TENSOR)
-        if loss.needs_output is not None:
-            self._output_rules(found, stmt, loss.needs_output)
+        op = loss.op if loss.needs_output is None else self._output_rules(found, stmt, loss)
         self.tensors.append(Tensor(loss.target, Role.TARGET, loss.target_dtype or self.dtype))
         self.tensors.append(Tensor(LOSS_TENSOR, Role.LOSS, self.dtype, ()))
-        self.nodes.append(Node(loss.op, (output, loss.target), (LOSS_TENSOR,), LOSS_TENSOR,
+        self.nodes.append(Node(op, (output, loss.target), (LOSS_TENSOR,), LOSS_TENSOR,
                                stmt.span, loss.attrs(values), Phase.LOSS))
         return LOSS_TENSOR, loss.target
 
-    def _output_rules(self, found: _Sections, loss: ast.LossStmt, wanted: str) -> None:
-        """A loss that reads, say, probabilities: activation `wanted` (softmax) ends the last
-        layer and only that one."""
+    def _output_rules(self, found: _Sections, loss: ast.LossStmt,
+                      definition: registry.LossDef) -> str:
+        """The op of a loss that reads, say, probabilities: activation `needs_output`
+        (softmax) may end the last layer and only that one. Where it does, the loss is
+        `op`; where it does not, `logits_op`, which applies the activation itself (cross-
+        entropy of logits), or, for a loss without one, an error."""
+        wanted = definition.needs_output
         if not found.layers:
-            return
+            return definition.op
         displays = [layer.display for layer in self.layers[1:]]
-        for position, line in enumerate(found.layers[:-1]):
+        # the layer lines, without the markers of where used blocks start and end
+        lines = [line for line in found.layers if not isinstance(line.stmt, ast.ScopeStmt)]
+        if not lines:
+            return definition.op
+        for position, line in enumerate(lines[:-1]):
             if line.activation is not None and line.activation.text == wanted:
                 self.error(f"{wanted} must be the last layer before loss {loss.kind.text}, but "
                            f"{displays[position + 1]} follows it", line.activation.span,
                            (Note("the loss is here", loss.span),))
-        last = found.layers[-1]
-        if last.activation is None or last.activation.text != wanted:
-            ends = f"ends in {last.activation.text}" if last.activation else "has no activation"
-            self.error(f"loss {loss.kind.text} needs a {wanted} output, but the last layer, "
-                       f"{displays[-1]}, {ends}; end it with '-> {wanted}'", loss.span,
-                       (Note("the last layer is here", last.stmt.span),))
+        last = lines[-1]
+        if last.activation is not None and last.activation.text == wanted:
+            return definition.op
+        if definition.logits_op is not None:
+            return definition.logits_op
+        ends = f"ends in {last.activation.text}" if last.activation else "has no activation"
+        self.error(f"loss {loss.kind.text} needs a {wanted} output, but the last layer, "
+                   f"{displays[-1]}, {ends}; end it with '-> {wanted}'", loss.span,
+                   (Note("the last layer is here", last.stmt.span),))
+        return definition.op
 
     def _train(self, stmt: ast.TrainStmt | None) -> TrainConfig | None:
         if stmt is None:
@@ -380,13 +510,27 @@ class _Builder:
             return None
         table = opts.train_options(optimizers[optimizer].options)
         values = self.checked_options(stmt.options, table, f"train {optimizer}", "train")
+        check = optimizers[optimizer].check  # options that are fine alone but not together
+        problem = check(values) if check and "train" not in self.broken else None
+        if problem:
+            self.error(problem, stmt.span)
         return TrainConfig(optimizer, tuple(values.items()), stmt.span)
 
 
 def _kind_of(stmt: ast.LayerStmt) -> str:
-    if isinstance(stmt, ast.PoolStmt):
+    if isinstance(stmt, (ast.PoolStmt, ast.MergeStmt, ast.GlobalPoolStmt)):
         return stmt.kind.text
     return type(stmt).__name__.removesuffix("Stmt").lower()
+
+
+def _labels(found: _Sections) -> dict[str, Span]:
+    """Every name a line of the program gives, where it first does."""
+    labels: dict[str, Span] = {}
+    for line in found.layers:
+        word = line.stmt.prefix if isinstance(line.stmt, ast.ScopeStmt) else line.stmt.name
+        if word is not None:
+            labels.setdefault(word.text, word.span)
+    return labels
 
 
 def _option_span(stmt: ast.ConvStmt | ast.PoolStmt, key: str) -> Span:

@@ -6,6 +6,7 @@ One table per line kind; a validator turns the AST value into a Python value or 
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,6 +82,29 @@ def boolean(value: ast.Value) -> bool:
     raise OptionError(f"true or false, got {_shown(value)}")
 
 
+def non_negative_int(value: ast.Value) -> int:
+    """A count that may be 0 (warm-up epochs)."""
+    number = _integer(value)
+    if number < 0:
+        raise OptionError(f"an integer of at least 0, got {number}")
+    if number > MAX_SIZE:
+        raise OptionError(f"an integer of at most {MAX_SIZE}, got {value.text}")
+    return number
+
+
+# training.schedule computes each iteration's learning rate by one of these
+SCHEDULES = ("constant", "step", "cosine")
+
+
+def schedule_name(value: ast.Value) -> str:
+    if isinstance(value, ast.Word) and value.text in SCHEDULES:
+        return value.text
+    words = ", ".join(SCHEDULES[:-1]) + f" or {SCHEDULES[-1]}"
+    close = difflib.get_close_matches(value.text, SCHEDULES, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise OptionError(f"{words}, got {_shown(value)}{hint}")
+
+
 def dtype_name(value: ast.Value) -> str:
     if isinstance(value, ast.Word) and value.text in ("f32", "f64"):
         return value.text
@@ -140,11 +164,45 @@ class OptionSpec:
 
 INPUT_OPTIONS = {"dtype": OptionSpec(dtype_name, "f32")}
 # The train line's options that every optimizer takes, after its own (OptimizerDef.options).
+# The last four are the learning-rate schedule's (training.schedule): step_size and gamma
+# are read by schedule=step only, warmup (epochs of linear warm-up) by every schedule.
 TRAINING_OPTIONS = {"batch": OptionSpec(positive_int, 64), "epochs": OptionSpec(positive_int, 1),
                     "max_iter": OptionSpec(positive_int, None),
-                    "tol": OptionSpec(non_negative_number, 0.0), "seed": OptionSpec(seed, 0)}
+                    "tol": OptionSpec(non_negative_number, 0.0), "seed": OptionSpec(seed, 0),
+                    "schedule": OptionSpec(schedule_name, "constant"),
+                    "step_size": OptionSpec(positive_int, 30),
+                    "gamma": OptionSpec(positive_number, 0.1),
+                    "warmup": OptionSpec(non_negative_int, 0)}
 
 
 def train_options(optimizer_options: dict[str, OptionSpec]) -> dict[str, OptionSpec]:
     """Every option of `train NAME`: the optimizer's own, then the common ones."""
     return {**optimizer_options, **TRAINING_OPTIONS}
+
+
+# -- sliding windows (conv and pooling layers) ----------------------------------------------
+
+def window_padding(value: ast.Value) -> tuple[int, int, int, int] | str:
+    """A pad of P, PHxPW or TxLxBxR (top, left, bottom, right) zeros, or the words `same`
+    (output ceil(input / stride)) and `valid` (no padding), worked out by the layer."""
+    if isinstance(value, ast.Word) and value.text in ("same", "valid"):
+        return value.text
+    if isinstance(value, ast.Number) and isinstance(value.value, int):
+        sizes = (value.value,) * 4
+    elif isinstance(value, ast.Dims) and len(value.values) in (2, 4):
+        sizes = tuple(value.values) * (4 // len(value.values))
+    else:
+        raise OptionError(f"a padding like 1, 1x0, 0x0x1x1 (top, left, bottom, right), same "
+                          f"or valid, got {_shown(value)}")
+    if min(sizes) < 0:
+        raise OptionError(f"a padding of at least 0, got {value.text}")
+    if max(sizes) > MAX_SIZE:
+        raise OptionError(f"sizes of at most {MAX_SIZE}, got {value.text}")
+    return sizes[0], sizes[1], sizes[2], sizes[3]
+
+
+def dilation(value: ast.Value) -> tuple[int, int]:
+    pair = _pair(value, "a dilation like 2 or 2x1")
+    if min(pair) < 1:
+        raise OptionError(f"dilations of at least 1, got {value.text}")
+    return pair

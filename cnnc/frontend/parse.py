@@ -94,6 +94,12 @@ class _ToAst(Transformer):
     def NAME(self, token: Token) -> ast.Word:
         return ast.Word(str(token), _span(self.file, token))
 
+    def QNAME(self, token: Token) -> ast.Word:
+        return ast.Word(str(token), _span(self.file, token))
+
+    def PARAM(self, token: Token) -> ast.Param:
+        return ast.Param(str(token)[1:], str(token), _span(self.file, token))
+
     def INT(self, token: Token) -> ast.Number:
         return ast.Number(_to_int(str(token)), str(token), _span(self.file, token))
 
@@ -108,14 +114,43 @@ class _ToAst(Transformer):
     def label(self, children: list) -> _Label:
         return _Label(children[0])
 
+    def name_label(self, children: list) -> _Label:
+        item = children[0]
+        return item if isinstance(item, _Label) else _Label(item)
+
+    def refs(self, children: list) -> _Refs:
+        return _Refs(tuple(children))
+
     def act_suffix(self, children: list) -> _Activation:
         return _Activation(children[-1])
 
-    def count(self, children: list) -> ast.Number:
+    @v_args(meta=True)
+    def act(self, meta, children: list) -> ast.Act:
+        arg = children[1] if len(children) > 1 else None
+        return ast.Act(children[0], arg, _meta_span(self.file, meta))
+
+    def count(self, children: list) -> ast.Number | ast.Param:
         return children[0]
 
-    def kernel(self, children: list) -> ast.Dims:
+    def kernel(self, children: list) -> ast.Dims | ast.Param:
         return children[0]
+
+    def rate(self, children: list) -> ast.Number | ast.Param:
+        return children[0]
+
+    def merge_kind(self, children: list) -> ast.Word:
+        return ast.Word(str(children[0]), _span(self.file, children[0]))
+
+    def global_kind(self, children: list) -> ast.Word:
+        return ast.Word(str(children[0]), _span(self.file, children[0]))
+
+    def block_param(self, children: list) -> ast.BlockParam:
+        return ast.BlockParam(children[0], children[1] if len(children) > 1 else None)
+
+    def block_arg(self, children: list) -> ast.BlockArg:
+        if len(children) == 2:
+            return ast.BlockArg(children[0], children[1])
+        return ast.BlockArg(None, children[0])
 
     def shape(self, children: list) -> ast.Dims:
         item = children[0]
@@ -156,7 +191,8 @@ class _ToAst(Transformer):
     def pool(self, meta, children: list) -> ast.PoolStmt:
         parts = _Parts(children)
         kind, window = parts.positional
-        return ast.PoolStmt(kind, parts.name, window, parts.options, _meta_span(self.file, meta))
+        return ast.PoolStmt(kind, parts.name, window, parts.options, _meta_span(self.file, meta),
+                            parts.activation)
 
     @v_args(meta=True)
     def dense(self, meta, children: list) -> ast.DenseStmt:
@@ -166,7 +202,53 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def flatten(self, meta, children: list) -> ast.FlattenStmt:
-        return ast.FlattenStmt(_Parts(children).name, _meta_span(self.file, meta))
+        parts = _Parts(children)
+        return ast.FlattenStmt(parts.name, _meta_span(self.file, meta), parts.options)
+
+    @v_args(meta=True)
+    def merge(self, meta, children: list) -> ast.MergeStmt:
+        parts = _Parts(children)
+        kind, refs = parts.positional
+        return ast.MergeStmt(kind, parts.name, refs.words, parts.options, parts.activation,
+                             _meta_span(self.file, meta))
+
+    @v_args(meta=True)
+    def batchnorm(self, meta, children: list) -> ast.BatchNormStmt:
+        parts = _Parts(children)
+        return ast.BatchNormStmt(parts.name, parts.options, parts.activation,
+                                 _meta_span(self.file, meta))
+
+    @v_args(meta=True)
+    def dropout(self, meta, children: list) -> ast.DropoutStmt:
+        parts = _Parts(children)
+        return ast.DropoutStmt(parts.name, parts.positional[0], parts.options,
+                               _meta_span(self.file, meta))
+
+    @v_args(meta=True)
+    def global_pool(self, meta, children: list) -> ast.GlobalPoolStmt:
+        parts = _Parts(children)
+        return ast.GlobalPoolStmt(parts.positional[0], parts.name, parts.options,
+                                  parts.activation, _meta_span(self.file, meta))
+
+    @v_args(meta=True)
+    def upsample(self, meta, children: list) -> ast.UpsampleStmt:
+        parts = _Parts(children)
+        return ast.UpsampleStmt(parts.name, parts.positional[0], parts.options,
+                                _meta_span(self.file, meta))
+
+    @v_args(meta=True)
+    def block(self, meta, children: list) -> ast.BlockStmt:
+        return ast.BlockStmt(children[0], tuple(children[1:]), _meta_span(self.file, meta))
+
+    @v_args(meta=True)
+    def end(self, meta, children: list) -> ast.EndStmt:
+        return ast.EndStmt(_meta_span(self.file, meta))
+
+    @v_args(meta=True)
+    def use(self, meta, children: list) -> ast.UseStmt:
+        parts = _Parts(children)
+        block, *args = parts.positional
+        return ast.UseStmt(parts.name, block, tuple(args), _meta_span(self.file, meta))
 
     @v_args(meta=True)
     def activation(self, meta, children: list) -> ast.ActivationStmt:
@@ -190,7 +272,12 @@ class _Label:
 
 @dataclass(frozen=True, slots=True)
 class _Activation:
-    word: ast.Word
+    word: ast.Act
+
+
+@dataclass(frozen=True, slots=True)
+class _Refs:
+    words: tuple[ast.Word, ...]
 
 
 class _Parts:

@@ -19,7 +19,8 @@ from cnnc.ops import registry
 _INPUT_WORDS = {"INT": "a shape like 1x28x28", "DIMS": "a shape like 1x28x28"}
 _PUNCTUATION_WORDS = {"COLON": "':' after the name", "EQUAL": "'=' after the option name",
                       "ARROW": "'->' and an activation", "_NL": "the end of the line",
-                      "$END": "the end of the file"}
+                      "$END": "the end of the file", "COMMA": "',' and another layer name",
+                      "LPAR": "'('", "RPAR": "')'"}
 _ORDER = ["NAME", "INT", "DIMS", "FLOAT", "COLON", "EQUAL", "ARROW", "_NL", "$END"]
 
 
@@ -103,6 +104,9 @@ def _tokens_before(line_text: str, column: int, parser: Lark) -> list:
 
 
 def _expected_words(expected: set[str], statement: str | None, previous: str | None) -> str:
+    # a block's $parameter may stand for a number, and a dotted name for a name: both are
+    # the rarer spelling of what the line wants, so the words name only the common one
+    expected = {"NAME" if t == "QNAME" else t for t in expected if t != "PARAM"} or expected
     if expected & _keyword_terminals():
         return "a statement (" + ", ".join(statement_keywords()) + " or an activation)"
     words: list[str] = []

@@ -35,7 +35,31 @@ class Dims:
     span: Span
 
 
-Value = Word | Number | Dims
+@dataclass(frozen=True, slots=True)
+class Param:
+    """`$planes`: a parameter of the block the line is in, replaced by its value when the
+    block is used."""
+
+    name: str
+    text: str
+    span: Span
+
+
+Value = Word | Number | Dims | Param
+
+
+@dataclass(frozen=True, slots=True)
+class Act:
+    """An activation as written after `->` or on a line of its own: `relu`, or one with an
+    argument in parentheses, `leaky_relu(0.1)`."""
+
+    name: Word
+    arg: Number | None
+    span: Span
+
+    @property
+    def text(self) -> str:
+        return self.name.text
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,10 +86,10 @@ class InputStmt:
 @dataclass(frozen=True, slots=True)
 class ConvStmt:
     name: Word | None
-    filters: Number
-    kernel: Dims
+    filters: Number | Param
+    kernel: Dims | Param
     options: tuple[Option, ...]
-    activation: Word | None
+    activation: Act | None
     span: Span
 
 
@@ -73,17 +97,18 @@ class ConvStmt:
 class PoolStmt:
     kind: Word  # the pooling keyword the grammar matched
     name: Word | None
-    window: Dims
+    window: Dims | Param
     options: tuple[Option, ...]
     span: Span
+    activation: Act | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class DenseStmt:
     name: Word | None
-    units: Number
+    units: Number | Param
     options: tuple[Option, ...]
-    activation: Word | None
+    activation: Act | None
     span: Span
 
 
@@ -91,13 +116,96 @@ class DenseStmt:
 class FlattenStmt:
     name: Word | None
     span: Span
+    options: tuple[Option, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MergeStmt:
+    """`add`, `concat` or `mul` of the named layers: `add b1: b1_bn2, stem_bn -> relu`."""
+
+    kind: Word
+    name: Word
+    inputs: tuple[Word, ...]
+    options: tuple[Option, ...]
+    activation: Act | None
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class BatchNormStmt:
+    name: Word | None
+    options: tuple[Option, ...]
+    activation: Act | None
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class DropoutStmt:
+    name: Word | None
+    rate: Number | Param
+    options: tuple[Option, ...]
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalPoolStmt:
+    kind: Word  # globalavgpool or globalmaxpool
+    name: Word | None
+    options: tuple[Option, ...]
+    activation: Act | None
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class UpsampleStmt:
+    name: Word | None
+    factor: Dims | Param
+    options: tuple[Option, ...]
+    span: Span
 
 
 @dataclass(frozen=True, slots=True)
 class ActivationStmt:
     """An activation on a line of its own: it applies to the layer above."""
 
-    activation: Word
+    activation: Act
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class BlockParam:
+    name: Word
+    default: Value | None
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStmt:
+    """`block basic(planes, stride=1):` opens the definition of a block, up to `end`."""
+
+    name: Word
+    params: tuple[BlockParam, ...]
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class EndStmt:
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class BlockArg:
+    key: Word | None  # None: positional
+    value: Value
+
+
+@dataclass(frozen=True, slots=True)
+class UseStmt:
+    """`use layer1.0: basic(16, stride=2)`: the block's lines, here, with its names
+    prefixed by the use's name."""
+
+    name: Word | None
+    block: Word
+    args: tuple[BlockArg, ...]
     span: Span
 
 
@@ -115,9 +223,22 @@ class TrainStmt:
     span: Span
 
 
-Statement = (NetworkStmt | InputStmt | ConvStmt | PoolStmt | DenseStmt | FlattenStmt
-             | ActivationStmt | LossStmt | TrainStmt)
-LayerStmt = ConvStmt | PoolStmt | DenseStmt | FlattenStmt
+@dataclass(frozen=True, slots=True)
+class ScopeStmt:
+    """Where the lines of a used block start (`opening`) and end, in the program after its
+    blocks are expanded (frontend/blocks.py): names inside are PREFIX.NAME, `PREFIX.in` is
+    what the line above the use made, and PREFIX names the block's last line."""
+
+    prefix: Word  # the use's name
+    block: Word  # the block's name, at its definition
+    opening: bool
+    span: Span  # the use line
+
+
+LayerStmt = (ConvStmt | PoolStmt | DenseStmt | FlattenStmt | MergeStmt | BatchNormStmt
+             | DropoutStmt | GlobalPoolStmt | UpsampleStmt)
+Statement = (NetworkStmt | InputStmt | LayerStmt | ActivationStmt | LossStmt | TrainStmt
+             | BlockStmt | EndStmt | UseStmt | ScopeStmt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,8 +270,18 @@ def _format_span(span: Span) -> str:
 
 
 def _format_value(value: object) -> str:
-    if isinstance(value, (Word, Number, Dims)):
+    if isinstance(value, bool):  # a scope marker's `opening`
+        return str(value).lower()
+    if isinstance(value, (Word, Number, Dims, Param)):
         return value.text
+    if isinstance(value, Act):
+        return value.text if value.arg is None else f"{value.text}({value.arg.text})"
+    if isinstance(value, (BlockParam, BlockArg)):
+        key, val = (value.name, value.default) if isinstance(value, BlockParam) else \
+            (value.key, value.value)
+        if key is None:
+            return _format_value(val)
+        return key.text if val is None else f"{key.text}={_format_value(val)}"
     if isinstance(value, tuple):
         return "(" + " ".join(_format_value(v) for v in value) + ")"
     if isinstance(value, Option):

@@ -38,6 +38,7 @@ class Phase(enum.Enum):
     FORWARD = "forward"
     LOSS = "loss"  # the loss of the forward pass's output against the targets
     BACKWARD = "backward"  # made by autodiff
+    INFERENCE = "inference"  # computes a forward value otherwise at inference (folded batch norm)
 
 
 class Role(enum.Enum):
@@ -49,6 +50,8 @@ class Role(enum.Enum):
     STATE = "state"  # optimizer state kept between steps (momentum, Adam's moments)
     HYPER = "hyper"  # the optimizer's scalars for one step
     SCRATCH = "scratch"  # a kernel's working memory: repacked weights, padded inputs
+    BUFFER = "buffer"  # state a training step updates, no gradient (running statistics)
+    NOISE = "noise"  # uniform random numbers in [0, 1) the runtime draws for a training call
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +70,30 @@ class Tensor:
 
 @dataclass(frozen=True, slots=True)
 class Window:
-    """Kernel, stride and zero padding of a conv or pooling op, each as (height, width)."""
+    """Kernel, stride and dilation of a conv or pooling op, each as (height, width), and its
+    zero padding as (top, left, bottom, right); a pair (PH, PW) is read as (PH, PW, PH, PW).
+
+    Two sizes are only known once the input's are (`cnnc.ops.window.resolve` works them out):
+    `same` pads so that the output is ceil(input / stride), the odd one at the bottom and
+    right (the `pad` given is then (0, 0, 0, 0)), and `ceil` rounds the output size up, as
+    PyTorch's ceil_mode, adding a last window that hangs over the bottom and right edge."""
 
     kernel: tuple[int, int]
     stride: tuple[int, int]
-    pad: tuple[int, int]
+    pad: tuple[int, int, int, int]
+    dilation: tuple[int, int] = (1, 1)
+    ceil: bool = False
+    same: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.pad) == 2:
+            object.__setattr__(self, "pad", (*self.pad, *self.pad))
+        assert len(self.pad) == 4, f"a window's pad has 2 or 4 sizes, not {self.pad}"
+
+    @property
+    def symmetric(self) -> bool:
+        """Top equals bottom and left equals right: the pad is a pair (PH, PW)."""
+        return self.pad[:2] == self.pad[2:]
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +125,7 @@ class Layer:
     output: str
     span: Span
     activation: str | None = None
+    uses: tuple[Span, ...] = ()  # inside used blocks: each use, innermost first
 
     @property
     def display(self) -> str:
@@ -115,10 +138,10 @@ class Layer:
 @dataclass(frozen=True, slots=True)
 class TrainConfig:
     optimizer: str
-    settings: tuple[tuple[str, int | float | None], ...]
+    settings: tuple[tuple[str, int | float | bool | str | None], ...]
     span: Span
 
-    def get(self, key: str) -> int | float | None:
+    def get(self, key: str) -> int | float | bool | str | None:
         return dict(self.settings)[key]
 
 
@@ -138,13 +161,28 @@ class Graph:
     target: str | None = None
     train: TrainConfig | None = None
     gradients: tuple[tuple[str, str], ...] = ()  # (tensor, its gradient) after autodiff
+    # the forward pass at inference, where it differs from `nodes`' forward nodes (batch norm
+    # with running statistics, no dropout): forward nodes and INFERENCE ones, in order
+    inference: tuple[Node, ...] | None = None
 
     def tensor(self, name: str) -> Tensor:
         return self._tensor_index[name]
 
     @property
     def params(self) -> tuple[Tensor, ...]:
+        """The trainable parameters (what the optimizer updates)."""
         return tuple(t for t in self.tensors if t.role is Role.PARAM)
+
+    @property
+    def buffers(self) -> tuple[Tensor, ...]:
+        """State saved with the parameters that no gradient reaches (running statistics)."""
+        return tuple(t for t in self.tensors if t.role is Role.BUFFER)
+
+    def forward_nodes(self, training: bool) -> tuple[Node, ...]:
+        """The forward pass of training (batch statistics, dropout) or of inference."""
+        if not training and self.inference is not None:
+            return self.inference
+        return tuple(n for n in self.nodes if n.phase is Phase.FORWARD)
 
     def layer(self, name: str) -> Layer:
         return self._layer_index[name]
@@ -187,16 +225,28 @@ def verify(graph: Graph) -> None:
     """
     names = [t.name for t in graph.tensors]
     assert len(names) == len(set(names)), f"duplicate tensor names in {names}"
-    defined = {t.name for t in graph.tensors if t.role not in (Role.VALUE, Role.LOSS)}
-    for node in graph.nodes:
+    given = {t.name for t in graph.tensors if t.role not in (Role.VALUE, Role.LOSS)}
+    _verify_nodes(graph, graph.nodes, set(given), names)
+    if graph.inference is not None:
+        assert all(n.phase in (Phase.FORWARD, Phase.INFERENCE) for n in graph.inference), \
+            "the inference pass holds a loss or backward node"
+        defined = _verify_nodes(graph, graph.inference, set(given), names)
+        assert graph.output in defined, "the inference pass never computes the output"
+
+
+def _verify_nodes(graph: Graph, nodes: tuple[Node, ...], defined: set[str],
+                  names: list[str]) -> set[str]:
+    for node in nodes:
         for name in node.inputs:
             assert name in defined, f"{node.op} reads {name} before it is written"
         for name in node.outputs:
             assert name in names, f"{node.op} writes the undeclared tensor {name}"
             assert name not in defined, f"{name} is written twice"
             defined.add(name)
-    for name in (graph.input, graph.output, graph.loss, graph.target):
-        assert name is None or name in defined, f"{name} is never defined"
+    if nodes is graph.nodes:
+        for name in (graph.input, graph.output, graph.loss, graph.target):
+            assert name is None or name in defined, f"{name} is never defined"
+    return defined
 
 
 def format_shape(shape: Shape | None, sep: str = " x ") -> str:
@@ -224,6 +274,11 @@ def format_graph(graph: Graph) -> str:
         types = ", ".join(f"{format_shape(t.shape)} {t.dtype.value}"
                           for t in map(graph.tensor, node.outputs))
         lines.append(f"  {call:<{call_width}}  : {types}  @{node.span.line}:{node.span.col}")
+    if graph.inference is not None:
+        lines.append("  at inference, in place of the forward nodes they replace:")
+        for node in graph.inference:
+            if node.phase is Phase.INFERENCE:
+                lines.append(f"    {_format_call(node)}  @{node.span.line}:{node.span.col}")
     lines.append(f"  output {graph.output}")
     for tensor, gradient in graph.gradients:
         lines.append(f"  gradient {tensor} = {gradient}")
@@ -238,5 +293,8 @@ def _format_call(node: Node) -> str:
     return text if node.attrs is None else text + node.attrs.text()
 
 
-def _format_setting(value: int | float | None) -> str:
-    return "none" if value is None else repr(value)
+def _format_setting(value: int | float | bool | str | None) -> str:
+    """As the train line writes it: none, true, cosine, 0.05."""
+    if value is None or isinstance(value, bool):
+        return str(value).lower()
+    return value if isinstance(value, str) else repr(value)

@@ -21,8 +21,9 @@ class Kernel:
     inputs: tuple[str, ...]  # data input first, then weight and bias where there are any
     outputs: tuple[str, ...]  # the result, then its other outputs (a fused pool's)
     node: Node
-    phase: str = "forward"  # forward, loss or backward: which entry points run it
+    phase: str = "forward"  # forward, inference, loss or backward: which entry points run it
     activation: str | None = None  # an epilogue op applied as the result is stored
+    activation_attrs: object = None  # that op's attributes (leaky_relu's slope), if it has any
     has_bias: bool = False  # the last input is a per-channel bias the sums start from
     pool: Node | None = None  # a pool run in the batch loop; outputs: anchor's, pool's
 
@@ -49,6 +50,15 @@ class KernelProgram:
     storage: tuple[Tensor, ...]  # every tensor that has memory: input, params, kernel outputs
     aliases: tuple[tuple[str, str], ...]  # (tensor, storage it shares), e.g. flatten outputs
     output: str  # storage name of the network's output
+    # the kernels of the inference pass in order, where it differs from the training pass's
+    # (`Graph.inference`): shared forward kernels and those of phase "inference"
+    inference: tuple[str, ...] = ()
+
+    def forward_kernels(self, training: bool) -> list[str]:
+        """The kernels `forward` runs (inference), or those of a training call's forward."""
+        if not training and self.inference:
+            return list(self.inference)
+        return [k.name for k in self.kernels if k.phase == "forward"]
 
     def tensor(self, name: str) -> Tensor:
         return next(t for t in self.storage if t.name == name)
@@ -68,6 +78,8 @@ def format_kernels(program: KernelProgram) -> str:
         lines.append(f"  alias  {name} = {target}")
     for kernel in program.kernels:
         lines.append(f"  {kernel.name}({', '.join(kernel.inputs)}) -> {', '.join(kernel.outputs)}")
+    if program.inference:
+        lines.append(f"  inference {', '.join(program.inference)}")
     lines.append(f"  output {program.output}")
     return "\n".join(lines) + "\n"
 

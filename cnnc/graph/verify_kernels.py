@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from cnnc.graph.kernels import KernelProgram
 
 # What the caller fills in before the first kernel runs.
-GIVEN = (Role.INPUT, Role.PARAM, Role.TARGET)
+GIVEN = (Role.INPUT, Role.PARAM, Role.TARGET, Role.BUFFER, Role.NOISE)
 
 
 def verify_kernels(program: KernelProgram) -> None:
@@ -29,8 +29,19 @@ def verify_kernels(program: KernelProgram) -> None:
     kernel_names = [k.name for k in program.kernels]
     assert len(kernel_names) == len(set(kernel_names)), \
         f"duplicate kernel names in {kernel_names}"
+    by_name = {k.name: k for k in program.kernels}
+    training = [k for k in program.kernels if k.phase != "inference"]
+    _verify_run(program, training, storage)
+    if program.inference:
+        assert all(name in by_name for name in program.inference), \
+            "the inference pass names a kernel that does not exist"
+        _verify_run(program, [by_name[name] for name in program.inference], storage)
+
+
+def _verify_run(program: KernelProgram, kernels: list, storage: set[str]) -> None:
+    """One pass's kernels in the order they run: each reads what exists, writes once."""
     written = {t.name for t in program.storage if t.role in GIVEN}
-    for kernel in program.kernels:
+    for kernel in kernels:
         for name in kernel.inputs:
             home = program.storage_of(name)
             assert home in written, f"kernel {kernel.name} reads {name} before it is written"

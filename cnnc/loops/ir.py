@@ -52,6 +52,7 @@ class UnaryOp(enum.Enum):
     LOG = "log"
     SQRT = "sqrt"
     TANH = "tanh"
+    ERF = "erf"  # the error function, 2/√π ∫₀ˣ exp(−t²) dt
     ISNAN = "isnan"
     FLOAT = "float"  # an integer as a float
 

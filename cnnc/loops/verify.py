@@ -87,6 +87,7 @@ _BINARY = {BinOp.DIV: (Kind.FLOAT, Kind.FLOAT), BinOp.FLOOR_DIV: (Kind.INT, Kind
 _UNARY = {UnaryOp.NEG: (Kind.FLOAT, Kind.FLOAT), UnaryOp.EXP: (Kind.FLOAT, Kind.FLOAT),
           UnaryOp.LOG: (Kind.FLOAT, Kind.FLOAT), UnaryOp.SQRT: (Kind.FLOAT, Kind.FLOAT),
           UnaryOp.TANH: (Kind.FLOAT, Kind.FLOAT), UnaryOp.ISNAN: (Kind.FLOAT, Kind.BOOL),
+          UnaryOp.ERF: (Kind.FLOAT, Kind.FLOAT),
           UnaryOp.FLOAT: (Kind.INT, Kind.FLOAT)}
 
 

@@ -12,7 +12,8 @@ from cnnc.loops.build import add, loop_nest
 from cnnc.loops.ir import Load, LoopFunction, Store, Var
 from cnnc.ops import registry
 from cnnc.ops.lowering import flat, view
-from cnnc.ops.registry import Fusion, OpDef, ShapeContext, ShapeProblem
+from cnnc.ops.merge import merge_steps
+from cnnc.ops.registry import Fusion, LayerDef, OpDef, ShapeContext, ShapeProblem
 from cnnc.ops.window import sample
 
 
@@ -61,3 +62,4 @@ registry.register(OpDef(
     "add", "a + b (+ ...): elementwise, one shape", inputs=None, shape=_shape,
     reference=_reference, gradient=_gradient, fusion=Fusion.ALONE, kernel_tag="add", sums=True,
     lower=_lower))
+registry.register_layer(LayerDef("add", merge_steps("add", "adds", "sum")))

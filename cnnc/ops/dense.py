@@ -69,7 +69,8 @@ def _lower(kernel, program) -> LoopFunction:
     reduce = For("k", const(x.shape[1]), (Assign("acc", add(Var("acc"), term)),))
     start = Load(kernel.inputs[2], (Var("u"),)) if kernel.has_bias else zero
     body = (Assign("acc", start), reduce,
-            Store(out.name, (Var("n"), Var("u")), activate(kernel.activation, Var("acc"))))
+            Store(out.name, (Var("n"), Var("u")),
+                  activate(kernel.activation, Var("acc"), kernel.activation_attrs)))
     nest = loop_nest(["n", "u"], [extent_expr(d) for d in out.shape], body)
     buffers = (x, weight) + ((buffer(program, kernel.inputs[2]),) if kernel.has_bias else ())
     return LoopFunction(kernel.name, (*buffers, out), (Local("acc", out.dtype),), (nest,))

@@ -43,11 +43,11 @@ def zero_fill(buffer: Buffer) -> Stmt:
                      (Store(buffer.name, tuple(Var(n) for n in names), Const(0.0, True)),))
 
 
-def activate(activation: str | None, value: Expr) -> Expr:
-    """`value` through the activation op named `activation` (its elementwise rule), or
-    unchanged for none."""
+def activate(activation: str | None, value: Expr, attrs: object = None) -> Expr:
+    """`value` through the activation op named `activation` (its elementwise rule, given the
+    activation node's attributes: `Kernel.activation_attrs`), or unchanged for none."""
     if activation is None:
         return value
     rule = registry.get(activation).elementwise
     assert rule is not None, f"{activation} cannot be applied inside another op's kernel"
-    return rule(value)
+    return rule(value, attrs)

@@ -67,6 +67,13 @@ class InitContext:
             return None
         return self.graph.layer(self.node.layer).activation
 
+    @property
+    def activation_attrs(self) -> object:
+        """The attributes of that activation's node (leaky_relu's slope), or None."""
+        name = self.activation
+        return next((n.attrs for n in self.graph.nodes
+                     if n.layer == self.node.layer and n.op == name), None)
+
 
 Initialiser = Callable[[InitContext], np.ndarray]
 
@@ -80,12 +87,16 @@ def ones(ctx: InitContext) -> np.ndarray:
 
 
 def fan_scaled(ctx: InitContext) -> np.ndarray:
-    """He's N(0, 2 / fan_in) for a layer ending in relu, Glorot's U(±sqrt(6 / (fan_in +
-    fan_out))) otherwise; fans of an [out, in, kh, kw] or [out, in] weight."""
+    """He's N(0, factor / fan_in) for a layer ending in a relu-like activation (one with a
+    `he_factor`: 2 for relu and relu6, 2 / (1 + slope²) for leaky_relu, as torch's
+    kaiming_normal_), Glorot's U(±sqrt(6 / (fan_in + fan_out))) otherwise; fans of an
+    [out, in, kh, kw] or [out, in] weight."""
     fan_in = math.prod(ctx.shape[1:])
     fan_out = ctx.shape[0] * math.prod(ctx.shape[2:])
-    if ctx.activation == "relu":
-        values = ctx.rng.normal(0.0, math.sqrt(2.0 / fan_in), size=ctx.shape)
+    factor = get(ctx.activation).he_factor if ctx.activation is not None else None
+    if factor is not None:
+        values = ctx.rng.normal(0.0, math.sqrt(factor(ctx.activation_attrs) / fan_in),
+                                size=ctx.shape)
     else:
         limit = math.sqrt(6.0 / (fan_in + fan_out))
         values = ctx.rng.uniform(-limit, limit, size=ctx.shape)
@@ -98,7 +109,11 @@ class ParamDef:
     each started by its own initialiser."""
 
     name: str
-    init: Initialiser
+    init: Initialiser | None
+    # "param": trained by the optimizer; "buffer": state the training step updates but no
+    # gradient reaches (batch norm's running statistics), saved with the parameters;
+    # "noise": random numbers the runtime draws for each training call (dropout's)
+    role: str = "param"
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +157,8 @@ ScheduleRule = Callable[[Any, Any, Any], Any]  # (Kernel, KernelProgram, Machine
 # (its loop function, or None for the plain loops; what --explain-schedule says of it)
 PoolScheduleRule = Callable[[Any, Any, Any], tuple[Any, str]]
 FlopsRule = Callable[[Any, Node], int]  # (graph, node) -> FLOPs for one sample
-ElementwiseRule = Callable[[Any], Any]  # loop IR Expr -> Expr
+# (loop IR Expr, the activation node's attributes or None) -> Expr
+ElementwiseRule = Callable[[Any, Any], Any]
 
 
 def no_flops(graph: Any, node: Node) -> int:
@@ -175,6 +191,18 @@ class OpDef:
     differentiable: bool = True  # False: a backward op (the gradient of nothing)
     activation: bool = False  # may end a layer: `conv c: 6 5x5 -> NAME`, or a line of its own
     sums: bool = False  # adds its inputs: autodiff sums a tensor's gradients with it
+    # an activation with an argument, `leaky_relu(0.1)`: (the argument or None) -> its
+    # attributes, or ValueError with the words of what was wrong
+    activation_attrs: Callable[[float | None], object] | None = None
+    # an activation after which weights start with He's N(0, factor / fan_in): (its
+    # attributes) -> the factor (2 for relu), see fan_scaled
+    he_factor: Callable[[object], float] | None = None
+    # an op that computes otherwise at inference (batch norm, dropout): (node, the inference
+    # pass's builder) -> the nodes that compute its first output in `forward` (passes/inference.py)
+    inference: Callable[[Node, Any], list[Node]] | None = None
+    # an op with buffers the training step updates (batch norm's running statistics):
+    # (node, KernelProgram, name) -> the LoopFunction that updates them in place
+    update_buffers: Callable[[Node, Any, str], Any] | None = None
     # a program using the op (after its network line), on which tests/ops checks the op's
     # gradient rule against finite differences and its kernels against the reference
     example: str = ""
@@ -219,10 +247,16 @@ class LossDef:
     attrs: Callable[[dict[str, Any]], object]  # the loss node's attributes, from the options
     # an activation the network must end in, and only there (softmax: it reads probabilities)
     needs_output: str | None = None
+    # the op added instead where the last layer does not end in `needs_output`: it reads the
+    # last layer's values as logits and applies that activation itself (cross-entropy's
+    # softmax_cross_entropy); None: ending in `needs_output` is required
+    logits_op: str | None = None
 
 
 # The optimizer's scalars, in this order, in a small buffer the runtime passes at every step:
-# what every OptimizerDef's update reads (each reads the fields it needs).
+# what every OptimizerDef's update reads (each reads the fields it needs). Settings that
+# change the update's form (nesterov, weight_decay) are constants of its code instead: an
+# update without them is the same code it always was.
 HYPER_FIELDS = ("lr", "momentum", "beta1", "beta2", "eps", "correction1", "correction2")
 
 
@@ -239,7 +273,12 @@ class OptimizerDef:
     name: str
     options: dict[str, Any]  # its own options of the train line (frontend OptionSpecs)
     states: tuple[str, ...]  # per parameter, named PARAM.STATE, shaped like it
-    lower_update: Callable[..., Any]  # (name, param, grad, states, hyper) -> LoopFunction
+    # (name, param, grad, states, hyper, settings) -> LoopFunction; `settings` are the train
+    # line's (DEFAULT_SETTINGS without one), so a setting may be missing: its default applies
+    lower_update: Callable[..., Any]
+    # the train line's validated options -> the words of a problem between them, or None
+    # (sgd: nesterov needs momentum); irgen reports it at the train line
+    check: Callable[[dict[str, Any]], str | None] | None = None
 
 
 _OPS: dict[str, OpDef] = {}

@@ -1,5 +1,6 @@
 """Softmax over the classes of an N x classes tensor, and its gradient. It ends a layer
-(`-> softmax`) but runs as a kernel of its own: each row needs its maximum and its sum."""
+(`-> softmax`) but runs as a kernel of its own: each row needs its maximum and its sum. The
+cross-entropy of logits (loss.py) finds each row's maximum with the same loop, `row_max`."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from cnnc.loops.ir import (
     Binary,
     BinOp,
     Const,
+    Expr,
     For,
     Load,
     Local,
     LoopFunction,
     Select,
+    Stmt,
     Store,
     Unary,
     UnaryOp,
@@ -48,14 +51,21 @@ def _gradient(node: Node, dy: str, b) -> list[tuple[str, str]]:
     return [(x, b.op("softmax_grad", (dy, node.output), x, node))]
 
 
+def row_max(x: str, classes: Expr) -> tuple[Stmt, ...]:
+    """top = the largest value of row n of buffer `x` (over k), NaN where the row holds a NaN,
+    so that a NaN reaches the result instead of being skipped."""
+    item = Load(x, (Var("n"), Var("k")))
+    larger = Binary(BinOp.OR, Binary(BinOp.GT, item, Var("top")), Unary(UnaryOp.ISNAN, item))
+    return (Assign("top", Const(-math.inf, True)),
+            For("k", classes, (Assign("top", Select(larger, item, Var("top"))),)))
+
+
 def _lower(kernel, program) -> LoopFunction:
     """Subtract the row maximum before exp, so logits of ±1e4 cannot overflow."""
     x = buffer(program, kernel.inputs[0], flat=True)  # a flatten's input may be N x C x H x W
     out = buffer(program, kernel.outputs[0], is_output=True, flat=True)
     classes = const(x.shape[1])
     item = Load(x.name, (Var("n"), Var("k")))
-    larger = Binary(BinOp.OR, Binary(BinOp.GT, item, Var("top")), Unary(UnaryOp.ISNAN, item))
-    find_max = For("k", classes, (Assign("top", Select(larger, item, Var("top"))),))
     exponent = Unary(UnaryOp.EXP, Binary(BinOp.SUB, item, Var("top")))
     exponentiate = For("k", classes, (Store(out.name, (Var("n"), Var("k")), exponent),
                                       Assign("total", add(Var("total"),
@@ -63,8 +73,8 @@ def _lower(kernel, program) -> LoopFunction:
     normalise = For("k", classes, (Store(out.name, (Var("n"), Var("k")),
                                          Binary(BinOp.DIV, Load(out.name, (Var("n"), Var("k"))),
                                                 Var("total"))),))
-    body = (Assign("top", Const(-math.inf, True)), find_max, Assign("total", Const(0.0, True)),
-            exponentiate, normalise)
+    body = (*row_max(x.name, classes), Assign("total", Const(0.0, True)), exponentiate,
+            normalise)
     nest = For("n", Var(BATCH), body)
     return LoopFunction(kernel.name, (x, out),
                         (Local("top", out.dtype), Local("total", out.dtype)), (nest,))

@@ -2,7 +2,9 @@
 op's fusion role (`OpDef.fusion`).
 
 An anchor (conv, dense) takes the epilogues that follow it (a bias, then an activation) into
-its kernel, as long as nothing else reads the intermediate result they replace; an anchor
+its kernel, as long as nothing else reads the intermediate result they replace (the
+backward op of an activation whose gradient reads its input, silu or gelu, does: in a
+training pass such an activation is a kernel of its own, and its input is stored); an anchor
 that `takes_pool` also takes a following pool (the pool of a sample runs while the sample's
 anchor output is still in cache; that output is kept, since the backward pass reads it).
 Every other op is a kernel of its own, except an alias (flatten), which is no kernel at all,
@@ -19,14 +21,39 @@ from cnnc.graph.kernels import Kernel, KernelProgram
 from cnnc.ops import registry
 from cnnc.ops.registry import Fusion, OpDef
 
+# the tensors that have memory before any kernel runs
+_GIVEN = (Role.INPUT, Role.PARAM, Role.BUFFER, Role.NOISE)
+
 
 def fuse(graph: Graph) -> KernelProgram:
-    """Forward kernels; for a differentiated graph also the loss and one kernel a backward op."""
-    readers = _readers(graph)
-    nodes = [n for n in graph.nodes if n.phase is Phase.FORWARD]
+    """Forward kernels; for a differentiated graph also the loss and one kernel a backward op.
+    A graph with an inference pass gets the kernels of that pass too, sharing those it has in
+    common with the training pass (`KernelProgram.inference` lists the pass's kernels)."""
     alias: dict[str, str] = {}
     kernels: list[Kernel] = []
-    storage: list[Tensor] = [t for t in graph.tensors if t.role in (Role.INPUT, Role.PARAM)]
+    storage: list[Tensor] = [t for t in graph.tensors if t.role in _GIVEN]
+    forward = [n for n in graph.nodes if n.phase is Phase.FORWARD]
+    made: dict[tuple[Node, ...], str] = {}
+    _forward_pass(graph, forward, _readers(graph.nodes), alias, kernels, storage, made, True)
+    inference: list[str] = []
+    if graph.inference is not None:
+        nodes = [*graph.inference, *(n for n in graph.nodes if n.phase is Phase.LOSS)]
+        inference = _forward_pass(graph, list(graph.inference), _readers(nodes), alias,
+                                  kernels, storage, made, False)
+    if graph.gradients:
+        _backward_kernels(graph, alias, kernels, storage)
+    output = alias.get(graph.output, graph.output)
+    return KernelProgram(graph, tuple(kernels), tuple(storage), tuple(alias.items()), output,
+                         tuple(inference))
+
+
+def _forward_pass(graph: Graph, nodes: list[Node], readers: dict[str, list[Node]],
+                  alias: dict[str, str], kernels: list[Kernel], storage: list[Tensor],
+                  shared: dict[tuple[Node, ...], str], training: bool) -> list[str]:
+    """The kernels of one forward pass, in order, by name. The training pass fills `shared`
+    with its kernels by the nodes they cover; the inference pass reuses those it can and
+    adds its own (named `..._infer`)."""
+    names: list[str] = []
     position = 0
     while position < len(nodes):
         node = nodes[position]
@@ -35,20 +62,28 @@ def fuse(graph: Graph) -> KernelProgram:
             position += 1
             continue
         covered = _covered(nodes, position, readers, graph.output)
-        kernel = _unique_name(_forward_kernel(covered, alias), kernels)
-        kernels.append(kernel)
-        storage += [graph.tensor(name) for name in kernel.outputs]
         position += len(covered)
-    if graph.gradients:
-        _backward_kernels(graph, alias, kernels, storage)
-    output = alias.get(graph.output, graph.output)
-    return KernelProgram(graph, tuple(kernels), tuple(storage), tuple(alias.items()), output)
+        if tuple(covered) in shared and not training:
+            names.append(shared[tuple(covered)])
+            continue
+        kernel = _forward_kernel(covered, alias)
+        if not training:
+            kernel = dataclasses.replace(kernel, name=kernel.name.removesuffix("_fwd") + "_infer",
+                                         phase="inference")
+        kernel = _unique_name(kernel, kernels)
+        kernels.append(kernel)
+        names.append(kernel.name)
+        if training:
+            shared[tuple(covered)] = kernel.name
+        known = {t.name for t in storage}
+        storage += [graph.tensor(name) for name in kernel.outputs if name not in known]
+    return names
 
 
-def _readers(graph: Graph) -> dict[str, list[Node]]:
-    """Every node that reads each tensor, forward and backward."""
+def _readers(nodes) -> dict[str, list[Node]]:
+    """Every node of `nodes` that reads each tensor."""
     readers: dict[str, list[Node]] = {}
-    for node in graph.nodes:
+    for node in nodes:
         for name in node.inputs:
             readers.setdefault(name, []).append(node)
     return readers
@@ -91,13 +126,15 @@ def _forward_kernel(covered: list[Node], alias: dict[str, str]) -> Kernel:
     inputs = tuple(alias.get(name, name) for name in head.inputs)
     epilogues = [n for n in covered[1:] if registry.get(n.op).fusion is Fusion.EPILOGUE]
     bias = next((n.inputs[1] for n in epilogues if _slot(n) is registry.Slot.BIAS), None)
-    activation = next((n.op for n in epilogues if _slot(n) is registry.Slot.ACTIVATION), None)
+    activated = next((n for n in epilogues if _slot(n) is registry.Slot.ACTIVATION), None)
+    activation = activated.op if activated else None
     pool = covered[-1] if registry.get(covered[-1].op).fusion is Fusion.POOL and \
         len(covered) > 1 else None
     name = _forward_name(head, op, activation, pool)
     outputs = covered[-1].outputs if pool is None else (covered[-2].output, *pool.outputs)
     return Kernel(head.op, name, head.layer, inputs + ((bias,) if bias else ()), outputs, head,
-                  activation=activation, has_bias=bias is not None, pool=pool)
+                  activation=activation, activation_attrs=activated.attrs if activated else None,
+                  has_bias=bias is not None, pool=pool)
 
 
 def _slot(node: Node) -> registry.Slot | None:

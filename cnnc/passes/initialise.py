@@ -1,4 +1,5 @@
-"""Deterministic initial parameters from the train line's seed, each by its op's rule
+"""Deterministic initial parameters (and buffers: running statistics) from the train line's
+seed, each by its op's rule
 (`ParamDef.init`): conv and dense weights by their fans (He's scale before a relu, Glorot's
 otherwise), biases at zero.
 
@@ -21,7 +22,7 @@ def initial_parameters(graph: Graph) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     dtype = numpy_dtype(graph.dtype)
     params: dict[str, np.ndarray] = {}
-    for tensor in graph.params:
+    for tensor in graph.params + graph.buffers:
         node, param = _owner(graph, tensor.name)
         context = InitContext(tuple(tensor.shape), dtype, node, graph, rng)
         params[tensor.name] = param.init(context)

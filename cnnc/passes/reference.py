@@ -9,11 +9,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from cnnc.graph.ir import BATCH, Graph, Node
+from cnnc.graph.ir import BATCH, Graph, Node, Phase
 from cnnc.ops import registry
 from cnnc.ops.registry import Mode
 
 INFERENCE = Mode(training=False)
+TRAINING = Mode(training=True)
 
 
 def run(graph: Graph, x: np.ndarray, params: Mapping[str, np.ndarray],
@@ -27,7 +28,7 @@ def run(graph: Graph, x: np.ndarray, params: Mapping[str, np.ndarray],
     values: dict[str, np.ndarray] = {graph.input: x, **params}
     if target is not None and graph.target is not None:
         values[graph.target] = target
-    for node in graph.nodes:
+    for node in _nodes(graph, mode):
         if any(name not in values for name in node.inputs):
             continue  # the loss, when no target was given
         batch = x.shape[0]
@@ -36,6 +37,15 @@ def run(graph: Graph, x: np.ndarray, params: Mapping[str, np.ndarray],
         values.update(zip(node.outputs, result if isinstance(result, tuple) else (result,),
                           strict=True))
     return values
+
+
+def _nodes(graph: Graph, mode: Mode) -> tuple[Node, ...]:
+    """The forward pass of the mode, the loss, and the backward pass, which differentiates
+    the training pass (so it runs at inference only where both passes are one)."""
+    backward = mode.training or graph.inference is None
+    rest = tuple(n for n in graph.nodes if n.phase is Phase.LOSS or
+                 (backward and n.phase is Phase.BACKWARD))
+    return graph.forward_nodes(mode.training) + rest
 
 
 def forward(graph: Graph, x: np.ndarray, params: Mapping[str, np.ndarray]) -> np.ndarray:

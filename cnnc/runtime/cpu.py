@@ -19,7 +19,9 @@ from cnnc.runtime.loader import native_entries
 from cnnc.runtime.threads import thread_count
 
 # the roles of buffers a call supplies rather than the workspace
-SUPPLIED = ("input", "target", "hyper", "param", "state")
+SUPPLIED = ("input", "target", "hyper", "param", "state", "buffer", "noise")
+# what the module keeps between calls, by name
+KEPT = ("param", "state", "buffer")
 
 
 class CpuEngine:
@@ -84,8 +86,12 @@ class CpuEngine:
         buffers, table = self._workspace(batch)
         arrays = list(buffers)
         for index, buffer_role, name in self._supplied:
-            array = given.get(buffer_role) if buffer_role in ("input", "target", "hyper") \
-                else self._values[name]
+            if buffer_role == "noise":  # a training call's random numbers, by buffer
+                array = given.get("noise", {}).get(name)
+            elif buffer_role in KEPT:
+                array = self._values[name]
+            else:
+                array = given.get(buffer_role)
             if array is None:  # an entry that does not read it: the placeholder, never a
                 array = buffers[index]  # pointer left from an earlier call's array
             arrays[index] = array
@@ -108,9 +114,9 @@ class CpuEngine:
         return buffers, table
 
     def _buffer_for(self, buffer: Buffer, batch: int) -> np.ndarray | None:
-        if buffer.role in ("input", "param", "state"):
+        if buffer.role in ("input", *KEPT):
             return None
-        if buffer.role in ("target", "hyper"):  # for entry points that do not read them
+        if buffer.role in ("target", "hyper", "noise"):  # for entries that do not read them
             return np.zeros(8, dtype=buffer.numpy_dtype)
         if buffer.role == "loss":
             return np.zeros(1, dtype=self._dtype)
@@ -125,7 +131,7 @@ class CpuEngine:
                batch: int) -> None:
         """The update kernels on parameters, state and the given gradients."""
         unused = np.zeros(1, dtype=self._dtype)  # they read nothing else
-        arrays = [self._values[b.name] if b.role in ("param", "state") else
+        arrays = [self._values[b.name] if b.role in KEPT else
                   hyper if b.role == "hyper" else gradients.get(b.name, unused)
                   for b in self._storage]
         table = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])

@@ -109,9 +109,11 @@ class CudaEngine:
             read: Sequence[str]) -> dict[str, np.ndarray]:
         """Launch the role's kernels in order on the device, then copy `read` to the host."""
         buffers = dict(self._workspace_for(batch))
-        for what, value in given.items():  # checked: numpy arrays, or the input on the device
+        named = {self._given[what]: value for what, value in given.items() if what != "noise"}
+        named.update(given.get("noise", {}))  # a training call's random numbers, by buffer
+        for name, value in named.items():  # checked: numpy arrays, or the input on the device
             on_device = self._cuda.to_device(value) if isinstance(value, np.ndarray) else value
-            buffers[self._given[what]] = on_device.reshape(on_device.size)
+            buffers[name] = on_device.reshape(on_device.size)
         buffers.update(self._device)
         self._launch(role, buffers, batch)
         shapes = {b.name: b.sized(batch) or (1,) for b in self._storage}
@@ -138,7 +140,7 @@ class CudaEngine:
         if self._workspace_batch != batch:
             self._workspace_buffers = {}
             for b in self._storage:
-                if b.role in ("value", "loss", "target", "hyper"):
+                if b.role in ("value", "loss", "target", "hyper", "noise"):
                     size = int(np.prod(b.sized(batch)))
                     self._workspace_buffers[b.name] = self._cuda.device_array(
                         max(size, 1), dtype=b.numpy_dtype)

@@ -217,7 +217,9 @@ def validated_params(file: artifact.ModuleFile, manifest: Manifest,
     """The stored parameters, each with the name, shape and dtype the code was built for."""
     params = artifact.params_from_bytes(file.sections["params"],
                                         f"the parameters stored in {source}")
-    expected = {entry.name: entry for entry in manifest.buffers("param")}
+    # the trainable parameters and the buffers saved with them (running statistics)
+    expected = {entry.name: entry for entry in manifest.buffers("param") +
+                manifest.buffers("buffer")}
     if set(params) != set(expected):
         raise _refuse(source, "its parameters do not match the manifest")
     for name, value in params.items():

@@ -18,7 +18,7 @@ import numpy as np
 
 from cnnc.artifact import format as artifact
 from cnnc.artifact.manifest import Optimizer
-from cnnc.runtime import arguments
+from cnnc.runtime import arguments, noise
 from cnnc.runtime.arguments import CnncRuntimeError, as_array, refuse
 from cnnc.runtime.cpu import CpuEngine
 from cnnc.runtime.engine import Engine
@@ -44,7 +44,12 @@ class Module:
         self._manifest = validated_manifest(file, source, self.engine_type.kind)
         params = validated_params(file, self._manifest, source)
         self._dtype = self._manifest.numpy_dtype
-        self._param_shapes = {name: value.shape for name, value in params.items()}
+        trainable = {b.name for b in self._manifest.buffers("param")}
+        self._param_shapes = {name: value.shape for name, value in params.items()
+                              if name in trainable}
+        # batch norm's running statistics: saved with the parameters, updated by train_step
+        self._buffer_shapes = {name: value.shape for name, value in params.items()
+                               if name not in trainable}
         state = {b.name: np.zeros(b.shape, self._dtype) for b in self._manifest.buffers("state")}
         self._state_shapes = {name: value.shape for name, value in state.items()}
         values = {name: np.ascontiguousarray(value) for name, value in params.items()}
@@ -52,6 +57,10 @@ class Module:
                                                 source, threads)
         self._step = 0  # optimizer steps taken: Adam's bias corrections need it
         self._lock = StateLock(exclusive=self._engine.exclusive)
+        # train_steps taken: dropout's random numbers are drawn for this step, and batch
+        # norm's num_batches_tracked (as torch counts it) is this
+        self._noise_step = 0
+        self._noise = noise.NoiseSource(self._manifest)
 
     # -- what the module is -------------------------------------------------------------------
     @property
@@ -113,14 +122,18 @@ class Module:
             self._engine.set_threads(count)
 
     # -- the public calls: each takes the module's lock (locking.StateLock) ---------------------
-    def forward(self, x: Any) -> np.ndarray:
+    def forward(self, x: Any, training: bool = False) -> np.ndarray:
         """The network's output for a batch `x` of shape (N, *input_shape).
+
+        Inference by default: batch norm with its running statistics, no dropout. With
+        `training=True`, as a training step computes it (the batch's statistics, dropout
+        with the mask of the next train_step), changing nothing.
 
         With several threads a large batch is cut into one slice a thread; samples are
         independent, so the result is the same, bit for bit, for any thread count.
         """
         with self._lock.reading():
-            return self._forward(x)
+            return self._forward(x, _flag(training, "training"))
 
     def __call__(self, x: Any) -> np.ndarray:
         return self.forward(x)
@@ -130,10 +143,11 @@ class Module:
         with self._lock.reading():
             return self._activations(x)
 
-    def loss(self, x: Any, y: Any) -> float:
-        """The mean loss over the batch; y: class labels (N,) or targets like the output."""
+    def loss(self, x: Any, y: Any, training: bool = False) -> float:
+        """The mean loss over the batch; y: class labels (N,) or targets like the output.
+        Inference by default; `training=True` as `forward(x, training=True)`."""
         with self._lock.reading():
-            return self._loss(x, y)
+            return self._loss(x, y, _flag(training, "training"))
 
     def gradients(self, x: Any, y: Any) -> dict[str, np.ndarray]:
         """d(mean loss)/d(parameter) for every parameter, shaped like `params`."""
@@ -165,6 +179,22 @@ class Module:
             self._apply_gradients(gradients, lr)
 
     @property
+    def buffers(self) -> dict[str, np.ndarray]:
+        """A copy of the state saved with the parameters that no gradient reaches (batch
+        norm's running_mean and running_var, and num_batches_tracked as torch keeps it),
+        read-only; `set_params` sets them."""
+        with self._lock.reading():
+            copies = self._engine.values(list(self._buffer_shapes))
+            copies.update(self._batches_tracked())
+        for value in copies.values():
+            value.flags.writeable = False
+        return copies
+
+    def _batches_tracked(self) -> dict[str, np.ndarray]:
+        return {name: np.array(self._noise_step, dtype=np.int64)
+                for name in noise.tracked_names(self._buffer_shapes)}
+
+    @property
     def params(self) -> dict[str, np.ndarray]:
         """A copy of every parameter (PyTorch layouts), read-only: an assignment into one
         would change nothing in the module, so it raises; use `set_params`."""
@@ -175,15 +205,21 @@ class Module:
         return copies
 
     def set_params(self, values: Mapping[str, Any]) -> None:
-        """Replace some or all parameters; names, shapes and dtypes are checked first."""
+        """Replace some or all parameters and buffers (a torch `state_dict()` too); names,
+        shapes and dtypes are checked first."""
         with self._lock.writing():
-            self._engine.write(self._checked_params(values))
+            checked, tracked = self._checked_params(values)
+            self._engine.write(checked)
+            if tracked is not None:
+                self._noise_step = tracked
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         """Momentum or Adam moments and the step count: with `params`, all a resume needs."""
         with self._lock.reading():
             state = self._engine.values(list(self._state_shapes))
             state["optimizer.step"] = np.array(self._step, dtype=np.int64)
+            if self._noise.needed or self._buffer_shapes:
+                state[noise.STEP] = np.array(self._noise_step, dtype=np.int64)
             return state
 
     def set_optimizer_state(self, state: Mapping[str, Any]) -> None:
@@ -191,6 +227,8 @@ class Module:
         with self._lock.writing():
             step, arrays = self._checked_state(state)
             self._step = step
+            if noise.STEP in state:
+                self._noise_step = arguments.step_count(state[noise.STEP])
             self._engine.write(arrays)
 
     # -- training from Python, as `cnnc train` does (fit.py) ----------------------------------
@@ -220,17 +258,20 @@ class Module:
         """A plain .npz of every parameter (no pickle), written atomically."""
         if not isinstance(path, (str, Path)):
             raise refuse(f"save_weights takes a path, got {type(path).__name__}")
-        artifact.write_atomically(Path(path), artifact.params_to_bytes(self.params))
+        artifact.write_atomically(Path(path), artifact.params_to_bytes(self._stored()))
 
     def load_weights(self, path: str | Path) -> None:
         """Every parameter from an .npz written by save_weights (or numpy.savez)."""
         if not isinstance(path, (str, Path)):
             raise refuse(f"load_weights takes a path, got {type(path).__name__}")
         values = arguments.read_weights(Path(path))
-        missing = [name for name in self._param_shapes if name not in values]
+        missing = [name for name in [*self._param_shapes, *self._buffer_shapes]
+                   if name not in values]
         if missing:
             raise refuse(f"{path} lacks the parameters " + ", ".join(missing))
-        unknown = [name for name in values if name not in self._param_shapes]
+        known = {*self._param_shapes, *self._buffer_shapes,
+                 *noise.tracked_names(self._buffer_shapes)}
+        unknown = [name for name in values if name not in known]
         if unknown:
             raise refuse(f"{path} holds arrays that are no parameter of network {self.name}: "
                          + ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else ""))
@@ -238,8 +279,14 @@ class Module:
 
     def save(self, path: str | Path) -> None:
         """The module file, with the current parameters as its initial ones."""
-        sections = dict(self._file.sections, params=artifact.params_to_bytes(self.params))
+        sections = dict(self._file.sections, params=artifact.params_to_bytes(self._stored()))
         artifact.write(artifact.ModuleFile(self._file.manifest, sections), path)
+
+    def _stored(self) -> dict[str, np.ndarray]:
+        """What a module file's or weights file's parameters hold: parameters and buffers
+        (num_batches_tracked only in a weights file, as torch saves it)."""
+        with self._lock.reading():
+            return self._engine.values([*self._param_shapes, *self._buffer_shapes])
 
     def __repr__(self) -> str:
         where = "" if self.target == "cpu" else f" ({self.target})"
@@ -247,29 +294,48 @@ class Module:
                 f"{self.output_shape} {self._dtype.name}>")
 
     # -- running ------------------------------------------------------------------------------
-    def _forward(self, x: Any) -> np.ndarray:
-        x = self._checked_batch(x)
-        slices = batch_slices(x.shape[0], self._engine.threads)
-        if len(slices) == 1:
-            return self._forward_one(x)
-        return np.concatenate(self._engine.map(lambda part: self._forward_one(x[part]),
-                                               slices))
+    def _role(self, role: str, training: bool) -> str:
+        """The entry point of `role` (forward, loss) in the mode: a network whose training
+        computes otherwise has `forward_train` and `loss_train`."""
+        return f"{role}_train" if training and f"{role}_train" in self._manifest.roles else role
 
-    def _forward_one(self, x: Any) -> np.ndarray:
+    def _slices(self, batch: int, training: bool) -> list[slice]:
+        """How a call's batch is cut among threads: batch norm's statistics are the whole
+        batch's, so a training call of a network with it runs in one piece."""
+        if training and self._buffer_shapes:
+            return [slice(0, batch)]
+        return batch_slices(batch, self._engine.threads)
+
+    def _forward(self, x: Any, training: bool = False) -> np.ndarray:
+        x = self._checked_batch(x)
+        drawn = self._noise.draw(x.shape[0], self._noise_step) if training else {}
+        role = self._role("forward", training)
+        slices = self._slices(x.shape[0], training)
+        if len(slices) == 1:
+            return self._forward_one(x, role, drawn)
+        return np.concatenate(self._engine.map(
+            lambda part: self._forward_one(x[part], role, noise.sliced(drawn, part)), slices))
+
+    def _forward_one(self, x: Any, role: str = "forward",
+                     drawn: dict[str, np.ndarray] | None = None) -> np.ndarray:
         batch, output = x.shape[0], self._manifest.output.name
-        value = self._engine.run("forward", batch, {"input": x}, (output,))[output]
+        given = {"input": x, "noise": drawn or {}}
+        value = self._engine.run(role, batch, given, (output,))[output]
         return value.reshape(batch, *self.output_shape)
 
     def _activations(self, x: Any) -> dict[str, np.ndarray]:
         x = self._checked_batch(x)
         return self._engine.run("forward", x.shape[0], {"input": x}, self._manifest.activations)
 
-    def _loss(self, x: Any, y: Any) -> float:
+    def _loss(self, x: Any, y: Any, training: bool = False) -> float:
         y = self._trainable(y)
         x = self._checked_batch(x)
         given = {"input": x, "target": self._checked_target(y, x.shape[0])}
+        if training:
+            given["noise"] = self._noise.draw(x.shape[0], self._noise_step)
         loss = self._loss_name()
-        return float(self._engine.run("loss", x.shape[0], given, (loss,))[loss][0])
+        role = self._role("loss", training)
+        return float(self._engine.run(role, x.shape[0], given, (loss,))[loss][0])
 
     def _gradients_and_loss(self, x: Any, y: Any) -> tuple[dict[str, np.ndarray], float]:
         named, loss = self._split_gradients(x, self._trainable(y))
@@ -281,20 +347,24 @@ class Module:
 
         With several threads each takes a slice of the batch; a slice's gradients are of its
         own mean loss, so the batch's are the slices' weighted by their share of samples.
+        Dropout's random numbers are drawn for the whole batch first, so the slices see
+        the mask one piece would.
         """
         x = self._checked_batch(x)
         batch = x.shape[0]
         y = self._checked_target(as_array(y, "y"), batch)
         storages = list(dict.fromkeys(self._manifest.gradient(p) for p in self._param_shapes))
         loss = self._loss_name()
+        drawn = self._noise.draw(batch, self._noise_step)
 
         def gradients_of(part: slice, whole: bool = False) -> tuple[dict[str, Any], float]:
-            given = {"input": x, "target": y} if whole else {"input": x[part], "target": y[part]}
+            given = {"input": x, "target": y, "noise": drawn} if whole else \
+                {"input": x[part], "target": y[part], "noise": noise.sliced(drawn, part)}
             got = self._engine.run("gradients", part.stop - part.start, given,
                                    (*storages, loss))
             return {name: got[name] for name in storages}, float(got[loss][0])
 
-        slices = batch_slices(batch, self._engine.threads)
+        slices = self._slices(batch, True)
         if len(slices) == 1:
             return gradients_of(slices[0], whole=True)
         parts = self._engine.map(gradients_of, slices)
@@ -312,7 +382,8 @@ class Module:
         y = self._trainable(y)
         x = self._checked_batch(x)
         batch, name = x.shape[0], self._manifest.gradient(self._manifest.input.name)
-        given = {"input": x, "target": self._checked_target(y, batch)}
+        given = {"input": x, "target": self._checked_target(y, batch),
+                 "noise": self._noise.draw(batch, self._noise_step)}
         gradient = self._engine.run("input_gradient", batch, given, (name,))[name]
         return gradient.reshape(batch, *self.input_shape)
 
@@ -323,15 +394,16 @@ class Module:
         hyper = self._hyper(lr, step)
         x = self._checked_batch(x)
         batch = x.shape[0]
-        if len(batch_slices(batch, self._engine.threads)) == 1 or \
-                "update" not in self._manifest.roles:
-            given = {"input": x, "target": self._checked_target(y, batch), "hyper": hyper}
+        if len(self._slices(batch, True)) == 1 or "update" not in self._manifest.roles:
+            given = {"input": x, "target": self._checked_target(y, batch), "hyper": hyper,
+                     "noise": self._noise.draw(batch, self._noise_step)}
             name = self._loss_name()
             loss = float(self._engine.run("train_step", batch, given, (name,))[name][0])
         else:  # gradients in threads, then one update with their weighted sum
             gradients, loss = self._split_gradients(x, y)
             self._engine.update(gradients, hyper, batch)
         self._step = step
+        self._noise_step += 1
         return loss
 
     def _apply_gradients(self, gradients: Mapping[str, Any], lr: float | None = None) -> None:
@@ -408,21 +480,29 @@ class Module:
             checked[name] = np.ascontiguousarray(array)
         return checked
 
-    def _checked_params(self, values: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    def _checked_params(self, values: Mapping[str, Any]
+                        ) -> tuple[dict[str, np.ndarray], int | None]:
+        """The parameters and buffers `values` sets, checked, and the num_batches_tracked it
+        gives (torch's count of batch norm's training steps), if any."""
         if not isinstance(values, Mapping):
             raise refuse(f"set_params takes a dict of name -> array, got {type(values).__name__}")
-        checked = {}
+        shapes = {**self._param_shapes, **self._buffer_shapes}
+        tracked_names = noise.tracked_names(self._buffer_shapes)
+        checked, tracked = {}, None
         for name, value in values.items():
-            if name not in self._param_shapes:
+            if name in tracked_names:
+                tracked = arguments.step_count(as_array(value, name))
+                continue
+            if name not in shapes:
                 raise refuse(f"set_params: unknown parameter {name!r}; the parameters are "
-                             + ", ".join(self._param_shapes))
+                             + ", ".join(shapes))
             array = as_array(value, name)
-            wanted = self._param_shapes[name]
+            wanted = shapes[name]
             if array.shape != wanted:
                 raise refuse(f"set_params: {name} must have shape {wanted}, got {array.shape}")
             checked[name] = np.ascontiguousarray(arguments.converted(array, self._dtype,
                                                                      name)).copy()
-        return checked
+        return checked, tracked
 
     def _checked_state(self, state: Mapping[str, Any]) -> tuple[int, dict[str, np.ndarray]]:
         """The step count and the state arrays `state` sets, all checked."""
@@ -432,6 +512,8 @@ class Module:
         for name, value in state.items():
             if name == "optimizer.step":
                 step = arguments.step_count(value)
+            elif name == noise.STEP:
+                arguments.step_count(value)  # set by set_optimizer_state itself
             elif name in self._state_shapes:
                 array = as_array(value, name)
                 shape = self._state_shapes[name]
@@ -442,3 +524,9 @@ class Module:
             else:
                 raise refuse(f"set_optimizer_state: {name!r} is not state of this optimizer")
         return step, arrays
+
+
+def _flag(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise refuse(f"{name} must be True or False, got {value!r}")
+    return bool(value)

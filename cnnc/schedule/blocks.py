@@ -138,15 +138,16 @@ def tile_store(tile: str, block: Block) -> Callable[[int, int, Expr], tuple[Stmt
 
 def tile_scatter(tile: str, out: str, index_of: Callable[[Expr, Expr], tuple[Expr, ...]],
                   first: Expr, limit: int, width: int,
-                  activation: str | None) -> Callable[[int], tuple[Stmt, ...]]:
-    """The tile's rows x channels, activated, to out[index_of(row, first + j)], as a loop
-    (compact code) over the channels below `limit`."""
+                  activation: str | None, activation_attrs: object = None
+                  ) -> Callable[[int], tuple[Stmt, ...]]:
+    """The tile's rows x channels, activated (`ops.lowering.activate`), to out[index_of(row,
+    first + j)], as a loop (compact code) over the channels below `limit`."""
     remaining = Binary(BinOp.SUB, const(limit), first)
     channels = const(width) if limit % width == 0 else \
         smaller(remaining, const(width))
 
     def epilogue(rows: int) -> tuple[Stmt, ...]:
-        value = activate(activation, Load(tile, (Var("er"), Var("ej"))))
+        value = activate(activation, Load(tile, (Var("er"), Var("ej"))), activation_attrs)
         store = Store(out, index_of(Var("er"), add(first, Var("ej"))), value)
         return (loop_nest(["er", "ej"], [const(rows), channels], (store,)),)
 
@@ -159,19 +160,28 @@ def tile_buffer(f: Function, block: Block) -> str:
 
 
 def pack_blocked(f: Function, suffix: str, outer: list[tuple[str, int]], extent: int,
-                  width: int, value: Callable[[Expr, list[Expr]], Expr]) -> str:
+                  width: int, value: Callable[[Expr, list[Expr]], Expr], groups: int = 1) -> str:
     """scratch[b, *outer, lane] = value(b·width + lane, outer) for channels below `extent`,
-    and 0 in the lanes past it: a channel-blocked copy whose vectors need no tail test."""
-    blocks = math.ceil(extent / width)
-    shape = (blocks, *(e for _, e in outer), width)
+    and 0 in the lanes past it: a channel-blocked copy whose vectors need no tail test.
+
+    With groups, `extent` is the channels of one group and the blocks of group g follow
+    those of group g − 1: block b is block b mod B of group b // B (B = ceil(extent /
+    width)), and `value` gets the channel within its group and [g, *outer]."""
+    per_group = math.ceil(extent / width)
+    shape = (per_group * groups, *(e for _, e in outer), width)
     name = f.add_scratch(suffix, shape)
     names = ["pb", *(n for n, _ in outer), "pl"]
     where = tuple(Var(n) for n in names)
-    channel = add(mul(Var("pb"), const(width)), Var("pl"))
     outer_vars = [Var(n) for n, _ in outer]
+    if groups == 1:
+        channel = add(mul(Var("pb"), const(width)), Var("pl"))
+    else:
+        block = Binary(BinOp.MOD, Var("pb"), const(per_group))
+        channel = add(mul(block, const(width)), Var("pl"))
+        outer_vars = [Binary(BinOp.FLOOR_DIV, Var("pb"), const(per_group)), *outer_vars]
     inside = Binary(BinOp.LT, channel, const(extent))
     body = (Store(name, where, ZERO), If(inside, (Store(name, where, value(channel, outer_vars)),)))
-    f.body.append(loop_nest(names, [blocks, *(e for _, e in outer), width], body))
+    f.body.append(loop_nest(names, list(shape), body))
     return name
 
 

@@ -4,7 +4,12 @@ offset] · w), vectorized over output channels f with weights repacked channel-b
 tests. Forward convolution is one (or, for few output channels, one vectorized over output
 columns); the gradient of the input is one per stride phase (a, b): the outputs with
 (ih + P) mod S = a see only the taps kh ≡ a (mod S), which makes a dense stride-1
-correlation of δ, so no dilated δ is ever materialised."""
+correlation of δ, so no dilated δ is ever materialised.
+
+A grouped convolution runs its groups one after another in the loop over channel blocks,
+each block within one group (its vectors never mix two groups' filters); a dilated one reads
+its taps D apart. The input gradient of a layer both dilated and strided along one axis has
+no dense phases and keeps its plain loops."""
 
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ from cnnc.loops.ir import (
     VecLoad,
 )
 from cnnc.ops.lowering import view
+from cnnc.ops.window import extent, resolve
+from cnnc.schedule import depthwise
 from cnnc.schedule.blocks import (
     ZERO,
     BlockCode,
@@ -55,35 +62,72 @@ class _Grid:
     shift: int
     taps: int
     source_stride: int
-    source_offset: int  # source index = q·source_stride + tap + source_offset
+    source_offset: int  # source index = q·source_stride + tap·tap_stride + source_offset
+    tap_stride: int = 1  # the dilation
+
+
+@dataclass(frozen=True, slots=True)
+class _Groups:
+    """How the loop over channel blocks `fb` splits into groups: `count` groups of
+    `blocks` blocks each, reading `source` channels and writing `out` channels a group."""
+
+    count: int
+    blocks: int
+    source: int
+    out: int
+
+    def source_channel(self, c: Expr) -> Expr:
+        """Reduction channel c of block fb's group."""
+        if self.count == 1:
+            return c
+        group = Binary(BinOp.FLOOR_DIV, Var("fb"), const(self.blocks))
+        return add(mul(group, const(self.source)), c)
+
+    def first_out(self, width: int) -> tuple[Expr, Expr | None]:
+        """(block fb's first channel within its group, its group's first channel or None)."""
+        if self.count == 1:
+            return mul(Var("fb"), const(width)), None
+        within = Binary(BinOp.MOD, Var("fb"), const(self.blocks))
+        group = Binary(BinOp.FLOOR_DIV, Var("fb"), const(self.blocks))
+        return mul(within, const(width)), mul(group, const(self.out))
+
+
+def _taps(tap: Expr, dilation: int) -> Expr:
+    return tap if dilation == 1 else mul(tap, const(dilation))
 
 
 def _correlation(f: Function, tag: str, src: str, src_channels: int, out: Buffer,
                  rows: _Grid, cols: _Grid, packed_weights: str, bias: str | None,
                  activation: str | None, block: Block,
-                 live_rows: tuple[int, int] | None = None) -> Stmt:
+                 live_rows: tuple[int, int] | None = None, groups: int = 1,
+                 activation_attrs: object = None) -> Stmt:
     """`live_rows`: the source rows [start, stop) that are not zero padding. Where skipping
     the taps that read only padding saves enough, each output row runs only the row taps
-    that reach live rows (a loop of varying length, which LLVM no longer unrolls)."""
-    out_channels = out.shape[1]
+    that reach live rows (a loop of varying length, which LLVM no longer unrolls).
+    `src_channels` and the output channels are those of one of the `groups`."""
+    out_channels = out.shape[1] // groups
     width = block.width
+    split = _Groups(groups, math.ceil(out_channels / width), src_channels, out_channels)
     tile = tile_buffer(f, block)
     row_taps, tap_row = const(rows.taps), Var("th")
-    if live_rows is not None and _dead_tap_share(rows, live_rows) >= 0.15:
+    if live_rows is not None and rows.tap_stride == 1 and \
+            _dead_tap_share(rows, live_rows) >= 0.15:
         base = affine(add(Var("q"), const(rows.start)), rows.source_stride,
                        const(rows.source_offset))
         first = larger(const(0), Binary(BinOp.SUB, const(live_rows[0]), base))
         to_live_end = Binary(BinOp.SUB, const(live_rows[1]), base)
         row_taps = Binary(BinOp.SUB, smaller(const(rows.taps), to_live_end), first)
         tap_row = add(Var("th"), first)
+    first_out, group_out = split.first_out(width)
 
     def code_at(first_col: Expr) -> BlockCode:
         def source_index(r: int) -> tuple[Expr, ...]:
             col = add(first_col, const(cols.start + r))
-            return (Var("n"), Var("c"),
+            return (Var("n"), split.source_channel(Var("c")),
                     affine(add(Var("q"), const(rows.start)), rows.source_stride,
-                            add(tap_row, const(rows.source_offset))),
-                    affine(col, cols.source_stride, add(Var("tw"), const(cols.source_offset))))
+                            add(_taps(tap_row, rows.tap_stride), const(rows.source_offset))),
+                    affine(col, cols.source_stride,
+                            add(_taps(Var("tw"), cols.tap_stride), const(cols.source_offset))))
 
         def init(r: int, v: int) -> Expr:
             if bias is None:
@@ -95,7 +139,8 @@ def _correlation(f: Function, tag: str, src: str, src_channels: int, out: Buffer
         def out_index(r: Expr, channel: Expr) -> tuple[Expr, ...]:
             col = affine(add(add(first_col, r), const(cols.start)), cols.scale,
                           const(cols.shift))
-            return (Var("n"), channel, row, col)
+            return (Var("n"), channel if group_out is None else add(group_out, channel),
+                    row, col)
 
         return BlockCode(
             reduction=(("c", const(src_channels)), ("th", row_taps), ("tw", const(cols.taps))),
@@ -103,13 +148,12 @@ def _correlation(f: Function, tag: str, src: str, src_channels: int, out: Buffer
             vector=lambda v: VecLoad(packed_weights, (Var("fb"), Var("c"), tap_row, Var("tw"),
                                                       const(v * block.lanes)), block.lanes),
             finish=tile_store(tile, block),
-            epilogue=tile_scatter(tile, out.name, out_index, mul(Var("fb"), const(width)),
-                                   out_channels, width, activation),
+            epilogue=tile_scatter(tile, out.name, out_index, first_out, out_channels, width,
+                                   activation, activation_attrs),
             init=init)
 
     tiles = row_tiles(f, f"{tag}w", cols.count, block, code_at)
-    blocks = math.ceil(out_channels / width)
-    return loop_nest(["n", "fb", "q"], [Var(BATCH), blocks, rows.count], tiles)
+    return loop_nest(["n", "fb", "q"], [Var(BATCH), split.blocks * groups, rows.count], tiles)
 
 
 def _dead_tap_share(rows: _Grid, live_rows: tuple[int, int]) -> float:
@@ -121,6 +165,18 @@ def _dead_tap_share(rows: _Grid, live_rows: tuple[int, int]) -> float:
     return 1 - live / max(1, rows.taps * rows.count)
 
 
+def _padded_source(f: Function, x: Buffer, window, out_h: int, out_w: int) -> str:
+    """The input zero-padded once: every row and column any window reads exists."""
+    (kh, kw), (sh, sw), (dh, dw) = window.kernel, window.stride, window.dilation
+    top, left, bottom, right = window.pad
+    return pad(f, x, top, left, max(x.shape[2] + top + bottom, (out_h - 1) * sh + extent(kh, dh)),
+               max(x.shape[3] + left + right, (out_w - 1) * sw + extent(kw, dw)))
+
+
+def _grouped_words(groups: int) -> str:
+    return f", {groups} groups" if groups > 1 else ""
+
+
 def conv_forward(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lowered:
     x, weight = (view(program, n) for n in kernel.inputs[:2])
     out = view(program, kernel.outputs[0], is_output=True)
@@ -128,53 +184,75 @@ def conv_forward(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lo
     if kernel.has_bias:
         f.buffers.append(view(program, kernel.inputs[2]))
     f.buffers.append(out)
+    groups = kernel.node.attrs.groups
     channels_out, channels_in, kh, kw = weight.shape
-    (sh, sw), (ph, pw) = kernel.window.stride, kernel.window.pad
+    per_group = channels_out // groups
+    window = resolve(kernel.window, x.shape[2], x.shape[3])
+    (sh, sw), (dh, dw) = window.stride, window.dilation
     oh, ow = out.shape[2], out.shape[3]
-    block, score = choose_block(machine, out.dtype, ow, channels_out)
-    if sw == 1:
-        # few channels fill few lanes: a block over output columns may waste fewer
-        by_width, width_score = choose_block(machine, out.dtype, channels_out, ow)
-        if width_score > score * 1.05:
-            return _conv_forward_by_width(kernel, f, x, weight, out, by_width, width_score)
+    block, score = choose_block(machine, out.dtype, ow, per_group)
+    by_width, width_score = choose_block(machine, out.dtype, per_group, ow)
+    if groups > 1 and channels_in == 1 and \
+            depthwise.estimate(machine, out.dtype, oh, ow) >= max(score, width_score):
+        return depthwise.depthwise_forward(kernel, program, machine)
+    # few channels fill few lanes: a block over output columns may waste fewer (strided
+    # loads, for stride > 1, only where a group's few filters leave little else)
+    if (sw == 1 or groups > 1) and width_score > score * 1.05:
+        return _conv_forward_by_width(kernel, f, x, weight, out, by_width, width_score)
     width = block.width
-    src = pad(f, x, ph, pw, max(x.shape[2] + 2 * ph, (oh - 1) * sh + kh),
-               max(x.shape[3] + 2 * pw, (ow - 1) * sw + kw))
+    src = _padded_source(f, x, window, oh, ow)
+    if groups == 1:
+        def weight_at(ch: Expr, o: list[Expr]) -> Expr:
+            return Load(weight.name, (ch, *o))
+    else:
+        def weight_at(ch: Expr, o: list[Expr]) -> Expr:
+            return Load(weight.name, (add(mul(o[0], const(per_group)), ch), *o[1:]))
     packed = pack_blocked(f, "w", [("pc", channels_in), ("ph", kh), ("pw", kw)],
-                           channels_out, width,
-                           lambda ch, o: Load(weight.name, (ch, *o)))
+                           per_group, width, weight_at, groups)
     bias = None
     if kernel.has_bias:
-        bias = pack_blocked(f, "b", [], channels_out, width,
-                             lambda ch, o: Load(kernel.inputs[2], (ch,)))
-    rows = _Grid(0, oh, 1, 0, kh, sh, 0)
-    cols = _Grid(0, ow, 1, 0, kw, sw, 0)
+        bias = pack_blocked(f, "b", [], per_group, width,
+                             lambda ch, o: Load(kernel.inputs[2], (
+                                 ch if groups == 1 else add(mul(o[0], const(per_group)), ch),)),
+                             groups)
+    rows = _Grid(0, oh, 1, 0, kh, sh, 0, dh)
+    cols = _Grid(0, ow, 1, 0, kw, sw, 0, dw)
     f.body.append(_correlation(f, "o", src, channels_in, out, rows, cols, packed, bias,
-                               kernel.activation, block))
-    schedule = Schedule(kernel.name, "correlation", block, "output column", ow,
-                        "output channel", channels_out, ("input channel", "kh", "kw"),
+                               kernel.activation, block, groups=groups,
+                               activation_attrs=kernel.activation_attrs))
+    schedule = Schedule(kernel.name, "correlation" + _grouped_words(groups), block,
+                        "output column", ow, "output channel", per_group,
+                        ("input channel", "kh", "kw"),
                         ("weights [fb, c, kh, kw, lanes]", "bias", "input zero-padded"),
-                        efficiency=score, reason=block_reason(block, ow, channels_out))
+                        efficiency=score, reason=block_reason(block, ow, per_group))
     return Lowered(f.finished(), tuple(f.scratch), schedule)
 
 
 def _conv_forward_by_width(kernel: Kernel, f: Function, x: Buffer, weight: Buffer,
                            out: Buffer, block: Block, score: float) -> Lowered:
-    """Stride-1 forward convolution vectorized over output columns, for layers with few
-    output channels: rows are output channels, each weight is a broadcast scalar, and the
-    vectors are consecutive columns of the zero-padded input (padded on the right to whole
-    vectors, so the last block reads zeros, not past the buffer)."""
+    """Forward convolution vectorized over output columns, for layers with few output
+    channels (a group's, in a grouped or depthwise convolution): rows are output channels,
+    each weight is a broadcast scalar, and the vectors are consecutive columns of the
+    zero-padded input (S apart for stride S; padded on the right to whole vectors, so the
+    last block reads zeros, not past the buffer)."""
+    groups = kernel.node.attrs.groups
     channels_out, channels_in, kh, kw = weight.shape
-    (sh, _), (ph, pw) = kernel.window.stride, kernel.window.pad
+    per_group = channels_out // groups
+    window = resolve(kernel.window, x.shape[2], x.shape[3])
+    (sh, sw), (dh, dw) = window.stride, window.dilation
     oh, ow = out.shape[2], out.shape[3]
     width = block.width
     column_blocks = math.ceil(ow / width)
-    src = pad(f, x, ph, pw, max(x.shape[2] + 2 * ph, (oh - 1) * sh + kh),
-               max(x.shape[3] + 2 * pw, column_blocks * width + kw - 1))
+    src = _padded_source(f, x, window, oh, column_blocks * width)
     tile = tile_buffer(f, block)
     first_column = mul(Var("ob"), const(width))
+    group_first = None if groups == 1 else mul(Var("g"), const(per_group))
+    source_channel = Var("c") if groups == 1 else add(mul(Var("g"), const(channels_in)), Var("c"))
 
-    def code_at(first_channel: Expr) -> BlockCode:
+    def code_at(first_in_group: Expr) -> BlockCode:
+        first_channel = first_in_group if group_first is None else \
+            add(group_first, first_in_group)
+
         def init(r: int, v: int) -> Expr:
             if not kernel.has_bias:
                 return ZERO
@@ -184,24 +262,33 @@ def _conv_forward_by_width(kernel: Kernel, f: Function, x: Buffer, weight: Buffe
         def out_index(r: Expr, column: Expr) -> tuple[Expr, ...]:
             return (Var("n"), add(first_channel, r), Var("q"), column)
 
+        def vector(v: int) -> Expr:
+            column = add(first_column, const(v * block.lanes))
+            column = affine(column, sw, _taps(Var("tw"), dw)) if sw > 1 else \
+                add(column, _taps(Var("tw"), dw))
+            return VecLoad(src, (Var("n"), source_channel,
+                                 affine(Var("q"), sh, _taps(Var("th"), dh)), column),
+                           block.lanes, sw)
+
         return BlockCode(
             reduction=(("c", const(channels_in)), ("th", const(kh)), ("tw", const(kw))),
             broadcast=lambda r: Load(weight.name, (add(first_channel, const(r)), Var("c"),
                                                    Var("th"), Var("tw"))),
-            vector=lambda v: VecLoad(src, (Var("n"), Var("c"), affine(Var("q"), sh, Var("th")),
-                                           add(add(first_column, const(v * block.lanes)),
-                                               Var("tw"))), block.lanes),
-            init=init, finish=tile_store(tile, block),
+            vector=vector, init=init, finish=tile_store(tile, block),
             epilogue=tile_scatter(tile, out.name, out_index, first_column, ow, width,
-                                   kernel.activation))
+                                   kernel.activation, kernel.activation_attrs))
 
-    tiles = row_tiles(f, "ch", channels_out, block, code_at)
-    f.body.append(loop_nest(["n", "q", "ob"], [Var(BATCH), oh, column_blocks], tiles))
-    schedule = Schedule(kernel.name, "correlation over output width", block, "output channel",
-                        channels_out, "output column", ow, ("input channel", "kh", "kw"),
+    tiles = row_tiles(f, "ch", per_group, block, code_at)
+    names, extents = ["n", "q", "ob"], [Var(BATCH), oh, column_blocks]
+    if groups > 1:
+        names, extents = ["n", "g", "q", "ob"], [Var(BATCH), groups, oh, column_blocks]
+    f.body.append(loop_nest(names, extents, tiles))
+    schedule = Schedule(kernel.name, "correlation over output width" + _grouped_words(groups),
+                        block, "output channel", per_group, "output column", ow,
+                        ("input channel", "kh", "kw"),
                         ("input zero-padded (right edge to whole vectors)",),
                         efficiency=score,
-                        reason=block_reason(block, channels_out, ow) + "; better than a "
+                        reason=block_reason(block, per_group, ow) + "; better than a "
                         "block over output channels, which fills fewer lanes")
     return Lowered(f.finished(), tuple(f.scratch), schedule)
 
@@ -219,18 +306,25 @@ def _stride_phases(kernel_size: int, stride: int, pad: int, size: int) -> list[t
     return phases
 
 
-def conv_grad_input(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lowered:
+def conv_grad_input(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lowered | None:
+    """None (the plain loops) where an axis is both strided and dilated: its taps do not
+    fall into dense stride phases."""
     dy, weight = view(program, kernel.inputs[0]), view(program, kernel.inputs[1])
     dx = view(program, kernel.outputs[0], is_output=True)
+    groups = kernel.node.attrs.groups
+    window = resolve(kernel.node.attrs.window, dx.shape[2], dx.shape[3])
+    (sh, sw), (dh, dw) = window.stride, window.dilation
+    if (sh > 1 and dh > 1) or (sw > 1 and dw > 1):
+        return None
     f = Function(kernel.name, dx.dtype, [dy, weight, dx], [], [], [])
     filters, channels, kh, kw = weight.shape
-    window = kernel.node.attrs.window
-    (sh, sw), (ph, pw) = window.stride, window.pad
+    per_group = filters // groups
+    ph, pw = window.pad[:2]
     phases_h = _stride_phases(kh, sh, ph, dx.shape[2])
     phases_w = _stride_phases(kw, sw, pw, dx.shape[3])
     # δ row q − t (t = 0..taps−1) must exist in the padded copy for every q of every phase
-    top = max([0] + [taps - 1 - first for _, taps, first, _ in phases_h])
-    left = max([0] + [taps - 1 - first for _, taps, first, _ in phases_w])
+    top = max([0] + [(taps - 1) * dh - first for _, taps, first, _ in phases_h])
+    left = max([0] + [(taps - 1) * dw - first for _, taps, first, _ in phases_w])
     height = top + max([dy.shape[2]] + [first + count for _, _, first, count in phases_h])
     width_ = left + max([dy.shape[3]] + [first + count for _, _, first, count in phases_w])
     widest = max(count for *_, count in phases_w)
@@ -241,21 +335,32 @@ def conv_grad_input(kernel: Kernel, program: KernelProgram, machine: Machine) ->
         for b, taps_w, first_w, count_w in phases_w:
             covered.add((a, b))
             packed = pack_blocked(
-                f, f"w{a}_{b}", [("pf", filters), ("ph", max(taps_h, 1)), ("pw", max(taps_w, 1))],
+                f, f"w{a}_{b}", [("pf", per_group), ("ph", max(taps_h, 1)),
+                                 ("pw", max(taps_w, 1))],
                 channels, block.width,
                 lambda ch, o, a=a, b=b, th=taps_h, tw=taps_w: ZERO if not (th and tw) else Load(
-                    weight.name, (o[0], ch, _flipped_tap(o[1], a, sh, th),
-                                  _flipped_tap(o[2], b, sw, tw))))
-            rows = _Grid(first_h, count_h, sh, a - ph, taps_h, 1, top - (taps_h - 1))
-            cols = _Grid(first_w, count_w, sw, b - pw, taps_w, 1, left - (taps_w - 1))
-            f.body.append(_correlation(f, f"p{a}_{b}", src, filters, dx, rows, cols, packed,
-                                       None, None, block, (top, top + dy.shape[2])))
-    schedule = Schedule(kernel.name, f"correlation of δ, {len(covered)} stride phase(s)",
+                    weight.name, (_filter(o, groups, per_group), ch,
+                                  _flipped_tap(o[-2], a, sh, th),
+                                  _flipped_tap(o[-1], b, sw, tw))),
+                groups)
+            rows = _Grid(first_h, count_h, sh, a - ph, taps_h, 1, top - (taps_h - 1) * dh, dh)
+            cols = _Grid(first_w, count_w, sw, b - pw, taps_w, 1, left - (taps_w - 1) * dw, dw)
+            f.body.append(_correlation(f, f"p{a}_{b}", src, per_group, dx, rows, cols, packed,
+                                       None, None, block, (top, top + dy.shape[2]), groups))
+    schedule = Schedule(kernel.name, f"correlation of δ, {len(covered)} stride phase(s)"
+                        + _grouped_words(groups),
                         block, "input column", widest, "input channel", channels,
                         ("output channel", "kh", "kw"),
                         ("weights flipped per phase [cb, f, kh, kw, lanes]", "δ zero-padded"),
                         efficiency=score, reason=block_reason(block, widest, channels))
     return Lowered(f.finished(), tuple(f.scratch), schedule)
+
+
+def _filter(outer: list[Expr], groups: int, per_group: int) -> Expr:
+    """The filter of a packed grad-input weight: pf, or g·(F/G) + pf with groups."""
+    if groups == 1:
+        return outer[0]
+    return add(mul(outer[0], const(per_group)), outer[1])
 
 
 def _flipped_tap(index: Expr, phase: int, stride: int, taps: int) -> Expr:

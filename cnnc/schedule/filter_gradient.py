@@ -1,6 +1,8 @@
 """The filter-gradient pattern: dw[f, c, kh, kw] = Σ_{n,oh,ow} δ[n, f, oh, ow] ·
-x[n, c, oh·S + kh, ...], vectorized over f with δ transposed to [n, oh, ow, f] and the taps
-as register rows, over δ rows in tiles that fit half of L2."""
+x[n, c, oh·S + kh·D, ...], vectorized over f with δ transposed to [n, oh, ow, f] and the
+taps as register rows, over δ rows in tiles that fit half of L2. A grouped convolution's
+filter blocks each stay within one group (δ's filters padded to whole vectors per group),
+and read the input channels of that group."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from cnnc.loops.ir import (
     VecStore,
 )
 from cnnc.ops.lowering import view
+from cnnc.ops.window import extent, resolve
 from cnnc.schedule.blocks import (
     ZERO,
     BlockCode,
@@ -39,27 +42,33 @@ def conv_grad_weight(kernel: Kernel, program: KernelProgram, machine: Machine) -
     x, dy = view(program, kernel.inputs[0]), view(program, kernel.inputs[1])
     dw = view(program, kernel.outputs[0], is_output=True)
     f = Function(kernel.name, dw.dtype, [x, dy, dw], [], [], [])
+    groups = kernel.node.attrs.groups
     filters, channels, kh, kw = dw.shape
-    window = kernel.node.attrs.window
-    (sh, sw), (ph, pw) = window.stride, window.pad
+    per_group = filters // groups
+    window = resolve(kernel.node.attrs.window, x.shape[2], x.shape[3])
+    (sh, sw), (dh, dil_w) = window.stride, window.dilation
+    top, left, bottom, right = window.pad
+    span_h, span_w = extent(kh, dh), extent(kw, dil_w)
     oh, ow = dy.shape[2], dy.shape[3]
     taps = kh * kw
-    block, score = choose_block(machine, dw.dtype, taps, filters)
+    block, score = choose_block(machine, dw.dtype, taps, per_group)
     width = block.width
-    blocks = math.ceil(filters / width)
+    blocks = math.ceil(per_group / width)
     itemsize = 8 if dw.dtype is DType.F64 else 4
-    src_w = max(x.shape[3] + 2 * pw, (ow - 1) * sw + kw)
-    tile = filter_tile_rows(machine, itemsize, ow, width, channels, src_w, sh, kh)
-    src = pad(f, x, ph, pw, max(x.shape[2] + 2 * ph, (oh - 1) * sh + kh), src_w)
-    delta = _transpose_delta(f, dy, blocks * width)
-    acc = f.add_scratch("acc", (blocks, channels, taps, width))
-    f.body.append(loop_nest(["zb", "zc", "zt", "zl"], [blocks, channels, taps, width],
+    src_w = max(x.shape[3] + left + right, (ow - 1) * sw + span_w)
+    tile = filter_tile_rows(machine, itemsize, ow, width, channels, src_w, sh, span_h)
+    src = pad(f, x, top, left, max(x.shape[2] + top + bottom, (oh - 1) * sh + span_h), src_w)
+    delta = _transpose_delta(f, dy, blocks * width, groups)
+    acc = f.add_scratch("acc", (groups * blocks, channels, taps, width))
+    f.body.append(loop_nest(["zb", "zc", "zt", "zl"], [groups * blocks, channels, taps, width],
                             (Store(acc, (Var("zb"), Var("zc"), Var("zt"), Var("zl")), ZERO),)))
     tiles = math.ceil(oh / tile)
     remaining = Binary(BinOp.SUB, const(oh), mul(Var("ot"), const(tile)))
     rows_here = const(tile) if oh % tile == 0 else \
         smaller(remaining, const(tile))
     out_row = add(mul(Var("ot"), const(tile)), Var("i"))
+    channel = Var("c") if groups == 1 else \
+        add(mul(Binary(BinOp.FLOOR_DIV, Var("fb"), const(blocks)), const(channels)), Var("c"))
 
     def code_at(first_tap: Expr) -> BlockCode:
         def tap(r: int) -> tuple[Expr, Expr]:
@@ -68,8 +77,8 @@ def conv_grad_weight(kernel: Kernel, program: KernelProgram, machine: Machine) -
 
         def broadcast(r: int) -> Expr:
             tap_h, tap_w = tap(r)
-            return Load(src, (Var("n"), Var("c"), affine(out_row, sh, tap_h),
-                              affine(Var("j"), sw, tap_w)))
+            return Load(src, (Var("n"), channel, affine(out_row, sh, _dilated(tap_h, dh)),
+                              affine(Var("j"), sw, _dilated(tap_w, dil_w))))
 
         def where(r: int, v: int) -> tuple[Expr, ...]:
             return (Var("fb"), Var("c"), add(first_tap, const(r)), const(v * block.lanes))
@@ -83,25 +92,46 @@ def conv_grad_weight(kernel: Kernel, program: KernelProgram, machine: Machine) -
             finish=lambda r, v, value: (VecStore(acc, where(r, v), value),))
 
     body = row_tiles(f, "t", taps, block, code_at)
-    f.body.append(loop_nest(["n", "ot", "fb", "c"], [Var(BATCH), tiles, blocks, channels], body))
-    unpack = Load(acc, (Binary(BinOp.FLOOR_DIV, Var("uf"), const(width)), Var("uc"),
-                        add(mul(Var("uh"), const(kw)), Var("uw")),
-                        Binary(BinOp.MOD, Var("uf"), const(width))))
+    f.body.append(loop_nest(["n", "ot", "fb", "c"],
+                            [Var(BATCH), tiles, groups * blocks, channels], body))
+    unpack = Load(acc, _block_and_lane(Var("uf"), per_group, blocks, width, groups, Var("uc"),
+                                        add(mul(Var("uh"), const(kw)), Var("uw"))))
     f.body.append(loop_nest(["uf", "uc", "uh", "uw"], [filters, channels, kh, kw],
                             (Store(dw.name, (Var("uf"), Var("uc"), Var("uh"), Var("uw")),
                                    unpack),)))
-    schedule = Schedule(kernel.name, "filter gradient", block, "kernel tap", taps,
-                        "output channel", filters, ("output row in tile", "output column"),
+    schedule = Schedule(kernel.name, "filter gradient" + (f", {groups} groups" if groups > 1
+                                                          else ""),
+                        block, "kernel tap", taps,
+                        "output channel", per_group, ("output row in tile", "output column"),
                         ("δ as [n, oh, ow, f]", "input zero-padded",
                          "accumulators [fb, c, tap, lanes]"),
                         tile_rows=tile, efficiency=score,
-                        reason=block_reason(block, taps, filters))
+                        reason=block_reason(block, taps, per_group))
     return Lowered(f.finished(), tuple(f.scratch), schedule)
 
 
-def _transpose_delta(f: Function, dy: Buffer, padded_channels: int) -> str:
-    """δ[n, f, oh, ow] as [n, oh, ow, f], f padded with zeros to whole vectors."""
+def _dilated(tap: Expr, dilation: int) -> Expr:
+    return tap if dilation == 1 else mul(tap, const(dilation))
+
+
+def _block_and_lane(filter_: Expr, per_group: int, blocks: int, width: int, groups: int,
+                    channel: Expr, tap: Expr) -> tuple[Expr, ...]:
+    """Where filter `filter_`'s accumulator is: [block, channel, tap, lane]."""
+    if groups == 1:
+        return (Binary(BinOp.FLOOR_DIV, filter_, const(width)), channel, tap,
+                Binary(BinOp.MOD, filter_, const(width)))
+    group = Binary(BinOp.FLOOR_DIV, filter_, const(per_group))
+    local = Binary(BinOp.MOD, filter_, const(per_group))
+    block = add(mul(group, const(blocks)), Binary(BinOp.FLOOR_DIV, local, const(width)))
+    return (block, channel, tap, Binary(BinOp.MOD, local, const(width)))
+
+
+def _transpose_delta(f: Function, dy: Buffer, padded_channels: int, groups: int = 1) -> str:
+    """δ[n, f, oh, ow] as [n, oh, ow, f], f padded with zeros to whole vectors (each
+    group's filters to `padded_channels`, one group after the other)."""
     _, filters, oh, ow = dy.shape
+    if groups > 1:
+        return _transpose_grouped_delta(f, dy, padded_channels, groups)
     name = f.add_scratch("delta", (BATCH, oh, ow, padded_channels))
     copy = Store(name, (Var("tn"), Var("th"), Var("tw"), Var("tf")),
                  Load(dy.name, (Var("tn"), Var("tf"), Var("th"), Var("tw"))))
@@ -111,4 +141,23 @@ def _transpose_delta(f: Function, dy: Buffer, padded_channels: int) -> str:
                      ZERO)
         f.body.append(loop_nest(["tn", "th", "tw", "tz"],
                                 [Var(BATCH), oh, ow, padded_channels - filters], (zero,)))
+    return name
+
+
+def _transpose_grouped_delta(f: Function, dy: Buffer, padded: int, groups: int) -> str:
+    _, filters, oh, ow = dy.shape
+    per_group = filters // groups
+    name = f.add_scratch("delta", (BATCH, oh, ow, groups * padded))
+    if padded > per_group:
+        # all of it zeroed first, one contiguous run: LLVM's -O3 takes minutes over a nest
+        # that zeroes only the lanes past each group's filters
+        zero = Store(name, (Var("tn"), Var("th"), Var("tw"), Var("tz")), ZERO)
+        f.body.append(loop_nest(["tn", "th", "tw", "tz"],
+                                [Var(BATCH), oh, ow, groups * padded], (zero,)))
+    lane = add(mul(Var("tg"), const(padded)), Var("tf"))
+    copy = Store(name, (Var("tn"), Var("th"), Var("tw"), lane),
+                 Load(dy.name, (Var("tn"), add(mul(Var("tg"), const(per_group)), Var("tf")),
+                                Var("th"), Var("tw"))))
+    f.body.append(loop_nest(["tn", "tg", "tf", "th", "tw"],
+                            [Var(BATCH), groups, per_group, oh, ow], (copy,)))
     return name

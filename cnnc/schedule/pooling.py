@@ -24,6 +24,7 @@ from cnnc.loops.ir import (
     VecStore,
 )
 from cnnc.ops.lowering import view
+from cnnc.ops.window import resolve
 from cnnc.schedule.blocks import affine
 from cnnc.schedule.cost import Machine
 
@@ -31,18 +32,19 @@ from cnnc.schedule.cost import Machine
 def maxpool_by_columns(kernel: Kernel, program: KernelProgram,
                         machine: Machine) -> LoopFunction | None:
     """Max pooling vectorized over output columns, with strided vector loads; None where the
-    window is padded (lanes would need bounds tests) or the output has one column.
+    window is padded (lanes would need bounds tests; a ceil-mode window that hangs over the
+    edge is padded too) or the output has one column.
 
     The first tap is always taken, a later one where it is larger or NaN, as in the plain
     loops. A last block that would run past the row starts earlier instead and recomputes a
     few columns: every column gets the same value either way, and no scalar tail is needed.
     """
-    window = kernel.window
     x = view(program, kernel.inputs[0])
+    window = resolve(kernel.window, x.shape[2], x.shape[3])
     out, argmax = (view(program, name, is_output=True) for name in kernel.outputs)
     _, channels, rows, columns = out.shape
     lanes = min(machine.lanes(out.dtype), 1 << (columns.bit_length() - 1))
-    if any(window.pad) or lanes < 2:
+    if any(window.pad) or window.dilation != (1, 1) or lanes < 2:
         return None
     (kh, kw), (sh, sw) = window.kernel, window.stride
     best, value, index = "pool_best", "pool_value", "pool_index"

@@ -50,6 +50,7 @@ class _Product:
     out: str
     bias: str | None = None
     activation: str | None = None
+    activation_attrs: object = None
     b_runs_along_k: bool = False  # b's source is contiguous along k (else along j)
 
 
@@ -92,7 +93,7 @@ def _matrix_product(f: Function, p: _Product, block: Block) -> None:
             finish=tile_store(tile, block),
             epilogue=tile_scatter(tile, p.out, lambda r, j: (add(first_row, r), j),
                                    mul(Var("jb"), const(width)), p.columns, width,
-                                   p.activation),
+                                   p.activation, p.activation_attrs),
             init=init)
 
     f.body.append(For("jb", const(blocks), row_tiles(f, "m", p.rows, block, code_at)))
@@ -123,7 +124,7 @@ def dense_forward(kernel: Kernel, program: KernelProgram, machine: Machine) -> L
     p = _Product(None, units, features, lambda m, k: Load(x.name, (m, k)),
                  lambda k, j: Load(weight.name, (j, k)), out.name,
                  kernel.inputs[2] if kernel.has_bias else None, kernel.activation,
-                 b_runs_along_k=True)
+                 kernel.activation_attrs, b_runs_along_k=True)
     return _lowered_product(kernel, f, p, machine, ("sample", "unit", "input feature"))
 
 

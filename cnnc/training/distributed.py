@@ -8,7 +8,8 @@ Every rank runs the same training loop (`training.loop.train`) with an `MpiTeam`
   begins identical.
 - Every epoch's permutation is the same on every rank (same seed). A step takes the next
   P × batch samples of it, and rank r computes the gradients of its r-th share with the
-  compiled code. `--batch` is per rank; the learning rate is used as given.
+  compiled code. `--batch` is per rank; the learning rate is used as given, and the loop
+  computes each step's by the train line's schedule, the same on every rank.
 - The gradients, each weighted by its share's sample count, go into one flat contiguous
   buffer with the loss and the count: one MPI Allreduce (a sum) a step. Dividing by the
   global count gives the mean gradient of the whole P × batch samples, exactly what one
@@ -213,8 +214,10 @@ class MpiTeam:
     @staticmethod
     def _start_arrays(module: Module) -> dict[str, np.ndarray]:
         """Parameters and optimizer state, by `param/` and `state/` names, in a fixed order."""
-        state = {k: v for k, v in module.optimizer_state().items() if k != "optimizer.step"}
-        return {**{f"param/{k}": v for k, v in module.params.items()},
+        # the floating-point arrays only: the counts travel in the start message
+        state = {k: v for k, v in module.optimizer_state().items() if v.dtype.kind == "f"}
+        buffers = {k: v for k, v in module.buffers.items() if v.dtype.kind == "f"}
+        return {**{f"param/{k}": v for k, v in {**module.params, **buffers}.items()},
                 **{f"state/{k}": v for k, v in state.items()}}
 
     def step(self, module: Module, x: np.ndarray, y: np.ndarray, lr: float | None) -> float:

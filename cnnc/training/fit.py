@@ -28,7 +28,8 @@ def fit(module: Module, x: Any, y: Any, *, epochs: int | None = None,
         verbose: bool = False) -> TrainResult:
     """Train `module` on samples `x` with labels or targets `y`.
 
-    epochs, batch, seed, max_iter: the train line's unless given. validation=(xv, yv)
+    epochs, batch, seed, max_iter: the train line's unless given; lr: the base rate of the
+    train line's schedule (training.schedule), its `lr` unless given. validation=(xv, yv)
     evaluates every epoch on those samples; val_split=F holds out a seeded fraction F of
     (x, y) instead, as `cnnc train --val-split` does; with neither, no epoch is evaluated.
     checkpoint / resume / save_best / log: files, as the `cnnc train` flags of those names.

@@ -26,6 +26,7 @@ from cnnc.diagnostics import CnncError
 from cnnc.support.npzfile import read_npz
 from cnnc.training.data import CnncDataError, Dataset
 from cnnc.training.progress import Progress
+from cnnc.training.schedule import learning_rate, varies
 
 if TYPE_CHECKING:  # the runtime imports training lazily, for Module.fit
     from cnnc.runtime.module import Module
@@ -39,7 +40,7 @@ class CnncTrainingError(CnncError):
 class TrainOptions:
     epochs: int = 1
     batch: int = 64
-    lr: float | None = None  # None: the train line's
+    lr: float | None = None  # the base rate of the schedule; None: the train line's
     seed: int = 0
     max_iter: int | None = None
     tol: float = 0.0
@@ -60,7 +61,7 @@ class EpochResult:
     accuracy: float | None  # on the held-out data (cross-entropy networks)
     held_out_loss: float | None  # None: no held-out data
     time: float = 0.0  # seconds the epoch took, its training and evaluation
-    lr: float | None = None
+    lr: float | None = None  # the rate of the epoch's last step (the schedule's)
 
 
 @dataclass
@@ -185,10 +186,9 @@ def _run_epoch(module: Module, data: tuple[Dataset, Dataset | None], rng: np.ran
     train_data, held_out = data
     started = time.perf_counter()
     order = rng.permutation(len(train_data))
-    epoch_loss = _epoch(module, train_data, order, epoch, options, result, team)
+    epoch_loss, rate = _epoch(module, train_data, order, epoch, options, result, team)
     team.check_identical(module)  # ranks that drifted apart stop within an epoch
     held_loss, accuracy = (None, None) if held_out is None else team.evaluate(module, held_out)
-    rate = options.lr if options.lr is not None else module.optimizer.get("lr")
     entry = EpochResult(epoch, epoch_loss, accuracy, held_loss,
                         time.perf_counter() - started, rate)
     result.history.append(entry)
@@ -213,6 +213,7 @@ def _after_epoch(module: Module, rng: np.random.Generator, entry: EpochResult,
     """Rank 0's part: the epoch line, the checkpoint and the best weights so far."""
     shown = "" if entry.held_out_loss is None else f", held-out loss {entry.held_out_loss:.4f}"
     shown += f", accuracy {entry.accuracy:.2%}" if entry.accuracy is not None else ""
+    shown += f", lr {entry.lr:.4g}" if varies(module.optimizer) else ""
     report(f"epoch {entry.epoch}/{options.epochs}: training loss {entry.loss:.4f}{shown} "
            f"({entry.time:.1f} s)")
     if options.checkpoint is not None:
@@ -293,18 +294,25 @@ def _start(module: Module, rng: np.random.Generator, options: TrainOptions, team
 
 
 def _epoch(module: Module, data: Dataset, order: np.ndarray, epoch: int,
-           options: TrainOptions, result: TrainResult, team: Any) -> float:
+           options: TrainOptions, result: TrainResult, team: Any) -> tuple[float, float]:
+    """The epoch's mean training loss, and the learning rate of its last step."""
     total, seen = 0.0, 0
     step_size = options.batch * team.size
+    per_epoch = -(-len(order) // step_size)
     shown = options.progress and team.is_root
     progress = Progress(epoch, options.epochs, len(order), every=options.progress_every) \
         if shown else None
-    for start in range(0, len(order), step_size):
+    settings, rate = module.optimizer, 0.0
+    for position, start in enumerate(range(0, len(order), step_size)):
         indices = order[start:start + step_size]
         mine = team.shard(indices)
         x, y = data.x[mine], data.y[mine]
-        before = module.params  # a copy: the last good parameters
-        loss = team.step(module, x, y, options.lr)
+        before = {**module.params, **module.buffers}  # copies: the last good ones
+        # by the place in the run, not result.steps: a run resumed with another batch size
+        # goes on where the schedule is for its epoch
+        rate = learning_rate(settings, (epoch - 1) * per_epoch + position, per_epoch,
+                             options.epochs, lr=options.lr, max_iter=options.max_iter)
+        loss = team.step(module, x, y, rate)
         after = module.params
         if not np.isfinite(loss) or not _all_finite(after):
             module.set_params(before)  # diagnose (and leave the module) as it was
@@ -322,7 +330,7 @@ def _epoch(module: Module, data: Dataset, order: np.ndarray, epoch: int,
             break
     if progress is not None:
         progress.close()
-    return total / max(seen, 1)
+    return total / max(seen, 1), rate
 
 
 def _all_finite(params: dict[str, np.ndarray]) -> bool:
@@ -369,7 +377,8 @@ def save_checkpoint(module: Module, rng: np.random.Generator, epoch: int,
             "global_batch": global_batch,
             "rng": rng.bit_generator.state,
             "history": [vars(e) for e in result.history]}
-    arrays = {f"param/{k}": v for k, v in module.params.items()}
+    # the parameters and the buffers saved with them (batch norm's running statistics)
+    arrays = {f"param/{k}": v for k, v in {**module.params, **module.buffers}.items()}
     arrays |= {f"state/{k}": v for k, v in module.optimizer_state().items()}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     write_atomically(Path(path), params_to_bytes(arrays))

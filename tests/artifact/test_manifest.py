@@ -110,14 +110,20 @@ def test_a_malformed_layer_row_is_refused_by_the_runtime():
 def test_the_file_formats_limits_are_the_languages():
     assert checks.MAX_SIZE == opts.MAX_SIZE
     assert checks.MAX_NAME == MAX_NAME
-    assert tuple(registry.losses()) == checks.LOSS_KINDS
+    loss_ops = tuple(op for loss in registry.losses().values()
+                     for op in (loss.op, loss.logits_op) if op)
+    assert loss_ops == checks.LOSS_KINDS
     assert tuple(role.value for role in Role) == checks.ROLES
     assert tuple(dtype.value for dtype in DType) == checks.STORAGE_DTYPES
     expected = {opts.positive_number: "a finite number above 0",
                 opts.fraction: "a number from 0 up to (not including) 1",
                 opts.positive_int: "a whole number from 1 to 2**31 - 1",
                 opts.non_negative_number: "a finite number of at least 0",
-                opts.seed: "a whole number from 0 to 2**63 - 1"}
+                opts.seed: "a whole number from 0 to 2**63 - 1",
+                opts.boolean: "true or false",
+                opts.schedule_name: "constant, step or cosine",
+                opts.non_negative_int: "a whole number from 0 to 2**31 - 1"}
+    assert checks.SCHEDULES == opts.SCHEDULES
     tables = {name: opts.train_options(optimizer.options)
               for name, optimizer in registry.optimizers().items()}
     assert list(checks.OPTIMIZER_SETTINGS) == list(tables)

@@ -27,8 +27,8 @@ def test_each_error_example_gives_its_expected_message(capsys, monkeypatch, path
 def test_there_is_an_error_example_for_every_error_kind():
     kinds = {p.stem for p in ERROR_EXAMPLES}
     assert {"kernel_too_large", "size_below_one", "softmax_not_last",
-            "cross_entropy_without_softmax", "mse_shape_mismatch", "pad_same_stride",
-            "pad_same_even_kernel", "zero_count", "negative_count", "duplicate_name",
+            "cross_entropy_without_softmax", "mse_shape_mismatch", "groups_filters",
+            "groups_channels", "zero_count", "negative_count", "duplicate_name",
             "missing_input", "missing_network", "layer_after_loss", "unknown_option",
             "unknown_activation", "train_option_type", "many_errors"} <= kinds
 

@@ -53,8 +53,9 @@ def test_train_defaults_are_filled_and_given_values_kept():
                                "train adam lr=0.01 batch=8"))
     assert graph.train.optimizer == "adam"
     assert dict(graph.train.settings) == {
-        "lr": 0.01, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "batch": 8, "epochs": 1,
-        "max_iter": None, "tol": 0.0, "seed": 0}
+        "lr": 0.01, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
+        "batch": 8, "epochs": 1, "max_iter": None, "tol": 0.0, "seed": 0,
+        "schedule": "constant", "step_size": 30, "gamma": 0.1, "warmup": 0}
 
 
 def test_loss_labels_are_integers_and_mse_targets_float():
@@ -81,8 +82,9 @@ def test_loss_labels_are_integers_and_mse_targets_float():
                                  "got 0x3")]),
     (["conv c: 99999999999 3x3"],
      [(3, 9, "conv c: the filter count must be at most 2147483647, got 99999999999")]),
-    (["maxpool 2x2 pad=same"],
-     [(3, 13, "maxpool1: pad=same is for conv layers; give a pooling layer pad=P")]),
+    (["maxpool 2x2 pad=same2"],
+     [(3, 17, "maxpool1: pad expects a padding like 1, 1x0, 0x0x1x1 (top, left, bottom, "
+              "right), same or valid, got 'same2'")]),
     (["maxpool 3x3 pad=2"],
      [(3, 13, "maxpool1: pad=2x2 is more than half the window 3x3; at most 1x1")]),
     (["conv c: 2 3x3 -> relu", "tanh"],

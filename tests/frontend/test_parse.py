@@ -67,7 +67,8 @@ def test_comments_blank_lines_crlf_tabs_and_missing_final_newline():
     ("conv 6", 7, "expected a kernel size like 5x5, got the end of the line"),
     ("dense f1: relu", 11, 'expected a unit count like 120, got "relu"'),
     ("maxpool 2", 9, 'expected a layer name or a window size like 2x2, got "2"'),
-    ("dense 10 ->", 12, "expected an activation (relu, sigmoid, tanh, softmax or none), "
+    ("dense 10 ->", 12, "expected an activation (relu, sigmoid, tanh, relu6, leaky_relu, "
+                        "silu, gelu, hardswish, hardsigmoid, softmax or none), "
                         "got the end of the line"),
     ("loss", 5, "expected a loss (cross_entropy or mse), got the end of the line"),
     ("train sgd lr=", 14, "expected a value, got the end of the line"),
@@ -75,7 +76,8 @@ def test_comments_blank_lines_crlf_tabs_and_missing_final_newline():
     ("maxpol 2x2", 1, "unknown statement 'maxpol'; did you mean 'maxpool'?"),
     ("conv 6 3x3 @", 12, "unexpected character '@'; names use letters, digits and _"),
     ("= 3", 1, "expected a statement (network, input, conv, maxpool, avgpool, dense, "
-               "flatten, loss, train or an activation), got \"=\""),
+               "flatten, add, concat, mul, batchnorm, dropout, globalavgpool, globalmaxpool, "
+               "upsample, block, end, use, loss, train or an activation), got \"=\""),
 ])
 def test_syntax_error_messages_in_words(line, col, message):
     assert syntax_errors(f"network n\n{line}\n") == [(2, col, message)]

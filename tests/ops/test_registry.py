@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gradcheck import check_graph_gradients
-from numerics import assert_close, random_params
+from numerics import assert_close, random_params, training_noise
 
 import cnnc
 from cnnc.diagnostics import Source, Span
@@ -81,8 +81,13 @@ def test_compiled_kernels_match_the_reference(op, schedule):
         y = rng.integers(0, out_shape[0], 4)
     else:
         y = rng.standard_normal((4, *out_shape))
-    expected = reference.run(graph, x, params, y)
-    assert_close(module.forward(x), expected[graph.output], np.float64, "output")
+    inference = reference.run(graph, x, params, y)
+    assert_close(module.forward(x), inference[graph.output], np.float64, "output")
+    assert_close(np.asarray(module.loss(x, y)), inference[graph.loss], np.float64, "loss")
+    expected = reference.run(graph, x, {**params, **training_noise(module, 4)}, y,
+                             mode=reference.TRAINING)
+    assert_close(module.forward(x, training=True), expected[graph.output], np.float64,
+                 "training output")
     gradients, loss = module.gradients_and_loss(x, y)
     assert_close(np.asarray(loss), expected[graph.loss], np.float64, "loss")
     for name, gradient in graph.gradients:

@@ -42,7 +42,7 @@ def test_same_padding_keeps_height_and_width_for_odd_kernels():
                                "conv c: 4 7x7 pad=same"))
     for name in "abc":
         assert sample_shape(graph, name) == (4, 11, 8)
-    assert graph.producer("b.conv").attrs.window.pad == (2, 0)
+    assert graph.producer("b.conv").attrs.window.pad == (2, 0, 2, 0)
 
 
 def test_rectangular_kernels_strides_and_pads():

@@ -87,11 +87,12 @@ def generate(kernels: list[tuple[str, tuple[LoopFunction, ...]]], dtype: DType) 
     float_type = "float64" if dtype is DType.F64 else "float32"
     parts = [HEADER.format(float_type=float_type)]
     launches: dict[str, tuple[Launch, ...]] = {}
+    taken: set[str] = set()
     for name, functions in kernels:
         made = []
         for function in functions:
             for nest in _launch_groups(function):
-                kernel = f"{_identifier(name)}_{len(made)}"
+                kernel = _unique(f"{_identifier(name)}_{len(made)}", taken)
                 text, threads, reduce = _kernel_source(kernel, function, nest)
                 parts.append(text)
                 made.append(Launch(kernel, tuple(b.name for b in function.buffers), threads,
@@ -290,7 +291,7 @@ def _owns_axis(var: str, indices: list[tuple[Expr, ...]]) -> bool:
 
 
 _UNARY = {UnaryOp.EXP: "math.exp", UnaryOp.LOG: "math.log", UnaryOp.SQRT: "math.sqrt",
-          UnaryOp.TANH: "math.tanh"}
+          UnaryOp.TANH: "math.tanh", UnaryOp.ERF: "math.erf"}
 
 
 class _Emitter:
@@ -379,6 +380,16 @@ def _constant(const: Const) -> str:
 
 def _identifier(name: str) -> str:
     return re.sub(r"\W", "_", name)
+
+
+def _unique(identifier: str, taken: set[str]) -> str:
+    """Layers `a.b` and `a_b` make one identifier: the second gets a suffix."""
+    unique, count = identifier, 1
+    while unique in taken:
+        count += 1
+        unique = f"{identifier}_v{count}"
+    taken.add(unique)
+    return unique
 
 
 __all__ = ["CudaCode", "generate"]

@@ -492,8 +492,8 @@ class _Emitter:
             return self.builder.call(intrinsic, [value])
         if op is UnaryOp.FLOAT:
             return self.builder.sitofp(value, self.float_type)
-        if op is UnaryOp.TANH:
-            return self.builder.call(self._libm("tanh", value.type), [value])
+        if op in _LIBM:
+            return self.builder.call(self._libm(op.value, value.type), [value])
         raise AssertionError(f"no LLVM lowering of {op.value}")
 
     def _libm(self, name: str, kind: ir.Type) -> ir.Function:
@@ -520,6 +520,8 @@ class _Emitter:
 _ADDITIVE = (BinOp.ADD, BinOp.SUB)
 # unary operators that are an LLVM intrinsic of the same name
 _INTRINSICS = (UnaryOp.EXP, UnaryOp.LOG, UnaryOp.SQRT)
+# unary operators that are the C library's function of the same name (LLVM has no intrinsic)
+_LIBM = (UnaryOp.TANH, UnaryOp.ERF)
 
 
 def _product(left: Expr, right: Expr) -> tuple[Binary, bool] | None:
