@@ -2,10 +2,13 @@
 
     python benchmarks/bench.py [--repeats 7] [--json results.json] [--only W1,W3] [--threads 2]
 
-Workloads W1-W4 (see issue 5 in the project's tracker and README "Performance"). Every
-system's result is checked against cnnc's numpy reference before it is timed; timings are
-medians of interleaved repeats (each repeat runs every system once, in turn). Peers that are
-not installed are left out of the table. Not a test: nothing here asserts a speed.
+Workloads W1-W4 (see issue 5 in the project's tracker and README "Performance"), and the
+graph networks W5 (ResNet-20) and W6 (MobileNetV2) of issue 15 (docs/performance.md). cnnc's
+result is checked against its numpy reference, and every peer's against cnnc's, before
+anything is timed (for a training step, one step's loss and changes too, where the network
+has no dropout: torch_model.py); timings are medians of interleaved repeats (each repeat
+runs every system once, in turn). Peers that are not installed are left out of the table.
+Not a test: nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +55,9 @@ WORKLOADS = [  # (id, program, batch, mode)
     ("W3", CONV_W3, 8, "fwd+bwd"),
     ("W4", CONV_W4, 16, "forward"),
     ("W4", CONV_W4, 16, "fwd+bwd"),
+    ("W5", ROOT / "examples/resnet20.cnn", 64, "forward"),
+    ("W5", ROOT / "examples/resnet20.cnn", 64, "train step"),
+    ("W6", ROOT / "examples/mobilenet_v2.cnn", 16, "forward"),
 ]
 
 
@@ -93,7 +100,7 @@ def flops(graph, batch: int, mode: str) -> float:
 def data_for(module: cnnc.Module, batch: int):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, *module.input_shape)).astype(np.float32)
-    if module.manifest["loss"]["kind"] == "cross_entropy":
+    if module.takes_labels:
         return x, rng.integers(0, module.output_shape[0], batch)
     return x, rng.standard_normal((batch, *module.output_shape)).astype(np.float32)
 
@@ -115,7 +122,7 @@ def torch_peers(graph, module: cnnc.Module, mode: str, x, y, compiled: bool) -> 
     from torch_model import build, step_function
 
     torch.set_num_threads(module.threads)
-    model = build(graph, module.params)
+    model = build(graph, module.params | module.buffers)
     peers = {"PyTorch eager": step_function(model, graph, mode, x, y, module)}
     if compiled:
         peers["torch.compile"] = step_function(torch.compile(model), graph, mode, x, y, module)
@@ -128,13 +135,45 @@ def torch_peers(graph, module: cnnc.Module, mode: str, x, y, compiled: bool) -> 
     return peers
 
 
-def run_workload(workload, repeats: int, threads: int, compiled: bool) -> list[dict]:
+def fresh_module(program, threads: int, folder: Path) -> cnnc.Module:
+    """The program's module, as compiled: the first time compiled and saved to `folder`,
+    later loaded from there (ResNet-20 and MobileNetV2 take a minute to compile)."""
+    key = str(program) if isinstance(program, Path) else f"inline-{abs(hash(program))}"
+    path = folder / f"{Path(key).stem}-{threads}.cnnm"
+    if not path.exists():
+        cnnc.compile(program, threads=threads).save(path)
+    return cnnc.load(path, threads=threads)
+
+
+def set_statistics(module: cnnc.Module, graph) -> None:
+    """Batch norm's scale, shift and running statistics set away from 1 and 0, so that the
+    checks below see them used (folded into the convolution at inference); no change to a
+    network without batch norm. Timings do not depend on the values."""
+    rng = np.random.default_rng(1)
+    values = {}
+    for node in graph.nodes:
+        if node.op != "batchnorm":
+            continue
+        weight, bias, mean, var = node.inputs[1:5]
+        size = graph.tensor(weight).shape[0]
+        values[weight] = rng.uniform(0.5, 1.5, size).astype(np.float32)
+        values[bias] = (0.1 * rng.standard_normal(size)).astype(np.float32)
+        values[mean] = (0.1 * rng.standard_normal(size)).astype(np.float32)
+        values[var] = rng.uniform(0.5, 1.5, size).astype(np.float32)
+    if values:
+        module.set_params(values)
+
+
+def run_workload(workload, repeats: int, threads: int, compiled: bool,
+                 folder: Path) -> list[dict]:
     name, program, batch, mode = workload
-    module = cnnc.compile(program, threads=threads)
+    module = fresh_module(program, threads, folder)
     graph = cnnc.check(program)
+    set_statistics(module, graph)
     x, y = data_for(module, batch)
-    expected = reference.forward(graph, x, module.params)
-    np.testing.assert_allclose(module(x), expected, rtol=1e-4, atol=1e-5)
+    expected = reference.forward(graph, x, module.params | module.buffers)
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(module(x), expected, rtol=1e-4, atol=1e-5 * scale)
     systems = {"cnnc": cnnc_call(module, mode, x, y)}
     systems |= torch_peers(graph, module, mode, x, y, compiled)
     for call in systems.values():
@@ -152,8 +191,6 @@ def run_workload(workload, repeats: int, threads: int, compiled: bool) -> list[d
 def compile_and_load_seconds(repeats: int) -> tuple[float, float]:
     """Median wall time of compiling LeNet-5 forward + backward at -O3 (front end included),
     and of loading the saved module file."""
-    import tempfile
-
     program = ROOT / "examples/lenet.cnn"
     compiles, loads = [], []
     with tempfile.TemporaryDirectory() as folder:
@@ -191,8 +228,10 @@ def main() -> None:
     chosen = [w for w in WORKLOADS if not args.only or w[0] in args.only.split(",")]
     peak = peak_gflops(args.repeats, args.threads)
     rows = []
-    for workload in chosen:
-        rows += run_workload(workload, args.repeats, args.threads, args.torch_compile)
+    with tempfile.TemporaryDirectory() as folder:
+        for workload in chosen:
+            rows += run_workload(workload, args.repeats, args.threads, args.torch_compile,
+                                 Path(folder))
     print_table(rows, peak)
     compile_s, load_s = compile_and_load_seconds(args.repeats)
     print(f"compile LeNet-5 forward + backward at -O3, and save: {compile_s:.2f} s; "

@@ -29,7 +29,8 @@ import cnnc
 def _torch_call(graph, module, mode: str, x: np.ndarray, y: np.ndarray) -> Callable[[], object]:
     from torch_model import build, step_function
 
-    return step_function(build(graph, module.params), graph, mode, x, y, module, "cuda")
+    return step_function(build(graph, module.params | module.buffers), graph, mode, x, y,
+                         module, "cuda")
 
 
 def _cnnc_call(module, mode: str, x_device, x: np.ndarray, y: np.ndarray) -> Callable:
