@@ -165,6 +165,7 @@ class MpiTeam:
     def agree(self, module: Module, train_data: Any, held_out: Any, options: Any) -> None:
         """Stop unless every rank has the same network, data and options: different ones
         would leave the ranks in different collectives, or silently train on a mixture."""
+        _refuse_training_state(module)
         settings = {key: getattr(options, key) for key in
                     ("epochs", "batch", "lr", "seed", "max_iter", "tol")}
         network = {key: module.manifest.get(key) for key in
@@ -273,6 +274,20 @@ class MpiTeam:
         checksum = self.check_identical(module)
         return (f"all {self.size} ranks hold identical parameters (checksum {checksum:014x}); "
                 f"rank 0 waited {self.allreduce_seconds:.2f} s in the gradient Allreduce")
+
+
+def _refuse_training_state(module: Module) -> None:
+    """A step here is each rank's gradients, averaged, then one update: nothing updates batch
+    norm's running statistics or draws dropout's next mask, so such a network would train
+    to something its inference does not compute. Refused until the ranks share them."""
+    roles = {entry["role"] for entry in module.manifest["storage"]}
+    kinds = [what for role, what in (("buffer", "batch norm"), ("noise", "dropout"))
+             if role in roles]
+    if kinds:
+        raise CnncDistributedError.single(
+            f"network {module.name} has {' and '.join(kinds)}, which data-parallel training "
+            "does not support yet (the running statistics and dropout masks are not shared "
+            "between processes); train it in one process")
 
 
 def _unflatten(flat: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:

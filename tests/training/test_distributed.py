@@ -377,3 +377,17 @@ def test_a_launcher_of_another_mpi_is_refused(job):
                          env={**os.environ, "OMPI_COMM_WORLD_SIZE": "2"})
     assert run.returncode == 1
     assert "mpirun started 2 processes, but mpi4py's MPI sees 1" in run.stderr
+
+
+@pytest.mark.parametrize("line, kind", [("batchnorm b", "batch norm"), ("dropout 0.5", "dropout")])
+def test_networks_with_training_state_are_refused_before_any_step(line, kind):
+    """Nothing shares batch norm's running statistics or dropout's masks between ranks yet:
+    such a network is refused with the reason, not trained into a wrong inference."""
+    from cnnc.training.distributed import CnncDistributedError, _refuse_training_state
+
+    module = cnnc.compile(f"network t\ninput x: 4\n{line}\ndense d: 2\nloss mse\n",
+                          opt_level=0)
+    with pytest.raises(CnncDistributedError, match=f"network t has {kind}, which data-"):
+        _refuse_training_state(module)
+    _refuse_training_state(cnnc.compile("network t\ninput x: 4\ndense d: 2\nloss mse\n",
+                                        opt_level=0))  # nothing to refuse
