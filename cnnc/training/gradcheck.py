@@ -56,10 +56,12 @@ def _central_difference(module: Module, name: str, value: np.ndarray, index: int
     probe = value.copy()
     flat = probe.reshape(-1)
     flat[index] = value.reshape(-1)[index] + step
+    # the loss of a training call, which `gradients` differentiates: batch norm's batch
+    # statistics and the dropout mask of the next train step
     module.set_params({name: probe})
-    plus = module.loss(x, y)
+    plus = module.loss(x, y, training=True)
     flat[index] = value.reshape(-1)[index] - step
     module.set_params({name: probe})
-    minus = module.loss(x, y)
+    minus = module.loss(x, y, training=True)
     module.set_params({name: value})
     return (plus - minus) / (2 * step)

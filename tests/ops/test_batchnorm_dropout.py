@@ -276,3 +276,15 @@ def test_cuda_batch_norm_and_dropout_match_the_cpu():
         gpu.train_step(x, y)
     for name, value in cpu.buffers.items():
         np.testing.assert_allclose(gpu.buffers[name], value, rtol=1e-10, atol=1e-12)
+
+
+def test_check_grad_differentiates_the_training_loss(tmp_path, capsys):
+    """`cnnc check --grad` compares gradients with finite differences of the loss they are
+    the gradients of: a training call's (batch statistics, the next dropout mask)."""
+    from cnnc.cli.main import main
+
+    path = tmp_path / "g.cnn"
+    path.write_text("network g\ninput x: 2x4x4\nconv c: 3 3x3 bias=false\nbatchnorm b -> relu\n"
+                    "dropout 0.3\nflatten\ndense d: 3\nloss cross_entropy\n")
+    assert main(["check", "--grad", str(path)]) == 0
+    assert "5 of 5 parameters within" in capsys.readouterr().out
