@@ -54,6 +54,7 @@ def _forward_pass(graph: Graph, nodes: list[Node], readers: dict[str, list[Node]
     with its kernels by the nodes they cover; the inference pass reuses those it can and
     adds its own (named `..._infer`)."""
     names: list[str] = []
+    known = {t.name for t in storage}
     position = 0
     while position < len(nodes):
         node = nodes[position]
@@ -75,8 +76,9 @@ def _forward_pass(graph: Graph, nodes: list[Node], readers: dict[str, list[Node]
         names.append(kernel.name)
         if training:
             shared[tuple(covered)] = kernel.name
-        known = {t.name for t in storage}
-        storage += [graph.tensor(name) for name in kernel.outputs if name not in known]
+        fresh = [name for name in kernel.outputs if name not in known]
+        storage += [graph.tensor(name) for name in fresh]
+        known.update(fresh)
     return names
 
 

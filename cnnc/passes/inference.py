@@ -11,6 +11,7 @@ import dataclasses
 
 from cnnc.graph.ir import Graph, Node, Phase, Role, Tensor
 from cnnc.ops import registry
+from cnnc.ops.registry import Slot
 
 
 class _Builder:
@@ -38,7 +39,7 @@ class _Builder:
                     self._readers.get(tensor) != [reader] or tensor == self.graph.output:
                 return chain
             chain.insert(0, producer)
-            if producer.op != "bias_add":
+            if registry.get(producer.op).slot is not Slot.BIAS:  # an anchor, or no epilogue
                 return chain
             tensor, reader = producer.inputs[0], producer
 
