@@ -10,6 +10,7 @@ from cnnc.diagnostics import (
     CnncInputError,
     CnncSemanticError,
     CnncSyntaxError,
+    Source,
 )
 from cnnc.driver.load import load
 from cnnc.graph.ir import Graph
@@ -18,19 +19,29 @@ from cnnc.version import __version__
 
 
 def check(program: str | Path, dtype: str | None = None) -> Graph:
-    """Parse and shape-check a program (its text, or a path to a .cnn file).
+    """Parse and shape-check a program (its text, or a path to a .cnn or .onnx file).
 
     Returns the typed graph; raises a CnncError holding every error of the program.
     """
     from cnnc.driver.pipeline import front_end
-    from cnnc.frontend.source import to_source
 
-    return front_end(to_source(program), dtype)
+    return front_end(_source_and_weights(program)[0], dtype)
+
+
+def _source_and_weights(program: str | Path) -> tuple[Source, dict | None]:
+    """The program's source; for an ONNX model, the program it imports as, and its weights."""
+    from cnnc.frontend.source import to_source
+    from cnnc.onnx.importer import imported_source, is_onnx
+
+    if is_onnx(program):
+        return imported_source(program)
+    return to_source(program), None
 
 
 def compile(program: str | Path, target: str = "cpu", dtype: str | None = None,
             opt_level: int = 3, threads: int | None = None, schedule: bool = True) -> Module:
-    """Compile a program (its text, or a path to a .cnn file) to a runnable Module.
+    """Compile a program (its text, or a path to a .cnn file) to a runnable Module. An
+    .onnx path is imported first (as `cnnc import` does) and the module has its weights.
 
     `target="cuda"` makes a module whose kernels run on an NVIDIA GPU through Numba (or in
     Numba's CUDA simulator, NUMBA_ENABLE_CUDASIM=1); `opt_level` and `schedule` are the
@@ -40,20 +51,24 @@ def compile(program: str | Path, target: str = "cpu", dtype: str | None = None,
     comparing with the scheduled kernels."""
     from cnnc.driver.modules import compile_cuda_module, compile_module
     from cnnc.driver.pipeline import front_end
-    from cnnc.frontend.source import to_source
 
     if target not in ("cpu", "cuda"):
         raise CnncInputError.single(f"target {target!r} is not available; the targets are "
                                     "cpu and cuda")
     if type(opt_level) is not int or opt_level not in (0, 1, 2, 3):
         raise CnncInputError.single(f"opt_level must be 0, 1, 2 or 3, got {opt_level!r}")
-    source = to_source(program)
+    source, weights = _source_and_weights(program)
     graph = front_end(source, dtype)
     if target == "cuda":
         from cnnc.runtime.cuda import CudaModule
 
-        return CudaModule(compile_cuda_module(graph, source))
-    return Module(compile_module(graph, source, opt_level, bool(schedule)), threads=threads)
+        module = CudaModule(compile_cuda_module(graph, source))
+    else:
+        module = Module(compile_module(graph, source, opt_level, bool(schedule)),
+                        threads=threads)
+    if weights:
+        module.set_params(weights)
+    return module
 
 
 __all__ = ["CnncError", "CnncInputError", "CnncModuleError", "CnncRuntimeError",

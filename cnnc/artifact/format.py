@@ -249,3 +249,16 @@ def _entry(role: str, code: Any) -> str:
 
 def _dims(shape: list) -> str:
     return " x ".join(str(d) for d in shape)
+
+
+def with_params(module: ModuleFile, values: dict[str, np.ndarray]) -> ModuleFile:
+    """The module file with these parameters (or buffers) as its stored ones; each must be
+    one the file has, of its shape. (The code hash covers no parameter, so it stays.)"""
+    stored = params_from_bytes(module.sections["params"])
+    for name, value in values.items():
+        if name not in stored or stored[name].shape != np.shape(value):
+            raise CnncModuleError.single(
+                f"{name} of shape {list(np.shape(value))} is no parameter of this module"
+                + (f" (it has {list(stored[name].shape)})" if name in stored else ""))
+        stored[name] = np.asarray(value, dtype=stored[name].dtype)
+    return ModuleFile(module.manifest, dict(module.sections, params=params_to_bytes(stored)))

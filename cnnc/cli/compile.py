@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cnnc.cli.output import write_text
-from cnnc.diagnostics import CnncInputError
+from cnnc.diagnostics import CnncInputError, Source
 
 if TYPE_CHECKING:
     from cnnc.driver.pipeline import Build, Options
@@ -23,9 +23,8 @@ EXIT_OK, EXIT_USAGE = 0, 2  # as in main.py (api.md)
 
 def run_compile(args: argparse.Namespace) -> int:
     from cnnc.driver.pipeline import Build, Stage, advance
-    from cnnc.frontend.source import read_source
 
-    source = read_source(args.program)
+    source, weights = program_source(args.program)
     options = _build_options(args)
     if args.emit == "ast":  # the syntax tree even of a program with semantic errors
         write_text(emit_stage(Build(source), "ast", options), args.output)
@@ -42,7 +41,17 @@ def run_compile(args: argparse.Namespace) -> int:
     if args.emit is not None:
         write_text(emit_stage(front, args.emit, options), args.output)
         return EXIT_OK
-    return _compile_to_file(args, front, options)
+    return _compile_to_file(args, front, options, weights)
+
+
+def program_source(path: str) -> tuple[Source, dict | None]:
+    """A .cnn file's text; an .onnx model's imported program and its weights."""
+    from cnnc.frontend.source import read_source
+    from cnnc.onnx.importer import imported_source, is_onnx
+
+    if is_onnx(path):
+        return imported_source(path)
+    return read_source(path), None
 
 
 def _build_options(args: argparse.Namespace) -> Options:
@@ -56,7 +65,9 @@ def _build_options(args: argparse.Namespace) -> Options:
     return Options(host_cpu(), "llvm", args.dtype, int(args.opt_level), not args.no_schedule)
 
 
-def _compile_to_file(args: argparse.Namespace, front: Build, options: Options) -> int:
+def _compile_to_file(args: argparse.Namespace, front: Build, options: Options,
+                     weights: dict | None = None) -> int:
+    from cnnc.artifact.format import with_params
     from cnnc.artifact.format import write as write_module
     from cnnc.driver.pipeline import advance
 
@@ -65,6 +76,8 @@ def _compile_to_file(args: argparse.Namespace, front: Build, options: Options) -
     graph = front.graph
     params = f"{sum(p.size for p in graph.params):,} parameters, {graph.dtype.value}"
     module_file = advance(front, options).module
+    if weights:  # an imported model's own weights, in place of the initial ones
+        module_file = with_params(module_file, weights)
     write_module(module_file, output)
     if options.backend == "cuda":
         launches = len(module_file.manifest["entry_points"]["forward"])

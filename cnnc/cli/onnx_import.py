@@ -1,0 +1,28 @@
+"""`cnnc import MODEL.onnx [-o NET.cnn]`: an ONNX model as a .cnn program and its weights
+(NET.weights.npz beside it), both written only once the program checks."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cnnc.diagnostics import Source
+
+EXIT_OK = 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from cnnc.driver.pipeline import front_end
+    from cnnc.onnx.importer import Imported, import_model, with_loss, write_import
+
+    imported = import_model(args.model)
+    if args.loss:
+        imported = Imported(imported.name, with_loss(imported.text, args.loss, args.model),
+                            imported.weights, imported.source)
+    program = Path(args.output) if args.output else Path(Path(args.model).stem + ".cnn")
+    graph = front_end(Source(imported.text, str(program)))  # its errors name the nodes
+    weights = write_import(imported, program)
+    count = sum(p.size for p in graph.params)
+    print(f"wrote {program} (network {graph.name}, {len(graph.layers) - 1} layers, "
+          f"{count:,} parameters) and {weights}")
+    return EXIT_OK
