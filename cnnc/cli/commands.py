@@ -37,13 +37,18 @@ MAX_COUNT = MAX_SIZE
 
 
 def open_network(path: str, dtype: str | None = None, target: str = "cpu",
-                 trust: str = "code", report: Callable[[str], None] | None = None) -> Module:
-    """A compiled module file (trust: see `cnnc.load`), or a .cnn program compiled now for
-    `target`, saying so and how long it took through `report`."""
+                 trust: str = "code", report: Callable[[str], None] | None = None,
+                 loss: str | None = None) -> Module:
+    """A compiled module file (trust: see `cnnc.load`), or a .cnn program or .onnx model
+    compiled now for `target`, saying so and how long it took through `report`. `loss`
+    adds the line `loss LOSS` to a program (or an imported model) that has none."""
     from cnnc import compile as compile_program
 
     started = time.perf_counter()
     if path.endswith(".cnnm"):
+        if loss is not None:
+            raise CnncError.single(f"--loss changes the program; {path} is compiled already "
+                                   "(give its .cnn program, or compile one with a loss line)")
         module = load_module(path, trust=trust)
         if trust == "rebuild" and report is not None:
             report(f"compiled the program stored in {path} again, ignoring its code, in "
@@ -52,10 +57,28 @@ def open_network(path: str, dtype: str | None = None, target: str = "cpu",
             raise CnncError.single(f"{path} is a {module.target} module; compile the .cnn "
                                    f"program with --target {target} to run it there")
         return module
-    module = compile_program(Path(path), target=target, dtype=dtype)
+    weights = None
+    program: Source | Path = Path(path)
+    if loss is not None:
+        program, weights = _program_with_loss(path, loss)
+    module = compile_program(program, target=target, dtype=dtype)
+    if weights:
+        module.set_params(weights)
     if report is not None:
         report(f"compiled {path} for {target} in {time.perf_counter() - started:.1f} s")
     return module
+
+
+def _program_with_loss(path: str, loss: str) -> tuple[Source, dict | None]:
+    """The program at `path` (a .cnn file, or the program an .onnx model imports as, with
+    its weights) with the line `loss LOSS` added."""
+    from cnnc.frontend.source import read_source
+    from cnnc.onnx.importer import imported_source, is_onnx, with_loss
+
+    if is_onnx(path):
+        return imported_source(path, loss)
+    source = read_source(path)
+    return Source(with_loss(source.text, loss, path), source.name), None
 
 
 def output_file(module: Module, suffix: str) -> Path:
@@ -99,7 +122,9 @@ def _train(args: argparse.Namespace, team: Any) -> int:
         select_gpu(team.local_rank)
     root = team is None or team.is_root
     module = open_network(args.network, target=args.target, trust=_trust(args),
-                          report=print if root else None)
+                          report=print if root else None, loss=args.loss)
+    if args.weights:  # the starting point: e.g. what `cnnc import` wrote beside a program
+        module.load_weights(args.weights)
     if "loss" not in module.manifest:
         raise CnncError.single(f"network {module.name} has no loss line; training needs one")
     options = _train_options(args, module)

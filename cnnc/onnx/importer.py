@@ -18,7 +18,7 @@ import numpy as np
 
 from cnnc.diagnostics import CnncInputError, Source
 from cnnc.onnx.fold import fold
-from cnnc.onnx.model import OnnxModel, read_model
+from cnnc.onnx.model import OnnxModel, checked_model, read_model
 from cnnc.onnx.naming import Names
 from cnnc.onnx.patterns import Graph, rewrite
 from cnnc.onnx.translate import Line, Problem, Translator
@@ -34,10 +34,11 @@ class Imported:
     source: str  # the ONNX file
 
 
-def import_model(path: str | Path) -> Imported:
-    """The program and weights of the ONNX model at `path`; a CnncInputError listing every
-    node cnnc cannot translate (op type, node name and why) otherwise."""
-    model = read_model(path)
+def import_model(path: str | Path, proto: object = None) -> Imported:
+    """The program and weights of the ONNX model at `path` (or of the ModelProto `proto`,
+    which `path` then only names); a CnncInputError listing every node cnnc cannot
+    translate (op type, node name and why) otherwise."""
+    model = read_model(path) if proto is None else checked_model(proto, str(path))
     ops, constants, model = fold(model)
     graph = rewrite(Graph([op for op, _ in ops], constants, model.output))
     names = Names()
@@ -46,9 +47,10 @@ def import_model(path: str | Path) -> Imported:
     translator.run()
     if translator.problems:
         raise CnncInputError.single(_problems_text(model, translator.problems))
-    if graph.output not in translator.tensors or graph.output == model.input:
-        raise CnncInputError.single(f"{model.path}: the output {model.output!r} is the input "
-                                    "itself; a cnnc network has at least one layer")
+    if graph.output == model.input:  # Identity or Dropout only: a layer that copies
+        translator.lines.append(Line("dropout", names.layer(ops[0][0]), [input_name], ["0"],
+                                     nodes=[op.name for op, _ in ops]))
+        translator.tensors[graph.output] = translator.lines[-1].name
     lines = _needed(translator.lines, translator.tensors[graph.output])
     network = names.network(Path(path).stem)
     text = _program(model, network, input_name, lines)

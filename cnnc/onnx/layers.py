@@ -143,9 +143,11 @@ def batchnorm(t: Translator, op: Op) -> None:
     eps = float(op.attr("epsilon", 1e-5))
     if not math.isclose(eps, 1e-5, rel_tol=1e-6):
         options.append(("eps", number(eps)))
-    momentum = 1.0 - float(op.attr("momentum", 0.9))  # ONNX keeps, torch mixes in
+    # ONNX's momentum is what the running statistics keep, torch's (and cnnc's) what they
+    # take in; ONNX stores it as a float32, so 6 digits are all it holds (0.9 gives 0.1)
+    momentum = float(f"{1.0 - op.attr('momentum', 0.9):.6g}")
     if not math.isclose(momentum, 0.1, rel_tol=1e-6):
-        options.append(("momentum", number(round(momentum, 12))))
+        options.append(("momentum", number(momentum)))
     weights = {"weight": scale, "bias": shift, "running_mean": mean, "running_var": var}
     t.add_line(op, "batchnorm", [t.source(op.inputs[0])], [], options, weights, op.inputs[1])
 
@@ -163,9 +165,8 @@ def pool(t: Translator, op: Op) -> None:
     if len(op.outputs) > 1 and op.outputs[1] and t.readers[op.outputs[1]]:
         raise Unsupported("MaxPool's Indices output is not supported")
     pads = _window(t, op, kernel)
-    options = _window_options(op, kernel, pads, kernel)
-    if not op.attr("strides"):
-        options.insert(0, ("stride", "1"))  # ONNX's default stride is 1, cnnc's the window
+    options = _window_options(op, kernel, pads, kernel)  # ONNX's default stride is 1,
+    # cnnc's the window: a stride that differs from the window is always written
     if op.attr("ceil_mode", 0):
         options.append(("ceil", "true"))
     kind = "maxpool" if op.op_type == "MaxPool" else "avgpool"
@@ -221,9 +222,10 @@ def _resize_scales(t: Translator, op: Op, shape: tuple) -> tuple[float, ...]:
     axes = op.attr("axes")
     if scales is not None and scales.size:
         values = [float(s) for s in scales.reshape(-1)]
-    elif sizes is not None:
+    elif sizes is not None:  # the batch's size is unknown here: it must stay as it is
         dims = [shape[a] for a in (axes or range(4))]
-        values = [float(n) / d for n, d in zip(sizes.reshape(-1), dims, strict=True)]
+        values = [1.0 if d is None else float(n) / d
+                  for n, d in zip(sizes.reshape(-1), dims, strict=True)]
     else:
         raise Unsupported("Resize needs scales or sizes")
     if axes:
@@ -344,6 +346,21 @@ def _onnx_dtype(code: int) -> np.dtype:
     return helper.tensor_dtype_to_np_dtype(code)
 
 
+def dropout(t: Translator, op: Op) -> None:
+    """A dropout layer: a copy at inference, as ONNX's Dropout outside training, and the
+    same rate when the imported network is trained."""
+    if len(op.outputs) > 1 and op.outputs[1] and t.readers[op.outputs[1]]:
+        raise Unsupported("Dropout's mask output is read; cnnc draws and keeps its masks "
+                          "itself")
+    training = t.constant(op, 2, "training_mode")
+    if training is not None and bool(training):
+        raise Unsupported("Dropout with training_mode true drops values at inference; cnnc's "
+                          "dropout drops them only in training calls")
+    ratio = t.constant(op, 1, "ratio")
+    rate = float(op.attr("ratio", 0.5)) if ratio is None else float(ratio.reshape(()))
+    t.add_line(op, "dropout", [t.source(op.inputs[0])], [number(rate)])
+
+
 # -- merges -------------------------------------------------------------------------------
 
 def merge(t: Translator, op: Op) -> None:
@@ -421,7 +438,7 @@ RULES: dict[str, Callable[[Translator, Op], None]] = {
     "MaxPool": pool, "AveragePool": pool,
     "GlobalAveragePool": global_pool, "GlobalMaxPool": global_pool,
     "Resize": upsample, "Upsample": upsample, "Pad": pad,
-    "Flatten": flatten, "Reshape": reshape, "Squeeze": squeeze, "Cast": cast,
+    "Dropout": dropout, "Flatten": flatten, "Reshape": reshape, "Squeeze": squeeze, "Cast": cast,
     "Add": merge, "Mul": merge, "Concat": merge, "Sum": merge,
     "Relu": _plain("relu"), "Sigmoid": _plain("sigmoid"), "Tanh": _plain("tanh"),
     "HardSwish": _plain("hardswish"), "cnnc.silu": _plain("silu"),

@@ -69,10 +69,13 @@ class Names:
 def _from_scope(node: str, op_type: str) -> str:
     """`/layer1/layer1.0/conv1/Conv` → `layer1.0.conv1`: torch names each scope by its
     qualified module name, so a scope that extends the one before replaces it."""
+    unnamed = re.fullmatch(r"[A-Za-z.]+\(([^,)]*).*\)", node)  # fold.decode's "Op(output)"
+    if unnamed:
+        return unnamed.group(1)
     if "/" not in node:  # torch.export's "node_conv2d_1": the op and a count
         return node.removeprefix("node_")
     parts = [p for p in node.split("/") if p]
-    if parts and re.fullmatch(rf"{re.escape(op_type)}(_\d+)?", parts[-1]):
+    if parts and re.fullmatch(r"[A-Z][A-Za-z0-9]*(_\d+)?", parts[-1]):  # the op: /fc/Gemm
         parts = parts[:-1]
     path = ""
     for part in parts:

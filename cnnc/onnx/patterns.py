@@ -1,7 +1,7 @@
 """Rewrites of the folded node list before translation, each matching what exporters write
 for one thing cnnc has as one layer or activation:
 
-- Identity and Dropout (inference): no node, a second name for the input;
+- Identity: no node, a second name for its input;
 - Sigmoid(x) · x → silu; HardSigmoid(x; 1/6, 1/2) · x → hardswish;
 - x · ½ · (1 + erf(x / √2)) in its two usual orders → gelu;
 - MatMul by a constant, with the Add of a constant after it → one dense (a Gemm);
@@ -91,14 +91,7 @@ def aliases(graph: Graph) -> None:
 
 
 def _is_alias(op: Op, graph: Graph) -> bool:
-    if op.op_type == "Identity":
-        return True
-    if op.op_type == "Dropout":
-        training = graph.constant(op.inputs[2]) if len(op.inputs) > 2 else None
-        mask_read = len(op.outputs) > 1 and op.outputs[1] and any(
-            op.outputs[1] in other.inputs for other in graph.ops)
-        return not mask_read and (training is None or not bool(training))
-    return False
+    return op.op_type == "Identity"
 
 
 # -- activations written as several nodes -------------------------------------------------
