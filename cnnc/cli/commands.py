@@ -226,9 +226,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from cnnc.training.loop import check_data, evaluate
 
     _check_flags(argparse.Namespace(val_split=args.val_split, seed=args.seed))
-    module = open_network(args.network, trust=_trust(args), report=print)
+    module = open_network(args.network, trust=_trust(args), report=print, loss=args.loss)
     if "loss" not in module.manifest:
-        raise CnncError.single(f"network {module.name} has no loss line to evaluate")
+        raise CnncError.single(f"network {module.name} has no loss line to evaluate; "
+                               "--loss adds one")
     module.load_weights(args.weights)
     seed = args.seed if args.seed is not None else module.optimizer.get("seed") or 0
     data, which = evaluation_data(Path(args.data), args.split, args.val_split, seed)

@@ -18,10 +18,11 @@ import numpy as np
 
 from cnnc.diagnostics import CnncInputError, Source
 from cnnc.onnx.fold import fold
+from cnnc.onnx.lines import Line, Problem
 from cnnc.onnx.model import OnnxModel, checked_model, read_model
 from cnnc.onnx.naming import Names
 from cnnc.onnx.patterns import Graph, rewrite
-from cnnc.onnx.translate import Line, Problem, Translator
+from cnnc.onnx.translate import Translator
 
 
 @dataclass(frozen=True)

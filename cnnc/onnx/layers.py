@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cnnc.onnx.fold import Op
+from cnnc.onnx.lines import Line, Unsupported, number
 from cnnc.onnx.patterns import pad_value, spatial_pads
-from cnnc.onnx.translate import Translator, Unsupported, number
+
+if TYPE_CHECKING:
+    from cnnc.onnx.translate import Translator
 
 
 def _dims(values: list[int] | tuple[int, ...]) -> str:
@@ -181,7 +185,7 @@ def global_pool(t: Translator, op: Op) -> None:
     kind = "globalavgpool" if op.op_type == "GlobalAveragePool" else "globalmaxpool"
     line = t.add_line(op, kind, [t.source(op.inputs[0])])
     if op.attr("keepdims", 1) == 0:  # a ReduceMean that drops the 1 x 1
-        t.lines.append(type(line)("flatten", t.names.layer(op), [line.name],
+        t.lines.append(Line("flatten", t.names.layer(op), [line.name],
                                   nodes=[op.name]))
         t.tensors[op.outputs[0]] = t.lines[-1].name
 

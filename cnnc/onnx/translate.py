@@ -8,50 +8,20 @@ error lists every node cnnc cannot take.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
 import numpy as np
 
 from cnnc.onnx.fold import Op
+from cnnc.onnx.layers import RULES
+from cnnc.onnx.lines import BrokenInput, Line, Problem, Unsupported
 from cnnc.onnx.model import OnnxModel
 from cnnc.onnx.naming import Names
 from cnnc.onnx.patterns import Graph
-
-
-class Unsupported(Exception):
-    """A node cnnc cannot translate; the message says why."""
-
-
-class BrokenInput(Unsupported):
-    """A node that reads what an untranslated node made: that node's error says it all."""
-
 
 # Layers whose statement may end with `-> ACT`.
 TAKES_ACTIVATION = {"conv", "maxpool", "avgpool", "dense", "add", "concat", "mul", "batchnorm",
                     "globalavgpool", "globalmaxpool"}
 # Activations that only a dense line may end with (they need N x classes).
 CLASS_ACTIVATIONS = {"softmax", "log_softmax"}
-
-
-@dataclass
-class Line:
-    """One statement being built (mutable while the graph is read, then only printed)."""
-
-    kind: str
-    name: str
-    inputs: list[str]
-    args: list[str] = field(default_factory=list)
-    options: list[tuple[str, str]] = field(default_factory=list)
-    activation: str | None = None
-    nodes: list[str] = field(default_factory=list)  # the ONNX nodes it stands for
-
-
-@dataclass
-class Problem:
-    op_type: str
-    node: str
-    reason: str
 
 
 class Translator:
@@ -138,8 +108,6 @@ class Translator:
 
     # -- the walk ----------------------------------------------------------------------------
     def run(self) -> None:
-        from cnnc.onnx.layers import RULES  # the rules import this module's types
-
         for op in self.graph.ops:
             rule = RULES.get(op.op_type)
             try:
@@ -150,16 +118,3 @@ class Translator:
                 self.broken.update(op.outputs)
                 if not isinstance(problem, BrokenInput):
                     self.problems.append(Problem(op.op_type, op.name, str(problem)))
-
-
-def number(value: float) -> str:
-    """A number as the .cnn language writes it: the shortest text that gives the same
-    float32 when the value is one (ONNX keeps float attributes so), else the float's."""
-    value = float(value)
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    if value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    single = np.float32(value)
-    return str(single) if float(single) == value else repr(value)
-
