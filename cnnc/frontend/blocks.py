@@ -36,6 +36,7 @@ _SLOTS: dict[str, tuple[str, str]] = {
     "kernel": ("the kernel", "sizes like 3x3"),
     "window": ("the window", "sizes like 2x2"),
     "factor": ("the factor", "sizes like 2x2"),
+    "pads": ("the padding", "a number or sizes like 1 or 1x2"),
 }
 _WHOLE = ("filters", "units")
 _SIZES = ("kernel", "window", "factor")
@@ -501,6 +502,9 @@ def _fits(slot: str, value: ast.Value) -> bool:
         return isinstance(value, ast.Dims)
     if slot == "rate":
         return isinstance(value, ast.Number)
+    if slot == "pads":
+        return isinstance(value, ast.Dims) or (isinstance(value, ast.Number)
+                                               and isinstance(value.value, int))
     return True
 
 
@@ -510,6 +514,8 @@ def _placeholder(slot: str, span: Span) -> ast.Value:
         return ast.Dims((1, 1), "1x1", span)
     if slot == "rate":
         return ast.Number(0.5, "0.5", span)
+    if slot == "pads":
+        return ast.Number(0, "0", span)
     return ast.Number(1, "1", span)
 
 

@@ -178,6 +178,11 @@ class _Builder:
                        f"line above uses block {above.stmt.block.text}; end the block's last "
                        "line with it instead", stmt.span)
             return
+        if isinstance(above.stmt, ast.ActivationLayerStmt):
+            self.error(f"{word.text} on a line of its own applies to the layer above, but that "
+                       f"is an activation layer already; write 'activation NAME: {word.text}' "
+                       "for another one", stmt.span)
+            return
         if above.activation is not None:
             self.error(f"the layer above already has the activation {above.activation.text}; "
                        "a layer takes one", stmt.span,
@@ -244,9 +249,9 @@ class _Builder:
         return name
 
     def _input_shape(self, dims: ast.Dims) -> tuple[int, ...] | None:
-        if len(dims.values) not in (1, 3):
-            self.error("the input shape must be CxHxW like 1x28x28, or a feature count like "
-                       f"784, got {dims.text}", dims.span)
+        if len(dims.values) not in (1, 2, 3):
+            self.error("the input shape must be CxHxW like 1x28x28, a feature count like 784, "
+                       f"or a 2-D sample like 4x5, got {dims.text}", dims.span)
             return None
         if min(dims.values) < 1 or max(dims.values) > opts.MAX_SIZE:
             self.error(f"input sizes must be from 1 to {opts.MAX_SIZE}, got {dims.text}",
@@ -307,6 +312,8 @@ class _Builder:
         activation = self._activation(line.activation, name)
         if activation is not None:
             steps.append(activation)
+        if not steps:  # an activation layer whose activation was wrong (said already)
+            self.broken.add(name)
         params = [self._params(step.op, name) for step in steps]
         current = inputs[0]
         for position, step in enumerate(steps):
@@ -414,18 +421,34 @@ class _Builder:
                        act.name.span)
             return None
         op = registry.get(act.text)
-        arg = None if act.arg is None else act.arg.value
+        args = self._activation_args(act, op, layer)
+        if args is None:
+            return Step(act.text)  # the layer is broken: its attributes are never read
         if op.activation_attrs is None:
-            if arg is not None:
-                self.error(f"{act.text} takes no argument; write {act.text}", act.span)
-                self.broken.add(layer)
             return Step(act.text)
         try:
-            return Step(act.text, op.activation_attrs(arg))
+            return Step(act.text, op.activation_attrs(*args))
         except ValueError as problem:
             self.error(f"{act.text}: {problem}", act.span)
             self.broken.add(layer)
-            return Step(act.text, op.activation_attrs(None))
+            return Step(act.text)
+
+    def _activation_args(self, act: ast.Act, op: registry.OpDef, layer: str
+                         ) -> tuple[float, ...] | None:
+        """The activation's arguments as numbers, as many as it takes; None after an error."""
+        arity = op.activation_arity or ((0, 1) if op.activation_attrs else (0,))
+        problem = None
+        if len(act.args) not in arity:
+            problem = _arity_words(act.text, arity, op.activation_usage)
+        word = next((a for a in act.args if not isinstance(a, ast.Number)), None)
+        if problem is None and word is not None:
+            problem = (f"{act.text}: an argument is a number like 0.1, inf or -inf, "
+                       f"got {word.text!r}")
+        if problem is not None:
+            self.error(problem, act.span)
+            self.broken.add(layer)
+            return None
+        return tuple(float(arg.value) for arg in act.args)
 
     def checked_count(self, number: ast.Number, what: str, owner: str, layer: str) -> int:
         """A filter or unit count; a bad one is reported and replaced by 1 (layer broken)."""
@@ -517,8 +540,20 @@ class _Builder:
         return TrainConfig(optimizer, tuple(values.items()), stmt.span)
 
 
+def _arity_words(name: str, arity: tuple[int, ...], usage: str) -> str:
+    """`clip takes 2 arguments, min and max: clip(0, 6)`, `relu takes no argument; write
+    relu`, `leaky_relu takes 1 argument or none, the slope: leaky_relu(0.1)`."""
+    counts = sorted(n for n in arity if n)
+    if not counts:
+        return f"{name} takes no argument; write {name}"
+    plural = "argument" if counts == [1] else "arguments"
+    none = " or none" if 0 in arity else ""
+    return f"{name} takes {' or '.join(map(str, counts))} {plural}{none}, {usage}"
+
+
 def _kind_of(stmt: ast.LayerStmt) -> str:
-    if isinstance(stmt, (ast.PoolStmt, ast.MergeStmt, ast.GlobalPoolStmt)):
+    if isinstance(stmt, (ast.PoolStmt, ast.MergeStmt, ast.GlobalPoolStmt,
+                         ast.ActivationLayerStmt)):
         return stmt.kind.text
     return type(stmt).__name__.removesuffix("Stmt").lower()
 

@@ -4,6 +4,7 @@ nodes with spans, and the translation of Lark's exceptions into cnnc errors in w
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 from lark import Lark, Token, Transformer, v_args
@@ -106,6 +107,9 @@ class _ToAst(Transformer):
     def FLOAT(self, token: Token) -> ast.Number:
         return ast.Number(float(token), str(token), _span(self.file, token))
 
+    def NEG_INF(self, token: Token) -> ast.Number:
+        return ast.Number(-math.inf, str(token), _span(self.file, token))
+
     def DIMS(self, token: Token) -> ast.Dims:
         values = tuple(_to_int(part) for part in str(token).split("x"))
         return ast.Dims(values, str(token), _span(self.file, token))
@@ -126,8 +130,8 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def act(self, meta, children: list) -> ast.Act:
-        arg = children[1] if len(children) > 1 else None
-        return ast.Act(children[0], arg, _meta_span(self.file, meta))
+        args = tuple(_infinity(arg) for arg in children[1:])
+        return ast.Act(children[0], args, _meta_span(self.file, meta))
 
     def count(self, children: list) -> ast.Number | ast.Param:
         return children[0]
@@ -136,6 +140,13 @@ class _ToAst(Transformer):
         return children[0]
 
     def rate(self, children: list) -> ast.Number | ast.Param:
+        return children[0]
+
+    def option_key(self, children: list) -> ast.Word:
+        key = children[0]  # a NAME, or the keyword pad
+        return key if isinstance(key, ast.Word) else ast.Word(str(key), _span(self.file, key))
+
+    def pad_sizes(self, children: list) -> ast.Number | ast.Dims | ast.Param:
         return children[0]
 
     def merge_kind(self, children: list) -> ast.Word:
@@ -255,6 +266,20 @@ class _ToAst(Transformer):
         return ast.ActivationStmt(children[0], _meta_span(self.file, meta))
 
     @v_args(meta=True)
+    def activation_layer(self, meta, children: list) -> ast.ActivationLayerStmt:
+        parts = _Parts(children)
+        kind = ast.Word("activation", Span(self.file, meta.line, meta.column, meta.line,
+                                           meta.column + len("activation")))
+        return ast.ActivationLayerStmt(kind, parts.name, parts.positional[0], parts.options,
+                                       _meta_span(self.file, meta))
+
+    @v_args(meta=True)
+    def pad(self, meta, children: list) -> ast.PadStmt:
+        parts = _Parts(children)
+        return ast.PadStmt(parts.name, parts.positional[0], parts.options,
+                           _meta_span(self.file, meta))
+
+    @v_args(meta=True)
     def loss(self, meta, children: list) -> ast.LossStmt:
         parts = _Parts(children)
         return ast.LossStmt(parts.positional[0], parts.options, _meta_span(self.file, meta))
@@ -289,6 +314,13 @@ class _Parts:
         self.options = tuple(c for c in children if isinstance(c, ast.Option))
         self.positional = [c for c in children
                            if not isinstance(c, (_Label, _Activation, ast.Option))]
+
+
+def _infinity(arg: ast.Number | ast.Word) -> ast.Number | ast.Word:
+    """An activation's argument: the word `inf` is the number."""
+    if isinstance(arg, ast.Word) and arg.text == "inf":
+        return ast.Number(math.inf, arg.text, arg.span)
+    return arg
 
 
 def _meta_span(file: str, meta) -> Span:

@@ -22,6 +22,10 @@ _PUNCTUATION_WORDS = {"COLON": "':' after the name", "EQUAL": "'=' after the opt
                       "$END": "the end of the file", "COMMA": "',' and another layer name",
                       "LPAR": "'('", "RPAR": "')'"}
 _ORDER = ["NAME", "INT", "DIMS", "FLOAT", "COLON", "EQUAL", "ARROW", "_NL", "$END"]
+# inside an activation's parentheses, `clip(0, 6)`
+_ARGUMENT = "a number like 0.1, inf or -inf"
+_ARGUMENT_WORDS = {"INT": _ARGUMENT, "FLOAT": _ARGUMENT, "NAME": _ARGUMENT, "NEG_INF": _ARGUMENT,
+                   "COMMA": "',' and another argument"}
 
 
 @functools.cache
@@ -79,7 +83,8 @@ def describe_unexpected_token(error: UnexpectedToken, line_text: str,
     expected = set(error.expected)
     if previous == "COLON" and statement and _after_label(statement) is not None:
         expected = _after_label(statement)
-    message = f"expected {_expected_words(expected, statement, previous)}, got {_got(error)}"
+    words = _expected_words(expected, statement, previous, _in_arguments(before, statement))
+    message = f"expected {words}, got {_got(error)}"
     if "NAME" in expected and str(error.token) in statement_keywords():
         message += f"; {error.token} is a keyword and cannot be a name"
     width = max(1, len(str(error.token))) if error.token.type != "_NL" else 1
@@ -103,15 +108,28 @@ def _tokens_before(line_text: str, column: int, parser: Lark) -> list:
         return []
 
 
-def _expected_words(expected: set[str], statement: str | None, previous: str | None) -> str:
+def _in_arguments(before: list, statement: str | None) -> bool:
+    """Whether the fault is inside an activation's parentheses (a block's are its own)."""
+    if statement in ("BLOCK", "USE"):
+        return False
+    depth = sum(1 if t.type == "LPAR" else -1 if t.type == "RPAR" else 0 for t in before)
+    return depth > 0
+
+
+def _expected_words(expected: set[str], statement: str | None, previous: str | None,
+                    in_arguments: bool = False) -> str:
     # a block's $parameter may stand for a number, and a dotted name for a name: both are
     # the rarer spelling of what the line wants, so the words name only the common one
     expected = {"NAME" if t == "QNAME" else t for t in expected if t != "PARAM"} or expected
+    if "NAME" in expected:  # the keyword pad is an option's key too (conv's pad=1)
+        expected = expected - {"PAD"}
     if expected & _keyword_terminals():
         return "a statement (" + ", ".join(statement_keywords()) + " or an activation)"
     words: list[str] = []
-    for terminal in sorted(expected, key=lambda t: _ORDER.index(t) if t in _ORDER else 99):
-        word = _describe(terminal, statement, previous)
+    # by _ORDER, then by name: sets iterate in an order that changes from run to run
+    for terminal in sorted(expected, key=lambda t: (_ORDER.index(t) if t in _ORDER else 99, t)):
+        word = _ARGUMENT_WORDS.get(terminal) if in_arguments else None
+        word = word or _describe(terminal, statement, previous)
         if word not in words:
             words.append(word)
     if len(words) == 1:
@@ -129,6 +147,11 @@ def _describe(terminal: str, statement: str | None, previous: str | None) -> str
     if terminal == "FLOAT":
         return "a number"
     if terminal == "NAME":
+        positional = _words(statement).get("NAME")  # activation r1: relu
+        if positional and previous == "COLON":
+            return positional
+        if positional and previous == statement:
+            return f"a layer name or {positional}"
         if previous in _name_after():
             return _name_after()[previous]
         if previous in _keyword_terminals():

@@ -50,16 +50,22 @@ Value = Word | Number | Dims | Param
 
 @dataclass(frozen=True, slots=True)
 class Act:
-    """An activation as written after `->` or on a line of its own: `relu`, or one with an
-    argument in parentheses, `leaky_relu(0.1)`."""
+    """An activation as written after `->` or on a line of its own: `relu`, or one with
+    arguments in parentheses, `leaky_relu(0.1)`, `clip(0, 6)`. An argument is a number (the
+    word `inf` and `-inf` are the infinities) or, mistakenly, another word."""
 
     name: Word
-    arg: Number | None
+    args: tuple[Number | Word, ...]
     span: Span
 
     @property
     def text(self) -> str:
         return self.name.text
+
+    @property
+    def arg(self) -> Number | Word | None:
+        """The first argument, if any."""
+        return self.args[0] if self.args else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +179,28 @@ class ActivationStmt:
 
 
 @dataclass(frozen=True, slots=True)
+class ActivationLayerStmt:
+    """`activation NAME: ACT`: a layer of its own whose value is ACT of its input (the line
+    above, or `from=`)."""
+
+    kind: Word  # the keyword, as PoolStmt's
+    name: Word | None
+    activation: Act
+    options: tuple[Option, ...]
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class PadStmt:
+    """`pad NAME: P|PHxPW|TxLxBxR [value=V]`: constant padding of a CxHxW tensor's H and W."""
+
+    name: Word | None
+    pads: Number | Dims | Param
+    options: tuple[Option, ...]
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
 class BlockParam:
     name: Word
     default: Value | None
@@ -236,7 +264,7 @@ class ScopeStmt:
 
 
 LayerStmt = (ConvStmt | PoolStmt | DenseStmt | FlattenStmt | MergeStmt | BatchNormStmt
-             | DropoutStmt | GlobalPoolStmt | UpsampleStmt)
+             | DropoutStmt | GlobalPoolStmt | UpsampleStmt | ActivationLayerStmt | PadStmt)
 Statement = (NetworkStmt | InputStmt | LayerStmt | ActivationStmt | LossStmt | TrainStmt
              | BlockStmt | EndStmt | UseStmt | ScopeStmt)
 
@@ -275,7 +303,9 @@ def _format_value(value: object) -> str:
     if isinstance(value, (Word, Number, Dims, Param)):
         return value.text
     if isinstance(value, Act):
-        return value.text if value.arg is None else f"{value.text}({value.arg.text})"
+        if not value.args:
+            return value.text
+        return f"{value.text}({', '.join(arg.text for arg in value.args)})"
     if isinstance(value, (BlockParam, BlockArg)):
         key, val = (value.name, value.default) if isinstance(value, BlockParam) else \
             (value.key, value.value)

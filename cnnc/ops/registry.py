@@ -191,9 +191,15 @@ class OpDef:
     differentiable: bool = True  # False: a backward op (the gradient of nothing)
     activation: bool = False  # may end a layer: `conv c: 6 5x5 -> NAME`, or a line of its own
     sums: bool = False  # adds its inputs: autodiff sums a tensor's gradients with it
-    # an activation with an argument, `leaky_relu(0.1)`: (the argument or None) -> its
-    # attributes, or ValueError with the words of what was wrong
-    activation_attrs: Callable[[float | None], object] | None = None
+    # an activation with arguments, `leaky_relu(0.1)`, `clip(0, 6)`: (the arguments, as
+    # floats, none or as many as `activation_arity` allows) -> its attributes, or ValueError
+    # with the words of what was wrong
+    activation_attrs: Callable[..., object] | None = None
+    # how many arguments it takes: None for none, or at most one where it has
+    # activation_attrs; clip's (2,), hardsigmoid's (0, 2)
+    activation_arity: tuple[int, ...] | None = None
+    # its arguments in words with an example, for a wrong count: "min and max: clip(0, 6)"
+    activation_usage: str = ""
     # an activation after which weights start with He's N(0, factor / fan_in): (its
     # attributes) -> the factor (2 for relu), see fan_scaled
     he_factor: Callable[[object], float] | None = None

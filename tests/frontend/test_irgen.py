@@ -135,9 +135,9 @@ def test_the_input_name_is_a_layer_name_too():
 
 
 def test_input_shape_forms():
-    assert errors_of("network n\ninput: 28x28\ndense d: 1\n") == [
-        (2, 8, "the input shape must be CxHxW like 1x28x28, or a feature count like 784, "
-               "got 28x28")]
+    assert errors_of("network n\ninput: 2x28x28x1\ndense d: 1\n") == [
+        (2, 8, "the input shape must be CxHxW like 1x28x28, a feature count like 784, "
+               "or a 2-D sample like 4x5, got 2x28x28x1")]
 
 
 def test_printer_shows_every_tensor_shape_and_dtype():

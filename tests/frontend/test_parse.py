@@ -68,8 +68,8 @@ def test_comments_blank_lines_crlf_tabs_and_missing_final_newline():
     ("dense f1: relu", 11, 'expected a unit count like 120, got "relu"'),
     ("maxpool 2", 9, 'expected a layer name or a window size like 2x2, got "2"'),
     ("dense 10 ->", 12, "expected an activation (relu, sigmoid, tanh, relu6, leaky_relu, "
-                        "silu, gelu, hardswish, hardsigmoid, softmax or none), "
-                        "got the end of the line"),
+                        "silu, gelu, hardswish, hardsigmoid, clip, softmax, log_softmax or "
+                        "none), got the end of the line"),
     ("loss", 5, "expected a loss (cross_entropy or mse), got the end of the line"),
     ("train sgd lr=", 14, "expected a value, got the end of the line"),
     ("network", 8, "expected a network name, got the end of the line"),
@@ -77,7 +77,8 @@ def test_comments_blank_lines_crlf_tabs_and_missing_final_newline():
     ("conv 6 3x3 @", 12, "unexpected character '@'; names use letters, digits and _"),
     ("= 3", 1, "expected a statement (network, input, conv, maxpool, avgpool, dense, "
                "flatten, add, concat, mul, batchnorm, dropout, globalavgpool, globalmaxpool, "
-               "upsample, block, end, use, loss, train or an activation), got \"=\""),
+               "upsample, activation, pad, block, end, use, loss, train or an activation), "
+               "got \"=\""),
 ])
 def test_syntax_error_messages_in_words(line, col, message):
     assert syntax_errors(f"network n\n{line}\n") == [(2, col, message)]
