@@ -105,7 +105,8 @@ def explain_schedules(build: Build, options: Options) -> str:
 # The stage each --emit prints the result of, and the backend it implies: LLVM IR and
 # assembly are CPU code, and --emit cuda shows a CUDA module's source whatever the target.
 EMITTED_AFTER = {"ast": "parse", "ir": "shapes", "grad": "autodiff", "kernels": "fuse",
-                 "loops": "lower", "llvm": "codegen", "asm": "codegen", "cuda": "codegen"}
+                 "loops": "lower", "llvm": "codegen", "asm": "codegen", "cuda": "codegen",
+                 "dot": "shapes"}
 EMIT_BACKEND = {"llvm": "llvm", "asm": "llvm", "cuda": "cuda"}
 
 
@@ -129,6 +130,10 @@ def _stage_text(build: Build, stage: str, options: Options) -> str:
         return format_program(build.syntax)
     if stage == "ir":
         return format_graph(build.graph)
+    if stage == "dot":  # the layer graph, for Graphviz
+        from cnnc.passes.dot import format_dot
+
+        return format_dot(build.graph)
     if stage == "grad":
         if build.differentiated is None:  # autodiff's own error: there is no loss line
             from cnnc.passes.autodiff import differentiate

@@ -1,5 +1,5 @@
 """The `cnnc` command: check, summary, compile (or --emit a stage), train, eval, inspect,
-plot, download.
+plot, download, export (ONNX).
 
 Exit codes (api.md): 0 success; 1 an error in the user's program, data or files, reported
 as a message without a traceback; 2 a usage error; 130 interrupted (Ctrl-C). 3 means cnnc
@@ -26,7 +26,7 @@ from cnnc.version import __version__
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_BROKEN_INVARIANT = 70  # EX_SOFTWARE of sysexits.h
-EMIT_STAGES = ("ast", "ir", "grad", "kernels", "loops", "llvm", "asm", "cuda")
+EMIT_STAGES = ("ast", "ir", "grad", "kernels", "loops", "llvm", "asm", "cuda", "dot")
 
 
 def version_text() -> str:
@@ -59,8 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_eval(commands)
     _add_inspect(commands)
+    _add_import(commands)
     _add_plot(commands)
     _add_download(commands)
+    _add_export(commands)
     return parser
 
 
@@ -85,7 +87,7 @@ def _add_summary(commands) -> None:
 
 def _add_compile(commands) -> None:
     compile_ = commands.add_parser("compile", help="compile a program; --emit shows a stage")
-    compile_.add_argument("program", metavar="NET.cnn")
+    compile_.add_argument("program", metavar="NET.cnn|MODEL.onnx")
     compile_.add_argument("--emit", choices=list(EMIT_STAGES),
                           help="print this stage instead of writing a module")
     compile_.add_argument("-o", "--output", metavar="FILE", help="write the result here")
@@ -110,7 +112,7 @@ def _add_train(commands) -> None:
         epilog="On several processes or machines: pip install 'cnnc[mpi]', then "
                "mpirun -n P cnnc train ... trains data-parallel; --batch is then each "
                "process's share of a step (see the README, Training on several machines).")
-    train.add_argument("network", metavar="NET.cnn|NET.cnnm")
+    train.add_argument("network", metavar="NET.cnn|NET.cnnm|MODEL.onnx")
     train.add_argument("--data", required=True, help="an MNIST folder or an .npz with x and y")
     train.add_argument("--epochs", type=int, help="passes over the data (train line's)")
     train.add_argument("--batch", type=int, help="mini-batch size (train line's)")
@@ -125,6 +127,11 @@ def _add_train(commands) -> None:
     train.add_argument("--checkpoint", help="checkpoint after each epoch "
                                             "(default NETWORK.ckpt.npz)")
     train.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint")
+    train.add_argument("--weights", metavar="W.npz",
+                       help="start from these weights (e.g. those cnnc import wrote)")
+    train.add_argument("--loss", metavar="LOSS",
+                       help="add the line 'loss LOSS' to a program without one (e.g. an "
+                            "imported model): cross_entropy, or mse")
     train.add_argument("--save-best", nargs="?", const="", metavar="FILE",
                        help="keep the weights of the epoch with the lowest held-out loss "
                             "(default file NETWORK.best.weights.npz)")
@@ -144,7 +151,9 @@ def _add_train(commands) -> None:
 
 def _add_eval(commands) -> None:
     evaluate = commands.add_parser("eval", help="loss and accuracy of trained weights")
-    evaluate.add_argument("network", metavar="NET.cnnm|NET.cnn")
+    evaluate.add_argument("network", metavar="NET.cnnm|NET.cnn|MODEL.onnx")
+    evaluate.add_argument("--loss", metavar="LOSS",
+                          help="add the line 'loss LOSS' to a program without one")
     evaluate.add_argument("--weights", required=True, help="weights (.npz)")
     evaluate.add_argument("--data", required=True, help="an MNIST folder or an .npz")
     evaluate.add_argument("--split", choices=["heldout", "train", "test", "all"],
@@ -169,6 +178,19 @@ def _add_inspect(commands) -> None:
                        help="the stored program the module was compiled from")
 
 
+def _add_import(commands) -> None:
+    imports = commands.add_parser(
+        "import", help="an ONNX model as a .cnn program and its weights",
+        epilog="Needs the onnx package: pip install 'cnnc[onnx]'. cnnc compile and cnnc "
+               "train also take an .onnx file directly.")
+    imports.add_argument("model", metavar="MODEL.onnx")
+    imports.add_argument("-o", "--output", metavar="NET.cnn",
+                         help="the program to write (default MODEL.cnn here); its weights "
+                              "go beside it, as NET.weights.npz")
+    imports.add_argument("--loss", metavar="LOSS",
+                         help="add the line 'loss LOSS' (e.g. cross_entropy), for training")
+
+
 def _add_plot(commands) -> None:
     plot = commands.add_parser("plot", help="draw a training curve from a --log file")
     plot.add_argument("log", metavar="METRICS.jsonl")
@@ -184,6 +206,18 @@ def _add_download(commands) -> None:
                           help="a base URL to try (repeatable; default: the known mirrors)")
     download.add_argument("--timeout", type=float, default=60.0,
                           help="seconds a file may take in all (default 60)")
+
+
+def _add_export(commands) -> None:
+    export = commands.add_parser("export", help="write a network's inference pass as ONNX")
+    export.add_argument("network", metavar="NET.cnn|NET.cnnm")
+    export.add_argument("--weights", metavar="W.npz",
+                        help="weights (.npz) to write; default: a module file's stored ones, "
+                             "a program's initial ones")
+    export.add_argument("-o", "--output", required=True, metavar="MODEL.onnx",
+                        help="the ONNX file to write")
+    export.add_argument("--opset", type=int, default=17, metavar="N",
+                        help="the ONNX opset, 11 to 21 (default 17)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -239,11 +273,14 @@ def _say(text: str) -> None:
 PATH_ARGUMENTS: dict[str, tuple[tuple[str, str], ...]] = {
     "check": (("program", "read"),), "summary": (("program", "read"),),
     "compile": (("program", "read"), ("output", "write")),
-    "train": (("network", "read"), ("data", "read"), ("resume", "read"), ("out", "write"),
+    "train": (("network", "read"), ("data", "read"), ("resume", "read"), ("weights", "read"),
+              ("out", "write"),
               ("checkpoint", "write"), ("log", "write"), ("save_best", "write")),
     "eval": (("network", "read"), ("weights", "read"), ("data", "read")),
-    "inspect": (("module", "read"),), "plot": (("log", "read"), ("output", "write")),
-    "download": (("folder", "use"),)}
+    "inspect": (("module", "read"),), "import": (("model", "read"), ("output", "write")),
+    "plot": (("log", "read"), ("output", "write")),
+    "download": (("folder", "use"),),
+    "export": (("network", "read"), ("weights", "read"), ("output", "write"))}
 
 
 def _check_paths(args: argparse.Namespace) -> None:
@@ -280,6 +317,18 @@ def _eval(args: argparse.Namespace) -> int:
     return run_eval(args)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from cnnc.cli.export import run_export
+
+    return run_export(args)
+
+
+def _import(args: argparse.Namespace) -> int:
+    from cnnc.cli.onnx_import import run_import
+
+    return run_import(args)
+
+
 def _plot(args: argparse.Namespace) -> int:
     from cnnc.cli.plot import plot_log
 
@@ -289,10 +338,10 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _program(args: argparse.Namespace) -> tuple[Source, Graph]:
+    from cnnc.cli.compile import program_source
     from cnnc.driver.pipeline import front_end
-    from cnnc.frontend.source import read_source
 
-    source = read_source(args.program)
+    source = program_source(args.program)[0]
     return source, front_end(source, getattr(args, "dtype", None))
 
 
@@ -338,7 +387,8 @@ def _module_summary(path: str):
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check": _check, "summary": _summary, "compile": run_compile, "train": _train,
-    "eval": _eval, "inspect": run_inspect, "plot": _plot, "download": _download}
+    "eval": _eval, "inspect": run_inspect, "import": _import, "plot": _plot, "download": _download,
+    "export": _export}
 
 
 if __name__ == "__main__":
