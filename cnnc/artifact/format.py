@@ -256,6 +256,8 @@ def with_params(module: ModuleFile, values: dict[str, np.ndarray]) -> ModuleFile
     one the file has, of its shape. (The code hash covers no parameter, so it stays.)"""
     stored = params_from_bytes(module.sections["params"])
     for name, value in values.items():
+        if name.endswith(".num_batches_tracked") and name not in stored:
+            continue  # a weights file's count of steps, kept by the optimizer state instead
         if name not in stored or stored[name].shape != np.shape(value):
             raise CnncModuleError.single(
                 f"{name} of shape {list(np.shape(value))} is no parameter of this module"

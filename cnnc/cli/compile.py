@@ -25,6 +25,10 @@ def run_compile(args: argparse.Namespace) -> int:
     from cnnc.driver.pipeline import Build, Stage, advance
 
     source, weights = program_source(args.program)
+    if getattr(args, "weights", None):  # the module's stored parameters, from a weights file
+        from cnnc.support.npzfile import read_npz
+
+        weights = {**(weights or {}), **read_npz(args.weights, "weights", CnncInputError)}
     options = _build_options(args)
     if args.emit == "ast":  # the syntax tree even of a program with semantic errors
         write_text(emit_stage(Build(source), "ast", options), args.output)

@@ -91,6 +91,9 @@ def _add_compile(commands) -> None:
     compile_.add_argument("--emit", choices=list(EMIT_STAGES),
                           help="print this stage instead of writing a module")
     compile_.add_argument("-o", "--output", metavar="FILE", help="write the result here")
+    compile_.add_argument("--weights", metavar="W.npz",
+                          help="store these parameters in the module (e.g. trained ones, or "
+                               "those cnnc import wrote) in place of the initial ones")
     compile_.add_argument("--dtype", choices=["f32", "f64"], help="override the input dtype")
     compile_.add_argument("--target", choices=["cpu", "cuda"], default="cpu",
                           help="cpu (native code, default) or cuda (Numba CUDA kernels)")
@@ -210,10 +213,10 @@ def _add_download(commands) -> None:
 
 def _add_export(commands) -> None:
     export = commands.add_parser("export", help="write a network's inference pass as ONNX")
-    export.add_argument("network", metavar="NET.cnn|NET.cnnm")
+    export.add_argument("network", metavar="NET.cnn|NET.cnnm|MODEL.onnx")
     export.add_argument("--weights", metavar="W.npz",
                         help="weights (.npz) to write; default: a module file's stored ones, "
-                             "a program's initial ones")
+                             "an .onnx model's own, a program's initial ones")
     export.add_argument("-o", "--output", required=True, metavar="MODEL.onnx",
                         help="the ONNX file to write")
     export.add_argument("--opset", type=int, default=17, metavar="N",
@@ -272,7 +275,7 @@ def _say(text: str) -> None:
 # would end with that error at its first checkpoint, or with a traceback from open().
 PATH_ARGUMENTS: dict[str, tuple[tuple[str, str], ...]] = {
     "check": (("program", "read"),), "summary": (("program", "read"),),
-    "compile": (("program", "read"), ("output", "write")),
+    "compile": (("program", "read"), ("output", "write"), ("weights", "read")),
     "train": (("network", "read"), ("data", "read"), ("resume", "read"), ("weights", "read"),
               ("out", "write"),
               ("checkpoint", "write"), ("log", "write"), ("save_best", "write")),

@@ -73,7 +73,8 @@ def to_onnx(graph: Graph, values: Mapping[str, np.ndarray],
 
 def export(network: str | Path, path: str | Path, weights: str | Path | None = None,
            opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """Write `network` (a .cnn path or program text, or a .cnnm module file) to `path` as
+    """Write `network` (a .cnn path or program text, a .cnnm module file or an .onnx model,
+    imported) to `path` as
     ONNX, atomically, and return the model. The weights are those of the .npz `weights`
     when given, else a module file's stored parameters and buffers, else the program's
     initial (seeded) ones."""
@@ -105,11 +106,17 @@ def network_values(network: str | Path, weights: str | Path | None = None
 def _network(network: str | Path) -> tuple[Graph, dict[str, np.ndarray]]:
     from cnnc.driver.pipeline import front_end
     from cnnc.frontend.source import to_source
+    from cnnc.onnx.importer import imported_source, is_onnx
     from cnnc.passes.initialise import initial_parameters
 
     if isinstance(network, (str, Path)) and "\n" not in str(network) and \
             str(network).endswith(".cnnm"):
         return _module_network(Path(network))
+    if is_onnx(network):  # imported, with its own weights: e.g. to see what cnnc makes of it
+        source, imported = imported_source(network)
+        graph = front_end(source)
+        return graph, checked_values(graph, {**initial_parameters(graph), **imported},
+                                     str(network))
     graph = front_end(to_source(network))
     return graph, initial_parameters(graph)
 

@@ -240,3 +240,25 @@ def test_imported_model_trains_with_a_loss_added(tmp_path):
     trained = np.load(out)
     assert trained["fc.weight"].shape == (3, 8)
     assert not np.allclose(trained["fc.weight"], numpy_helper.to_array(w))
+
+
+def test_compile_with_weights_and_export_of_an_onnx_model(tmp_path):
+    conv, weights = _conv("c1", "x", 2, 1)
+    nodes = [conv, helper.make_node("Relu", ["c1_out"], ["y"])]
+    path = _save(_model(nodes, [("x", [1, 4, 4])], "y", weights), tmp_path)
+    program = tmp_path / "net.cnn"
+    assert main(["import", str(path), "-o", str(program)]) == 0
+    x = RNG.standard_normal((2, 1, 4, 4)).astype(np.float32)
+    module = tmp_path / "net.cnnm"  # the imported weights stored in the module file
+    assert main(["compile", str(program), "--weights", str(tmp_path / "net.weights.npz"),
+                 "-o", str(module)]) == 0
+    np.testing.assert_allclose(cnnc.load(module).forward(x), _ort(path, x),
+                               rtol=1e-4, atol=1e-5)
+    again = tmp_path / "again.onnx"  # import, then export: the same function
+    assert main(["export", str(path), "-o", str(again)]) == 0
+    np.testing.assert_allclose(_ort(again, x), _ort(path, x), rtol=1e-5, atol=1e-6)
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, **{"c1.weight": np.zeros((3, 1, 3, 3), np.float32)})
+    assert main(["compile", str(program), "--weights", str(wrong), "-o",
+                 str(tmp_path / "w.cnnm")]) == 1
+    assert not (tmp_path / "w.cnnm").exists()
