@@ -66,8 +66,8 @@ def compile(program: str | Path, target: str = "cpu", dtype: str | None = None,
     else:
         module = Module(compile_module(graph, source, opt_level, bool(schedule)),
                         threads=threads)
-    if weights:
-        module.set_params(weights)
+    if weights:  # the model's own, in the dtype the module computes in (dtype="f64")
+        module.set_params({name: value.astype(module.dtype) for name, value in weights.items()})
     return module
 
 

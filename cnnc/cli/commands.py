@@ -63,7 +63,7 @@ def open_network(path: str, dtype: str | None = None, target: str = "cpu",
         program, weights = _program_with_loss(path, loss)
     module = compile_program(program, target=target, dtype=dtype)
     if weights:
-        module.set_params(weights)
+        module.set_params({name: value.astype(module.dtype) for name, value in weights.items()})
     if report is not None:
         report(f"compiled {path} for {target} in {time.perf_counter() - started:.1f} s")
     return module

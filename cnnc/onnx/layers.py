@@ -352,14 +352,14 @@ def _onnx_dtype(code: int) -> np.dtype:
 
 def dropout(t: Translator, op: Op) -> None:
     """A dropout layer: a copy at inference, as ONNX's Dropout outside training, and the
-    same rate when the imported network is trained."""
+    same rate when the imported network is trained (whatever training_mode the export
+    wrote)."""
     if len(op.outputs) > 1 and op.outputs[1] and t.readers[op.outputs[1]]:
         raise Unsupported("Dropout's mask output is read; cnnc draws and keeps its masks "
                           "itself")
-    training = t.constant(op, 2, "training_mode")
-    if training is not None and bool(training):
-        raise Unsupported("Dropout with training_mode true drops values at inference; cnnc's "
-                          "dropout drops them only in training calls")
+    # training_mode true (a training-mode export) is the same layer: cnnc's dropout drops
+    # values in training calls, and inference is a copy, as the model is meant to be run
+    t.constant(op, 2, "training_mode")
     ratio = t.constant(op, 1, "ratio")
     rate = float(op.attr("ratio", 0.5)) if ratio is None else float(ratio.reshape(()))
     t.add_line(op, "dropout", [t.source(op.inputs[0])], [number(rate)])

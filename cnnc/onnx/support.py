@@ -89,9 +89,11 @@ SUPPORT: tuple[OpSupport, ...] = (
               ("softmax_example", "softmax_large_number")),
     OpSupport("LogSoftmax", "over the features of N × features", "other axes",
               ("logsoftmax_example_1", "logsoftmax_large_number")),
-    OpSupport("Dropout", "a `dropout` layer of its ratio (a copy at inference)",
-              "`training_mode` true; reading the mask",
-              ("dropout_default", "dropout_default_ratio", "dropout_random_old")),
+    OpSupport("Dropout", "a `dropout` layer of its ratio: a copy at inference, masks in "
+              "cnnc's training calls, whatever `training_mode` says",
+              "reading the mask; a ratio computed at run time",
+              ("dropout_default", "dropout_default_ratio", "dropout_random_old",
+               "training_dropout_zero_ratio")),
     OpSupport("Identity", "", "", ("identity",)),
     OpSupport("Pad", "`constant` mode, height and width only, any finite value (a `pad` "
               "layer), `axes`", "other modes; padding the batch or channels",

@@ -262,3 +262,26 @@ def test_compile_with_weights_and_export_of_an_onnx_model(tmp_path):
     assert main(["compile", str(program), "--weights", str(wrong), "-o",
                  str(tmp_path / "w.cnnm")]) == 1
     assert not (tmp_path / "w.cnnm").exists()
+
+
+def test_a_training_mode_dropout_is_a_dropout_layer(tmp_path):
+    """A training-mode export's Dropout keeps its rate as a layer: a copy at inference (the
+    same function as the model without it), masks in training calls."""
+    conv, weights = _conv("c1", "x", 2, 1)
+    plain = _save(_model([conv, helper.make_node("Relu", ["c1_out"], ["y"])],
+                         [("x", [1, 4, 4])], "y", weights), tmp_path, "plain.onnx")
+    nodes = [conv, helper.make_node("Dropout", ["c1_out", "ratio", "training"], ["d"],
+                                    name="/drop/Dropout"),
+             helper.make_node("Relu", ["d"], ["y"])]
+    init = [*weights, _tensor("ratio", np.array(0.25, np.float32)),
+            _tensor("training", np.array(True))]
+    path = _save(_model(nodes, [("x", [1, 4, 4])], "y", init), tmp_path)
+    assert "dropout drop: 0.25" in import_model(path).text
+    module = cnnc.compile(path)
+    x = RNG.standard_normal((64, 1, 4, 4)).astype(np.float32)
+    kept = module.forward(x)
+    np.testing.assert_allclose(kept, _ort(plain, x), rtol=1e-4, atol=1e-5)
+    dropped = module.forward(x, training=True)[kept > 0]
+    assert 0.18 < np.mean(dropped == 0) < 0.32  # a quarter of what relu keeps is dropped
+    np.testing.assert_allclose(dropped[dropped != 0], kept[kept > 0][dropped != 0] / 0.75,
+                               rtol=1e-5)
