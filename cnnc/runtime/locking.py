@@ -14,9 +14,10 @@ from collections.abc import Iterator
 
 
 class StateLock:
-    """Readers together or one writer alone. A writer may call readers and other writers
-    of the same module (its own thread passes); `exclusive` makes every call a writer, for
-    a runtime whose calls share one workspace (the GPU's)."""
+    """Readers together or one writer alone, a waiting writer before new readers. A writer
+    may call readers and other writers of the same module (its own thread passes);
+    `exclusive` makes every call a writer, for a runtime whose calls share one workspace
+    (the GPU's)."""
 
     def __init__(self, exclusive: bool = False) -> None:
         self._condition = threading.Condition()
@@ -24,6 +25,8 @@ class StateLock:
         self._writer: int | None = None  # the writing thread's ident
         self._depth = 0  # the writer's nested calls
         self._exclusive = exclusive
+        self._waiting_writers = 0
+        self._reads = threading.local()
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
@@ -32,15 +35,21 @@ class StateLock:
                 yield
             return
         me = threading.get_ident()
+        depth = getattr(self._reads, "depth", 0)  # this thread's reads already inside
         with self._condition:
             inside_writer = self._writer == me
-            while not inside_writer and self._writer is not None:
+            # a waiting writer goes first, or a stream of readers could keep it out for
+            # ever; a thread already reading passes (it would wait for itself)
+            while not inside_writer and (self._writer is not None or
+                                         (self._waiting_writers and depth == 0)):
                 self._condition.wait()
             if not inside_writer:
                 self._readers += 1
+        self._reads.depth = depth + 1
         try:
             yield
         finally:
+            self._reads.depth = depth
             if not inside_writer:
                 with self._condition:
                     self._readers -= 1
@@ -51,8 +60,12 @@ class StateLock:
         me = threading.get_ident()
         with self._condition:
             if self._writer != me:
-                while self._writer is not None or self._readers:
-                    self._condition.wait()
+                self._waiting_writers += 1
+                try:
+                    while self._writer is not None or self._readers:
+                        self._condition.wait()
+                finally:
+                    self._waiting_writers -= 1
                 self._writer = me
             self._depth += 1
         try:
