@@ -32,8 +32,12 @@ def lenet5():
 
 
 def export(path: str) -> None:
+    import warnings
+
     import torch
 
+    # the TorchScript exporter: it needs no onnxscript (torch says it is the older one)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     torch.manual_seed(0)
     model = lenet5().eval()
     torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), path, dynamo=False,
