@@ -3,7 +3,8 @@
     python benchmarks/bench.py [--repeats 7] [--json results.json] [--only W1,W3] [--threads 2]
 
 Workloads W1-W4 (see issue 5 in the project's tracker and README "Performance"), and the
-graph networks W5 (ResNet-20) and W6 (MobileNetV2) of issue 15 (docs/performance.md). cnnc's
+graph networks W5 (ResNet-20) and W6 (MobileNetV2) of issue 15 (docs/performance.md), and W7:
+torchvision's ResNet-18 at 224 x 224, exported from PyTorch to ONNX and imported. cnnc's
 result is checked against its numpy reference, and every peer's against cnnc's, before
 anything is timed (for a training step, one step's loss and changes too, where the network
 has no dropout: torch_model.py); timings are medians of interleaved repeats (each repeat
@@ -58,7 +59,10 @@ WORKLOADS = [  # (id, program, batch, mode)
     ("W5", ROOT / "examples/resnet20.cnn", 64, "forward"),
     ("W5", ROOT / "examples/resnet20.cnn", 64, "train step"),
     ("W6", ROOT / "examples/mobilenet_v2.cnn", 16, "forward"),
+    ("W6", ROOT / "examples/mobilenet_v2.cnn", 1, "forward"),
+    ("W7", "resnet18.onnx", 1, "forward"),  # made by resnet18_onnx when it runs
 ]
+W7_MODEL = "resnet18.onnx"
 
 
 PEAK_SCRIPT = """
@@ -164,9 +168,27 @@ def set_statistics(module: cnnc.Module, graph) -> None:
         module.set_params(values)
 
 
+def resnet18_onnx(folder: Path) -> Path:
+    """W7's model: torchvision's ResNet-18 (as tests/onnx/torch_models.py writes it, with
+    1000 classes and random weights) exported by torch in eval mode, batch norm folded."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests" / "onnx"))
+    from torch_models import ResNet18, randomized
+
+    path = folder / W7_MODEL
+    if not path.exists():
+        model = randomized(ResNet18(classes=1000)).eval()
+        torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), path, dynamo=False,
+                          input_names=["x"], dynamic_axes={"x": {0: "N"}})
+    return path
+
+
 def run_workload(workload, repeats: int, threads: int, compiled: bool,
                  folder: Path) -> list[dict]:
     name, program, batch, mode = workload
+    if program == W7_MODEL:
+        program = resnet18_onnx(folder)
     module = fresh_module(program, threads, folder)
     graph = cnnc.check(program)
     set_statistics(module, graph)

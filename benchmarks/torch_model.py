@@ -290,16 +290,16 @@ def step_function(model, graph: Graph, mode: str, x: np.ndarray, y: np.ndarray, 
     model.eval()
     with torch.no_grad():
         _close(model(tx).cpu().numpy(), module(x), tolerance, "the forward pass (inference)")
+    if mode == "forward":  # (a network without a loss line, e.g. an imported one, too)
+        def forward():
+            with torch.no_grad():
+                return model(tx).cpu()
+        return forward
     criterion = loss_function(graph)
 
     def loss():
         return criterion(model(tx), ty)
 
-    if mode == "forward":
-        def forward():
-            with torch.no_grad():
-                return model(tx).cpu()
-        return forward
     model.train()
     if mode == "fwd+bwd":
         def backward():
