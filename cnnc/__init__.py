@@ -39,7 +39,8 @@ def _source_and_weights(program: str | Path) -> tuple[Source, dict | None]:
 
 
 def compile(program: str | Path, target: str = "cpu", dtype: str | None = None,
-            opt_level: int = 3, threads: int | None = None, schedule: bool = True) -> Module:
+            opt_level: int = 3, threads: int | None = None, schedule: bool = True,
+            cache: bool = True) -> Module:
     """Compile a program (its text, or a path to a .cnn file) to a runnable Module. An
     .onnx path is imported first (as `cnnc import` does) and the module has its weights.
 
@@ -48,9 +49,13 @@ def compile(program: str | Path, target: str = "cpu", dtype: str | None = None,
     CPU's.
 
     `schedule=False` keeps every kernel a plain loop nest: slow, but the simplest code, for
-    comparing with the scheduled kernels."""
-    from cnnc.driver.modules import compile_cuda_module, compile_module
-    from cnnc.driver.pipeline import front_end
+    comparing with the scheduled kernels.
+
+    `cache=False` neither reads nor writes the compile cache (`driver.cache`: a module
+    compiled before from the same program and options, in `CNNC_CACHE_DIR` or
+    ~/.cache/cnnc). The front end runs either way, so errors and warnings are the same."""
+    from cnnc.driver.cache import module_file
+    from cnnc.driver.pipeline import Options, from_graph, front_end
 
     if target not in ("cpu", "cuda"):
         raise CnncInputError.single(f"target {target!r} is not available; the targets are "
@@ -58,14 +63,16 @@ def compile(program: str | Path, target: str = "cpu", dtype: str | None = None,
     if type(opt_level) is not int or opt_level not in (0, 1, 2, 3):
         raise CnncInputError.single(f"opt_level must be 0, 1, 2 or 3, got {opt_level!r}")
     source, weights = _source_and_weights(program)
-    graph = front_end(source, dtype)
+    front = from_graph(front_end(source, dtype), source)
     if target == "cuda":
         from cnnc.runtime.cuda import CudaModule
 
-        module = CudaModule(compile_cuda_module(graph, source))
+        module = CudaModule(module_file(front, Options(backend="cuda"), bool(cache))[0])
     else:
-        module = Module(compile_module(graph, source, opt_level, bool(schedule)),
-                        threads=threads)
+        from cnnc.backends.target import host_cpu
+
+        options = Options(host_cpu(), opt_level=opt_level, scheduled=bool(schedule))
+        module = Module(module_file(front, options, bool(cache))[0], threads=threads)
     if weights:  # the model's own, in the dtype the module computes in (dtype="f64")
         module.set_params({name: value.astype(module.dtype) for name, value in weights.items()})
     return module

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,26 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--update-golden", action="store_true",
                      help="rewrite tests/golden/ from the current output instead of comparing")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache() -> Iterator[Path]:
+    """The session's own compile cache (CNNC_CACHE_DIR, inherited by the cnnc processes the
+    tests start): nothing is read from or written to the user's ~/.cache/cnnc, and it is
+    removed at the end. A program compiled again with the same options comes from it."""
+    with tempfile.TemporaryDirectory(prefix="cnnc-cache-") as folder, \
+            pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CNNC_CACHE_DIR", folder)
+        yield Path(folder)
+
+
+@pytest.fixture(autouse=True)
+def patched_compile_cache(request: pytest.FixtureRequest) -> None:
+    """A test that patches (monkeypatch) gets an empty compile cache of its own: a patched
+    compiler must neither take the modules the other tests built nor leave them its own."""
+    if "monkeypatch" in request.fixturenames:
+        folder = request.getfixturevalue("tmp_path_factory").mktemp("cnnc-cache")
+        request.getfixturevalue("monkeypatch").setenv("CNNC_CACHE_DIR", str(folder))
 
 
 @pytest.fixture

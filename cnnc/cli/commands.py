@@ -38,10 +38,11 @@ MAX_COUNT = MAX_SIZE
 
 def open_network(path: str, dtype: str | None = None, target: str = "cpu",
                  trust: str = "code", report: Callable[[str], None] | None = None,
-                 loss: str | None = None) -> Module:
+                 loss: str | None = None, cache: bool = True) -> Module:
     """A compiled module file (trust: see `cnnc.load`), or a .cnn program or .onnx model
     compiled now for `target`, saying so and how long it took through `report`. `loss`
-    adds the line `loss LOSS` to a program (or an imported model) that has none."""
+    adds the line `loss LOSS` to a program (or an imported model) that has none; `cache`
+    (False: --no-cache) whether the compile may use the compile cache."""
     from cnnc import compile as compile_program
 
     started = time.perf_counter()
@@ -61,7 +62,7 @@ def open_network(path: str, dtype: str | None = None, target: str = "cpu",
     program: Source | Path = Path(path)
     if loss is not None:
         program, weights = _program_with_loss(path, loss)
-    module = compile_program(program, target=target, dtype=dtype)
+    module = compile_program(program, target=target, dtype=dtype, cache=cache)
     if weights:
         module.set_params({name: value.astype(module.dtype) for name, value in weights.items()})
     if report is not None:
@@ -122,7 +123,8 @@ def _train(args: argparse.Namespace, team: Any) -> int:
         select_gpu(team.local_rank)
     root = team is None or team.is_root
     module = open_network(args.network, target=args.target, trust=_trust(args),
-                          report=print if root else None, loss=args.loss)
+                          report=print if root else None, loss=args.loss,
+                          cache=not getattr(args, "no_cache", False))
     if args.weights:  # the starting point: e.g. what `cnnc import` wrote beside a program
         module.load_weights(args.weights)
     if "loss" not in module.manifest:
@@ -226,7 +228,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from cnnc.training.loop import check_data, evaluate
 
     _check_flags(argparse.Namespace(val_split=args.val_split, seed=args.seed))
-    module = open_network(args.network, trust=_trust(args), report=print, loss=args.loss)
+    module = open_network(args.network, trust=_trust(args), report=print, loss=args.loss,
+                          cache=not getattr(args, "no_cache", False))
     if "loss" not in module.manifest:
         raise CnncError.single(f"network {module.name} has no loss line to evaluate; "
                                "--loss adds one")

@@ -73,26 +73,29 @@ def _compile_to_file(args: argparse.Namespace, front: Build, options: Options,
                      weights: dict | None = None) -> int:
     from cnnc.artifact.format import with_params
     from cnnc.artifact.format import write as write_module
-    from cnnc.driver.pipeline import advance
+    from cnnc.driver.cache import module_file as cached_module_file
 
     output = Path(args.output) if args.output else Path(Path(args.program).stem + ".cnnm")
     started = time.perf_counter()
     graph = front.graph
     params = f"{sum(p.size for p in graph.params):,} parameters, {graph.dtype.value}"
-    module_file = advance(front, options).module
+    module_file, cached = cached_module_file(front, options,
+                                             not getattr(args, "no_cache", False))
     if weights:  # an imported model's own weights, in place of the initial ones
         module_file = with_params(module_file, weights)
     write_module(module_file, output)
+    took = f"{time.perf_counter() - started:.1f} s" + (", from the compile cache" if cached
+                                                       else "")
     if options.backend == "cuda":
         launches = len(module_file.manifest["entry_points"]["forward"])
         print(f"wrote {output}: network {graph.name}, target cuda, {launches} kernel launches "
-              f"forward, {params} ({time.perf_counter() - started:.1f} s)")
+              f"forward, {params} ({took})")
         return EXIT_OK
     kernels = len(module_file.manifest["kernels"])
     forward = sum(1 for k in module_file.manifest["kernels"] if k.endswith("_fwd"))
     training = f" and {kernels - forward} for training" if kernels > forward else ""
     print(f"wrote {output}: network {graph.name}, {forward} forward kernels{training}, "
-          f"{params}, -O{args.opt_level} ({time.perf_counter() - started:.1f} s)")
+          f"{params}, -O{args.opt_level} ({took})")
     return EXIT_OK
 
 

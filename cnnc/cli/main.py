@@ -103,8 +103,11 @@ def _add_compile(commands) -> None:
                           help="print each kernel's schedule and why it was chosen")
     compile_.add_argument("--no-schedule", action="store_true",
                           help="plain loop nests for every kernel (slow; for comparison)")
+    compile_.add_argument("--no-cache", action="store_true", help=NO_CACHE_HELP)
 
 
+NO_CACHE_HELP = ("compile afresh, neither reading nor writing the compile cache "
+                 "(CNNC_CACHE_DIR, default ~/.cache/cnnc)")
 REBUILD_HELP = ("ignore the module file's stored code and compile its stored program again "
                 "(for files from elsewhere: loading a .cnnm otherwise runs its code)")
 
@@ -147,6 +150,7 @@ def _add_train(commands) -> None:
     train.add_argument("--target", choices=["cpu", "cuda"], default="cpu",
                        help="where a .cnn program is compiled to run (a .cnnm file has its own)")
     train.add_argument("--rebuild", action="store_true", help=REBUILD_HELP)
+    train.add_argument("--no-cache", action="store_true", help=NO_CACHE_HELP)
     train.add_argument("--mpi-timeout", type=float, default=120.0, metavar="SECONDS",
                        help="under mpirun: stop the job when the other processes have not "
                             "answered for this long (default 120)")
@@ -167,6 +171,7 @@ def _add_eval(commands) -> None:
                           help="the fraction train held out (default 0.2, as train's)")
     evaluate.add_argument("--seed", type=int, help="the seed train used (train line's)")
     evaluate.add_argument("--rebuild", action="store_true", help=REBUILD_HELP)
+    evaluate.add_argument("--no-cache", action="store_true", help=NO_CACHE_HELP)
 
 
 def _add_inspect(commands) -> None:
