@@ -30,10 +30,11 @@ def check(program: str | Path, dtype: str | None = None) -> Graph:
 
 def _source_and_weights(program: str | Path) -> tuple[Source, dict | None]:
     """The program's source; for an ONNX model, the program it imports as, and its weights."""
-    from cnnc.frontend.source import to_source
-    from cnnc.onnx.importer import imported_source, is_onnx
+    from cnnc.frontend.source import is_onnx, to_source
 
     if is_onnx(program):
+        from cnnc.onnx.importer import imported_source
+
         return imported_source(program)
     return to_source(program), None
 

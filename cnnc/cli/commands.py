@@ -73,8 +73,8 @@ def open_network(path: str, dtype: str | None = None, target: str = "cpu",
 def _program_with_loss(path: str, loss: str) -> tuple[Source, dict | None]:
     """The program at `path` (a .cnn file, or the program an .onnx model imports as, with
     its weights) with the line `loss LOSS` added."""
-    from cnnc.frontend.source import read_source
-    from cnnc.onnx.importer import imported_source, is_onnx, with_loss
+    from cnnc.frontend.source import is_onnx, read_source
+    from cnnc.onnx.importer import imported_source, with_loss
 
     if is_onnx(path):
         return imported_source(path, loss)

@@ -50,10 +50,11 @@ def run_compile(args: argparse.Namespace) -> int:
 
 def program_source(path: str) -> tuple[Source, dict | None]:
     """A .cnn file's text; an .onnx model's imported program and its weights."""
-    from cnnc.frontend.source import read_source
-    from cnnc.onnx.importer import imported_source, is_onnx
+    from cnnc.frontend.source import is_onnx, read_source
 
     if is_onnx(path):
+        from cnnc.onnx.importer import imported_source
+
         return imported_source(path)
     return read_source(path), None
 

@@ -63,3 +63,11 @@ def _is_file(text: str) -> bool:
         return Path(text).is_file()
     except (OSError, ValueError):  # not a usable path, e.g. too long or with a NUL byte
         return False
+
+
+def is_onnx(program: object) -> bool:
+    """Whether `program` names an ONNX file (by its suffix), as cnnc.compile and the
+    commands that take a network tell an .onnx path from a .cnn one. Here, not in the
+    importer, so that compiling a .cnn program never loads the importer."""
+    return isinstance(program, (str, Path)) and "\n" not in str(program) \
+        and str(program).lower().endswith(".onnx")

@@ -105,8 +105,8 @@ def network_values(network: str | Path, weights: str | Path | None = None
 
 def _network(network: str | Path) -> tuple[Graph, dict[str, np.ndarray]]:
     from cnnc.driver.pipeline import front_end
-    from cnnc.frontend.source import to_source
-    from cnnc.onnx.importer import imported_source, is_onnx
+    from cnnc.frontend.source import is_onnx, to_source
+    from cnnc.onnx.importer import imported_source
     from cnnc.passes.initialise import initial_parameters
 
     if isinstance(network, (str, Path)) and "\n" not in str(network) and \

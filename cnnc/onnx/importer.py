@@ -128,13 +128,6 @@ def write_import(imported: Imported, program: Path, weights: Path | None = None)
     return weights
 
 
-def is_onnx(program: object) -> bool:
-    """Whether `program` names an ONNX file (by its suffix), as cnnc.compile and the
-    commands that take a network tell an .onnx path from a .cnn one."""
-    return isinstance(program, (str, Path)) and "\n" not in str(program) \
-        and str(program).lower().endswith(".onnx")
-
-
 def imported_source(path: str | Path, loss: str | None = None
                     ) -> tuple[Source, dict[str, np.ndarray]]:
     """The program of the ONNX model at `path` as a Source (named after the file, so that
