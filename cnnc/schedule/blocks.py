@@ -82,6 +82,10 @@ class BlockCode:
     init: Callable[[int, int], Expr]  # the starting value of accumulator (r, v)
     finish: Callable[[int, int, Expr], tuple[Stmt, ...]]  # consumes accumulator (r, v)
     epilogue: Callable[[int], tuple[Stmt, ...]] = lambda rows: ()  # after all, given rows
+    # further reduction nests into the same accumulators, after the first: (reduction,
+    # broadcast, vector) each (a strided convolution's other stride phases)
+    more: tuple[tuple[tuple[tuple[str, Expr], ...], Callable[[int], Expr],
+                      Callable[[int], Expr]], ...] = ()
 
 
 def register_block(f: Function, tag: str, block: Block, rows: int,
@@ -94,17 +98,20 @@ def register_block(f: Function, tag: str, block: Block, rows: int,
     f.locals += [Local(n, f.dtype, lanes) for row in acc for n in row]
     f.locals += [Local(n, f.dtype, lanes) for n in weights] + [Local(scalar, f.dtype)]
     start = [Assign(acc[r][v], code.init(r, v)) for r in range(rows) for v in range(vectors)]
-    step: list[Stmt] = [Assign(weights[v], code.vector(v)) for v in range(vectors)]
-    for r in range(rows):
-        step.append(Assign(scalar, code.broadcast(r)))
-        spread = Broadcast(Var(scalar), lanes)
-        step += [Assign(acc[r][v], add(Var(acc[r][v]), mul(spread, Var(weights[v]))))
-                 for v in range(vectors)]
-    names = [name for name, _ in code.reduction]
-    nest = loop_nest(names, [extent for _, extent in code.reduction], tuple(step))
+    nests = []
+    for reduction, broadcast, vector in ((code.reduction, code.broadcast, code.vector),
+                                         *code.more):
+        step: list[Stmt] = [Assign(weights[v], vector(v)) for v in range(vectors)]
+        for r in range(rows):
+            step.append(Assign(scalar, broadcast(r)))
+            spread = Broadcast(Var(scalar), lanes)
+            step += [Assign(acc[r][v], add(Var(acc[r][v]), mul(spread, Var(weights[v]))))
+                     for v in range(vectors)]
+        names = [name for name, _ in reduction]
+        nests.append(loop_nest(names, [extent for _, extent in reduction], tuple(step)))
     end = [s for r in range(rows) for v in range(vectors)
            for s in code.finish(r, v, Var(acc[r][v]))]
-    return (*start, nest, *end, *code.epilogue(rows))
+    return (*start, *nests, *end, *code.epilogue(rows))
 
 
 def row_tiles(f: Function, var: str, extent: int | None, block: Block,
@@ -214,6 +221,55 @@ def pad(f: Function, source: Buffer, top: int, left: int, height: int,
     f.body.append(loop_nest(["pn", "pc"], [Var(BATCH), channels],
                             tuple(s for s in row_loops if s is not None)))
     return name
+
+
+def phase_plane(f: Function, source: Buffer, phase: tuple[int, int], stride: tuple[int, int],
+                pad_before: tuple[int, int], height: int, width: int) -> tuple[str, Stmt]:
+    """scratch[i, c, j] = padded[n, c, S·i + a, S·j + b] for stride phase (a, b) of sample
+    n, where `padded` is the source with `pad_before` zero rows and columns above and to its
+    left (and zeros past its end): one contiguous plane of every S-th row and column, so
+    that a strided correlation reads it with unit stride, rows outermost so that a row's
+    channels lie together. Returns the plane and the loops that fill it for sample `n`:
+    run in the batch loop, each sample's planes are still in cache when it is read. The
+    border is stored as zeros, the inside copied, so no load tests a bound."""
+    _, channels, rows, cols = source.shape
+    name = f.add_scratch(f"phase{phase[0]}_{phase[1]}", (height, channels, width))
+    (first_i, count_i), (first_j, count_j) = (
+        _inside(p, s, before, size, extent) for p, s, before, size, extent in
+        zip(phase, stride, pad_before, (rows, cols), (height, width), strict=True))
+
+    def source_at(var: str, first: int, axis: int) -> Expr:
+        # padded index S·(first + var) + phase − pad_before, a source index ≥ 0
+        return affine(Var(var), stride[axis],
+                      const(stride[axis] * first + phase[axis] - pad_before[axis]))
+
+    def zeros(row: Expr, start: int, count: int) -> For:
+        return For("pj", const(count), (Store(name, (row, Var("pc"),
+                                                     add(Var("pj"), const(start))), ZERO),))
+
+    inside_row = add(Var("pi"), const(first_i))
+    copy = For("pj", const(count_j), (Store(
+        name, (inside_row, Var("pc"), add(Var("pj"), const(first_j))),
+        Load(source.name, (Var("n"), Var("pc"), source_at("pi", first_i, 0),
+                           source_at("pj", first_j, 1)))),))
+    right, below = width - first_j - count_j, height - first_i - count_i
+    row_loops = [
+        For("pt", const(first_i), (zeros(Var("pt"), 0, width),)) if first_i else None,
+        For("pi", const(count_i), tuple(s for s in (
+            zeros(inside_row, 0, first_j) if first_j else None, copy,
+            zeros(inside_row, first_j + count_j, right) if right else None) if s is not None))
+        if count_i else None,
+        For("pz", const(below), (zeros(add(Var("pz"), const(first_i + count_i)), 0, width),))
+        if below else None]
+    return name, For("pc", const(channels), tuple(s for s in row_loops if s is not None))
+
+
+def _inside(phase: int, stride: int, before: int, size: int, extent: int) -> tuple[int, int]:
+    """(first, count) of the plane indices i < extent whose padded index S·i + phase − before
+    falls inside the source (0..size)."""
+    first = min(extent, max(0, -((phase - before) // stride)))  # ceil((before − phase) / S)
+    last = min(extent - 1, (size - 1 + before - phase) // stride)
+    return first, max(0, last - first + 1)
 
 
 def affine(q: Expr, scale: int, shift: Expr) -> Expr:

@@ -25,6 +25,7 @@ from cnnc.loops.ir import (
     Broadcast,
     Buffer,
     Expr,
+    For,
     Load,
     Stmt,
     Var,
@@ -43,13 +44,14 @@ from cnnc.schedule.blocks import (
     larger,
     pack_blocked,
     pad,
+    phase_plane,
     row_tiles,
     smaller,
     tile_buffer,
     tile_scatter,
     tile_store,
 )
-from cnnc.schedule.cost import Block, Machine, Schedule, choose_block
+from cnnc.schedule.cost import Block, Machine, Schedule, choose_block, splits_stride_phases
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +201,8 @@ def conv_forward(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lo
     # loads, for stride > 1, only where a group's few filters leave little else)
     if (sw == 1 or groups > 1) and width_score > score * 1.05:
         return _conv_forward_by_width(kernel, f, x, weight, out, by_width, width_score)
+    if splits_stride_phases(window.stride, window.dilation, groups, (kh, kw)):
+        return _conv_forward_phases(kernel, f, x, weight, out, window, block, score)
     width = block.width
     src = _padded_source(f, x, window, oh, ow)
     if groups == 1:
@@ -225,6 +229,85 @@ def conv_forward(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lo
                         ("input channel", "kh", "kw"),
                         ("weights [fb, c, kh, kw, lanes]", "bias", "input zero-padded"),
                         efficiency=score, reason=block_reason(block, ow, per_group))
+    return Lowered(f.finished(), tuple(f.scratch), schedule)
+
+
+def _conv_forward_phases(kernel: Kernel, f: Function, x: Buffer, weight: Buffer, out: Buffer,
+                         window, block: Block, score: float) -> Lowered:
+    """Forward convolution of stride S (dilation 1) as a sum of stride-1 correlations, one per
+    stride phase (a, b): tap (a + S·u, b + S·v) reads padded row S·(q + u) + a, column
+    S·(p + v) + b, which is row q + u, column p + v of phase plane (a, b), the padded input's
+    every S-th row and column from (a, b). Each sample's input is copied into the planes in
+    the batch loop (each plane dense, rows outermost, small enough to stay in L2 until its
+    blocks read it), and each phase's register block reads its plane with unit stride and
+    its own sub-kernel's taps; all phases add into the same accumulators. Phases without
+    taps (a kernel smaller than its stride) get no plane."""
+    channels_out, channels_in, kh, kw = weight.shape
+    (sh, sw), (top, left) = window.stride, window.pad[:2]
+    oh, ow = out.shape[2], out.shape[3]
+    width = block.width
+    parts, copies = [], []
+    for a in range(sh):
+        for b in range(sw):
+            taps_h, taps_w = len(range(a, kh, sh)), len(range(b, kw, sw))
+            if not (taps_h and taps_w):
+                continue
+            plane, copy = phase_plane(f, x, (a, b), (sh, sw), (top, left), oh + taps_h - 1,
+                                      ow + taps_w - 1)
+            copies.append(copy)
+            packed = pack_blocked(
+                f, f"w{a}_{b}", [("pc", channels_in), ("ph", taps_h), ("pw", taps_w)],
+                channels_out, width,
+                lambda ch, o, a=a, b=b: Load(weight.name, (ch, o[0], affine(o[1], sh, const(a)),
+                                                           affine(o[2], sw, const(b)))))
+            parts.append((plane, packed, taps_h, taps_w))
+    bias = None
+    if kernel.has_bias:
+        bias = pack_blocked(f, "b", [], channels_out, width,
+                            lambda ch, o: Load(kernel.inputs[2], (ch,)))
+    tile = tile_buffer(f, block)
+    first_out = mul(Var("fb"), const(width))
+
+    def code_at(first_col: Expr) -> BlockCode:
+        def part(plane: str, packed: str, taps_h: int, taps_w: int) -> tuple:
+            def broadcast(r: int) -> Expr:
+                return Load(plane, (add(Var("q"), Var("th")), Var("c"),
+                                    add(add(first_col, const(r)), Var("tw"))))
+
+            def vector(v: int) -> Expr:
+                return VecLoad(packed, (Var("fb"), Var("c"), Var("th"), Var("tw"),
+                                        const(v * block.lanes)), block.lanes)
+            loops = (("c", const(channels_in)), ("th", const(taps_h)), ("tw", const(taps_w)))
+            return loops, broadcast, vector
+
+        def init(r: int, v: int) -> Expr:
+            if bias is None:
+                return ZERO
+            return VecLoad(bias, (Var("fb"), const(v * block.lanes)), block.lanes)
+
+        def out_index(r: Expr, channel: Expr) -> tuple[Expr, ...]:
+            return (Var("n"), channel, Var("q"), add(first_col, r))
+
+        (loops, broadcast, vector), *more = (part(*p) for p in parts)
+        return BlockCode(
+            reduction=loops, broadcast=broadcast, vector=vector, init=init,
+            finish=tile_store(tile, block),
+            epilogue=tile_scatter(tile, out.name, out_index, first_out, channels_out, width,
+                                  kernel.activation, kernel.activation_attrs),
+            more=tuple(more))
+
+    tiles = row_tiles(f, "ow", ow, block, code_at)
+    blocks = loop_nest(["fb", "q"], [math.ceil(channels_out / width), oh], tiles)
+    f.body.append(For("n", Var(BATCH), (*copies, blocks)))
+    schedule = Schedule(kernel.name, f"correlation over {len(parts)} stride phase(s)", block,
+                        "output column", ow, "output channel", channels_out,
+                        ("stride phase", "input channel", "kh / S", "kw / S"),
+                        ("input split into stride phases (each zero-padded, contiguous)",
+                         "weights per phase [fb, c, kh, kw, lanes]",
+                         *(("bias",) if kernel.has_bias else ())),
+                        efficiency=score,
+                        reason=block_reason(block, ow, channels_out) + "; the phases make "
+                        "each tap's row loads unit-stride")
     return Lowered(f.finished(), tuple(f.scratch), schedule)
 
 
