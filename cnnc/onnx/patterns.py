@@ -7,7 +7,8 @@ for one thing cnnc has as one layer or activation:
 - MatMul by a constant, with the Add of a constant after it → one dense (a Gemm);
 - ReduceMean / ReduceMax over the two spatial axes → a global pool;
 - a zero Pad in front of a Conv or an AveragePool that counts padding, or a −∞ Pad in front of
-  a MaxPool → the padding of that layer.
+  a MaxPool → the padding of that layer;
+- Mul and Add of a per-channel constant after a Conv → its weight and bias.
 
 A rewritten op is named after the node the rewrite keeps, with the others listed in
 `Op.attrs["fused"]` so errors can name them all.
@@ -288,5 +289,67 @@ def _add_pads(pads: list[int] | None, extra: tuple[int, int, int, int]) -> list[
     return [top + extra[0], left + extra[1], bottom + extra[2], right + extra[3]]
 
 
+def channel_affine(graph: Graph) -> None:
+    """Mul and Add of a per-channel constant after a Conv that nothing else reads, as
+    converters write a batch norm (x·scale + shift) or a separate bias: folded into the
+    Conv's weight and bias. Repeated, so Conv → Mul → Add folds whole."""
+    changed = True
+    while changed:
+        changed = False
+        producer = graph.producer()
+        for op in [op for op in graph.ops if op.op_type in ("Mul", "Add")]:
+            folded = _fold_into_conv(graph, op, producer)
+            if folded is not None:
+                _replace(graph, [producer[_other_input(op, folded[1])], op], folded[0])
+                changed = True
+                break
+
+
+def _fold_into_conv(graph: Graph, op: Op, producer: dict[str, Op]) -> tuple[Op, str] | None:
+    """The Conv with `op` folded in, and the constant's name; None where it does not fit."""
+    if len(op.inputs) != 2:
+        return None
+    for name in op.inputs:
+        value, conv = graph.constant(name), producer.get(_other_input(op, name))
+        if value is None or conv is None or conv.op_type != "Conv" \
+                or graph.readers()[conv.outputs[0]] != 1:
+            continue
+        weight = graph.constant(conv.inputs[1])
+        if weight is None or weight.ndim != 4 or graph.readers()[conv.inputs[1]] != 1:
+            return None
+        per_channel = _per_channel(value, weight.shape[0])
+        if per_channel is None:
+            return None
+        bias = graph.constant(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] \
+            else np.zeros(weight.shape[0], weight.dtype)
+        if op.op_type == "Mul":
+            weight = weight * per_channel.reshape(-1, 1, 1, 1).astype(weight.dtype)
+            bias = bias * per_channel.astype(bias.dtype)
+        else:
+            bias = bias + per_channel.astype(bias.dtype)
+        names = (_constant(graph, conv.inputs[1], weight),
+                 _constant(graph, f"{conv.inputs[1]}::bias", bias))
+        attrs = dict(conv.attrs, fused=(*conv.attr("fused", ()), op.name))
+        return Op("Conv", conv.name, (conv.inputs[0], *names), op.outputs, attrs), name
+    return None
+
+
+def _per_channel(value: np.ndarray, channels: int) -> np.ndarray | None:
+    """A constant that broadcasts over N x C x H x W by channel only, as a C vector."""
+    if value.ndim > 4 or any(d != 1 for i, d in enumerate(value.shape[::-1]) if i in (0, 1)):
+        return None
+    shape = (1,) * (4 - value.ndim) + value.shape
+    if shape[0] != 1 or shape[1] not in (1, channels):
+        return None
+    return np.broadcast_to(value.reshape(-1), (channels,)).astype(np.float64)
+
+
+def _constant(graph: Graph, name: str, value: np.ndarray) -> str:
+    """`value` under `name` among the folded constants (both probes: it has no batch)."""
+    graph.constants.first[name] = graph.constants.second[name] = value
+    return name
+
+
 REWRITES: tuple[Callable[[Graph], None], ...] = (
-    aliases, gated_activations, erf_gelu, matmul_add, spatial_reductions, merge_pads)
+    aliases, gated_activations, erf_gelu, matmul_add, spatial_reductions, merge_pads,
+    channel_affine)

@@ -66,10 +66,12 @@ SUPPORT: tuple[OpSupport, ...] = (
               ("globalaveragepool", "globalaveragepool_precomputed")),
     OpSupport("GlobalMaxPool", "also ReduceMax over axes 2 and 3", "",
               ("globalmaxpool", "globalmaxpool_precomputed")),
-    OpSupport("Add", "two layers of one shape (`add`)",
-              "a layer and a constant (the node tests feed two inputs: none can run)", ()),
-    OpSupport("Mul", "two layers of one shape, or a C×1×1 gate (`mul`)",
-              "a layer and a constant (the node tests feed two inputs: none can run)", ()),
+    OpSupport("Add", "two layers of one shape (`add`); a per-channel constant after a Conv "
+              "(into its bias)", "other constants (the node tests feed two inputs: none can "
+              "run)", ()),
+    OpSupport("Mul", "two layers of one shape, or a C×1×1 gate (`mul`); a per-channel "
+              "constant after a Conv (into its weight and bias)", "other constants (the node "
+              "tests feed two inputs: none can run)", ()),
     OpSupport("Concat", "`axis` 1 (channels), of layers (`concat`)",
               "other axes; constants (the node tests feed two inputs: none can run)", ()),
     OpSupport("Flatten", "`axis` 1", "other axes (they move the batch)",

@@ -285,3 +285,27 @@ def test_a_training_mode_dropout_is_a_dropout_layer(tmp_path):
     assert 0.18 < np.mean(dropped == 0) < 0.32  # a quarter of what relu keeps is dropped
     np.testing.assert_allclose(dropped[dropped != 0], kept[kept > 0][dropped != 0] / 0.75,
                                rtol=1e-5)
+
+
+def test_a_per_channel_mul_and_add_fold_into_the_conv(tmp_path):
+    """Conv → Mul(scale) → Add(shift), as converters write a batch norm: one conv line, with
+    the scale in its weight and the shift as its bias."""
+    w = _tensor("c.weight", RNG.standard_normal((3, 2, 3, 3)).astype(np.float32))
+    scale = _tensor("scale", RNG.uniform(0.5, 2, (1, 3, 1, 1)).astype(np.float32))
+    shift = _tensor("shift", RNG.standard_normal((3, 1, 1)).astype(np.float32))
+    nodes = [helper.make_node("Conv", ["x", "c.weight"], ["c"], kernel_shape=[3, 3],
+                              name="/c/Conv"),
+             helper.make_node("Mul", ["c", "scale"], ["m"], name="/bn/Mul"),
+             helper.make_node("Add", ["shift", "m"], ["a"], name="/bn/Add"),
+             helper.make_node("Relu", ["a"], ["y"])]
+    path = _save(_model(nodes, [("x", [2, 6, 6])], "y", [w, scale, shift]), tmp_path)
+    _same_as_ort(path, (2, 6, 6))
+    text = import_model(path).text
+    assert "conv c: 3 3x3 -> relu" in text and "/bn/Mul" in text and "/bn/Add" in text
+    plane = _tensor("plane", RNG.standard_normal((1, 1, 4, 4)).astype(np.float32))
+    nodes = [helper.make_node("Conv", ["x", "c.weight"], ["c"], kernel_shape=[3, 3]),
+             helper.make_node("Add", ["c", "plane"], ["y"], name="/plane/Add")]
+    other = _save(_model(nodes, [("x", [2, 6, 6])], "y", [w, plane]), tmp_path, "o.onnx")
+    with pytest.raises(cnnc.CnncInputError, match="Add '/plane/Add': Add of a layer and a "
+                                                  "constant"):
+        import_model(other)  # it varies over the plane, not by channel: no bias
