@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from cnnc.diagnostics import Source
@@ -13,12 +14,12 @@ EXIT_OK = 0
 
 def run_import(args: argparse.Namespace) -> int:
     from cnnc.driver.pipeline import front_end
-    from cnnc.onnx.importer import Imported, import_model, with_loss, write_import
+    from cnnc.onnx.importer import import_model, with_loss, write_import
 
     imported = import_model(args.model)
     if args.loss:
-        imported = Imported(imported.name, with_loss(imported.text, args.loss, args.model),
-                            imported.weights, imported.source)
+        imported = dataclasses.replace(imported,
+                                       text=with_loss(imported.text, args.loss, args.model))
     program = Path(args.output) if args.output else Path(Path(args.model).stem + ".cnn")
     graph = front_end(Source(imported.text, str(program)))  # its errors name the nodes
     weights = write_import(imported, program)

@@ -91,14 +91,14 @@ def fold(model: OnnxModel) -> tuple[list[tuple[Op, Any]], Constants, OnnxModel]:
     initial = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     constants = Constants(dict(initial), dict(initial))
     order = list(graph.node)  # the original nodes, in the model's (topological) order
-    nodes = list(order)
+    pairs = [(decode(node), node) for node in order]
     while True:
-        left = [node for node in nodes if not _try_fold(decode(node), node, model, constants)]
-        if len(left) == len(nodes):
+        left = [(op, node) for op, node in pairs if not _try_fold(op, node, model, constants)]
+        if len(left) == len(pairs):
             break
-        nodes = left
-        model = _reinfer(model, nodes, constants, order)
-    return [(decode(node), node) for node in nodes], constants, model
+        pairs = left
+        model = _reinfer(model, [node for _, node in pairs], constants, order)
+    return pairs, constants, model
 
 
 def _reinfer(model: OnnxModel, nodes: list[Any], constants: Constants,

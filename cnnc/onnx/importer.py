@@ -32,7 +32,6 @@ class Imported:
     name: str  # the network's name
     text: str
     weights: dict[str, np.ndarray]
-    source: str  # the ONNX file
 
 
 def import_model(path: str | Path, proto: object = None) -> Imported:
@@ -58,7 +57,7 @@ def import_model(path: str | Path, proto: object = None) -> Imported:
     used = {f"{line.name}." for line in lines}
     weights = {k: v for k, v in translator.weights.items()
                if any(k.startswith(prefix) for prefix in used)}
-    return Imported(network, text, weights, model.path)
+    return Imported(network, text, weights)
 
 
 def _problems_text(model: OnnxModel, problems: list[Problem]) -> str:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cnnc.onnx.fold import Op
+from cnnc.onnx.fold import PROBES, Op
 from cnnc.onnx.lines import Line, Unsupported, number
 from cnnc.onnx.patterns import pad_value, spatial_pads
 
@@ -289,8 +289,6 @@ def reshape(t: Translator, op: Op) -> None:
 
 def _reshape_target(t: Translator, op: Op, shape: tuple) -> list[int]:
     """The target's sample dimensions, or an error when its first is not the batch."""
-    from cnnc.onnx.fold import PROBES
-
     allowzero = op.attr("allowzero", 0)
     pair = t.graph.constants.batch_dependent(op.inputs[1])
     if pair is not None:

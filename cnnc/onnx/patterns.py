@@ -230,10 +230,11 @@ def spatial_reductions(graph: Graph) -> None:
 def merge_pads(graph: Graph) -> None:
     """A constant Pad of the spatial axes only, read only by a layer that pads with the same
     value, becomes that layer's padding."""
-    producer = graph.producer()
+    producer, readers = graph.producer(), graph.readers()  # a merge changes neither's
+    # entries for the tensors still to look at
     for op in [op for op in graph.ops if op.op_type in ("Conv", "AveragePool", "MaxPool")]:
         pad = producer.get(op.inputs[0])
-        if pad is None or pad.op_type != "Pad" or graph.readers()[op.inputs[0]] != 1:
+        if pad is None or pad.op_type != "Pad" or readers[op.inputs[0]] != 1:
             continue
         amounts = spatial_pads(graph, pad)
         if amounts is None or not _same_fill(graph, pad, op):
@@ -296,26 +297,27 @@ def channel_affine(graph: Graph) -> None:
     changed = True
     while changed:
         changed = False
-        producer = graph.producer()
+        producer, readers = graph.producer(), graph.readers()
         for op in [op for op in graph.ops if op.op_type in ("Mul", "Add")]:
-            folded = _fold_into_conv(graph, op, producer)
+            folded = _fold_into_conv(graph, op, producer, readers)
             if folded is not None:
                 _replace(graph, [producer[_other_input(op, folded[1])], op], folded[0])
                 changed = True
                 break
 
 
-def _fold_into_conv(graph: Graph, op: Op, producer: dict[str, Op]) -> tuple[Op, str] | None:
+def _fold_into_conv(graph: Graph, op: Op, producer: dict[str, Op],
+                    readers: Counter) -> tuple[Op, str] | None:
     """The Conv with `op` folded in, and the constant's name; None where it does not fit."""
     if len(op.inputs) != 2:
         return None
     for name in op.inputs:
         value, conv = graph.constant(name), producer.get(_other_input(op, name))
         if value is None or conv is None or conv.op_type != "Conv" \
-                or graph.readers()[conv.outputs[0]] != 1:
+                or readers[conv.outputs[0]] != 1:
             continue
         weight = graph.constant(conv.inputs[1])
-        if weight is None or weight.ndim != 4 or graph.readers()[conv.inputs[1]] != 1:
+        if weight is None or weight.ndim != 4 or readers[conv.inputs[1]] != 1:
             return None
         per_channel = _per_channel(value, weight.shape[0])
         if per_channel is None:

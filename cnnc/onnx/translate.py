@@ -93,8 +93,7 @@ class Translator:
         """`text` at the end of the line that made the input, or a line of its own."""
         tensor = op.inputs[0]
         name = self.source(tensor)
-        line = self.lines[-1] if self.lines and self.lines[-1].name == name else None
-        line = next((ln for ln in reversed(self.lines) if ln.name == name), line)
+        line = next((ln for ln in reversed(self.lines) if ln.name == name), None)
         bare = text.split("(")[0]
         if (line is not None and line.kind in TAKES_ACTIVATION and line.activation is None
                 and self.readers[tensor] == 1 and tensor != self.graph.output
