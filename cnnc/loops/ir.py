@@ -150,10 +150,18 @@ class LoopKind(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class For:
+    """`for var in 0..extent`. A PARALLEL loop's iterations may run on several threads at
+    once, in any order: none reads what another writes, and a local it assigns is its own.
+    `private` names scratch buffers each thread gets a copy of (static shapes), for what an
+    iteration writes and reads back itself. A PARALLEL loop whose body is one PARALLEL loop
+    is one parallel range over both (the inner extent must not depend on the outer
+    variable)."""
+
     var: str
     extent: Expr
     body: tuple[Stmt, ...]
     kind: LoopKind = LoopKind.SERIAL
+    private: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

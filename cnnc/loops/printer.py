@@ -40,7 +40,9 @@ def format_function(function: LoopFunction) -> str:
 def _format_stmt(stmt: Stmt, depth: int, lines: list[str]) -> None:
     pad = "  " * depth
     if isinstance(stmt, For):
-        lines.append(f"{pad}{stmt.kind.value} {stmt.var} in 0..{format_expr(stmt.extent)}:")
+        private = f" (private {', '.join(stmt.private)})" if stmt.private else ""
+        lines.append(f"{pad}{stmt.kind.value} {stmt.var} in 0..{format_expr(stmt.extent)}"
+                     f"{private}:")
         for inner in stmt.body:
             _format_stmt(inner, depth + 1, lines)
     elif isinstance(stmt, If):

@@ -12,6 +12,9 @@ and the invariant, and not as wrong code or an LLVM error far away.
 - Vectors agree: the operands of one operator have one lane count (a scalar beside a vector
   is broadcast), indices, extents and conditions are scalars, a `Lane` exists in its vector,
   a `VecStore` stores a vector and a `Store` a scalar.
+- Parallel loops do not nest (one holding only another is collapsed with it, and the
+  collapsed extents must not read the outer variables); their private buffers are outputs
+  of a fixed shape.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from cnnc.loops.ir import (
     Lane,
     Load,
     LoopFunction,
+    LoopKind,
     Ramp,
     Select,
     Stmt,
@@ -96,6 +100,7 @@ class _Checker:
         self.function = function
         self.buffers = {b.name: b for b in function.buffers}
         self.locals = {local.name: local for local in function.locals}
+        self.parallel_depth = 0  # inside a parallel loop's body: no other may start
 
     def fail(self, message: str) -> NoReturn:
         raise AssertionError(f"loop function {self.function.name}: {message}")
@@ -130,14 +135,38 @@ class _Checker:
             self.store(stmt, scope)
 
     def loop(self, stmt: For, scope: tuple[str, ...]) -> None:
-        if stmt.var in scope:
-            self.fail(f"loop {stmt.var} rebinds the variable of an enclosing loop")
+        self.loop_header(stmt, scope)
+        if stmt.private and stmt.kind is not LoopKind.PARALLEL:
+            self.fail(f"loop {stmt.var} has private buffers and is not parallel")
+        if stmt.kind is not LoopKind.PARALLEL:
+            self.statements(stmt.body, (*scope, stmt.var))
+            return
+        if self.parallel_depth:
+            self.fail(f"parallel loop {stmt.var} is nested in another")
+        nest = parallel_nest(stmt)
+        for depth, loop in enumerate(nest):
+            if depth:  # the collapsed loops' own checks (their extents are read up front)
+                self.loop_header(loop, (*scope, *(lo.var for lo in nest[:depth])))
+                used = _variables(loop.extent) & {lo.var for lo in nest[:depth]}
+                if used:
+                    self.fail(f"parallel loop {loop.var}'s extent depends on {min(used)}")
+            for name in loop.private:
+                buffer = self.buffers.get(name)
+                if buffer is None or not buffer.is_output or BATCH in buffer.shape:
+                    self.fail(f"parallel loop {loop.var}'s private buffer {name} is not a "
+                              "declared output of a fixed shape")
+        self.parallel_depth += 1
+        self.statements(nest[-1].body, (*scope, *(lo.var for lo in nest)))
+        self.parallel_depth -= 1
+
+    def loop_header(self, stmt: For, scope: tuple[str, ...]) -> None:
         # buffers are named apart from variables, but a loop's counter and the locals
         # share one namespace in every backend
+        if stmt.var in scope:
+            self.fail(f"loop {stmt.var} rebinds the variable of an enclosing loop")
         if stmt.var == BATCH or stmt.var in self.locals:
             self.fail(f"loop {stmt.var} rebinds the batch size or a local")
         self.expect(stmt.extent, scope, Kind.INT, f"the extent of loop {stmt.var}")
-        self.statements(stmt.body, (*scope, stmt.var))
 
     def assign(self, stmt: Assign, scope: tuple[str, ...]) -> None:
         local = self.locals.get(stmt.var)
@@ -283,3 +312,27 @@ def _describe(value: Value) -> str:
 
 
 __all__ = ["Kind", "Value", "verify_function"]
+
+
+def _variables(expr: Expr) -> set[str]:
+    """The variables an index expression reads."""
+    if isinstance(expr, Var):
+        return {expr.name}
+    if isinstance(expr, Binary):
+        return _variables(expr.left) | _variables(expr.right)
+    if isinstance(expr, Unary):
+        return _variables(expr.operand)
+    if isinstance(expr, Select):
+        return _variables(expr.cond) | _variables(expr.then) | _variables(expr.otherwise)
+    return set()
+
+
+
+def parallel_nest(stmt: For) -> list[For]:
+    """A parallel loop and the parallel loops collapsed into it: each the only statement of
+    the one before."""
+    nest = [stmt]
+    while len(nest[-1].body) == 1 and isinstance(nest[-1].body[0], For) and \
+            nest[-1].body[0].kind is LoopKind.PARALLEL:
+        nest.append(nest[-1].body[0])
+    return nest
