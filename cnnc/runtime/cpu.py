@@ -15,7 +15,8 @@ import numpy as np
 from cnnc.artifact.format import ModuleFile
 from cnnc.artifact.manifest import Buffer, Manifest
 from cnnc.runtime.arguments import refuse
-from cnnc.runtime.loader import native_entries
+from cnnc.runtime.loader import native_entries, team_worker
+from cnnc.runtime.team import Team
 from cnnc.runtime.threads import thread_count
 
 # the roles of buffers a call supplies rather than the workspace
@@ -36,6 +37,9 @@ class CpuEngine:
     def __init__(self, file: ModuleFile, manifest: Manifest, values: dict[str, np.ndarray],
                  source: str, threads: int | None) -> None:
         self._entries, self._llvm = native_entries(file, manifest, source)  # keep both alive
+        # the helper threads' entry point (runtime.team), where the code has one
+        self._worker = team_worker(self._llvm)
+        self._flops = sum(row.flops for row in manifest.layers)  # a sample's forward pass
         self._storage = manifest.storage
         self._dtype = manifest.numpy_dtype
         self._values = values
@@ -71,6 +75,16 @@ class CpuEngine:
         first = work(slices[0])
         return [first] + [future.result() for future in others]
 
+    @property
+    def worker(self) -> Callable[[int], None] | None:
+        """The entry point a team's helper thread runs, or None in older module files."""
+        return self._worker
+
+    @property
+    def flops(self) -> int:
+        """A sample's forward pass, in floating-point operations."""
+        return self._flops
+
     def thread_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="cnnc")
@@ -81,14 +95,25 @@ class CpuEngine:
         return None  # every array is a host array here
 
     def run(self, role: str, batch: int, given: Mapping[str, Any],
-            read: Sequence[str]) -> dict[str, np.ndarray]:
+            read: Sequence[str], whole: bool = False) -> dict[str, np.ndarray]:
         """Gather every buffer (in the buffer table's order) and call the entry point.
 
         The buffers kernels write are the calling thread's workspace, kept for its next call
         with the same batch size (fresh memory would be page-faulted in on every call), so
-        calls from several threads do not mix; what is read is copied out of it.
+        calls from several threads do not mix; what is read is copied out of it. A whole
+        call with enough work runs its parallel loops on a team of the engine's threads.
         """
+        team = Team.start(self, batch) if whole else None
+        try:
+            return self._run(role, batch, given, read, team)
+        finally:
+            if team is not None:
+                team.finish()
+
+    def _run(self, role: str, batch: int, given: Mapping[str, Any], read: Sequence[str],
+             team: Team | None) -> dict[str, np.ndarray]:
         buffers, table = self._workspace(batch)
+        table[len(self._storage)] = None if team is None else team.address
         arrays = list(buffers)
         for index, buffer_role, name in self._supplied:
             if buffer_role == "noise":  # a training call's random numbers, by buffer
@@ -117,8 +142,9 @@ class CpuEngine:
             return local.buffers, local.table
         local.batch, local.buffers, local.table = None, None, None  # free the old ones first
         buffers = [self._buffer_for(buffer, batch) for buffer in self._storage]
-        table = (ctypes.c_void_p * len(buffers))(
-            *[0 if b is None else b.ctypes.data for b in buffers])
+        # the last slot: the call's thread team, or null (backends.llvm.team)
+        table = (ctypes.c_void_p * (len(buffers) + 1))(
+            *[0 if b is None else b.ctypes.data for b in buffers], 0)
         local.batch, local.buffers, local.table = batch, buffers, table
         return buffers, table
 
@@ -143,7 +169,7 @@ class CpuEngine:
         arrays = [self._values[b.name] if b.role in KEPT else
                   hyper if b.role == "hyper" else gradients.get(b.name, unused)
                   for b in self._storage]
-        table = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
+        table = (ctypes.c_void_p * (len(arrays) + 1))(*[a.ctypes.data for a in arrays], 0)
         self._entries["update"](batch, table)
 
     # -- parameters and optimizer state -----------------------------------------------------

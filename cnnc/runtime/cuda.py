@@ -106,7 +106,7 @@ class CudaEngine:
         return None
 
     def run(self, role: str, batch: int, given: Mapping[str, Any],
-            read: Sequence[str]) -> dict[str, np.ndarray]:
+            read: Sequence[str], whole: bool = False) -> dict[str, np.ndarray]:
         """Launch the role's kernels in order on the device, then copy `read` to the host."""
         buffers = dict(self._workspace_for(batch))
         named = {self._given[what]: value for what, value in given.items() if what != "noise"}

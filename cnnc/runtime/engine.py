@@ -45,11 +45,12 @@ class Engine(Protocol):
         """`value` as a device array the engine reads in place, or None for host data."""
 
     def run(self, role: str, batch: int, given: Mapping[str, Any],
-            read: Sequence[str]) -> dict[str, np.ndarray]:
+            read: Sequence[str], whole: bool = False) -> dict[str, np.ndarray]:
         """Run entry point `role` on a batch of `batch`; `given` holds the checked input,
         target and hyper arrays by role (the entry point may read fewer). Returns fresh host
         copies of the buffers named `read`, shaped as the buffer table says (N: `batch`, a
-        scalar as (1,))."""
+        scalar as (1,)). `whole`: this call is the whole of the module's call (not one of
+        the slices `map` runs), so its parallel loops may take the engine's threads."""
 
     def update(self, gradients: Mapping[str, np.ndarray], hyper: np.ndarray,
                batch: int) -> None:

@@ -127,6 +127,17 @@ def native_entries_from_object(object_code: bytes, symbols: list[str]
     return entries, engine
 
 
+TEAM_WORKER = "cnnc_team_worker"  # see backends.llvm.team
+
+
+def team_worker(engine: llvm.ExecutionEngine) -> Any | None:
+    """The helper threads' entry point `void cnnc_team_worker(i64* team)` of loaded code, or
+    None where the code predates thread teams."""
+    with LLVM_LOCK:
+        address = engine.get_function_address(TEAM_WORKER)
+    return ctypes.CFUNCTYPE(None, ctypes.c_void_p)(address) if address else None
+
+
 # ELF (System V ABI): what LLVM's object loader reads. It trusts these tables, and a file
 # whose tables point outside it or hold a relocation it does not implement crashes the
 # process (SIGSEGV, an abort) where it should be refused. Checking them does not make the

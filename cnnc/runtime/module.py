@@ -312,20 +312,23 @@ class Module:
         role = self._role("forward", training)
         slices = self._slices(x.shape[0], training)
         if len(slices) == 1:
-            return self._forward_one(x, role, drawn)
+            return self._forward_one(x, role, drawn, whole=True)
         return np.concatenate(self._engine.map(
             lambda part: self._forward_one(x[part], role, noise.sliced(drawn, part)), slices))
 
     def _forward_one(self, x: Any, role: str = "forward",
-                     drawn: dict[str, np.ndarray] | None = None) -> np.ndarray:
+                     drawn: dict[str, np.ndarray] | None = None,
+                     whole: bool = False) -> np.ndarray:
+        """`whole`: x is the whole call's batch, not one thread's slice of it."""
         batch, output = x.shape[0], self._manifest.output.name
         given = {"input": x, "noise": drawn or {}}
-        value = self._engine.run(role, batch, given, (output,))[output]
+        value = self._engine.run(role, batch, given, (output,), whole)[output]
         return value.reshape(batch, *self.output_shape)
 
     def _activations(self, x: Any) -> dict[str, np.ndarray]:
         x = self._checked_batch(x)
-        return self._engine.run("forward", x.shape[0], {"input": x}, self._manifest.activations)
+        return self._engine.run("forward", x.shape[0], {"input": x}, self._manifest.activations,
+                                whole=True)
 
     def _loss(self, x: Any, y: Any, training: bool = False) -> float:
         y = self._trainable(y)
@@ -335,7 +338,7 @@ class Module:
             given["noise"] = self._noise.draw(x.shape[0], self._noise_step)
         loss = self._loss_name()
         role = self._role("loss", training)
-        return float(self._engine.run(role, x.shape[0], given, (loss,))[loss][0])
+        return float(self._engine.run(role, x.shape[0], given, (loss,), whole=True)[loss][0])
 
     def _gradients_and_loss(self, x: Any, y: Any) -> tuple[dict[str, np.ndarray], float]:
         named, loss = self._split_gradients(x, self._trainable(y))
@@ -361,7 +364,7 @@ class Module:
             given = {"input": x, "target": y, "noise": drawn} if whole else \
                 {"input": x[part], "target": y[part], "noise": noise.sliced(drawn, part)}
             got = self._engine.run("gradients", part.stop - part.start, given,
-                                   (*storages, loss))
+                                   (*storages, loss), whole)
             return {name: got[name] for name in storages}, float(got[loss][0])
 
         slices = self._slices(batch, True)
@@ -384,7 +387,7 @@ class Module:
         batch, name = x.shape[0], self._manifest.gradient(self._manifest.input.name)
         given = {"input": x, "target": self._checked_target(y, batch),
                  "noise": self._noise.draw(batch, self._noise_step)}
-        gradient = self._engine.run("input_gradient", batch, given, (name,))[name]
+        gradient = self._engine.run("input_gradient", batch, given, (name,), whole=True)[name]
         return gradient.reshape(batch, *self.input_shape)
 
     # -- training -----------------------------------------------------------------------------
@@ -398,7 +401,8 @@ class Module:
             given = {"input": x, "target": self._checked_target(y, batch), "hyper": hyper,
                      "noise": self._noise.draw(batch, self._noise_step)}
             name = self._loss_name()
-            loss = float(self._engine.run("train_step", batch, given, (name,))[name][0])
+            loss = float(self._engine.run("train_step", batch, given, (name,),
+                                          whole=True)[name][0])
         else:  # gradients in threads, then one update with their weighted sum
             gradients, loss = self._split_gradients(x, y)
             self._engine.update(gradients, hyper, batch)

@@ -17,6 +17,7 @@ out, each element gets the same operations on every path, at every optimisation 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import multiprocessing
 import os
@@ -29,6 +30,8 @@ import llvmlite.ir as ir
 
 from cnnc.backends.llvm.host import LLVM_LOCK, create_machine, initialise
 from cnnc.backends.llvm.objects import pack_objects
+from cnnc.backends.llvm.parallel import emit_parallel
+from cnnc.backends.llvm.team import FINISH, I8P, emit_team, uses_team
 from cnnc.backends.target import CpuTarget
 from cnnc.graph.ir import BATCH, DType
 from cnnc.loops.ir import (
@@ -44,6 +47,7 @@ from cnnc.loops.ir import (
     Lane,
     Load,
     LoopFunction,
+    LoopKind,
     Ramp,
     Select,
     Stmt,
@@ -88,7 +92,8 @@ def compile_functions(functions: tuple[LoopFunction, ...], storage: list[str],
     # the entry points call the kernels and need only their signatures: without the bodies,
     # the job a worker is sent is a fraction of the size
     signatures = tuple(dataclasses.replace(f, locals=(), body=()) for f in functions)
-    jobs.append(Job(signatures, storage, entries, opt_level, target))
+    teamed = frozenset(f.name for f in functions if uses_team(f))  # the bodies tell
+    jobs.append(Job(signatures, storage, entries, opt_level, target, teamed))
     initialise()  # before any fork, so that no worker needs LLVM's lock to set it up
     with LLVM_LOCK:
         results = _run_jobs(jobs)
@@ -107,6 +112,7 @@ class Job:
     entries: dict[str, list[str]] | None
     opt_level: int
     target: CpuTarget
+    teamed: frozenset[str] = frozenset()  # kernels that take the thread team (signatures)
 
 
 def _run_jobs(jobs: list[Job]) -> list[tuple[bytes, str]]:
@@ -144,7 +150,8 @@ def _compile_job(job: Job) -> tuple[bytes, str]:
     if job.entries is None:
         module = build_module(job.functions, job.storage, {}, has_fma=job.target.has_fma)
     else:
-        module = build_entry_module(job.functions, job.storage, job.entries)
+        module = build_entry_module(job.functions, job.storage, job.entries,
+                                    job.target.triple, job.teamed)
     return _compile_text(str(module), job.opt_level, job.target)
 
 
@@ -189,22 +196,30 @@ def assembly(llvm_ir: str, opt_level: int = 3, *, target: CpuTarget) -> str:
 
 
 def build_module(functions: tuple[LoopFunction, ...], storage: list[str],
-                 entries: dict[str, list[str]] | None = None, *, has_fma: bool) -> ir.Module:
-    """The kernels `functions`, and the entry points `entries` (default: none). `has_fma`:
-    whether the CPU the module is for has fused multiply-add, which `x ± a·b` then is."""
+                 entries: dict[str, list[str]] | None = None, *, has_fma: bool,
+                 triple: str = "") -> ir.Module:
+    """The kernels `functions`, and the entry points `entries` (default: none; with some,
+    the team's functions, for `triple`). `has_fma`: whether the CPU the module is for has
+    fused multiply-add, which `x ± a·b` then is."""
     module = ir.Module(name="cnnc")
     declared = [_declare(module, f) for f in functions]
     for function, llvm_function in zip(functions, declared, strict=True):
         _Emitter(module, function, llvm_function, has_fma).emit()
-    _emit_entries(module, functions, declared, storage, entries or {})
+    if entries:
+        emit_team(module, triple, worker=any(uses_team(f) for f in functions))
+        _emit_entries(module, functions, declared, storage, entries)
     return module
 
 
 def build_entry_module(functions: tuple[LoopFunction, ...], storage: list[str],
-                       entries: dict[str, list[str]]) -> ir.Module:
-    """The entry points only, calling kernels defined in the other modules."""
+                       entries: dict[str, list[str]], triple: str,
+                       teamed: frozenset[str] = frozenset()) -> ir.Module:
+    """The entry points, calling kernels defined in the other modules, and the thread
+    team's functions (backends.llvm.team) for `triple`. `functions` may be signatures
+    only: `teamed` names those that take the team."""
     module = ir.Module(name="cnnc_entries")
-    declared = [_declare(module, f) for f in functions]
+    declared = [_declare(module, f, f.name in teamed) for f in functions]
+    emit_team(module, triple, worker=bool(teamed))
     _emit_entries(module, functions, declared, storage, entries)
     return module
 
@@ -218,22 +233,27 @@ def _emit_entries(module: ir.Module, functions: tuple[LoopFunction, ...],
         _emit_entry(module, entry, [c[0] for c in chosen], [c[1] for c in chosen], storage)
 
 
-def _declare(module: ir.Module, function: LoopFunction) -> ir.Function:
+def _declare(module: ir.Module, function: LoopFunction, teamed: bool = False) -> ir.Function:
+    """`void KERNEL(i64 N, T* buffer, ..., [i8* team])`: the team where it has a parallel
+    loop."""
     arg_types = [I64] + [ELEMENT_TYPES[b.dtype].as_pointer() for b in function.buffers]
+    if teamed or uses_team(function):
+        arg_types.append(I8P)
     llvm_function = ir.Function(module, ir.FunctionType(ir.VoidType(), arg_types), function.name)
-    for arg in llvm_function.args[1:]:
+    for arg in llvm_function.args[1:len(function.buffers) + 1]:
         arg.add_attribute("noalias")
     return llvm_function
 
 
 def _emit_entry(module: ir.Module, name: str, functions: list[LoopFunction],
                 declared: list[ir.Function], storage: list[str]) -> None:
-    """`void NAME(i64 N, i8** buffers)`: calls `functions` in order; buffers as in `storage`."""
-    pointer = ir.IntType(8).as_pointer()
-    entry = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64, pointer.as_pointer()]),
+    """`void NAME(i64 N, i8** buffers)`: calls `functions` in order; buffers as in `storage`,
+    then the thread team of the call (null: none), which is sent home at the end."""
+    entry = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64, I8P.as_pointer()]),
                         name)
     builder = ir.IRBuilder(entry.append_basic_block("entry"))
     batch, table = entry.args
+    team = builder.load(builder.gep(table, [ir.Constant(I64, len(storage))], inbounds=True))
     for function, llvm_function in zip(functions, declared, strict=True):
         args = [batch]
         for buffer in function.buffers:
@@ -241,7 +261,10 @@ def _emit_entry(module: ir.Module, name: str, functions: list[LoopFunction],
                                inbounds=True)
             raw = builder.load(slot)
             args.append(builder.bitcast(raw, ELEMENT_TYPES[buffer.dtype].as_pointer()))
+        if len(llvm_function.args) > len(function.buffers) + 1:  # it takes the team
+            args.append(team)
         builder.call(llvm_function, args)
+    builder.call(module.globals[FINISH], [team])
     builder.ret_void()
 
 
@@ -257,9 +280,21 @@ class _Emitter:
         self.builder = ir.IRBuilder(llvm_function.append_basic_block("entry"))
         self.batch = llvm_function.args[0]
         self.pointers = {b.name: arg for b, arg in
-                         zip(function.buffers, llvm_function.args[1:], strict=True)}
+                         zip(function.buffers, llvm_function.args[1:len(function.buffers) + 1],
+                             strict=True)}
         self.slots: dict[str, ir.AllocaInstr] = {}
         self.has_fma = has_fma  # the CPU's: whether `x ± a·b` is one fused multiply-add
+        self.team = llvm_function.args[-1] if uses_team(function) else None
+        self.parts = 0  # parallel loops outlined so far, for their functions' names
+
+    def fork(self, llvm_function: ir.Function, batch: ir.Value,
+             pointers: dict[str, ir.Value]) -> _Emitter:
+        """An emitter of the same loop function's code into `llvm_function` (an outlined
+        parallel loop), with these values of N and of the buffers, and no slots yet."""
+        other = copy.copy(self)
+        other.builder = ir.IRBuilder(llvm_function.append_basic_block("entry"))
+        other.batch, other.pointers, other.slots = batch, pointers, {}
+        return other
 
     def emit(self) -> None:
         for local in self.function.locals:
@@ -273,7 +308,9 @@ class _Emitter:
 
     # -- statements ---------------------------------------------------------------------------
     def statement(self, stmt: Stmt) -> None:
-        if isinstance(stmt, For):
+        if isinstance(stmt, For) and stmt.kind is LoopKind.PARALLEL:
+            emit_parallel(self, stmt)
+        elif isinstance(stmt, For):
             self.loop(stmt)
         elif isinstance(stmt, If):
             with self.builder.if_then(self.expr(stmt.cond)):
