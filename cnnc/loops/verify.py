@@ -49,6 +49,7 @@ from cnnc.loops.ir import (
     VecStore,
 )
 from cnnc.loops.printer import format_expr
+from cnnc.loops.walk import walk
 
 
 def verify_function(function: LoopFunction) -> None:
@@ -314,19 +315,10 @@ def _describe(value: Value) -> str:
 __all__ = ["Kind", "Value", "verify_function"]
 
 
+
 def _variables(expr: Expr) -> set[str]:
     """The variables an index expression reads."""
-    if isinstance(expr, Var):
-        return {expr.name}
-    if isinstance(expr, Binary):
-        return _variables(expr.left) | _variables(expr.right)
-    if isinstance(expr, Unary):
-        return _variables(expr.operand)
-    if isinstance(expr, Select):
-        return _variables(expr.cond) | _variables(expr.then) | _variables(expr.otherwise)
-    return set()
-
-
+    return {node.name for node in walk(expr) if isinstance(node, Var)}
 
 def parallel_nest(stmt: For) -> list[For]:
     """A parallel loop and the parallel loops collapsed into it: each the only statement of

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import llvmlite.ir as ir
 
-from cnnc.loops.ir import For, If, LoopFunction, LoopKind, Stmt
+from cnnc.loops.ir import For, LoopFunction, LoopKind
+from cnnc.loops.walk import walk
 from cnnc.runtime.team import (
     CHUNK,
     CLOSED,
@@ -63,15 +64,8 @@ PARALLEL_FOR_TYPE = ir.FunctionType(VOID, [I8P, PART_TYPE.as_pointer(), I8P, I64
 def uses_team(function: LoopFunction) -> bool:
     """Whether the function has a parallel loop, and so takes the team as its last
     argument."""
-    return any(_parallel(stmt) for stmt in function.body)
-
-
-def _parallel(stmt: Stmt) -> bool:
-    if isinstance(stmt, For):
-        return stmt.kind is LoopKind.PARALLEL or any(_parallel(s) for s in stmt.body)
-    if isinstance(stmt, If):
-        return any(_parallel(s) for s in stmt.body)
-    return False
+    return any(isinstance(node, For) and node.kind is LoopKind.PARALLEL
+               for node in walk(function))
 
 
 def declare_parallel_for(module: ir.Module) -> ir.Function:
