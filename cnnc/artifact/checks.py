@@ -28,7 +28,7 @@ VERSION = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6}){1,3}[A-Za-z0-9.+-]{0,30}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 # graph.ir.Role and graph.ir.DType, by value
 ROLES = ("input", "target", "param", "value", "loss", "state", "hyper", "scratch", "buffer",
-         "noise")
+         "noise", "packed")
 STORAGE_DTYPES = ("f32", "f64", "i32", "i64")
 # driver.lowering.ENTRY_NAMES' roles: what a network without a loss line has, and with one
 FORWARD_ROLES = frozenset({"forward"})
@@ -322,7 +322,8 @@ def _check_entry_points(fields: _Fields, manifest: dict[str, Any], storage: dict
     """An entry point for each role the network has: on the CPU a symbol of its own that
     names no kernel, on cuda the launches it runs, each on buffers of the table."""
     roles = TRAINING_ROLES if training else FORWARD_ROLES
-    optional = {"forward_train"} | (TRAINING_MODE_ROLES if training else set())
+    # pack: the CPU's repacking of weights into the buffers of role packed (schedule.prepack)
+    optional = {"forward_train", "pack"} | (TRAINING_MODE_ROLES if training else set())
     entries = fields.record(manifest["entry_points"], "entry_points", roles, optional)
     if ("loss_train" in entries) != ("forward_train" in entries) and training:
         raise fields.wrong("entry_points", "forward_train and loss_train together, or "

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from cnnc.ops import registry
 
 if TYPE_CHECKING:
+    from cnnc.driver.packing import Packing
     from cnnc.graph.ir import Graph, Tensor
     from cnnc.graph.kernels import KernelProgram
     from cnnc.loops.ir import LoopFunction
@@ -47,13 +48,20 @@ ENTRY_NAMES = {"forward": "cnnc_forward", "loss": "cnnc_loss", "gradients": "cnn
                "update": "cnnc_update",
                # where training computes otherwise (batch norm, dropout): forward and loss
                # as a training call computes them
-               "forward_train": "cnnc_forward_train", "loss_train": "cnnc_loss_train"}
+               "forward_train": "cnnc_forward_train", "loss_train": "cnnc_loss_train",
+               # the weights repacked for the kernels (schedule.prepack), run by the runtime
+               # when the parameters have changed
+               "pack": "cnnc_pack"}
 
 
 def lower_for_cpu(program: KernelProgram, machine: Machine, scheduled: bool) -> Lowered:
     """One function a kernel, register-blocked for `machine` where a schedule applies (and
     `scheduled`), then (with a loss line) one update a parameter."""
-    return _assembled(program, *_scheduled(program, machine, scheduled))
+    from cnnc.driver.packing import packed_once
+
+    kernels, scratch, schedules = _scheduled(program, machine, scheduled)
+    kernels, scratch, packing = packed_once(program, kernels, scratch)
+    return _assembled(program, kernels, scratch, schedules, packing)
 
 
 def lower_for_cuda(program: KernelProgram) -> Lowered:
@@ -61,10 +69,17 @@ def lower_for_cuda(program: KernelProgram) -> Lowered:
     return _assembled(program, _parts(program), [], [])
 
 
-def _assembled(program: KernelProgram, kernels: list, scratch: list, schedules: list) -> Lowered:
-    """The kernels' functions with the entry points, and the updates of a training module."""
+def _assembled(program: KernelProgram, kernels: list, scratch: list, schedules: list,
+               packing: Packing | None = None) -> Lowered:
+    """The kernels' functions with the entry points, and the updates of a training module;
+    with `packing`, the pack entry point and the buffers it fills."""
     storage = [*program.storage, *scratch]
     entries = entry_points(program)
+    if packing is not None and packing.entry:
+        storage = [packing.role_of(t) for t in storage]
+        entries = {symbol: [k for k in names if k not in packing.entry]
+                   for symbol, names in entries.items()}
+        entries[ENTRY_NAMES["pack"]] = list(packing.entry)
     optimizer = None
     if program.graph.loss is not None:
         optimizer = program.graph.train.optimizer if program.graph.train else \

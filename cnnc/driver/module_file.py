@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from cnnc.artifact.format import ModuleFile, code_hash, params_to_bytes
 from cnnc.driver.lowering import ENTRY_NAMES
+from cnnc.graph.ir import Role
 from cnnc.ops import registry
 from cnnc.passes.summary import rows_to_json, summarize
 from cnnc.version import __version__
@@ -97,7 +98,7 @@ def _manifest(program: KernelProgram, lowered: Lowered, entry_table: dict, opt_l
         "storage": table,
         "entry_points": entry_table,
         "kernels": [k.name for k in program.kernels],
-        "activations": _activations(program),
+        "activations": _activations(program, lowered),
         "opt_level": opt_level,
         "build": build,
         "layers": layers,
@@ -112,11 +113,14 @@ def _manifest(program: KernelProgram, lowered: Lowered, entry_table: dict, opt_l
     return manifest
 
 
-def _activations(program: KernelProgram) -> list[str]:
-    """What `forward` writes, kernel by kernel: what `Module.activations` reads back."""
+def _activations(program: KernelProgram, lowered: Lowered) -> list[str]:
+    """What `forward` writes, kernel by kernel: what `Module.activations` reads back (not
+    what the pack entry point computes from the parameters, batch norm's folded weights)."""
     by_name = {k.name: k for k in program.kernels}
+    values = {t.name for t in lowered.storage if t.role is Role.VALUE}
     return list(dict.fromkeys(program.storage_of(out) for name in program.forward_kernels(False)
-                              for out in by_name[name].outputs))
+                              for out in by_name[name].outputs
+                              if program.storage_of(out) in values))
 
 
 def check_manifest(manifest: dict[str, Any]) -> None:

@@ -52,6 +52,9 @@ class Role(enum.Enum):
     SCRATCH = "scratch"  # a kernel's working memory: repacked weights, padded inputs
     BUFFER = "buffer"  # state a training step updates, no gradient (running statistics)
     NOISE = "noise"  # uniform random numbers in [0, 1) the runtime draws for a training call
+    # weights repacked for a kernel's register blocks (schedule.prepack): the module keeps
+    # them between calls and repacks them when the parameters change
+    PACKED = "packed"
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,9 +20,11 @@ from cnnc.runtime.team import Team
 from cnnc.runtime.threads import thread_count
 
 # the roles of buffers a call supplies rather than the workspace
-SUPPLIED = ("input", "target", "hyper", "param", "state", "buffer", "noise")
+SUPPLIED = ("input", "target", "hyper", "param", "state", "buffer", "noise", "packed")
 # what the module keeps between calls, by name
-KEPT = ("param", "state", "buffer")
+KEPT = ("param", "state", "buffer", "packed")
+# the entry points that change parameters or buffers: the packed weights are stale after
+CHANGES_PARAMS = ("train_step", "update")
 
 
 class CpuEngine:
@@ -43,6 +45,12 @@ class CpuEngine:
         self._storage = manifest.storage
         self._dtype = manifest.numpy_dtype
         self._values = values
+        # weights repacked for the kernels (schedule.prepack): filled by the pack entry
+        # point before the first call that follows a change of the parameters
+        self._values.update({b.name: np.zeros(b.shape, b.numpy_dtype)
+                             for b in self._storage if b.role == "packed"})
+        self._stale = "pack" in self._entries
+        self._packing = threading.Lock()
         self._threads = thread_count(threads)
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()  # each thread's workspace, see _workspace
@@ -103,12 +111,31 @@ class CpuEngine:
         calls from several threads do not mix; what is read is copied out of it. A whole
         call with enough work runs its parallel loops on a team of the engine's threads.
         """
+        self._pack()
         team = Team.start(self, batch) if whole else None
         try:
             return self._run(role, batch, given, read, team)
         finally:
             if team is not None:
                 team.finish()
+            if role in CHANGES_PARAMS:
+                self._stale = "pack" in self._entries
+
+    def _pack(self) -> None:
+        """Repack the weights if the parameters changed since they were last packed. Calls
+        that only read parameters run at the same time (Module's lock), so the first packs
+        and the others wait for it; calls that change them run alone."""
+        if not self._stale:
+            return
+        with self._packing:
+            if self._stale:
+                unused = np.zeros(1, dtype=self._dtype)  # it reads nothing else
+                arrays = [self._values[b.name] if b.role in KEPT else unused
+                          for b in self._storage]
+                table = (ctypes.c_void_p * (len(arrays) + 1))(
+                    *[a.ctypes.data for a in arrays], 0)
+                self._entries["pack"](1, table)
+                self._stale = False
 
     def _run(self, role: str, batch: int, given: Mapping[str, Any], read: Sequence[str],
              team: Team | None) -> dict[str, np.ndarray]:
@@ -171,6 +198,7 @@ class CpuEngine:
                   for b in self._storage]
         table = (ctypes.c_void_p * (len(arrays) + 1))(*[a.ctypes.data for a in arrays], 0)
         self._entries["update"](batch, table)
+        self._stale = "pack" in self._entries
 
     # -- parameters and optimizer state -----------------------------------------------------
     def values(self, names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -178,3 +206,4 @@ class CpuEngine:
 
     def write(self, values: Mapping[str, np.ndarray]) -> None:
         self._values.update(values)
+        self._stale = "pack" in self._entries

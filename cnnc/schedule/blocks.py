@@ -3,7 +3,8 @@ scratch buffers, the register block (rows x vectors accumulators kept in registe
 the reduction loops), row tiling with a tail block, the tile an accumulator block is stored
 to and scattered from (bias and activation applied on the way), channel-blocked repacking
 and zero padding. Each kernel packs what it needs into scratch buffers of its own at the
-start of the call."""
+start of the call; what only reads parameters (its weights and bias) then moves to the
+module's pack entry point (`schedule.prepack`), which runs once per change of them."""
 
 from __future__ import annotations
 

@@ -467,11 +467,12 @@ def test_absurd_build_settings_are_refused_in_both_trust_modes(small, tmp_path, 
 
 
 def test_a_module_in_a_manifest_it_was_not_scheduled_for_is_refused(small, tmp_path):
-    """Well-formed, but a buffer table the program gives on another machine model."""
-    for edit in (setter("build", "machine", "vector_bits", value=128),
-                 setter("build", "scheduled", value=False)):
+    """Well-formed, but a buffer table (and, unscheduled, entry points: no weights to pack)
+    the program gives on another machine model."""
+    for edit, field in ((setter("build", "machine", "vector_bits", value=128), "storage"),
+                        (setter("build", "scheduled", value=False), "entry_points")):
         path = written(tmp_path, forge(small.data, edit))
-        assert "the manifest's storage does not match its stored program" in refusal(path)
+        assert f"the manifest's {field} does not match its stored program" in refusal(path)
 
 
 # -- object code that is not what the program compiles to -----------------------------------
