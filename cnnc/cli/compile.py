@@ -102,12 +102,16 @@ def _compile_to_file(args: argparse.Namespace, front: Build, options: Options,
 
 def explain_schedules(build: Build, options: Options) -> str:
     """Every kernel the module would have (the backward ones too, with a loss line)."""
+    from cnnc.driver.lowering import ENTRY_NAMES
     from cnnc.driver.pipeline import Stage, advance
     from cnnc.schedule.cost import explain
 
     lowered = advance(build, options, Stage.LOWER).lowered
     plain = "no kernel is scheduled (--no-schedule)\n" if not lowered.schedules else ""
-    return explain(list(lowered.schedules), options.target.machine) + plain
+    pack = lowered.entries.get(ENTRY_NAMES["pack"], [])
+    once = (f"run once per change of the parameters, not on every call (the pack entry "
+            f"point): {', '.join(pack)}\n") if pack else ""
+    return explain(list(lowered.schedules), options.target.machine) + plain + once
 
 
 # The stage each --emit prints the result of, and the backend it implies: LLVM IR and

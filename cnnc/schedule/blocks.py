@@ -27,6 +27,7 @@ from cnnc.loops.ir import (
     Load,
     Local,
     LoopFunction,
+    LoopKind,
     Select,
     Stmt,
     Store,
@@ -160,6 +161,20 @@ def tile_scatter(tile: str, out: str, index_of: Callable[[Expr, Expr], tuple[Exp
         return (loop_nest(["er", "ej"], [const(rows), channels], (store,)),)
 
     return epilogue
+
+
+def shared_nest(names: list[str], extents: list[Expr | int], body: tuple[Stmt, ...],
+                private: tuple[str, ...], parallel: bool) -> Stmt:
+    """`loop_nest`, or with `parallel` every loop of it parallel, collapsed into one range
+    that a call's thread team shares; each chunk gets its own copy of the `private` scratch
+    (the tile its blocks store to). The iterations must write disjoint outputs."""
+    if not parallel:
+        return loop_nest(names, extents, body)
+    for position, (name, extent) in enumerate(reversed(list(zip(names, extents, strict=True)))):
+        outermost = position == len(names) - 1
+        body = (For(name, extent if not isinstance(extent, int) else const(extent), body,
+                    LoopKind.PARALLEL, private if outermost else ()),)
+    return body[0]
 
 
 def tile_buffer(f: Function, block: Block) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from cnnc.graph.ir import BATCH
 from cnnc.graph.kernels import Kernel, KernelProgram
-from cnnc.loops.build import add, const, loop_nest, mul
+from cnnc.loops.build import add, const, mul
 from cnnc.loops.ir import (
     Binary,
     BinOp,
@@ -46,12 +46,22 @@ from cnnc.schedule.blocks import (
     pad,
     phase_plane,
     row_tiles,
+    shared_nest,
     smaller,
     tile_buffer,
     tile_scatter,
     tile_store,
 )
-from cnnc.schedule.cost import Block, Machine, Schedule, choose_block, splits_stride_phases
+from cnnc.schedule.cost import (
+    Block,
+    Machine,
+    Schedule,
+    choose_block,
+    shares_sample,
+    splits_stride_phases,
+)
+
+SHARED = "channel blocks x output rows of each sample"
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +112,7 @@ def _correlation(f: Function, tag: str, src: str, src_channels: int, out: Buffer
                  rows: _Grid, cols: _Grid, packed_weights: str, bias: str | None,
                  activation: str | None, block: Block,
                  live_rows: tuple[int, int] | None = None, groups: int = 1,
-                 activation_attrs: object = None) -> Stmt:
+                 activation_attrs: object = None, parallel: bool = False) -> Stmt:
     """`live_rows`: the source rows [start, stop) that are not zero padding. Where skipping
     the taps that read only padding saves enough, each output row runs only the row taps
     that reach live rows (a loop of varying length, which LLVM no longer unrolls).
@@ -155,7 +165,9 @@ def _correlation(f: Function, tag: str, src: str, src_channels: int, out: Buffer
             init=init)
 
     tiles = row_tiles(f, f"{tag}w", cols.count, block, code_at)
-    return loop_nest(["n", "fb", "q"], [Var(BATCH), split.blocks * groups, rows.count], tiles)
+    # a sample at a time: a pool fused into the kernel runs in the same batch loop
+    return For("n", Var(BATCH), (shared_nest(["fb", "q"], [split.blocks * groups, rows.count],
+                                             tiles, (tile,), parallel),))
 
 
 def _dead_tap_share(rows: _Grid, live_rows: tuple[int, int]) -> float:
@@ -173,6 +185,12 @@ def _padded_source(f: Function, x: Buffer, window, out_h: int, out_w: int) -> st
     top, left, bottom, right = window.pad
     return pad(f, x, top, left, max(x.shape[2] + top + bottom, (out_h - 1) * sh + extent(kh, dh)),
                max(x.shape[3] + left + right, (out_w - 1) * sw + extent(kw, dw)))
+
+
+def _flops(weight: Buffer, oh: int, ow: int) -> float:
+    """Multiply-adds (two FLOPs each) of one sample's convolution with `weight` [F, C/G, kh,
+    kw] over an oh x ow output."""
+    return 2.0 * math.prod(weight.shape) * oh * ow
 
 
 def _grouped_words(groups: int) -> str:
@@ -221,14 +239,16 @@ def conv_forward(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lo
                              groups)
     rows = _Grid(0, oh, 1, 0, kh, sh, 0, dh)
     cols = _Grid(0, ow, 1, 0, kw, sw, 0, dw)
+    parallel = shares_sample(_flops(weight, oh, ow))
     f.body.append(_correlation(f, "o", src, channels_in, out, rows, cols, packed, bias,
                                kernel.activation, block, groups=groups,
-                               activation_attrs=kernel.activation_attrs))
+                               activation_attrs=kernel.activation_attrs, parallel=parallel))
     schedule = Schedule(kernel.name, "correlation" + _grouped_words(groups), block,
                         "output column", ow, "output channel", per_group,
                         ("input channel", "kh", "kw"),
                         ("weights [fb, c, kh, kw, lanes]", "bias", "input zero-padded"),
-                        efficiency=score, reason=block_reason(block, ow, per_group))
+                        efficiency=score, reason=block_reason(block, ow, per_group),
+                        shared=SHARED if parallel else "")
     return Lowered(f.finished(), tuple(f.scratch), schedule)
 
 
@@ -297,7 +317,9 @@ def _conv_forward_phases(kernel: Kernel, f: Function, x: Buffer, weight: Buffer,
             more=tuple(more))
 
     tiles = row_tiles(f, "ow", ow, block, code_at)
-    blocks = loop_nest(["fb", "q"], [math.ceil(channels_out / width), oh], tiles)
+    parallel = shares_sample(_flops(weight, oh, ow))
+    blocks = shared_nest(["fb", "q"], [math.ceil(channels_out / width), oh], tiles, (tile,),
+                         parallel)
     f.body.append(For("n", Var(BATCH), (*copies, blocks)))
     schedule = Schedule(kernel.name, f"correlation over {len(parts)} stride phase(s)", block,
                         "output column", ow, "output channel", channels_out,
@@ -307,7 +329,8 @@ def _conv_forward_phases(kernel: Kernel, f: Function, x: Buffer, weight: Buffer,
                          *(("bias",) if kernel.has_bias else ())),
                         efficiency=score,
                         reason=block_reason(block, ow, channels_out) + "; the phases make "
-                        "each tap's row loads unit-stride")
+                        "each tap's row loads unit-stride",
+                        shared=SHARED if parallel else "")
     return Lowered(f.finished(), tuple(f.scratch), schedule)
 
 
@@ -365,14 +388,19 @@ def _conv_forward_by_width(kernel: Kernel, f: Function, x: Buffer, weight: Buffe
     names, extents = ["n", "q", "ob"], [Var(BATCH), oh, column_blocks]
     if groups > 1:
         names, extents = ["n", "g", "q", "ob"], [Var(BATCH), groups, oh, column_blocks]
-    f.body.append(loop_nest(names, extents, tiles))
+    parallel = shares_sample(_flops(weight, oh, ow))
+    f.body.append(For("n", Var(BATCH), (shared_nest(names[1:], extents[1:], tiles, (tile,),
+                                                    parallel),)))
     schedule = Schedule(kernel.name, "correlation over output width" + _grouped_words(groups),
                         block, "output channel", per_group, "output column", ow,
                         ("input channel", "kh", "kw"),
                         ("input zero-padded (right edge to whole vectors)",),
                         efficiency=score,
                         reason=block_reason(block, per_group, ow) + "; better than a "
-                        "block over output channels, which fills fewer lanes")
+                        "block over output channels, which fills fewer lanes",
+                        shared=" x ".join((*(("groups",) if groups > 1 else ()), "output rows",
+                                           "column blocks")) + " of each sample"
+                        if parallel else "")
     return Lowered(f.finished(), tuple(f.scratch), schedule)
 
 
@@ -413,6 +441,9 @@ def conv_grad_input(kernel: Kernel, program: KernelProgram, machine: Machine) ->
     widest = max(count for *_, count in phases_w)
     block, score = choose_block(machine, dx.dtype, widest, channels)
     src = pad(f, dy, top, left, height, width_)
+    # each phase's nest is a parallel region of its own, about its share of the work
+    parallel = shares_sample(_flops(weight, dy.shape[2], dy.shape[3])
+                             / (len(phases_h) * len(phases_w)))
     covered: set[tuple[int, int]] = set()
     for a, taps_h, first_h, count_h in phases_h:
         for b, taps_w, first_w, count_w in phases_w:
@@ -429,13 +460,15 @@ def conv_grad_input(kernel: Kernel, program: KernelProgram, machine: Machine) ->
             rows = _Grid(first_h, count_h, sh, a - ph, taps_h, 1, top - (taps_h - 1) * dh, dh)
             cols = _Grid(first_w, count_w, sw, b - pw, taps_w, 1, left - (taps_w - 1) * dw, dw)
             f.body.append(_correlation(f, f"p{a}_{b}", src, per_group, dx, rows, cols, packed,
-                                       None, None, block, (top, top + dy.shape[2]), groups))
+                                       None, None, block, (top, top + dy.shape[2]), groups,
+                                       parallel=parallel))
     schedule = Schedule(kernel.name, f"correlation of δ, {len(covered)} stride phase(s)"
                         + _grouped_words(groups),
                         block, "input column", widest, "input channel", channels,
                         ("output channel", "kh", "kw"),
                         ("weights flipped per phase [cb, f, kh, kw, lanes]", "δ zero-padded"),
-                        efficiency=score, reason=block_reason(block, widest, channels))
+                        efficiency=score, reason=block_reason(block, widest, channels),
+                        shared=SHARED + " of each stride phase" if parallel else "")
     return Lowered(f.finished(), tuple(f.scratch), schedule)
 
 

@@ -72,6 +72,7 @@ class Schedule:
     efficiency: float = 0.0  # the cost model's estimate, of the FMA peak
     reason: str = ""
     fused: str = ""  # what else runs in the kernel, e.g. a max pool per sample
+    shared: str = ""  # the loops a call's thread team shares (blocks.shared_nest), if any
 
 
 def choose_block(machine: Machine, dtype: DType, row_extent: int | None,
@@ -171,5 +172,20 @@ def explain(schedules: list[Schedule], machine: Machine) -> str:
         lines.append(f"  estimated FMA use {s.efficiency:.0%}; {s.reason}")
         if s.fused:
             lines.append(f"  fused: {s.fused}")
-        lines.append("  parallel: the batch is split across threads by the runtime")
+        lines.append("  parallel: the batch is split across threads by the runtime" + (
+            f"; a call run in one piece (a batch too small to split, a training call with "
+            f"batch norm) shares its {s.shared} among the threads" if s.shared else ""))
     return "\n".join(lines) + "\n"
+
+
+# Below this many FLOPs in one parallel region, a thread team's hand-off (waking the
+# helpers, an atomic counter per chunk, the wait at the end: a few microseconds) costs more
+# than a second core saves; measured on ResNet-20 at batch 1, whose 4.7-MFLOP convolutions
+# ran slower on two threads than on one.
+PARALLEL_MIN_FLOPS = 16_000_000
+
+
+def shares_sample(flops: float) -> bool:
+    """Whether a kernel's loops over one sample's output blocks are parallel (run by the
+    call's thread team, where it has one), given the FLOPs of one parallel region."""
+    return flops >= PARALLEL_MIN_FLOPS

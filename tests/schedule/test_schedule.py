@@ -191,6 +191,9 @@ def test_explain_schedule_names_every_scheduled_kernel_and_its_block(capsys, mon
     assert (f"register block {block.rows} x {block.vectors} vectors of {block.lanes}"
             in out.split("c3_conv_relu_maxpool_fwd")[1])
     assert "fused: max pool 2x2 stride 2x2 of each sample" in out.split("c3_conv_relu")[1]
+    once = next(line for line in out.splitlines() if line.startswith("run once per change"))
+    assert "c3_conv_relu_maxpool_fwd.pack" in once and "f5_dense_relu_fwd.pack" in once
+    assert "shares its" not in out  # LeNet-5's convolutions are too small to share a sample
     assert main(["compile", "examples/lenet.cnn", "--explain-schedule", "--no-schedule"]) == 0
     assert "no kernel is scheduled" in capsys.readouterr().out
 
