@@ -178,11 +178,14 @@ def explain(schedules: list[Schedule], machine: Machine) -> str:
     return "\n".join(lines) + "\n"
 
 
-# Below this many FLOPs in one parallel region, a thread team's hand-off (waking the
-# helpers, an atomic counter per chunk, the wait at the end: a few microseconds) costs more
-# than a second core saves; measured on ResNet-20 at batch 1, whose 4.7-MFLOP convolutions
-# ran slower on two threads than on one.
-PARALLEL_MIN_FLOPS = 16_000_000
+# Below this many FLOPs in one parallel region (about 20 microseconds on one core), a
+# thread team's hand-off (publishing the loop, an atomic counter per chunk, the wait for
+# the helpers to finish: a few microseconds) costs about what a second core saves.
+# Measured on this 2-core machine, thresholds of 16 M, 4 M, 1 M and 0.25 M FLOPs, medians
+# of 25 calls, two to three runs each: MobileNetV2 at batch 1 5.8-7.4 ms at 16 M against
+# 4.6-8.0 at 1 M, a ResNet-20 training step (batch norm: one piece) 319-342 ms against
+# 276-324, ResNet-20 at batch 1 1.0-1.25 ms against 0.84-1.40 (within the noise).
+PARALLEL_MIN_FLOPS = 1_000_000
 
 
 def shares_sample(flops: float) -> bool:
