@@ -201,12 +201,14 @@ def _codegen(build: Build, options: Options) -> Build:
         code = generate(list(lowered.kernels), build.kernels.graph.dtype)
     else:
         from cnnc.backends.llvm.codegen import compile_functions
+        from cnnc.driver.lowering import ENTRY_NAMES
 
         sizes = {f.name: len(text) for f, text in zip(lowered.functions, lowered.texts,
                                                       strict=True)}
         code = compile_functions(lowered.functions, [t.name for t in lowered.storage],
                                  options.opt_level, lowered.entries, target=options.cpu(),
-                                 sizes=sizes)
+                                 sizes=sizes,
+                                 rarely=frozenset(lowered.entries.get(ENTRY_NAMES["pack"], ())))
     return dataclasses.replace(build, code=code)
 
 

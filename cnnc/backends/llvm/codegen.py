@@ -81,14 +81,23 @@ MODULE_SEPARATOR = "\n; ---- next module ----\n"
 
 def compile_functions(functions: tuple[LoopFunction, ...], storage: list[str],
                       opt_level: int = 3, entries: dict[str, list[str]] | None = None, *,
-                      target: CpuTarget, sizes: dict[str, int] | None = None) -> NativeCode:
+                      target: CpuTarget, sizes: dict[str, int] | None = None,
+                      rarely: frozenset[str] = frozenset()) -> NativeCode:
     """Generate, verify, optimise (at -O`opt_level`) and emit object code for `target`.
     `entries` maps each entry point to the kernels it runs in order (default:
     `cnnc_forward`, all). `sizes` (each function's printed length, by name) balances the
-    modules; it is measured here where the caller has not."""
+    modules; it is measured here where the caller has not. The functions named in
+    `rarely` (the pack entry point's, run once per change of the parameters) go to a
+    module of their own at -O1 at most: their speed hardly matters, and -O3 took seconds
+    over their many small copy nests (a 12x8 kernel of stride 6x7: 0.7 s at -O1, 8.5 s
+    at -O2)."""
     entries = entries or {ENTRY: [f.name for f in functions]}
+    often = tuple(f for f in functions if f.name not in rarely)
+    seldom = tuple(f for f in functions if f.name in rarely)
     # each job builds its LLVM IR in the worker too: in Python, that is a quarter of the work
-    jobs = [Job(group, storage, None, opt_level, target) for group in _groups(functions, sizes)]
+    jobs = [Job(group, storage, None, opt_level, target) for group in _groups(often, sizes)]
+    if seldom:
+        jobs.append(Job(seldom, storage, None, min(opt_level, 1), target))
     # the entry points call the kernels and need only their signatures: without the bodies,
     # the job a worker is sent is a fraction of the size
     signatures = tuple(dataclasses.replace(f, locals=(), body=()) for f in functions)
