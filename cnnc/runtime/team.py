@@ -53,7 +53,7 @@ class Team:
         try:
             pool = engine.thread_pool()
             for _ in range(helpers):
-                pool.submit(_help, worker, block)
+                pool.submit(_help, worker, block, engine)
                 started += 1
         except RuntimeError:  # set_threads shut the pool down meanwhile
             pass
@@ -72,5 +72,9 @@ class Team:
         self.block[STOP] = 1
 
 
-def _help(worker, block: np.ndarray) -> None:
-    worker(block.ctypes.data)  # `block` is held here until the helper leaves
+def _help(worker, block: np.ndarray, engine: CpuEngine) -> None:
+    """`block` and the engine, whose loaded code the worker runs, are held here until the
+    helper leaves: a helper that starts after its module was dropped (it leaves at once,
+    the team being closed) must still find the code mapped."""
+    worker(block.ctypes.data)
+    del engine
