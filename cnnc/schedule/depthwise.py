@@ -42,10 +42,19 @@ from cnnc.schedule.blocks import (
     Lowered,
     affine,
     register_block,
+    shared_nest,
     smaller,
     tile_store,
 )
-from cnnc.schedule.cost import FMA_LATENCY, FMA_UNITS, LOADS_PER_CYCLE, Block, Machine, Schedule
+from cnnc.schedule.cost import (
+    FMA_LATENCY,
+    FMA_UNITS,
+    LOADS_PER_CYCLE,
+    Block,
+    Machine,
+    Schedule,
+    shares_sample,
+)
 
 
 def _dilated(tap: Expr, dilation: int) -> Expr:
@@ -112,8 +121,13 @@ def depthwise_forward(kernel: Kernel, program: KernelProgram, machine: Machine) 
     height = max(x.shape[2] + top + bottom, (oh - 1) * sh + extent(kh, dh))
     width = max(x.shape[3] + left + right, (column_blocks * span - 1) * sw + extent(kw, dw))
     plane = f.add_scratch("plane", (sw, height, math.ceil(width / sw)))
-    f.body.append(loop_nest(["zp", "zi", "zu"], [sw, height, math.ceil(width / sw)],
-                            (Store(plane, (Var("zp"), Var("zi"), Var("zu")), ZERO),)))
+    zero_plane = loop_nest(["zp", "zi", "zu"], [sw, height, math.ceil(width / sw)],
+                           (Store(plane, (Var("zp"), Var("zi"), Var("zu")), ZERO),))
+    # shared among threads, each chunk has a plane of its own, zeroed for each channel (a
+    # tenth of a 3x3 channel's work); serial, the border is zeroed once a call
+    parallel = shares_sample(2.0 * filters * kh * kw * oh * ow)
+    if not parallel:
+        f.body.append(zero_plane)
     tile = f.add_scratch("tile", (1, rows * span))
     filter_ = add(mul(Var("c"), const(multiplier)), Var("m")) if multiplier > 1 else Var("c")
     first_column = mul(Var("ob"), const(span))
@@ -154,15 +168,18 @@ def depthwise_forward(kernel: Kernel, program: KernelProgram, machine: Machine) 
         blocks.append(loop_nest(["ob"], [column_blocks], block("dt", const(full * rows), tail)))
     per_filter = tuple(blocks) if multiplier == 1 else \
         (For("m", const(multiplier), tuple(blocks)),)
-    f.body.append(loop_nest(["n", "c"], [Var(BATCH), x.shape[1]],
-                            (_copy_plane(plane, x, top, left, sw), *per_filter)))
+    channel = (*((zero_plane,) if parallel else ()), _copy_plane(plane, x, top, left, sw),
+               *per_filter)
+    f.body.append(For("n", Var(BATCH), (shared_nest(["c"], [x.shape[1]], channel,
+                                                    (plane, tile), parallel),)))
     schedule = Schedule(kernel.name, "depthwise correlation over output width",
                         Block(rows, vectors, lanes), "output row", oh, "output column", ow,
                         ("kh", "kw"), ("each input plane zero-padded in cache"
                                        + (f", as {sw} column phases" if sw > 1 else ""),),
                         efficiency=estimate(machine, out.dtype, oh, ow),
                         reason=f"one filter a block, {rows * vectors} accumulators (half the "
-                        "registers) of its own inputs each, one broadcast weight a tap")
+                        "registers) of its own inputs each, one broadcast weight a tap",
+                        shared="input channels of each sample" if parallel else "")
     return Lowered(f.finished(), tuple(f.scratch), schedule)
 
 

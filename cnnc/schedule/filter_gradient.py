@@ -33,9 +33,10 @@ from cnnc.schedule.blocks import (
     block_reason,
     pad,
     row_tiles,
+    shared_nest,
     smaller,
 )
-from cnnc.schedule.cost import Machine, Schedule, choose_block, filter_tile_rows
+from cnnc.schedule.cost import Machine, Schedule, choose_block, filter_tile_rows, shares_sample
 
 
 def conv_grad_weight(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lowered:
@@ -92,8 +93,10 @@ def conv_grad_weight(kernel: Kernel, program: KernelProgram, machine: Machine) -
             finish=lambda r, v, value: (VecStore(acc, where(r, v), value),))
 
     body = row_tiles(f, "t", taps, block, code_at)
-    f.body.append(loop_nest(["n", "ot", "fb", "c"],
-                            [Var(BATCH), tiles, groups * blocks, channels], body))
+    # each (fb, c) adds into accumulators of its own, in the same order on any thread
+    parallel = shares_sample(2.0 * math.prod(dw.shape) * min(tile, oh) * ow)
+    f.body.append(loop_nest(["n", "ot"], [Var(BATCH), tiles], (shared_nest(
+        ["fb", "c"], [groups * blocks, channels], body, (), parallel),)))
     unpack = Load(acc, _block_and_lane(Var("uf"), per_group, blocks, width, groups, Var("uc"),
                                         add(mul(Var("uh"), const(kw)), Var("uw"))))
     f.body.append(loop_nest(["uf", "uc", "uh", "uw"], [filters, channels, kh, kw],
@@ -106,7 +109,9 @@ def conv_grad_weight(kernel: Kernel, program: KernelProgram, machine: Machine) -
                         ("δ as [n, oh, ow, f]", "input zero-padded",
                          "accumulators [fb, c, tap, lanes]"),
                         tile_rows=tile, efficiency=score,
-                        reason=block_reason(block, taps, per_group))
+                        reason=block_reason(block, taps, per_group),
+                        shared="channel blocks x input channels of each cache tile"
+                        if parallel else "")
     return Lowered(f.finished(), tuple(f.scratch), schedule)
 
 

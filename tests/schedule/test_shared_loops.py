@@ -65,9 +65,12 @@ def _parallel_kernels(text: str) -> set[str]:
 def test_shared_forward_and_input_gradient_match_numpy_on_one_to_three_threads(
         always_shared, case, batch):
     text, stride, pad = case
-    assert {"c_conv_fwd", "c_conv2d_grad_input_bwd"} <= _parallel_kernels(text)
+    assert {"c_conv_fwd", "c_conv2d_grad_input_bwd",
+            "c_conv2d_grad_weight_bwd"} <= _parallel_kernels(text)
     modules = [cnnc.compile(text, opt_level=1, threads=t, cache=False) for t in (1, 2, 3)]
+    plain = cnnc.compile(text, opt_level=1, threads=1, cache=False, schedule=False)
     params = random_params(modules[0])
+    plain.set_params(params)
     rng = np.random.default_rng(batch)
     x = rng.standard_normal((batch, *modules[0].input_shape)).astype(np.float32)
     want = _numpy_conv(x, params["c.weight"], params["c.bias"], stride, pad)
@@ -75,11 +78,40 @@ def test_shared_forward_and_input_gradient_match_numpy_on_one_to_three_threads(
     results = []
     for module in modules:
         module.set_params(params)
-        results.append((module(x), module.input_gradient(x, y)))
+        results.append((module(x), module.input_gradient(x, y), module.gradients(x, y)))
     assert_close(results[0][0], want, np.float32, f"shared loops\n{text}")
-    for forward, input_gradient in results[1:]:
+    assert_close(results[0][1], plain.input_gradient(x, y), np.float32, "input gradient")
+    for name, value in plain.gradients(x, y).items():
+        assert_close(results[0][2][name], value, np.float32, name)
+    for forward, input_gradient, gradients in results[1:]:
         np.testing.assert_array_equal(forward, results[0][0])
         np.testing.assert_array_equal(input_gradient, results[0][1])
+        for name, value in gradients.items():
+            np.testing.assert_array_equal(value, results[0][2][name], err_msg=name)
+
+
+@FEW
+@given(channels=st.integers(2, 11), size=st.integers(3, 13), stride=st.integers(1, 2),
+       batch=st.integers(1, 3))
+def test_shared_depthwise_convolutions_match_numpy_on_one_to_three_threads(
+        always_shared, channels, size, stride, batch):
+    text = (f"network t\ninput: {channels}x{size}x{size + 2}\n"
+            f"conv c: {channels} 3x3 stride={stride} pad=1 groups={channels} -> relu\n")
+    assert "c_conv_relu_fwd" in _parallel_kernels(text)
+    modules = [cnnc.compile(text, opt_level=1, threads=t, cache=False) for t in (1, 2, 3)]
+    params = random_params(modules[0])
+    x = np.random.default_rng(size).standard_normal((batch, channels, size, size + 2))
+    x = x.astype(np.float32)
+    want = np.concatenate([_numpy_conv(x[:, c:c + 1], params["c.weight"][c:c + 1],
+                                       params["c.bias"][c:c + 1], (stride, stride),
+                                       (1, 1, 1, 1)) for c in range(channels)], axis=1)
+    results = []
+    for module in modules:
+        module.set_params(params)
+        results.append(module(x))
+    assert_close(results[0], np.maximum(want, 0), np.float32, text)
+    for result in results[1:]:
+        np.testing.assert_array_equal(result, results[0])
 
 
 def test_a_network_with_batch_norm_trains_identically_on_one_and_three_threads(always_shared):
@@ -105,3 +137,33 @@ def test_the_cost_model_shares_only_large_convolutions():
     assert not _parallel_kernels("network t\ninput: 8x16x16\nconv c: 8 3x3 pad=1\n")  # 0.3 M
     assert _parallel_kernels("network t\ninput: 64x56x56\nconv c: 64 3x3 pad=1\n") == \
         {"c_conv_fwd"}  # 231 MFLOP a sample
+
+
+DROPPED = """
+import gc, sys
+import numpy as np
+import cnnc
+from cnnc.runtime import team
+team.TEAM_MIN_FLOPS = 0
+x = np.ones((1, 8, 9, 9), np.float32)
+for _ in range(40):
+    module = cnnc.load(sys.argv[1], threads=3)
+    module(x)
+    del module
+    gc.collect()
+print("done")
+"""
+
+
+def test_helpers_that_start_after_their_module_is_dropped_find_its_code(always_shared,
+                                                                         tmp_path):
+    """A helper queued for a call may start after the call returned and the module was
+    freed; it must still find the code it runs (it then leaves at once)."""
+    import subprocess
+    import sys
+
+    text = "network t\ninput: 8x9x9\nconv c: 8 3x3 pad=1 groups=8\nconv d: 6 3x3\n"
+    cnnc.compile(text, cache=False).save(tmp_path / "t.cnnm")
+    done = subprocess.run([sys.executable, "-c", DROPPED, str(tmp_path / "t.cnnm")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr[-2000:]
