@@ -22,7 +22,7 @@ from cnnc.runtime import team
 from cnnc.schedule import cost
 from cnnc.schedule.apply import lower_blocked
 
-FEW = settings(max_examples=10, deadline=None,
+FEW = settings(max_examples=6, deadline=None,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 

@@ -134,11 +134,21 @@ def test_train_and_eval_commands(tmp_path, monkeypatch, capsys):
         capsys.readouterr().err
 
 
-def test_check_grad_command(capsys):
+def test_check_grad_command(capsys, tmp_path):
+    small = tmp_path / "small.cnn"
+    small.write_text("network s\ninput: 1x6x6\nconv c1: 2 3x3 -> relu\nmaxpool 2x2\n"
+                     "dense d: 3 -> softmax\nloss cross_entropy\n")
+    assert main(["check", "--grad", str(small)]) == 0
+    out = capsys.readouterr().out
+    assert "4 of 4 parameters within 1e-06" in out and "c1.weight" in out
+    assert main(["check", "--grad", "--tolerance", "1e-30", str(EXAMPLES / "mlp.cnn")]) == 1
+
+
+@pytest.mark.slow  # 20 s: every one of LeNet-5's parameters
+def test_check_grad_command_on_lenet(capsys):
     assert main(["check", "--grad", str(EXAMPLES / "lenet.cnn")]) == 0
     out = capsys.readouterr().out
     assert "10 of 10 parameters within 1e-06" in out and "c1.weight" in out
-    assert main(["check", "--grad", "--tolerance", "1e-30", str(EXAMPLES / "mlp.cnn")]) == 1
 
 
 @pytest.mark.skipif(not MNIST.is_dir(), reason="../shared/data/mnist is not here")
