@@ -431,7 +431,7 @@ def checkpoint_epoch(path: Path) -> int:
 
 
 def test_ctrl_c_after_a_checkpoint_names_it_and_resume_continues(work, capsys):
-    child = subprocess.Popen([*CNNC, "train", "small.cnn", "--data", "d.npz", "--epochs",
+    child = _interruptible([*CNNC, "train", "small.cnn", "--data", "d.npz", "--epochs",
                               "100000", "--no-progress", "--checkpoint", "c.npz", "--out",
                               "w.npz"], cwd=work, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
@@ -462,10 +462,19 @@ def test_ctrl_c_after_a_checkpoint_names_it_and_resume_continues(work, capsys):
     assert f"epoch {saved}/" not in out and checkpoint_epoch(work / "c.npz") == saved + 1
 
 
+def _interruptible(command: list[str], **options) -> subprocess.Popen:
+    """The child with SIGINT's default action, as a terminal's Ctrl-C finds it: a suite run
+    as a background job inherits SIGINT ignored, and Python then never raises
+    KeyboardInterrupt."""
+    return subprocess.Popen(command, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                      signal.SIG_DFL),
+                            **options)
+
+
 def test_ctrl_c_before_any_checkpoint_says_so(work):
     data = synthetic(20000, 6)  # with --batch 1, an epoch of several seconds
     np.savez(work / "big.npz", x=data.x, y=data.y)
-    child = subprocess.Popen([*CNNC, "train", "small.cnn", "--data", "big.npz", "--batch", "1",
+    child = _interruptible([*CNNC, "train", "small.cnn", "--data", "big.npz", "--batch", "1",
                               "--progress-every", "0.05", "--checkpoint", "c.npz"], cwd=work,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
