@@ -9,6 +9,7 @@ when the call ends; the block stays alive until they do, since each holds it.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, wait
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,8 +37,9 @@ TEAM_MIN_FLOPS = 4_000_000
 class Team:
     """The helpers of one call, started in the engine's pool."""
 
-    def __init__(self, block: np.ndarray) -> None:
+    def __init__(self, block: np.ndarray, helpers: list[Future]) -> None:
         self.block = block
+        self.helpers = helpers
 
     @classmethod
     def start(cls, engine: CpuEngine, batch: int) -> Team | None:
@@ -49,18 +51,17 @@ class Team:
             return None
         block = np.zeros(TEAM_WORDS, dtype=np.int64)
         block[WANTED], block[JOINED] = helpers, -1
-        started = 0
+        started: list[Future] = []
         try:
             pool = engine.thread_pool()
             for _ in range(helpers):
-                pool.submit(_help, worker, block, engine)
-                started += 1
+                started.append(pool.submit(_help, worker, block))
         except RuntimeError:  # set_threads shut the pool down meanwhile
             pass
         if not started:
             return None
-        block[WANTED] = started  # the calling thread waits for no more than these
-        return cls(block)
+        block[WANTED] = len(started)  # the calling thread waits for no more than these
+        return cls(block, started)
 
     @property
     def address(self) -> int:
@@ -70,11 +71,14 @@ class Team:
         """Send the helpers home, also where the call never reached its native code (the
         entry point does this itself at its end)."""
         self.block[STOP] = 1
+        # No helper outlives its call: one still queued is cancelled, and one that started
+        # sees STOP and leaves at once. Otherwise it could run the module's code after the
+        # module was freed, or free the module itself in a pool thread (llvmlite's lock
+        # taken there while another thread forks the compiler's workers: they deadlock).
+        running = [helper for helper in self.helpers if not helper.cancel()]
+        if running:
+            wait(running)
 
 
-def _help(worker, block: np.ndarray, engine: CpuEngine) -> None:
-    """`block` and the engine, whose loaded code the worker runs, are held here until the
-    helper leaves: a helper that starts after its module was dropped (it leaves at once,
-    the team being closed) must still find the code mapped."""
-    worker(block.ctypes.data)
-    del engine
+def _help(worker, block: np.ndarray) -> None:
+    worker(block.ctypes.data)  # `block` is held here until the helper leaves
