@@ -37,10 +37,8 @@ def packed_once(program: KernelProgram, kernels: list, scratch: list
                 ) -> tuple[list, list, Packing]:
     """The kernels (each without its packing loops, then the packing functions), the scratch
     tensors (those the packing fills with the role `packed`), and the pack entry point."""
-    folds = constant_kernels(program)
-    by_name = {k.name: k for k in program.kernels}
-    constant = {t.name for t in program.storage if t.role is Role.PARAM}
-    constant |= {out for name in folds for out in by_name[name].outputs}
+    folds, folded = constant_kernels(program)
+    constant = {t.name for t in program.storage if t.role is Role.PARAM} | folded
     scratch_of = {t.name: t for t in scratch}
     split_kernels, packs = [], []
     for name, (function, *rest) in kernels:
@@ -51,16 +49,16 @@ def packed_once(program: KernelProgram, kernels: list, scratch: list
             packs.append(split.pack)
             scratch_of.update((t.name, t) for t in split.scratch)
     split_kernels += [(f.name, (f,)) for f in packs]
-    packed = {t.name for t in scratch_of.values() if t.role is Role.PACKED}
-    packed |= {out for name in folds for out in by_name[name].outputs}
+    packed = {t.name for t in scratch_of.values() if t.role is Role.PACKED} | folded
     entry = (*folds, *(f.name for f in packs))
     return split_kernels, [scratch_of[t.name] for t in scratch], Packing(entry, frozenset(packed))
 
 
-def constant_kernels(program: KernelProgram) -> list[str]:
+def constant_kernels(program: KernelProgram) -> tuple[list[str], set[str]]:
     """The inference forward pass's kernels whose inputs are parameters, buffers or the
     results of such kernels, and whose results are of a fixed shape, written by no other
-    kernel: the same on every call until the parameters change."""
+    kernel: the same on every call until the parameters change. Returns them and the
+    storage tensors they write."""
     by_name = {k.name: k for k in program.kernels}
     roles = {t.name: t for t in program.storage}
     constant = {name for name, t in roles.items() if t.role in (Role.PARAM, Role.BUFFER)}
@@ -68,7 +66,7 @@ def constant_kernels(program: KernelProgram) -> list[str]:
     for kernel in program.kernels:
         for out in kernel.outputs:
             writers[program.storage_of(out)] = writers.get(program.storage_of(out), 0) + 1
-    found = []
+    found, written = [], set()
     for name in program.forward_kernels(False):
         kernel = by_name[name]
         outputs = [program.storage_of(out) for out in kernel.outputs]
@@ -77,4 +75,5 @@ def constant_kernels(program: KernelProgram) -> list[str]:
                 and all(isinstance(d, int) for d in roles[out].shape) for out in outputs):
             found.append(name)
             constant |= set(outputs)
-    return found
+            written |= set(outputs)
+    return found, written

@@ -49,7 +49,8 @@ class CpuEngine:
         # point before the first call that follows a change of the parameters
         self._values.update({b.name: np.zeros(b.shape, b.numpy_dtype)
                              for b in self._storage if b.role == "packed"})
-        self._stale = "pack" in self._entries
+        self._packs = "pack" in self._entries  # older module files pack in each kernel
+        self._stale = self._packs
         self._packing = threading.Lock()
         self._threads = thread_count(threads)
         self._pool: ThreadPoolExecutor | None = None
@@ -119,7 +120,7 @@ class CpuEngine:
             if team is not None:
                 team.finish()
             if role in CHANGES_PARAMS:
-                self._stale = "pack" in self._entries
+                self._stale = self._packs
 
     def _pack(self) -> None:
         """Repack the weights if the parameters changed since they were last packed. Calls
@@ -129,13 +130,20 @@ class CpuEngine:
             return
         with self._packing:
             if self._stale:
-                unused = np.zeros(1, dtype=self._dtype)  # it reads nothing else
-                arrays = [self._values[b.name] if b.role in KEPT else unused
-                          for b in self._storage]
-                table = (ctypes.c_void_p * (len(arrays) + 1))(
-                    *[a.ctypes.data for a in arrays], 0)
+                arrays, table = self._kept_table({})
                 self._entries["pack"](1, table)
+                del arrays  # held until the call returned
                 self._stale = False
+
+    def _kept_table(self, gradients: Mapping[str, np.ndarray],
+                    hyper: np.ndarray | None = None) -> tuple[list[np.ndarray], Any]:
+        """The arrays and buffer table of a call that reads only kept arrays, `gradients`
+        by name and `hyper` (the pack and update entry points): a placeholder elsewhere."""
+        unused = np.zeros(1, dtype=self._dtype)
+        arrays = [self._values[b.name] if b.role in KEPT else
+                  (hyper if hyper is not None else unused) if b.role == "hyper" else
+                  gradients.get(b.name, unused) for b in self._storage]
+        return arrays, (ctypes.c_void_p * (len(arrays) + 1))(*[a.ctypes.data for a in arrays], 0)
 
     def _run(self, role: str, batch: int, given: Mapping[str, Any], read: Sequence[str],
              team: Team | None) -> dict[str, np.ndarray]:
@@ -192,13 +200,10 @@ class CpuEngine:
     def update(self, gradients: Mapping[str, np.ndarray], hyper: np.ndarray,
                batch: int) -> None:
         """The update kernels on parameters, state and the given gradients."""
-        unused = np.zeros(1, dtype=self._dtype)  # they read nothing else
-        arrays = [self._values[b.name] if b.role in KEPT else
-                  hyper if b.role == "hyper" else gradients.get(b.name, unused)
-                  for b in self._storage]
-        table = (ctypes.c_void_p * (len(arrays) + 1))(*[a.ctypes.data for a in arrays], 0)
+        arrays, table = self._kept_table(gradients, hyper)
         self._entries["update"](batch, table)
-        self._stale = "pack" in self._entries
+        del arrays  # held until the call returned
+        self._stale = self._packs
 
     # -- parameters and optimizer state -----------------------------------------------------
     def values(self, names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -206,4 +211,4 @@ class CpuEngine:
 
     def write(self, values: Mapping[str, np.ndarray]) -> None:
         self._values.update(values)
-        self._stale = "pack" in self._entries
+        self._stale = self._packs
