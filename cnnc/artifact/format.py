@@ -1,5 +1,6 @@
 """The compiled artifact (`.cnnm`): a manifest, the native object code, the LLVM IR and the
 loop IR for inspection, and the parameters, in one file that loads without the front end.
+The LLVM IR and the loop IR are optional: `cnnc compile --strip` leaves them out (`stripped`).
 
 Layout: MAGIC, the format version (u32), the manifest's length (u64) and SHA-256, the
 manifest (JSON), then the sections. The manifest records each section's offset, length and
@@ -41,7 +42,8 @@ class CnncModuleError(CnncError):
 @dataclass(frozen=True)
 class ModuleFile:
     manifest: dict[str, Any]
-    # object, llvm_ir, loops, params, program; cuda: cuda, loops, params, program
+    # object, llvm_ir, loops, params, program; cuda: cuda, loops, params, program (the
+    # OPTIONAL_SECTIONS may be left out)
     sections: dict[str, bytes]
 
 
@@ -117,7 +119,7 @@ def _section_places(manifest: Any, body: int, refuse) -> dict[str, tuple[int, in
                      + shown_value(table))
     places = {}
     for name, where in table.items():
-        if name not in required_sections(manifest):
+        if name not in module_sections(manifest):
             raise refuse(f"the manifest has the section {name}, which a "
                          f"{target_kind(manifest)} module does not have")
         if not (isinstance(where, dict) and set(where) == {"offset", "length", "sha256"}
@@ -160,10 +162,34 @@ def code_section(manifest: dict[str, Any]) -> str:
     return "cuda" if target_kind(manifest) == "cuda" else "object"
 
 
+# Text for reading only (`cnnc inspect --llvm`, `--loops`): nothing loads or runs it, so a
+# file shipped without it (`cnnc compile --strip`) loads, runs, trains and rebuilds the same.
+OPTIONAL_SECTIONS = ("llvm_ir", "loops")
+
+
 def required_sections(manifest: dict[str, Any]) -> set[str]:
+    """The sections a file of the manifest's kind is refused without."""
+    return module_sections(manifest) - set(OPTIONAL_SECTIONS)
+
+
+def module_sections(manifest: dict[str, Any]) -> set[str]:
+    """Every section a module of the manifest's kind may have; any other is refused."""
     if target_kind(manifest) == "cuda":
         return {"cuda", "loops", "params", "program"}
     return {"object", "llvm_ir", "loops", "params", "program"}
+
+
+def stripped(module: ModuleFile) -> ModuleFile:
+    """The module without its optional sections (`cnnc compile --strip`). Their bytes are
+    bound by no hash but the section table's, so the manifest stays as it is."""
+    return ModuleFile(module.manifest, {name: blob for name, blob in module.sections.items()
+                                        if name not in OPTIONAL_SECTIONS})
+
+
+def missing_sections(module: ModuleFile) -> list[str]:
+    """The optional sections of its kind that the file lacks, in OPTIONAL_SECTIONS' order."""
+    kind = module_sections(module.manifest)
+    return [name for name in OPTIONAL_SECTIONS if name in kind and name not in module.sections]
 
 
 def read(path: str | Path) -> ModuleFile:
@@ -236,9 +262,49 @@ def format_manifest(module: ModuleFile) -> str:
     if buffers:  # saved with the parameters, updated by training steps, no gradient
         lines.append("  buffers:")
         lines += [f"    {e['name']}: {_dims(e['shape'])} {e['dtype']}" for e in buffers]
-    lines.append("  sections:")
-    lines += [f"    {name}: {where['length']:,} bytes" for name, where in m["sections"].items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _section_lines(module)) + "\n"
+
+
+# What each section holds, as `cnnc inspect` names it.
+SECTION_CONTENTS = {"object": "native object code", "cuda": "CUDA kernel source",
+                    "llvm_ir": "LLVM IR", "loops": "loop IR", "params": "parameters",
+                    "program": "the program it was compiled from"}
+
+
+def _section_lines(module: ModuleFile) -> list[str]:
+    """Each section's size and share of the file, in the file's order, then what the file
+    holds and which optional sections it was compiled without."""
+    table = module.manifest["sections"]
+    order = sorted(table, key=lambda name: table[name]["offset"])
+    size = file_size(module)
+    lines = [f"  sections ({size:,} bytes in all, {size - _body_size(table):,} of them the "
+             "header and manifest):"]
+    lines += [f"    {name}: {table[name]['length']:,} bytes "
+              f"({_share(table[name]['length'], size)})" for name in order]
+    lines.append("  holds    " + ", ".join(SECTION_CONTENTS[name] for name in order))
+    missing = missing_sections(module)
+    if missing:
+        lines.append("  stripped: " + ", ".join(f"no {SECTION_CONTENTS[name]}"
+                                                for name in missing)
+                     + " (cnnc compile --strip)")
+    return lines
+
+
+def file_size(module: ModuleFile) -> int:
+    """The bytes of the file as `pack` wrote it for this manifest, section table included:
+    the header, the manifest's JSON and the sections."""
+    text = json.dumps(module.manifest, indent=1, sort_keys=True).encode("utf-8")
+    return _HEADER.size + len(text) + _body_size(module.manifest["sections"])
+
+
+def _body_size(table: dict[str, Any]) -> int:
+    return sum(where["length"] for where in table.values())
+
+
+def _share(part: int, whole: int) -> str:
+    """A percentage with one decimal; a share too small to show as 0.1% says so."""
+    percent = 100 * part / whole
+    return f"{percent:.1f}%" if percent >= 0.05 or part == 0 else "under 0.1%"
 
 
 def _entry(role: str, code: Any) -> str:

@@ -16,6 +16,7 @@ from cnnc.cli.output import write_text
 from cnnc.diagnostics import CnncInputError, Source
 
 if TYPE_CHECKING:
+    from cnnc.artifact.format import ModuleFile
     from cnnc.driver.pipeline import Build, Options
 
 EXIT_OK, EXIT_USAGE = 0, 2  # as in main.py (api.md)
@@ -24,12 +25,22 @@ EXIT_OK, EXIT_USAGE = 0, 2  # as in main.py (api.md)
 def run_compile(args: argparse.Namespace) -> int:
     from cnnc.driver.pipeline import Build, Stage, advance
 
+    if getattr(args, "strip", False) and (args.emit is not None or args.explain_schedule):
+        shown = "--explain-schedule" if args.explain_schedule else f"--emit {args.emit}"
+        print(f"error: --strip is for module files; {shown} writes no module file",
+              file=sys.stderr)
+        return EXIT_USAGE
     source, weights = program_source(args.program)
     if getattr(args, "weights", None):  # the module's stored parameters, from a weights file
         from cnnc.support.npzfile import read_npz
 
         weights = {**(weights or {}), **read_npz(args.weights, "weights", CnncInputError)}
     options = _build_options(args)
+    if args.emit == "lib":
+        return _compile_library(args, source, options, weights)
+    if getattr(args, "embed_weights", False):
+        print("error: --embed-weights is for --emit lib", file=sys.stderr)
+        return EXIT_USAGE
     if args.emit == "ast":  # the syntax tree even of a program with semantic errors
         write_text(emit_stage(Build(source), "ast", options), args.output)
         return EXIT_OK
@@ -64,16 +75,42 @@ def _build_options(args: argparse.Namespace) -> Options:
     from cnnc.driver.pipeline import Options
 
     if args.target == "cuda":
+        if args.triple or args.cpu != "native":
+            raise CnncInputError.single("--triple and --cpu choose a CPU; --target cuda "
+                                        "compiles for NVIDIA GPUs")
         return Options(backend="cuda", dtype=args.dtype)
-    from cnnc.backends.target import host_cpu
+    from cnnc.backends.target import named_target
 
-    return Options(host_cpu(), "llvm", args.dtype, int(args.opt_level), not args.no_schedule)
+    try:
+        target = named_target(args.triple, args.cpu)
+    except ValueError as error:
+        raise CnncInputError.single(str(error)) from None
+    return Options(target, "llvm", args.dtype, int(args.opt_level), not args.no_schedule)
+
+
+def _compile_library(args: argparse.Namespace, source: Source, options: Options,
+                     weights: dict | None) -> int:
+    """--emit lib: the C library's files in the folder -o names."""
+    from cnnc.library.build import build_library
+
+    if options.backend == "cuda":
+        raise CnncInputError.single("--emit lib writes a C library for a CPU; it has no "
+                                    "--target cuda")
+    out = Path(args.output or ".")
+    if out.exists() and not out.is_dir():
+        raise CnncInputError.single(f"--emit lib writes several files: -o {out} must be a "
+                                    "folder, and is a file")
+    started = time.perf_counter()
+    library = build_library(source, out, options, weights, args.embed_weights)
+    sizes = ", ".join(f"{f.name} ({f.stat().st_size:,} bytes)" for f in library.files)
+    print(f"wrote {sizes} into {out}: network {library.layout.net}, for "
+          f"{library.target.triple} {library.target.cpu} ({time.perf_counter() - started:.1f} s)")
+    return EXIT_OK
 
 
 def _compile_to_file(args: argparse.Namespace, front: Build, options: Options,
                      weights: dict | None = None) -> int:
-    from cnnc.artifact.format import with_params
-    from cnnc.artifact.format import write as write_module
+    from cnnc.artifact.format import pack, stripped, with_params, write_atomically
     from cnnc.driver.cache import module_file as cached_module_file
 
     output = Path(args.output) if args.output else Path(Path(args.program).stem + ".cnnm")
@@ -84,20 +121,34 @@ def _compile_to_file(args: argparse.Namespace, front: Build, options: Options,
                                              not getattr(args, "no_cache", False))
     if weights:  # an imported model's own weights, in place of the initial ones
         module_file = with_params(module_file, weights)
-    write_module(module_file, output)
+    if getattr(args, "strip", False):  # after the cache, which keeps whole files
+        module_file = stripped(module_file)
+    data = pack(module_file)
+    write_atomically(output, data)
     took = f"{time.perf_counter() - started:.1f} s" + (", from the compile cache" if cached
                                                        else "")
+    wrote = f"wrote {output}" + (_stripped_note(module_file, len(data))
+                                 if getattr(args, "strip", False) else "")
     if options.backend == "cuda":
         launches = len(module_file.manifest["entry_points"]["forward"])
-        print(f"wrote {output}: network {graph.name}, target cuda, {launches} kernel launches "
+        print(f"{wrote}: network {graph.name}, target cuda, {launches} kernel launches "
               f"forward, {params} ({took})")
         return EXIT_OK
     kernels = len(module_file.manifest["kernels"])
     forward = sum(1 for k in module_file.manifest["kernels"] if k.endswith("_fwd"))
     training = f" and {kernels - forward} for training" if kernels > forward else ""
-    print(f"wrote {output}: network {graph.name}, {forward} forward kernels{training}, "
+    print(f"{wrote}: network {graph.name}, {forward} forward kernels{training}, "
           f"{params}, -O{args.opt_level} ({took})")
     return EXIT_OK
+
+
+def _stripped_note(module_file: ModuleFile, size: int) -> str:
+    """' (stripped: no LLVM IR, no loop IR; 382.2 KiB)' for the "wrote" line."""
+    from cnnc.artifact.format import SECTION_CONTENTS, missing_sections
+    from cnnc.artifact.summary import human_bytes
+
+    left_out = ", ".join(f"no {SECTION_CONTENTS[name]}" for name in missing_sections(module_file))
+    return f" (stripped: {left_out}; {human_bytes(size)})"
 
 
 def explain_schedules(build: Build, options: Options) -> str:
@@ -191,6 +242,10 @@ def inspect_text(args: argparse.Namespace) -> str:
         return json.dumps(module_file.manifest, indent=2, sort_keys=True) + "\n"
     section = "llvm_ir" if args.llvm else "cuda" if args.cuda else "loops" if args.loops \
         else "program" if args.program else None
+    if section in artifact.missing_sections(module_file):
+        raise CnncInputError.single(
+            f"{args.module} holds no {artifact.SECTION_CONTENTS[section]}: it was compiled "
+            "with --strip (compile the program again without --strip to keep it)")
     if section is not None and section not in module_file.sections:
         raise CnncInputError.single(f"{args.module} is a {kind} module and holds no "
                                     f"{'LLVM IR' if args.llvm else 'CUDA source'}")

@@ -26,7 +26,7 @@ from cnnc.version import __version__
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_BROKEN_INVARIANT = 70  # EX_SOFTWARE of sysexits.h
-EMIT_STAGES = ("ast", "ir", "grad", "kernels", "loops", "llvm", "asm", "cuda", "dot")
+EMIT_STAGES = ("ast", "ir", "grad", "kernels", "loops", "llvm", "asm", "cuda", "dot", "lib")
 
 
 def version_text() -> str:
@@ -89,8 +89,11 @@ def _add_compile(commands) -> None:
     compile_ = commands.add_parser("compile", help="compile a program; --emit shows a stage")
     compile_.add_argument("program", metavar="NET.cnn|MODEL.onnx")
     compile_.add_argument("--emit", choices=list(EMIT_STAGES),
-                          help="print this stage instead of writing a module")
-    compile_.add_argument("-o", "--output", metavar="FILE", help="write the result here")
+                          help="print this stage instead of writing a module; lib: write a C "
+                               "library (NET.h, libNET.a, libNET.so, NET.weights.bin) into "
+                               "the folder -o names (docs/deploy.md)")
+    compile_.add_argument("-o", "--output", metavar="FILE",
+                          help="write the result here (--emit lib: a folder, default .)")
     compile_.add_argument("--weights", metavar="W.npz",
                           help="store these parameters in the module (e.g. trained ones, or "
                                "those cnnc import wrote) in place of the initial ones")
@@ -101,9 +104,22 @@ def _add_compile(commands) -> None:
                           help="optimisation level (-O0 .. -O3)")
     compile_.add_argument("--explain-schedule", action="store_true",
                           help="print each kernel's schedule and why it was chosen")
+    compile_.add_argument("--triple", metavar="TRIPLE",
+                          help="compile for another machine: aarch64-linux-gnu, wasm32, arm, "
+                               "riscv64, x86_64 (default: this one's)")
+    compile_.add_argument("--cpu", default="native", metavar="NAME",
+                          help="the CPU to compile for: native (this one, default), or for "
+                               "portable x86-64 code generic, x86-64-v2, x86-64-v3, "
+                               "x86-64-v4; generic for other triples")
+    compile_.add_argument("--embed-weights", action="store_true",
+                          help="--emit lib: put the weights in the library as constant data "
+                               "instead of NET.weights.bin")
     compile_.add_argument("--no-schedule", action="store_true",
                           help="plain loop nests for every kernel (slow; for comparison)")
     compile_.add_argument("--no-cache", action="store_true", help=NO_CACHE_HELP)
+    compile_.add_argument("--strip", action="store_true",
+                          help="leave the LLVM IR and loop IR out of the module file (to "
+                               "ship it; it loads, runs and trains the same)")
 
 
 NO_CACHE_HELP = ("compile afresh, neither reading nor writing the compile cache "

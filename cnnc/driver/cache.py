@@ -152,6 +152,8 @@ def _read(entry: Path, front: Build, options: Options) -> artifact.ModuleFile | 
         file = artifact.unpack(data, str(entry))
     except CnncError:  # damaged (its hashes do not match) or truncated: build it again
         return None
+    if artifact.missing_sections(file):  # a stripped file: the cache keeps whole ones
+        return None
     if not _is_build_of(file.manifest, file.sections, front, options):
         return None
     with contextlib.suppress(OSError):  # a read-only cache: still a hit

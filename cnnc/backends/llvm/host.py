@@ -25,11 +25,13 @@ LLVM_LOCK = threading.RLock()
 
 @functools.cache
 def initialise() -> None:
-    """LLVM's code generator for the host's architecture, once a process (a forked compile
-    worker inherits it)."""
+    """LLVM's code generators, once a process (a forked compile worker inherits them): the
+    host's, and every other architecture's, for `--triple` (under a millisecond)."""
     with LLVM_LOCK:
         llvm.initialize_native_target()
         llvm.initialize_native_asmprinter()
+        llvm.initialize_all_targets()
+        llvm.initialize_all_asmprinters()
 
 
 @functools.cache
@@ -40,11 +42,18 @@ def host_target() -> HostTarget:
                           llvm.get_host_cpu_features().flatten())
 
 
-def create_machine(triple: str, cpu: str, features: str, opt_level: int) -> llvm.TargetMachine:
+def create_machine(triple: str, cpu: str, features: str, opt_level: int,
+                   library: bool = False) -> llvm.TargetMachine:
     """A new machine each time (an MCJIT engine takes ownership of its machine), with the
-    code model the runtime's JIT expects of the object code it loads."""
+    code model the runtime's JIT expects of the object code it loads; for a `library`
+    (`--emit lib`), position-independent code that a shared library can hold (WebAssembly:
+    static, which its linker wants of a module that is not loaded dynamically)."""
     initialise()
     target = llvm.Target.from_triple(triple)
+    if library:
+        reloc = "static" if triple.startswith("wasm") else "pic"
+        return target.create_target_machine(cpu=cpu, features=features, opt=opt_level,
+                                            reloc=reloc, codemodel="default")
     return target.create_target_machine(cpu=cpu, features=features, opt=opt_level,
                                         codemodel="jitdefault")
 

@@ -1,0 +1,72 @@
+"""Libraries for other machines, run here: an aarch64 build under qemu-aarch64, and a wasm32
+build under Node.js through examples/wasm's loader, against the Python module's forward
+within float32 rounding (their math functions and vector widths are not this CPU's)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+from clib import GRAPH, build, harness, need, perturbed, run_harness
+
+import cnnc
+from cnnc.backends.target import named_target
+from conftest import EXAMPLES, REPO
+
+TOLERANCE = {"rtol": 2e-5, "atol": 2e-6}
+
+
+@pytest.fixture(scope="module")
+def graph_module():
+    module = cnnc.compile(GRAPH)
+    weights = perturbed(module, 5)
+    module.set_params(weights)
+    return module, weights
+
+
+def test_aarch64_library_under_qemu(tmp_path, graph_module):
+    need("aarch64-linux-gnu-gcc", "qemu-aarch64")
+    module, weights = graph_module
+    target = named_target("aarch64-linux-gnu", "generic")
+    x = np.random.default_rng(0).normal(0, 1, (4, 3, 11, 11)).astype(np.float32)
+    for program, expected, given in ((GRAPH, module.forward(x), weights),
+                                     (EXAMPLES / "lenet.cnn", None, None)):
+        out = tmp_path / ("graph" if given else "lenet")
+        library = build(out, program, target, weights=given)
+        assert (out / f"lib{library.layout.net}.so").read_bytes()[18] == 183  # EM_AARCH64
+        runnable = harness(library, out, ["aarch64-linux-gnu-gcc"], flags=("-static",))
+        if expected is None:
+            x = np.random.default_rng(1).uniform(0, 1, (3, 1, 28, 28)).astype(np.float32)
+            expected = cnnc.compile(EXAMPLES / "lenet.cnn").forward(x)
+        y = run_harness(runnable, str(out / f"{library.layout.net}.weights.bin"), x, out,
+                        threads=2, runner=("qemu-aarch64",))
+        np.testing.assert_allclose(y.reshape(expected.shape), expected, **TOLERANCE)
+
+
+def test_wasm32_library_under_node(tmp_path, graph_module):
+    need("clang", "wasm-ld", "llvm-ar", "node")
+    module, weights = graph_module
+    target = named_target("wasm32", "generic")
+    x = np.random.default_rng(2).normal(0, 1, (3, 3, 11, 11)).astype(np.float32)
+    library = build(tmp_path, GRAPH, target, weights=weights)
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "tiny_graph.h", "libtiny_graph.a", "tiny_graph.wasm", "tiny_graph.weights.bin"}
+    x.tofile(tmp_path / "x.f32")
+    done = subprocess.run(["node", str(REPO / "examples/wasm/run.mjs"),
+                           str(tmp_path / "tiny_graph.wasm"),
+                           str(tmp_path / "tiny_graph.weights.bin"), str(tmp_path / "x.f32"),
+                           "3", str(tmp_path / "y.f32")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    y = np.fromfile(tmp_path / "y.f32", dtype=np.float32).reshape(3, 7)
+    np.testing.assert_allclose(y, module.forward(x), **TOLERANCE)
+    assert library.layout.net == "tiny_graph"
+    # another network's weights: the loader reports the library's status in words
+    other = build(tmp_path / "lenet", EXAMPLES / "lenet.cnn", target)
+    done = subprocess.run(["node", str(REPO / "examples/wasm/run.mjs"),
+                           str(tmp_path / "tiny_graph.wasm"),
+                           str(tmp_path / "lenet" / "lenet5.weights.bin"),
+                           str(tmp_path / "x.f32"), "3", str(tmp_path / "y.f32")],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "not this network's" in done.stderr
+    assert other.layout.net == "lenet5"
