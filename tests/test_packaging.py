@@ -38,6 +38,12 @@ def test_wheel_contains_the_grammar_and_the_console_script(wheel):
         scripts = archive.read(entry_points).decode()
     assert grammar == (REPO / "grammar" / "cnn.lark").read_text()
     assert "cnnc = cnnc.cli.main:main" in scripts
+    # every package of the tree, and the C library's source template (--emit lib)
+    packages = {p.parent.relative_to(REPO).as_posix() for p in (REPO / "cnnc").rglob("*.py")}
+    assert all(f"{package}/__init__.py" in names for package in packages), packages
+    with zipfile.ZipFile(wheel) as archive:
+        template = archive.read("cnnc/library/model.c.in").decode()
+    assert template == (REPO / "cnnc" / "library" / "model.c.in").read_text()
 
 
 def test_installed_wheel_parses_with_its_own_grammar(wheel, tmp_path):

@@ -87,7 +87,7 @@ def _compiled(front: Build, options: Options):
                                     "a C library cannot supply")
     entries = {ENTRY_NAMES["forward"]: forward, **({ENTRY_NAMES["pack"]: pack} if pack else {})}
     code = compile_functions(functions, names, options.opt_level, entries,
-                             target=options.cpu(), rarely=frozenset(pack))
+                             target=options.cpu(), rarely=frozenset(pack), serial=True)
     return layout, code, bool(pack)
 
 

@@ -13,7 +13,7 @@ import pytest
 
 import cnnc
 from cnnc.driver.pipeline import Options
-from cnnc.frontend.source import read_source, to_source
+from cnnc.frontend.source import to_source
 from cnnc.library.build import Library, build_library
 
 # batch norm (folded at init: the pack entry), a residual add, depthwise, strided, tanh and
@@ -47,7 +47,7 @@ HOST_CC = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
 def need(*programs: str) -> None:
     missing = [p for p in programs if shutil.which(p) is None]
     if missing:
-        pytest.skip(f"{', '.join(missing)} not installed (.ci/install-test-tools installs "
+        pytest.skip(f"{', '.join(missing)} not installed (tools/install-test-tools.sh installs "
                     "them on Debian)")
 
 
@@ -60,9 +60,15 @@ def host_cc() -> str:
 def build(out: Path, program: str | Path, target=None, weights=None, embed=False) -> Library:
     """The library of `program` (a path or a program's text) for `target` (default: host)."""
     from cnnc.backends.target import host_cpu
+    from cnnc.cli.compile import program_source
 
-    source = read_source(program) if isinstance(program, Path) else to_source(program)
-    return build_library(source, out, Options(target or host_cpu()), weights, embed)
+    stored = None  # an ONNX model's own weights
+    if isinstance(program, Path):
+        source, stored = program_source(str(program))
+    else:
+        source = to_source(program)
+    return build_library(source, out, Options(target or host_cpu()),
+                         {**(stored or {}), **(weights or {})}, embed)
 
 
 def harness(library: Library, out: Path, cc: list[str], suffix: str = "",

@@ -266,3 +266,53 @@ def test_portable_x86_builds_run_here_within_rounding(cpu, tmp_path, host_cc):
     y = run_harness(program, str(tmp_path / "lenet5.weights.bin"), x, tmp_path)
     expected = cnnc.compile(EXAMPLES / "lenet.cnn").forward(x)
     np.testing.assert_allclose(y.reshape(3, 10), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_onnx_model_becomes_a_library_with_its_weights(capsys, tmp_path, host_cc):
+    pytest.importorskip("onnx")
+    model = tmp_path / "digits.onnx"
+    trained = cnnc.compile(EXAMPLES / "lenet.cnn")
+    trained.set_params(perturbed(trained, 7))
+    trained.save_weights(tmp_path / "w.npz")
+    code, _, err = run_cli(capsys, "export", str(EXAMPLES / "lenet.cnn"), "--weights",
+                           str(tmp_path / "w.npz"), "-o", str(model))
+    assert code == 0, err
+    out = tmp_path / "lib"
+    code, _, err = run_cli(capsys, "compile", str(model), "--emit", "lib", "-o", str(out))
+    assert code == 0, err
+    header = (out / "digits.h").read_text()
+    assert "#define DIGITS_INPUT_SHAPE {1, 28, 28}" in header
+    x = np.random.default_rng(8).uniform(0, 1, (6, 1, 28, 28)).astype(np.float32)
+    # the harness needs the layout's name only: that of the same model built in-process
+    program = harness(build(tmp_path / "again", model), out, [host_cc])
+    y = run_harness(program, str(out / "digits.weights.bin"), x, out)
+    assert np.array_equal(y.reshape(6, 10), cnnc.compile(model).forward(x))
+    assert np.array_equal(y.reshape(6, 10), trained.forward(x))
+
+
+def test_schedules_take_the_targets_vectors_not_the_hosts(capsys):
+    lenet = str(EXAMPLES / "lenet.cnn")
+    for extra, machine in ((["--triple", "aarch64-linux-gnu", "--cpu", "generic"],
+                            "128-bit vectors, 32 vector registers"),
+                           (["--cpu", "x86-64-v3"], "256-bit vectors, 16 vector registers"),
+                           (["--cpu", "x86-64-v4"], "512-bit vectors, 32 vector registers"),
+                           (["--triple", "wasm32", "--cpu", "generic"],
+                            "128-bit vectors, 16 vector registers")):
+        code, out, err = run_cli(capsys, "compile", lenet, "--explain-schedule", *extra)
+        assert code == 0, err
+        assert out.startswith(f"machine: {machine}"), (extra, out[:80])
+
+
+def test_a_float64_network_takes_doubles(tmp_path, host_cc):
+    from cnnc.backends.target import host_cpu
+    from cnnc.driver.pipeline import Options
+    from cnnc.frontend.source import to_source
+    from cnnc.library.build import build_library
+
+    library = build_library(to_source(GRAPH), tmp_path, Options(host_cpu(), dtype="f64"))
+    header = (tmp_path / "tiny_graph.h").read_text()
+    assert "typedef double tiny_graph_scalar;" in header and "const double *x" in header
+    x = np.random.default_rng(9).normal(0, 1, (3, 3, 11, 11))
+    y = run_harness(harness(library, tmp_path, [host_cc]),
+                    str(tmp_path / "tiny_graph.weights.bin"), x, tmp_path, dtype=np.float64)
+    assert np.array_equal(y.reshape(3, 7), cnnc.compile(GRAPH, dtype="f64").forward(x))

@@ -25,22 +25,33 @@ def graph_module():
     return module, weights
 
 
-def test_aarch64_library_under_qemu(tmp_path, graph_module):
-    need("aarch64-linux-gnu-gcc", "qemu-aarch64")
+# triple, its C compiler, qemu's user-mode emulator, the ELF machine number (e_machine)
+LINUX_TARGETS = [("aarch64-linux-gnu", "aarch64-linux-gnu-gcc", "qemu-aarch64", 183),
+                 ("arm", "arm-linux-gnueabihf-gcc", "qemu-arm", 40),
+                 ("riscv64", "riscv64-linux-gnu-gcc", "qemu-riscv64", 243)]
+
+
+@pytest.mark.parametrize(("triple", "cc", "qemu", "machine"), LINUX_TARGETS,
+                         ids=[t[0].split("-")[0] for t in LINUX_TARGETS])
+def test_linux_library_under_qemu(triple, cc, qemu, machine, tmp_path, graph_module):
+    need(cc, qemu)
     module, weights = graph_module
-    target = named_target("aarch64-linux-gnu", "generic")
+    target = named_target(triple, "generic")
     x = np.random.default_rng(0).normal(0, 1, (4, 3, 11, 11)).astype(np.float32)
-    for program, expected, given in ((GRAPH, module.forward(x), weights),
-                                     (EXAMPLES / "lenet.cnn", None, None)):
-        out = tmp_path / ("graph" if given else "lenet")
+    cases = [(GRAPH, weights, x, module.forward(x))]
+    if triple.startswith("aarch64"):  # the target: LeNet-5 too
+        lenet_x = np.random.default_rng(1).uniform(0, 1, (3, 1, 28, 28)).astype(np.float32)
+        cases.append((EXAMPLES / "lenet.cnn", None, lenet_x,
+                      cnnc.compile(EXAMPLES / "lenet.cnn").forward(lenet_x)))
+    for number, (program, given, batch, expected) in enumerate(cases):
+        out = tmp_path / str(number)
         library = build(out, program, target, weights=given)
-        assert (out / f"lib{library.layout.net}.so").read_bytes()[18] == 183  # EM_AARCH64
-        runnable = harness(library, out, ["aarch64-linux-gnu-gcc"], flags=("-static",))
-        if expected is None:
-            x = np.random.default_rng(1).uniform(0, 1, (3, 1, 28, 28)).astype(np.float32)
-            expected = cnnc.compile(EXAMPLES / "lenet.cnn").forward(x)
-        y = run_harness(runnable, str(out / f"{library.layout.net}.weights.bin"), x, out,
-                        threads=2, runner=("qemu-aarch64",))
+        net = library.layout.net
+        shared = (out / f"lib{net}.so").read_bytes()
+        assert int.from_bytes(shared[18:20], "little") == machine
+        runnable = harness(library, out, [cc], flags=("-static",))
+        y = run_harness(runnable, str(out / f"{net}.weights.bin"), batch, out, threads=2,
+                        runner=(qemu,))
         np.testing.assert_allclose(y.reshape(expected.shape), expected, **TOLERANCE)
 
 

@@ -82,7 +82,7 @@ MODULE_SEPARATOR = "\n; ---- next module ----\n"
 def compile_functions(functions: tuple[LoopFunction, ...], storage: list[str],
                       opt_level: int = 3, entries: dict[str, list[str]] | None = None, *,
                       target: CpuTarget, sizes: dict[str, int] | None = None,
-                      rarely: frozenset[str] = frozenset()) -> NativeCode:
+                      rarely: frozenset[str] = frozenset(), serial: bool = False) -> NativeCode:
     """Generate, verify, optimise (at -O`opt_level`) and emit object code for `target`.
     `entries` maps each entry point to the kernels it runs in order (default:
     `cnnc_forward`, all). `sizes` (each function's printed length, by name) balances the
@@ -90,7 +90,7 @@ def compile_functions(functions: tuple[LoopFunction, ...], storage: list[str],
     `rarely` (the pack entry point's, run once per change of the parameters) go to a
     module of their own at -O1 at most: their speed hardly matters, and -O3 took seconds
     over their many small copy nests (a 12x8 kernel of stride 6x7: 0.7 s at -O1, 8.5 s
-    at -O2)."""
+    at -O2). `serial`: code that no thread team will run (a C library's, `--emit lib`)."""
     entries = entries or {ENTRY: [f.name for f in functions]}
     often = tuple(f for f in functions if f.name not in rarely)
     seldom = tuple(f for f in functions if f.name in rarely)
@@ -102,7 +102,7 @@ def compile_functions(functions: tuple[LoopFunction, ...], storage: list[str],
     # the job a worker is sent is a fraction of the size
     signatures = tuple(dataclasses.replace(f, locals=(), body=()) for f in functions)
     teamed = frozenset(f.name for f in functions if uses_team(f))  # the bodies tell
-    jobs.append(Job(signatures, storage, entries, opt_level, target, teamed))
+    jobs.append(Job(signatures, storage, entries, opt_level, target, teamed, serial))
     initialise()  # before any fork, so that no worker needs LLVM's lock to set it up
     with LLVM_LOCK:
         results = _run_jobs(jobs)
@@ -122,6 +122,7 @@ class Job:
     opt_level: int
     target: CpuTarget
     teamed: frozenset[str] = frozenset()  # kernels that take the thread team (signatures)
+    serial: bool = False  # never given a team (backends.llvm.team.emit_team)
 
 
 def _run_jobs(jobs: list[Job]) -> list[tuple[bytes, str]]:
@@ -160,7 +161,7 @@ def _compile_job(job: Job) -> tuple[bytes, str]:
         module = build_module(job.functions, job.storage, {}, has_fma=job.target.has_fma)
     else:
         module = build_entry_module(job.functions, job.storage, job.entries,
-                                    job.target.triple, job.teamed)
+                                    job.target.triple, job.teamed, job.serial)
     return _compile_text(str(module), job.opt_level, job.target)
 
 
@@ -222,13 +223,14 @@ def build_module(functions: tuple[LoopFunction, ...], storage: list[str],
 
 def build_entry_module(functions: tuple[LoopFunction, ...], storage: list[str],
                        entries: dict[str, list[str]], triple: str,
-                       teamed: frozenset[str] = frozenset()) -> ir.Module:
+                       teamed: frozenset[str] = frozenset(),
+                       serial: bool = False) -> ir.Module:
     """The entry points, calling kernels defined in the other modules, and the thread
     team's functions (backends.llvm.team) for `triple`. `functions` may be signatures
     only: `teamed` names those that take the team."""
     module = ir.Module(name="cnnc_entries")
     declared = [_declare(module, f, f.name in teamed) for f in functions]
-    emit_team(module, triple, worker=bool(teamed))
+    emit_team(module, triple, worker=bool(teamed) and not serial, serial=serial)
     _emit_entries(module, functions, declared, storage, entries)
     return module
 

@@ -75,11 +75,29 @@ def declare_parallel_for(module: ir.Module) -> ir.Function:
     return ir.Function(module, PARALLEL_FOR_TYPE, PARALLEL_FOR)
 
 
-def emit_team(module: ir.Module, triple: str, worker: bool) -> None:
+def emit_team(module: ir.Module, triple: str, worker: bool, serial: bool = False) -> None:
     """Define the team's functions in `module` (the entry points' module); the helpers'
     entry point only where some kernel has a parallel loop (`worker`), so that the runtime
-    starts no team for code that would not use it."""
+    starts no team for code that would not use it. `serial`: code that is never given a
+    team (a C library's), whose parallel loops run whole on the calling thread."""
+    if serial:
+        _emit_serial(module)
+        return
     _Team(module, triple.startswith(("x86_64", "i386", "i686"))).emit(worker)
+
+
+def _emit_serial(module: ir.Module) -> None:
+    """`cnnc_parallel_for` as the team's own path for a null team: part(context, 0, extent),
+    so the arithmetic is the same; and no atomics, which 32-bit ARM's register allocator
+    fails on (64-bit ones, in the team's functions at -O3)."""
+    function = declare_parallel_for(module)
+    _, part, context, extent = function.args
+    builder = ir.IRBuilder(function.append_basic_block("entry"))
+    builder.call(part, [context, ir.Constant(I64, 0), extent])
+    builder.ret_void()
+    finish = ir.Function(module, ir.FunctionType(VOID, [I8P]), FINISH)
+    finish.linkage = "internal"
+    ir.IRBuilder(finish.append_basic_block("entry")).ret_void()
 
 
 class _Team:
