@@ -16,7 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnc.artifact.format import ModuleFile, params_from_bytes, params_to_bytes, with_params
+from cnnc.artifact.format import (
+    ModuleFile,
+    params_from_bytes,
+    params_to_bytes,
+    with_params,
+    write_atomically,
+)
 from cnnc.backends.llvm.codegen import compile_functions
 from cnnc.backends.llvm.library import data_object, library_object
 from cnnc.backends.target import CpuTarget, host_cpu
@@ -53,17 +59,23 @@ def build_library(source: Source, out: Path, options: Options,
     layout, code, has_pack = _compiled(front, options)
     data = weights_bytes([_values(front, weights)[w.name] for w in layout.of_kind("weight")],
                          layout.weights_hash)
-    out.mkdir(parents=True, exist_ok=True)
     net = layout.net
-    header = out / f"{net}.h"
-    header.write_text(header_text(layout, source.name, embed))
+    made: dict[str, bytes] = {f"{net}.h": header_text(layout, source.name, embed).encode()}
     with tempfile.TemporaryDirectory(prefix="cnnc-lib-") as scratch:
-        objects = _objects(Path(scratch), layout, code, has_pack, data if embed else None,
-                           tools, out)
-        files = [header, *_link(tools, objects, out, net)]
+        folder = Path(scratch)
+        (folder / f"{net}.h").write_bytes(made[f"{net}.h"])
+        objects = _objects(folder, layout, code, has_pack, data if embed else None, tools)
+        made.update((path.name, path.read_bytes()) for path in _link(tools, objects, folder,
+                                                                      net))
     if not embed:
-        (out / f"{net}.weights.bin").write_bytes(data)
-        files.append(out / f"{net}.weights.bin")
+        made[f"{net}.weights.bin"] = data
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CnncInputError.single(f"cannot make the folder {out}: {error.strerror}") from None
+    for name, blob in made.items():  # each whole or not at all, as every file cnnc writes
+        write_atomically(out / name, blob)
+    files = [out / name for name in made]
     return Library(layout, tuple(files), target)
 
 
@@ -106,7 +118,9 @@ def _values(front: Build, given: dict[str, np.ndarray] | None) -> dict[str, np.n
 
 
 def _objects(scratch: Path, layout: Layout, code, has_pack: bool, embedded: bytes | None,
-             tools: Toolchain, out: Path) -> list[Path]:
+             tools: Toolchain) -> list[Path]:
+    """The kernels' object, the API's (compiled from its source with the header beside it)
+    and, with embedded weights, theirs."""
     net = layout.net
     kernels = scratch / f"{net}_kernels.o"
     kernels.write_bytes(library_object(code, {
@@ -116,7 +130,7 @@ def _objects(scratch: Path, layout: Layout, code, has_pack: bool, embedded: byte
     api_source.write_text(model_source(layout, has_pack,
                                        None if embedded is None else len(embedded)))
     api = scratch / f"{net}_api.o"
-    tools.compile_c(api_source, api, out)
+    tools.compile_c(api_source, api, scratch)
     objects = [api, kernels]
     if embedded is not None:
         blob = scratch / f"{net}_weights.o"
