@@ -34,6 +34,7 @@ from cnnc.backends.llvm.parallel import emit_parallel
 from cnnc.backends.llvm.team import FINISH, I8P, emit_team, uses_team
 from cnnc.backends.target import CpuTarget
 from cnnc.graph.ir import BATCH, DType
+from cnnc.loops.canonical import shared_code
 from cnnc.loops.ir import (
     Assign,
     Binary,
@@ -92,8 +93,10 @@ def compile_functions(functions: tuple[LoopFunction, ...], storage: list[str],
     over their many small copy nests (a 12x8 kernel of stride 6x7: 0.7 s at -O1, 8.5 s
     at -O2). `serial`: code that no thread team will run (a C library's, `--emit lib`)."""
     entries = entries or {ENTRY: [f.name for f in functions]}
-    often = tuple(f for f in functions if f.name not in rarely)
-    seldom = tuple(f for f in functions if f.name in rarely)
+    shared = shared_code(functions)  # copies of a kernel are compiled once (loops.canonical)
+    compiled = tuple(f for f in functions if shared[f.name] == f.name)
+    often = tuple(f for f in compiled if f.name not in rarely)
+    seldom = tuple(f for f in compiled if f.name in rarely)
     # each job builds its LLVM IR in the worker too: in Python, that is a quarter of the work
     jobs = [Job(group, storage, None, opt_level, target) for group in _groups(often, sizes)]
     if seldom:
@@ -101,8 +104,8 @@ def compile_functions(functions: tuple[LoopFunction, ...], storage: list[str],
     # the entry points call the kernels and need only their signatures: without the bodies,
     # the job a worker is sent is a fraction of the size
     signatures = tuple(dataclasses.replace(f, locals=(), body=()) for f in functions)
-    teamed = frozenset(f.name for f in functions if uses_team(f))  # the bodies tell
-    jobs.append(Job(signatures, storage, entries, opt_level, target, teamed, serial))
+    teamed = frozenset(f.name for f in compiled if uses_team(f))  # the bodies tell
+    jobs.append(Job(signatures, storage, entries, opt_level, target, teamed, serial, shared))
     initialise()  # before any fork, so that no worker needs LLVM's lock to set it up
     with LLVM_LOCK:
         results = _run_jobs(jobs)
@@ -123,6 +126,7 @@ class Job:
     target: CpuTarget
     teamed: frozenset[str] = frozenset()  # kernels that take the thread team (signatures)
     serial: bool = False  # never given a team (backends.llvm.team.emit_team)
+    shared: dict[str, str] | None = None  # kernel -> the kernel whose code it calls
 
 
 def _run_jobs(jobs: list[Job]) -> list[tuple[bytes, str]]:
@@ -161,7 +165,7 @@ def _compile_job(job: Job) -> tuple[bytes, str]:
         module = build_module(job.functions, job.storage, {}, has_fma=job.target.has_fma)
     else:
         module = build_entry_module(job.functions, job.storage, job.entries,
-                                    job.target.triple, job.teamed, job.serial)
+                                    job.target.triple, job.teamed, job.serial, job.shared)
     return _compile_text(str(module), job.opt_level, job.target)
 
 
@@ -224,12 +228,17 @@ def build_module(functions: tuple[LoopFunction, ...], storage: list[str],
 def build_entry_module(functions: tuple[LoopFunction, ...], storage: list[str],
                        entries: dict[str, list[str]], triple: str,
                        teamed: frozenset[str] = frozenset(),
-                       serial: bool = False) -> ir.Module:
+                       serial: bool = False,
+                       shared: dict[str, str] | None = None) -> ir.Module:
     """The entry points, calling kernels defined in the other modules, and the thread
     team's functions (backends.llvm.team) for `triple`. `functions` may be signatures
-    only: `teamed` names those that take the team."""
+    only: `teamed` names those that take the team; `shared` maps each kernel to the one
+    whose code it calls (`loops.canonical.shared_code`; default: its own)."""
     module = ir.Module(name="cnnc_entries")
-    declared = [_declare(module, f, f.name in teamed) for f in functions]
+    shared = shared or {f.name: f.name for f in functions}
+    own = {f.name: _declare(module, f, f.name in teamed) for f in functions
+           if shared[f.name] == f.name}
+    declared = [own[shared[f.name]] for f in functions]
     emit_team(module, triple, worker=bool(teamed) and not serial, serial=serial)
     _emit_entries(module, functions, declared, storage, entries)
     return module
