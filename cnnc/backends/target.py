@@ -79,16 +79,19 @@ CPUS = {
 TYPICAL_L1, TYPICAL_L2 = 32 * 1024, 512 * 1024
 
 
-def named_target(triple: str | None = None, cpu: str = "native") -> CpuTarget:
-    """The CPU `--triple` and `--cpu` name: the host's own (`native`, on the host's triple),
-    or a named one, for which nothing is read off this machine. ValueError, with what is
-    known, for a name that is not."""
+def named_target(triple: str | None = None, cpu: str | None = None) -> CpuTarget:
+    """The CPU `--triple` and `--cpu` name: the host's own (`native`, the default on the
+    host's architecture), or a named one (`generic`, the default on another), for which
+    nothing is read off this machine. ValueError, with what is known, for a name that is
+    not."""
     host = host_cpu()
     full = TRIPLES.get(triple, triple) if triple else host.triple
     arch = full.split("-")[0]
-    if arch not in CPUS and arch != host.triple.split("-")[0]:
+    native = arch == host.triple.split("-")[0]
+    if arch not in CPUS and not native:
         raise ValueError(f"no known target {triple!r}; --triple takes "
                          f"{', '.join(sorted(TRIPLES))}")
+    cpu = cpu or ("native" if native else "generic")
     if cpu == "native":
         if arch != host.triple.split("-")[0]:
             raise ValueError(f"--cpu native is this machine's CPU, an {host.triple.split('-')[0]} "

@@ -75,7 +75,7 @@ def _build_options(args: argparse.Namespace) -> Options:
     from cnnc.driver.pipeline import Options
 
     if args.target == "cuda":
-        if args.triple or args.cpu != "native":
+        if args.triple or args.cpu:
             raise CnncInputError.single("--triple and --cpu choose a CPU; --target cuda "
                                         "compiles for NVIDIA GPUs")
         return Options(backend="cuda", dtype=args.dtype)

@@ -107,10 +107,11 @@ def _add_compile(commands) -> None:
     compile_.add_argument("--triple", metavar="TRIPLE",
                           help="compile for another machine: aarch64-linux-gnu, wasm32, arm, "
                                "riscv64, x86_64 (default: this one's)")
-    compile_.add_argument("--cpu", default="native", metavar="NAME",
-                          help="the CPU to compile for: native (this one, default), or for "
-                               "portable x86-64 code generic, x86-64-v2, x86-64-v3, "
-                               "x86-64-v4; generic for other triples")
+    compile_.add_argument("--cpu", metavar="NAME",
+                          help="the CPU to compile for: native (this one; the default), or "
+                               "for portable x86-64 code generic, x86-64-v2, x86-64-v3, "
+                               "x86-64-v4; for another --triple generic (its default) or a "
+                               "named core")
     compile_.add_argument("--embed-weights", action="store_true",
                           help="--emit lib: put the weights in the library as constant data "
                                "instead of NET.weights.bin")

@@ -36,7 +36,7 @@ from cnnc.library.weights import weights_bytes
 from cnnc.passes.initialise import initial_parameters
 
 API = ("init", "init_from_memory", "free", "strerror", "workspace_size", "forward",
-       "input_size", "output_size")
+       "scalar_size", "input_size", "output_size")
 WASM_API = (*API, "alloc", "release")  # the loader's memory for inputs, outputs, weights
 
 
@@ -82,8 +82,9 @@ def build_library(source: Source, out: Path, options: Options,
 def _compiled(front: Build, options: Options):
     """The layout of the forward and pack entry points' buffers, and their native code."""
     lowered = front.lowered
+    by_name = {f.name: f for f in lowered.functions}
     forward = lowered.entries[ENTRY_NAMES["forward"]]
-    pack = lowered.entries.get(ENTRY_NAMES["pack"], [])
+    pack = _packs_read_by(forward, lowered.entries.get(ENTRY_NAMES["pack"], []), by_name)
     wanted = set(forward) | set(pack)
     functions = tuple(f for f in lowered.functions if f.name in wanted)
     used = {b.name for f in functions for b in f.buffers}
@@ -101,6 +102,20 @@ def _compiled(front: Build, options: Options):
     code = compile_functions(functions, names, options.opt_level, entries,
                              target=options.cpu(), rarely=frozenset(pack), serial=True)
     return layout, code, bool(pack)
+
+
+def _packs_read_by(forward: list[str], pack: list[str], by_name: dict) -> list[str]:
+    """The pack entry's functions (in order) whose results forward reads, itself or through
+    another of them: not the backward kernels' repacked weights, which inference never
+    reads (a third of LeNet-5's model memory)."""
+    read = {b.name for name in forward for b in by_name[name].buffers}
+    kept = []
+    for name in reversed(pack):
+        buffers = by_name[name].buffers
+        if any(b.is_output and b.name in read for b in buffers):
+            kept.append(name)
+            read |= {b.name for b in buffers}
+    return kept[::-1]
 
 
 def _role(lowered, name: str) -> str:

@@ -31,7 +31,8 @@ def header_text(layout: Layout, source_name: str, embedded: bool) -> str:
     scalar = C_TYPES[layout.dtype]
     weights = layout.of_kind("weight")
     major, minor, patch = [*__version__.split("."), "0", "0"][:3]
-    statuses = "\n".join(f"    {upper}_{name} = {code}, /* {text} */"
+    last = len(STATUSES) - 1  # no comma after the last value: C89 and C++98 forbid one
+    statuses = "\n".join(f"    {upper}_{name} = {code}{',' if code < last else ''} /* {text} */"
                          for code, (name, text) in enumerate(STATUSES))
     listed = "\n".join(f" *   {i:3d}  {w.name}: {' x '.join(map(str, w.shape))}"
                        for i, w in enumerate(weights))
@@ -52,6 +53,7 @@ def model_source(layout: Layout, has_pack: bool, embedded_bytes: int | None) -> 
     net = layout.net
     pack = f"{net}__pack_kernels(1, table);" if has_pack else "/* no weights to repack */"
     text = (template.replace("@TABLES@", _tables(layout, embedded_bytes))
+            .replace("@CRC_TABLE@", _crc_table())
             .replace("@PACK_CALL@", pack).replace("@API@", f"{net.upper()}_API"))
     return (text.replace("@UNET@", net.upper()).replace("@NET@", net)
             .replace("@SCALAR@", C_TYPES[layout.dtype]).replace("@VERSION@", __version__))
@@ -111,6 +113,18 @@ def _param_table(layout: Layout) -> str:
     body = "\n".join(rows) or '    {"", 0, {0}, 0u},'
     return (f"{net.upper()}_API const {net}_param_info "
             f"{net}_params[{max(len(rows), 1)}] = {{\n{body}\n}};")
+
+
+def _crc_table() -> str:
+    """zlib's CRC-32 table (polynomial 0xEDB88320, reflected) as a C array."""
+    values = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0xEDB88320 if crc & 1 else 0)
+        values.append(f"0x{crc:08x}u")
+    rows = [", ".join(values[i:i + 6]) for i in range(0, 256, 6)]
+    return "static const uint32_t crc_table[256] = {\n    " + ",\n    ".join(rows) + "\n};"
 
 
 def _braces(shape: tuple[int, ...]) -> str:
@@ -218,8 +232,10 @@ typedef struct {net}_model {net}_model;
 /* Free a model (NULL: nothing). */
 {upper}_API void {net}_free({net}_model *m);
 
-/* One sample's input and output element counts ({upper}_INPUT_SIZE, {upper}_OUTPUT_SIZE),
-   for a caller that loads the library at run time (dlopen, WebAssembly). */
+/* Bytes of one element ({upper}_DTYPE), and one sample's input and output element counts
+   ({upper}_INPUT_SIZE, {upper}_OUTPUT_SIZE), for a caller that loads the library at run
+   time (dlopen, WebAssembly). */
+{upper}_API size_t {net}_scalar_size(void);
 {upper}_API size_t {net}_input_size(void);
 {upper}_API size_t {net}_output_size(void);
 

@@ -53,6 +53,7 @@ static const unsigned char *idx_items(const unsigned char *data, size_t size, ui
     if (size < header || big_endian(data) != magic) return NULL;
     for (int i = 0; i < dims; i++) {
         shape[i] = big_endian(data + 4 + 4 * i);
+        if (shape[i] != 0 && count > SIZE_MAX / shape[i]) return NULL; /* no such file fits */
         count *= shape[i];
     }
     return size - header >= count ? data + header : NULL;
@@ -108,8 +109,12 @@ int main(int argc, char **argv) {
     float *y = malloc(sizeof(float) * LENET5_OUTPUT_SIZE * batch);
     void *work = malloc(lenet5_workspace_size((int)batch));
     FILE *out = out_path ? fopen(out_path, "wb") : NULL;
-    if (x == NULL || y == NULL || work == NULL || (out_path && out == NULL)) {
-        fprintf(stderr, "classify: out of memory, or cannot write %s\n", out_path);
+    if (x == NULL || y == NULL || work == NULL) {
+        fprintf(stderr, "classify: out of memory\n");
+        return 1;
+    }
+    if (out_path && out == NULL) {
+        fprintf(stderr, "classify: cannot write %s\n", out_path);
         return 1;
     }
     size_t right = 0;

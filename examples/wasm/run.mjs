@@ -1,7 +1,8 @@
 // node run.mjs NET.wasm NET.weights.bin INPUT.f32 BATCH OUTPUT.f32
 //
-// The forward pass of BATCH samples read from INPUT.f32 (raw little-endian float32, NCHW),
-// written to OUTPUT.f32 the same way: what the tests compare with the Python module's.
+// The forward pass of BATCH samples read from INPUT.f32 (raw little-endian float32, NCHW;
+// float64 for a float64 network), written to OUTPUT.f32 the same way: what the tests
+// compare with the Python module's.
 import { readFileSync, writeFileSync } from "node:fs";
 import { loadNetwork } from "./cnnc_loader.mjs";
 
@@ -13,7 +14,9 @@ if (!outputPath) {
 try {
   const net = await loadNetwork(readFileSync(wasmPath), readFileSync(weightsPath));
   const bytes = readFileSync(inputPath);
-  const x = new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4);
+  const size = net.Scalars.BYTES_PER_ELEMENT;
+  const x = new net.Scalars(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength),
+    0, Math.floor(bytes.byteLength / size));
   const y = net.forward(x, Number(batchText));
   writeFileSync(outputPath, Buffer.from(y.buffer, y.byteOffset, y.byteLength));
   net.free();

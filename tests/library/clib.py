@@ -17,7 +17,7 @@ from cnnc.frontend.source import to_source
 from cnnc.library.build import Library, build_library
 
 # batch norm (folded at init: the pack entry), a residual add, depthwise, strided, tanh and
-# sigmoid (libm), global pooling, softmax
+# sigmoid, gelu (erf: the C library's, or the wasm loader's), global pooling, softmax
 GRAPH = """network tiny_graph
 input image: 3x11x11
 conv c1: 8 3x3 pad=1 bias=false
@@ -27,6 +27,7 @@ batchnorm bn2 -> tanh
 add res: bn2, bn1
 conv c2: 5 3x3 stride=2 pad=1 -> sigmoid
 globalavgpool pool
+dense hidden: 9 -> gelu
 dense fc: 7 -> softmax
 """
 

@@ -81,3 +81,23 @@ def test_wasm32_library_under_node(tmp_path, graph_module):
                           capture_output=True, text=True)
     assert done.returncode == 1 and "not this network's" in done.stderr
     assert other.layout.net == "lenet5"
+
+
+def test_wasm32_float64_network_under_node(tmp_path):
+    """The loader takes Float64Arrays for a float64 network (NET_scalar_size is 8)."""
+    need("clang", "wasm-ld", "llvm-ar", "node")
+    from cnnc.driver.pipeline import Options
+    from cnnc.frontend.source import to_source
+    from cnnc.library.build import build_library
+
+    build_library(to_source(GRAPH), tmp_path, Options(named_target("wasm32"), dtype="f64"))
+    x = np.random.default_rng(3).normal(0, 1, (2, 3, 11, 11))
+    x.tofile(tmp_path / "x.f64")
+    done = subprocess.run(["node", str(REPO / "examples/wasm/run.mjs"),
+                           str(tmp_path / "tiny_graph.wasm"),
+                           str(tmp_path / "tiny_graph.weights.bin"), str(tmp_path / "x.f64"),
+                           "2", str(tmp_path / "y.f64")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    y = np.fromfile(tmp_path / "y.f64", dtype=np.float64).reshape(2, 7)
+    np.testing.assert_allclose(y, cnnc.compile(GRAPH, dtype="f64").forward(x), rtol=1e-12,
+                               atol=1e-14)
