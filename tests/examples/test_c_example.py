@@ -19,12 +19,13 @@ from conftest import EXAMPLES, REPO, run_cli
 MNIST = REPO.parent / "shared" / "data" / "mnist"
 
 
-def test_classify_gives_module_forward_bit_for_bit(tmp_path, capsys):
+def test_classify_gives_module_forward_bit_for_bit(tmp_path, capsys, monkeypatch):
     missing = [p for p in ("make", "cc", "gunzip") if shutil.which(p) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed")
     if not (MNIST / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"no MNIST test split at {MNIST}")
+    monkeypatch.chdir(tmp_path)  # where train writes its checkpoint
     weights = tmp_path / "lenet5.weights.npz"
     code, _, err = run_cli(capsys, "train", str(EXAMPLES / "lenet.cnn"), "--data", str(MNIST),
                            "--epochs", "1", "--out", str(weights), "--no-progress")
