@@ -59,6 +59,7 @@ from cnnc.schedule.cost import (
     choose_block,
     shares_sample,
     splits_stride_phases,
+    with_output_cost,
 )
 
 SHARED = "channel blocks x output rows of each sample"
@@ -159,9 +160,9 @@ def _correlation(f: Function, tag: str, src: str, src_channels: int, out: Buffer
             broadcast=lambda r: Load(src, source_index(r)),
             vector=lambda v: VecLoad(packed_weights, (Var("fb"), Var("c"), tap_row, Var("tw"),
                                                       const(v * block.lanes)), block.lanes),
-            finish=tile_store(tile, block),
+            finish=tile_store(tile, block, activation, activation_attrs),
             epilogue=tile_scatter(tile, out.name, out_index, first_out, out_channels, width,
-                                   activation, activation_attrs),
+                                   None),
             init=init)
 
     tiles = row_tiles(f, f"{tag}w", cols.count, block, code_at)
@@ -215,9 +216,13 @@ def conv_forward(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lo
     if groups > 1 and channels_in == 1 and \
             depthwise.estimate(machine, out.dtype, oh, ow) >= max(score, width_score):
         return depthwise.depthwise_forward(kernel, program, machine)
-    # few channels fill few lanes: a block over output columns may waste fewer (strided
-    # loads, for stride > 1, only where a group's few filters leave little else)
-    if (sw == 1 or groups > 1) and width_score > score * 1.05:
+    # few channels fill few lanes, and a short reduction leaves the scalar scatter of the
+    # channel-vector tile much of the time: a block over output columns may waste less
+    # (strided loads, for stride > 1, only where a group's few filters leave little else)
+    reduction = channels_in * kh * kw
+    if (sw == 1 or groups > 1) and \
+            with_output_cost(width_score, reduction, block.lanes, False) > \
+            with_output_cost(score, reduction, block.lanes, True) * 1.05:
         return _conv_forward_by_width(kernel, f, x, weight, out, by_width, width_score)
     if splits_stride_phases(window.stride, window.dilation, groups, (kh, kw)):
         return _conv_forward_phases(kernel, f, x, weight, out, window, block, score)
@@ -311,9 +316,9 @@ def _conv_forward_phases(kernel: Kernel, f: Function, x: Buffer, weight: Buffer,
         (loops, broadcast, vector), *more = (part(*p) for p in parts)
         return BlockCode(
             reduction=loops, broadcast=broadcast, vector=vector, init=init,
-            finish=tile_store(tile, block),
+            finish=tile_store(tile, block, kernel.activation, kernel.activation_attrs),
             epilogue=tile_scatter(tile, out.name, out_index, first_out, channels_out, width,
-                                  kernel.activation, kernel.activation_attrs),
+                                  None),
             more=tuple(more))
 
     tiles = row_tiles(f, "ow", ow, block, code_at)
@@ -397,7 +402,8 @@ def _conv_forward_by_width(kernel: Kernel, f: Function, x: Buffer, weight: Buffe
                         ("input zero-padded (right edge to whole vectors)",),
                         efficiency=score,
                         reason=block_reason(block, per_group, ow) + "; better than a "
-                        "block over output channels, which fills fewer lanes",
+                        "block over output channels, which fills fewer lanes or, with a "
+                        "short reduction, spends its time storing outputs one at a time",
                         shared=" x ".join((*(("groups",) if groups > 1 else ()), "output rows",
                                            "column blocks")) + " of each sample"
                         if parallel else "")

@@ -116,6 +116,26 @@ def _step_cycles(rows: int, vectors: int) -> float:
     return max(rows * vectors / FMA_UNITS, (rows + vectors) / LOADS_PER_CYCLE, FMA_LATENCY)
 
 
+# Writing a block's results out, per output element, in cycles, where a correlation over
+# output channels holds each output column's channels in one vector: its tile goes to the
+# NCHW output an element at a time (a load and a store H·W apart), where a block over
+# output columns stores whole vectors of a row. Measured with benchmarks/kernels.py on this
+# 2-core AVX-512 machine: MobileNetV2's 1x1 expansions of 16 and 24 channels (32x32
+# planes) ran 2-4x faster over output columns, those of 32 channels (16x16) and VGG's 3x3
+# convolutions of 3 channels (27 FMAs an output) 10-50% slower; this cost puts the
+# crossover between 24 and 27 FMAs an output at 16 lanes.
+SCATTER_CYCLES = 0.04
+
+
+def with_output_cost(score: float, reduction: int, lanes: int, scalar: bool) -> float:
+    """`score` (the block's FMA-unit use) with the time of writing its outputs counted,
+    `scalar`: an element at a time. It decides between the two correlations where the
+    reduction is short: 24 FMAs an output element are 0.75 cycles of two 16-lane units."""
+    fma_cycles = reduction / (lanes * FMA_UNITS) / max(score, 1e-9)
+    out_cycles = SCATTER_CYCLES if scalar else SCATTER_CYCLES / lanes
+    return score * fma_cycles / (fma_cycles + out_cycles)
+
+
 def splits_stride_phases(stride: tuple[int, int], dilation: tuple[int, int], groups: int,
                          kernel: tuple[int, int]) -> bool:
     """Whether a strided forward correlation runs over the input's stride phases instead of

@@ -281,3 +281,27 @@ def test_a_pool_shut_down_under_a_threaded_call_does_not_fail_it():
     expected = module(x)
     module._engine.thread_pool().shutdown(wait=True)  # what a concurrent set_threads leaves behind
     np.testing.assert_array_equal(module(x), expected)
+
+
+def test_a_short_reduction_is_blocked_over_output_columns():
+    """cost.with_output_cost: a correlation over output channels stores its outputs one
+    at a time; where each output has few FMAs (a 1x1 convolution of few channels), that
+    decides for a block over output columns, and a long reduction leaves it unchanged."""
+    from cnnc.schedule.cost import SCATTER_CYCLES, with_output_cost
+
+    lanes = 16
+    short, long = with_output_cost(1.0, 16, lanes, True), with_output_cost(1.0, 288, lanes, True)
+    fma = 16 / (lanes * 2)
+    assert short == pytest.approx(fma / (fma + SCATTER_CYCLES))
+    assert long > 0.99 and short < 0.95
+    assert with_output_cost(1.0, 16, lanes, False) > short
+    from cnnc.backends.target import named_target
+    from cnnc.driver.pipeline import Build, Options, Stage, advance
+    from cnnc.frontend.source import to_source
+
+    text = ("network t\ninput: 16x32x32\nconv expand: 96 1x1 -> relu6\n"
+            "conv wide: 32 3x3 pad=1 -> relu\n")
+    lowered = advance(Build(to_source(text)), Options(named_target(None, "x86-64-v4")),
+                      Stage.LOWER).lowered
+    patterns = {s.kernel.split("_")[0]: s.pattern for s in lowered.schedules}
+    assert patterns == {"expand": "correlation over output width", "wide": "correlation"}

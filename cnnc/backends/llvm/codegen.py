@@ -544,14 +544,29 @@ class _Emitter:
             return self.builder.fneg(value)
         if op is UnaryOp.ISNAN:
             return self.builder.fcmp_unordered("uno", value, value)
+        if op in _INTRINSICS and isinstance(value.type, ir.VectorType):
+            return self.builder.call(self.intrinsic(op.value, value.type, 1), [value])
         if op in _INTRINSICS:
             intrinsic = self.module.declare_intrinsic(f"llvm.{op.value}", [value.type])
             return self.builder.call(intrinsic, [value])
         if op is UnaryOp.FLOAT:
             return self.builder.sitofp(value, self.float_type)
+        if op in _LIBM and isinstance(value.type, ir.VectorType):
+            return self._libm_lanes(op.value, value)
         if op in _LIBM:
             return self.builder.call(self._libm(op.value, value.type), [value])
         raise AssertionError(f"no LLVM lowering of {op.value}")
+
+    def _libm_lanes(self, name: str, value: ir.Value) -> ir.Value:
+        """The C library's scalar function on each lane of a vector (it has no vector
+        ones): an activation applied to a block's accumulators, tanh or gelu's erf."""
+        function = self._libm(name, value.type.element)
+        result = ir.Constant(value.type, ir.Undefined)
+        for lane in range(value.type.count):
+            index = ir.Constant(ir.IntType(32), lane)
+            scalar = self.builder.call(function, [self.builder.extract_element(value, index)])
+            result = self.builder.insert_element(result, scalar, index)
+        return result
 
     def _libm(self, name: str, kind: ir.Type) -> ir.Function:
         """The C library's function (tanhf for float): correctly rounded to within an ulp."""
