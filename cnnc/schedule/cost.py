@@ -123,7 +123,8 @@ def _step_cycles(rows: int, vectors: int) -> float:
 # 2-core AVX-512 machine: MobileNetV2's 1x1 expansions of 16 and 24 channels (32x32
 # planes) ran 2-4x faster over output columns, those of 32 channels (16x16) and VGG's 3x3
 # convolutions of 3 channels (27 FMAs an output) 10-50% slower; this cost puts the
-# crossover between 24 and 27 FMAs an output at 16 lanes.
+# crossover between 24 and 27 FMAs an output at 16 lanes (the 5% margin of correlation.py
+# included).
 SCATTER_CYCLES = 0.04
 
 
@@ -131,9 +132,10 @@ def with_output_cost(score: float, reduction: int, lanes: int, scalar: bool) -> 
     """`score` (the block's FMA-unit use) with the time of writing its outputs counted,
     `scalar`: an element at a time. It decides between the two correlations where the
     reduction is short: 24 FMAs an output element are 0.75 cycles of two 16-lane units."""
+    if not scalar:  # whole vectors: stored as the accumulators are, counted in `score`
+        return score
     fma_cycles = reduction / (lanes * FMA_UNITS) / max(score, 1e-9)
-    out_cycles = SCATTER_CYCLES if scalar else SCATTER_CYCLES / lanes
-    return score * fma_cycles / (fma_cycles + out_cycles)
+    return score * fma_cycles / (fma_cycles + SCATTER_CYCLES)
 
 
 def splits_stride_phases(stride: tuple[int, int], dilation: tuple[int, int], groups: int,

@@ -294,7 +294,7 @@ def test_a_short_reduction_is_blocked_over_output_columns():
     fma = 16 / (lanes * 2)
     assert short == pytest.approx(fma / (fma + SCATTER_CYCLES))
     assert long > 0.99 and short < 0.95
-    assert with_output_cost(1.0, 16, lanes, False) > short
+    assert with_output_cost(1.0, 16, lanes, False) == 1.0
     from cnnc.backends.target import named_target
     from cnnc.driver.pipeline import Build, Options, Stage, advance
     from cnnc.frontend.source import to_source
