@@ -63,22 +63,14 @@ def test_wasm32_library_under_node(tmp_path, graph_module):
     library = build(tmp_path, GRAPH, target, weights=weights)
     assert {p.name for p in tmp_path.iterdir()} == {
         "tiny_graph.h", "libtiny_graph.a", "tiny_graph.wasm", "tiny_graph.weights.bin"}
-    x.tofile(tmp_path / "x.f32")
-    done = subprocess.run(["node", str(REPO / "examples/wasm/run.mjs"),
-                           str(tmp_path / "tiny_graph.wasm"),
-                           str(tmp_path / "tiny_graph.weights.bin"), str(tmp_path / "x.f32"),
-                           "3", str(tmp_path / "y.f32")], capture_output=True, text=True)
+    done, y = run_node(tmp_path, tmp_path / "tiny_graph.weights.bin", x)
     assert done.returncode == 0, done.stderr
-    y = np.fromfile(tmp_path / "y.f32", dtype=np.float32).reshape(3, 7)
+    y = y.reshape(3, 7)
     np.testing.assert_allclose(y, module.forward(x), **TOLERANCE)
     assert library.layout.net == "tiny_graph"
     # another network's weights: the loader reports the library's status in words
     other = build(tmp_path / "lenet", EXAMPLES / "lenet.cnn", target)
-    done = subprocess.run(["node", str(REPO / "examples/wasm/run.mjs"),
-                           str(tmp_path / "tiny_graph.wasm"),
-                           str(tmp_path / "lenet" / "lenet5.weights.bin"),
-                           str(tmp_path / "x.f32"), "3", str(tmp_path / "y.f32")],
-                          capture_output=True, text=True)
+    done, _ = run_node(tmp_path, tmp_path / "lenet" / "lenet5.weights.bin", x)
     assert done.returncode == 1 and "not this network's" in done.stderr
     assert other.layout.net == "lenet5"
 
@@ -92,12 +84,18 @@ def test_wasm32_float64_network_under_node(tmp_path):
 
     build_library(to_source(GRAPH), tmp_path, Options(named_target("wasm32"), dtype="f64"))
     x = np.random.default_rng(3).normal(0, 1, (2, 3, 11, 11))
-    x.tofile(tmp_path / "x.f64")
-    done = subprocess.run(["node", str(REPO / "examples/wasm/run.mjs"),
-                           str(tmp_path / "tiny_graph.wasm"),
-                           str(tmp_path / "tiny_graph.weights.bin"), str(tmp_path / "x.f64"),
-                           "2", str(tmp_path / "y.f64")], capture_output=True, text=True)
+    done, y = run_node(tmp_path, tmp_path / "tiny_graph.weights.bin", x)
     assert done.returncode == 0, done.stderr
-    y = np.fromfile(tmp_path / "y.f64", dtype=np.float64).reshape(2, 7)
+    y = y.reshape(2, 7)
     np.testing.assert_allclose(y, cnnc.compile(GRAPH, dtype="f64").forward(x), rtol=1e-12,
                                atol=1e-14)
+
+
+def run_node(folder, weights, x: np.ndarray):
+    """examples/wasm/run.mjs on folder's tiny_graph.wasm: its result and output (x's dtype)."""
+    x.tofile(folder / "x.bin")
+    done = subprocess.run(["node", str(REPO / "examples/wasm/run.mjs"),
+                           str(folder / "tiny_graph.wasm"), str(weights), str(folder / "x.bin"),
+                           str(len(x)), str(folder / "y.bin")], capture_output=True, text=True)
+    output = np.fromfile(folder / "y.bin", dtype=x.dtype) if done.returncode == 0 else None
+    return done, output
