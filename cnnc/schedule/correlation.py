@@ -385,9 +385,9 @@ def _conv_forward_by_width(kernel: Kernel, f: Function, x: Buffer, weight: Buffe
             reduction=(("c", const(channels_in)), ("th", const(kh)), ("tw", const(kw))),
             broadcast=lambda r: Load(weight.name, (add(first_channel, const(r)), Var("c"),
                                                    Var("th"), Var("tw"))),
-            vector=vector, init=init, finish=tile_store(tile, block),
-            epilogue=tile_scatter(tile, out.name, out_index, first_column, ow, width,
-                                   kernel.activation, kernel.activation_attrs))
+            vector=vector, init=init,
+            finish=tile_store(tile, block, kernel.activation, kernel.activation_attrs),
+            epilogue=tile_scatter(tile, out.name, out_index, first_column, ow, width, None))
 
     tiles = row_tiles(f, "ch", per_group, block, code_at)
     names, extents = ["n", "q", "ob"], [Var(BATCH), oh, column_blocks]

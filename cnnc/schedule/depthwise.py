@@ -150,10 +150,11 @@ def depthwise_forward(kernel: Kernel, program: KernelProgram, machine: Machine) 
         return BlockCode(
             reduction=(("th", const(kh)), ("tw", const(kw))),
             broadcast=lambda r: Load(weight.name, (filter_, const(0), Var("th"), Var("tw"))),
-            vector=vector, init=init, finish=tile_store(tile, Block(1, rows * vectors, lanes)),
+            vector=vector, init=init,
+            finish=tile_store(tile, Block(1, rows * vectors, lanes), kernel.activation,
+                              kernel.activation_attrs),
             epilogue=lambda _: _scatter(tile, out, filter_, first_row, block_rows,
-                                        first_column, span, ow, kernel.activation,
-                                        kernel.activation_attrs))
+                                        first_column, span, ow, None))
 
     def block(tag: str, first_row: Expr, block_rows: int) -> tuple[Stmt, ...]:
         return register_block(f, tag, Block(1, block_rows * vectors, lanes), 1,

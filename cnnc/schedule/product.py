@@ -90,10 +90,9 @@ def _matrix_product(f: Function, p: _Product, block: Block) -> None:
             broadcast=lambda r: p.a(add(first_row, const(r)), Var("k")),
             vector=lambda v: VecLoad(packed, b_at(Var("k"), Var("jb"), const(v * block.lanes)),
                                      block.lanes),
-            finish=tile_store(tile, block),
+            finish=tile_store(tile, block, p.activation, p.activation_attrs),
             epilogue=tile_scatter(tile, p.out, lambda r, j: (add(first_row, r), j),
-                                   mul(Var("jb"), const(width)), p.columns, width,
-                                   p.activation, p.activation_attrs),
+                                   mul(Var("jb"), const(width)), p.columns, width, None),
             init=init)
 
     f.body.append(For("jb", const(blocks), row_tiles(f, "m", p.rows, block, code_at)))
