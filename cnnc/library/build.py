@@ -29,6 +29,7 @@ from cnnc.backends.target import CpuTarget, host_cpu
 from cnnc.diagnostics import CnncInputError, Source
 from cnnc.driver.lowering import ENTRY_NAMES
 from cnnc.driver.pipeline import Build, Options, Stage, advance
+from cnnc.graph.ir import Role
 from cnnc.library.csource import header_text, model_source
 from cnnc.library.layout import Layout, make_layout
 from cnnc.library.toolchain import Toolchain, find_toolchain
@@ -57,8 +58,10 @@ def build_library(source: Source, out: Path, options: Options,
     tools = find_toolchain(target.triple, host_cpu().triple)  # before minutes of compiling
     front = advance(Build(source), options, Stage.LOWER)
     layout, code, has_pack = _compiled(front, options)
-    data = weights_bytes([_values(front, weights)[w.name] for w in layout.of_kind("weight")],
-                         layout.weights_hash)
+    values = _values(front, weights)
+    offsets, payload_size = layout.weight_offsets()
+    data = weights_bytes([values[name] for name in offsets], list(offsets.values()),
+                         payload_size, layout.weights_hash)
     net = layout.net
     made: dict[str, bytes] = {f"{net}.h": header_text(layout, source.name, embed).encode()}
     with tempfile.TemporaryDirectory(prefix="cnnc-lib-") as scratch:
@@ -93,8 +96,8 @@ def _compiled(front: Build, options: Options):
     layout = make_layout(graph.name, graph.dtype, lowered.storage, names, graph.input,
                          front.kernels.output, tuple(graph.tensor(graph.input).shape[1:]),
                          tuple(graph.tensor(graph.output).shape[1:]))
-    refused = [s.name for s in layout.of_kind("work") if _role(lowered, s.name) in
-               ("target", "hyper", "noise", "state")]
+    refused = [s.name for s in layout.of_kind("work")
+               if s.role in (Role.TARGET, Role.HYPER, Role.NOISE, Role.STATE)]
     if refused:  # inference reads none of these; a library has no way to give them
         raise CnncInputError.single(f"the inference pass reads {', '.join(refused)}, which "
                                     "a C library cannot supply")
@@ -116,10 +119,6 @@ def _packs_read_by(forward: list[str], pack: list[str], by_name: dict) -> list[s
             kept.append(name)
             read |= {b.name for b in buffers}
     return kept[::-1]
-
-
-def _role(lowered, name: str) -> str:
-    return next(t.role.value for t in lowered.storage if t.name == name)
 
 
 def _values(front: Build, given: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:

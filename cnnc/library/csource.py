@@ -3,10 +3,12 @@ of its API (model.c.in with the layout's tables)."""
 
 from __future__ import annotations
 
+import math
 from importlib import resources
 
 from cnnc.graph.ir import DType
 from cnnc.library.layout import Layout, aligned
+from cnnc.library.weights import HEADER as WEIGHTS_HEADER
 from cnnc.version import __version__
 
 C_TYPES = {DType.F32: "float", DType.F64: "double"}
@@ -41,9 +43,10 @@ def header_text(layout: Layout, source_name: str, embedded: bool) -> str:
         minor=minor, patch=patch.split("+")[0], scalar=scalar, dtype=layout.dtype.value,
         statuses=statuses, listed=listed, count=len(weights),
         in_rank=len(layout.input_shape), in_shape=_braces(layout.input_shape),
-        in_size=_product(layout.input_shape), out_rank=len(layout.output_shape),
-        out_shape=_braces(layout.output_shape), out_size=_product(layout.output_shape),
-        hash=f"0x{layout.weights_hash:016x}ULL", file_bytes=64 + payload_bytes(layout),
+        in_size=math.prod(layout.input_shape), out_rank=len(layout.output_shape),
+        out_shape=_braces(layout.output_shape), out_size=math.prod(layout.output_shape),
+        hash=f"0x{layout.weights_hash:016x}ULL",
+        file_bytes=WEIGHTS_HEADER.size + layout.weight_offsets()[1],
         embedded=int(embedded), max_rank=MAX_RANK)
 
 
@@ -59,36 +62,22 @@ def model_source(layout: Layout, has_pack: bool, embedded_bytes: int | None) -> 
             .replace("@SCALAR@", C_TYPES[layout.dtype]).replace("@VERSION@", __version__))
 
 
-def payload_bytes(layout: Layout) -> int:
-    """The weights file's payload: every weight at a 64-byte aligned offset."""
-    offset = 0
-    for weight in layout.of_kind("weight"):
-        offset = aligned(offset) + weight.elements * weight.itemsize
-    return offset
-
-
 def _tables(layout: Layout, embedded_bytes: int | None) -> str:
-    rows, weight_offset, weight_index = [], 0, 0
-    model_bytes = work_fixed = work_sample = 0
+    offsets, payload = layout.weight_offsets()
+    weights = [s.name for s in layout.of_kind("weight")]
+    rows = []
     for slot in layout.slots:
-        size = slot.elements * slot.itemsize
-        offset = 0
-        if slot.kind == "weight":
-            weight_offset = offset = aligned(weight_offset)
-            weight_offset += size
-        if slot.kind in ("weight", "packed"):
-            model_bytes += aligned(size)
-        if slot.kind == "work" and slot.per_batch:
-            work_sample += aligned(size)  # rounded up per sample: an upper bound of the
-        elif slot.kind == "work":        # rounding of size x batch that fill_table does
-            work_fixed += aligned(size)
-        index = weight_index if slot.kind == "weight" else 0
-        weight_index += slot.kind == "weight"
-        rows.append(f"    {{SLOT_{slot.kind.upper()}, {int(slot.per_batch)}, {index}, {size}u, "
-                    f"{offset}u}}, /* {slot.name} */")
+        index = weights.index(slot.name) if slot.kind == "weight" else 0
+        rows.append(f"    {{SLOT_{slot.kind.upper()}, {int(slot.per_batch)}, {index}, "
+                    f"{slot.bytes}u, {offsets.get(slot.name, 0)}u}}, /* {slot.name} */")
+    model_bytes = sum(aligned(s.bytes) for s in layout.slots if s.kind in ("weight", "packed"))
+    # each array rounded up per sample: an upper bound of the rounding of its bytes x batch
+    # that fill_table does
+    work_sample = sum(aligned(s.bytes) for s in layout.of_kind("work") if s.per_batch)
+    work_fixed = sum(aligned(s.bytes) for s in layout.of_kind("work") if not s.per_batch)
     lines = [f"#define SLOT_COUNT {len(layout.slots)}u",
-             f"#define WEIGHT_COUNT {weight_index}u",
-             f"#define PAYLOAD_BYTES {payload_bytes(layout)}u",
+             f"#define WEIGHT_COUNT {len(weights)}u",
+             f"#define PAYLOAD_BYTES {payload}u",
              f"#define MODEL_BYTES {model_bytes}u",
              f"#define WORK_FIXED_BYTES {work_fixed}u",
              f"#define WORK_SAMPLE_BYTES {max(work_sample, 1)}u",
@@ -129,13 +118,6 @@ def _crc_table() -> str:
 
 def _braces(shape: tuple[int, ...]) -> str:
     return "{" + ", ".join(map(str, shape)) + "}"
-
-
-def _product(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
 
 
 HEADER = """\

@@ -8,25 +8,31 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from cnnc.artifact.format import numpy_dtype
 from cnnc.graph.ir import BATCH, DType, Role, Tensor
-from cnnc.library.weights import fnv1a64
+from cnnc.library.weights import ALIGNMENT, fnv1a64
 
 # what a slot of the table points at, by the tensor's role
 KIND_OF_ROLE = {Role.INPUT: "input", Role.PARAM: "weight", Role.BUFFER: "weight",
                 Role.PACKED: "packed"}  # every other role: the call's workspace
-ALIGNMENT = 64  # bytes: each array in the workspace, the model and the weights file
 
 
 @dataclass(frozen=True, slots=True)
 class Slot:
     name: str
     kind: str  # input, output, weight, packed or work
+    role: Role  # the tensor's
     dtype: DType
     shape: tuple[int | str, ...]  # BATCH ("N") for the batch size
 
     @property
     def itemsize(self) -> int:
-        return 8 if self.dtype in (DType.F64, DType.I64) else 4
+        return numpy_dtype(self.dtype).itemsize
+
+    @property
+    def bytes(self) -> int:
+        """Of one sample where the shape has the batch, else of the whole array."""
+        return self.elements * self.itemsize
 
     @property
     def per_batch(self) -> bool:
@@ -60,6 +66,15 @@ class Layout:
                         for s in self.of_kind("weight"))
         return fnv1a64(text.encode("utf-8"))
 
+    def weight_offsets(self) -> tuple[dict[str, int], int]:
+        """Each weight's offset in the weights file's payload (64-byte aligned, in order),
+        and the payload's size: what weights.weights_bytes lays out."""
+        offsets, end = {}, 0
+        for weight in self.of_kind("weight"):
+            offsets[weight.name] = aligned(end)
+            end = offsets[weight.name] + weight.bytes
+        return offsets, end
+
 
 def make_layout(net: str, dtype: DType, storage: tuple[Tensor, ...], used: list[str],
                 input_name: str, output_name: str, input_shape: tuple[int, ...],
@@ -72,7 +87,7 @@ def make_layout(net: str, dtype: DType, storage: tuple[Tensor, ...], used: list[
         kind = "output" if name == output_name else KIND_OF_ROLE.get(tensor.role, "work")
         if name == input_name:
             kind = "input"
-        slots.append(Slot(name, kind, tensor.dtype, tuple(tensor.shape)))
+        slots.append(Slot(name, kind, tensor.role, tensor.dtype, tuple(tensor.shape)))
     return Layout(c_name(net), dtype, input_shape, output_shape, tuple(slots))
 
 

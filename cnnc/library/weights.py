@@ -36,15 +36,14 @@ def fnv1a64(data: bytes) -> int:
     return value
 
 
-def weights_bytes(arrays: list[np.ndarray], layout_hash: int) -> bytes:
-    """The file's bytes for `arrays` (already of the layout's dtypes and shapes, in order)."""
-    parts, offset = [], 0
-    for array in arrays:
+def weights_bytes(arrays: list[np.ndarray], offsets: list[int], payload_size: int,
+                  layout_hash: int) -> bytes:
+    """The file's bytes for `arrays` (of the layout's dtypes and shapes, in order) at their
+    payload `offsets` (`Layout.weight_offsets`, which the C library's tables also give)."""
+    payload = bytearray(payload_size)  # zeros between the arrays
+    for array, offset in zip(arrays, offsets, strict=True):
         data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
-        padding = (-offset) % ALIGNMENT
-        parts += [b"\0" * padding, data]
-        offset += padding + len(data)
-    payload = b"".join(parts)
-    header = HEADER.pack(MAGIC, VERSION, len(arrays), layout_hash, len(payload),
+        payload[offset:offset + len(data)] = data
+    header = HEADER.pack(MAGIC, VERSION, len(arrays), layout_hash, payload_size,
                          zlib.crc32(payload))
-    return header + payload
+    return header + bytes(payload)
