@@ -1,6 +1,6 @@
 """Time every kernel of a network on its own, one thread: where the time of a step goes.
 
-    python benchmarks/kernels.py NET.cnn [--batch 64] [--repeats 7] [--plain]
+    python benchmarks/kernels.py NET.cnn [--batch 64] [--repeats 7] [--plain] [--no-winograd]
 
 Each kernel is compiled as an entry point of its own and run on buffers of the right shapes
 (random values; argmax positions and labels kept in range). Not a test: nothing is asserted.
@@ -29,8 +29,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--plain", action="store_true", help="unscheduled loops")
+    parser.add_argument("--no-winograd", action="store_true", help="direct convolutions only")
     args = parser.parse_args()
-    target = host_cpu()
+    target = host_cpu().with_winograd(not args.no_winograd)
     build = run(to_source(args.program), Options(target, scheduled=not args.plain),
                 until=Stage.LOWER)
     graph, functions, storage = build.graph, build.lowered.functions, build.lowered.storage

@@ -41,7 +41,7 @@ def _source_and_weights(program: str | Path) -> tuple[Source, dict | None]:
 
 def compile(program: str | Path, target: str = "cpu", dtype: str | None = None,
             opt_level: int = 3, threads: int | None = None, schedule: bool = True,
-            cache: bool = True) -> Module:
+            cache: bool = True, winograd: bool = True) -> Module:
     """Compile a program (its text, or a path to a .cnn file) to a runnable Module. An
     .onnx path is imported first (as `cnnc import` does) and the module has its weights.
 
@@ -51,6 +51,10 @@ def compile(program: str | Path, target: str = "cpu", dtype: str | None = None,
 
     `schedule=False` keeps every kernel a plain loop nest: slow, but the simplest code, for
     comparing with the scheduled kernels.
+
+    `winograd=False` runs every convolution directly: none of the stride-1 3x3 ones (or
+    their input gradients) as Winograd F(2x2, 3x3), which the cost model otherwise picks
+    where it expects a gain; its rounding differs slightly from the direct sum's.
 
     `cache=False` neither reads nor writes the compile cache (`driver.cache`: a module
     compiled before from the same program and options, in `CNNC_CACHE_DIR` or
@@ -72,7 +76,8 @@ def compile(program: str | Path, target: str = "cpu", dtype: str | None = None,
     else:
         from cnnc.backends.target import host_cpu
 
-        options = Options(host_cpu(), opt_level=opt_level, scheduled=bool(schedule))
+        options = Options(host_cpu().with_winograd(bool(winograd)), opt_level=opt_level,
+                          scheduled=bool(schedule))
         module = Module(module_file(front, options, bool(cache))[0], threads=threads)
     if weights:  # the model's own, in the dtype the module computes in (dtype="f64")
         module.set_params({name: value.astype(module.dtype) for name, value in weights.items()})

@@ -380,11 +380,16 @@ def _check_training(fields: _Fields, manifest: dict[str, Any], storage: dict[str
 MACHINE_RANGES = {"vector_bits": (128, 512), "registers": (8, 64),
                   "l1_bytes": (1024, 2**24), "l2_bytes": (2**14, 2**30)}
 MACHINE_RANGES_TEXT = ("vector_bits 128, 256 or 512, registers 8..64, l1_bytes 1 KiB..16 MiB "
-                       "and l2_bytes 16 KiB..1 GiB")
+                       "and l2_bytes 16 KiB..1 GiB, and winograd false or absent")
 
 
 def _is_machine(value: Any) -> bool:
-    if not isinstance(value, dict) or set(value) != set(MACHINE_RANGES):
+    if not isinstance(value, dict):
+        return False
+    # written only by a --no-winograd build, so files of earlier builds keep their form
+    if "winograd" in value and value["winograd"] is not False:
+        return False
+    if set(value) - {"winograd"} != set(MACHINE_RANGES):
         return False
     if value.get("vector_bits") not in (128, 256, 512):
         return False

@@ -120,10 +120,15 @@ class Machine:
     registers: int
     l1_bytes: int
     l2_bytes: int
+    winograd: bool = True
 
-    def to_json(self) -> dict[str, int]:
-        return {"vector_bits": self.vector_bits, "registers": self.registers,
-                "l1_bytes": self.l1_bytes, "l2_bytes": self.l2_bytes}
+    def to_json(self) -> dict[str, int | bool]:
+        data: dict[str, int | bool] = {"vector_bits": self.vector_bits,
+                                       "registers": self.registers,
+                                       "l1_bytes": self.l1_bytes, "l2_bytes": self.l2_bytes}
+        if not self.winograd:  # only then: the default build's record keeps its form
+            data["winograd"] = False
+        return data
 
 
 @dataclass(frozen=True, slots=True)

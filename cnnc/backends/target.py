@@ -35,6 +35,11 @@ class CpuTarget:
         """This CPU, scheduled for `machine` (a module file's recorded cost model)."""
         return dataclasses.replace(self, machine=machine)
 
+    def with_winograd(self, allowed: bool) -> CpuTarget:
+        """This CPU, with Winograd convolutions allowed where the cost model picks them, or
+        not (--no-winograd)."""
+        return self.with_machine(dataclasses.replace(self.machine, winograd=allowed))
+
 
 @functools.cache
 def host_cpu() -> CpuTarget:

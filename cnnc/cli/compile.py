@@ -85,7 +85,8 @@ def _build_options(args: argparse.Namespace) -> Options:
         target = named_target(args.triple, args.cpu)
     except ValueError as error:
         raise CnncInputError.single(str(error)) from None
-    return Options(target, "llvm", args.dtype, int(args.opt_level), not args.no_schedule)
+    return Options(target.with_winograd(not args.no_winograd), "llvm", args.dtype,
+                   int(args.opt_level), not args.no_schedule)
 
 
 def _compile_library(args: argparse.Namespace, source: Source, options: Options,

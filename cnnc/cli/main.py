@@ -117,6 +117,10 @@ def _add_compile(commands) -> None:
                                "instead of NET.weights.bin")
     compile_.add_argument("--no-schedule", action="store_true",
                           help="plain loop nests for every kernel (slow; for comparison)")
+    compile_.add_argument("--no-winograd", action="store_true",
+                          help="direct convolutions only: no stride-1 3x3 convolution (or its "
+                               "input gradient) runs as Winograd F(2x2, 3x3), whose rounding "
+                               "differs slightly from the direct sum's")
     compile_.add_argument("--no-cache", action="store_true", help=NO_CACHE_HELP)
     compile_.add_argument("--strip", action="store_true",
                           help="leave the LLVM IR and loop IR out of the module file (to "

@@ -4,7 +4,6 @@ that the manifest is what its typed records (`artifact.manifest`) give back."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from cnnc.artifact.format import ModuleFile, code_hash, params_to_bytes
@@ -80,7 +79,7 @@ def build_record(source: Source, scheduled: bool, machine: Machine) -> dict[str,
     """How the module was built, beyond its program and opt level: what `driver.trust` needs to
     derive the same buffer table on another machine."""
     return {"program": source.name, "scheduled": bool(scheduled),
-            "machine": dataclasses.asdict(machine)}
+            "machine": machine.record()}
 
 
 def _manifest(program: KernelProgram, lowered: Lowered, entry_table: dict, opt_level: int,

@@ -33,7 +33,7 @@ from cnnc.loops.ir import (
 )
 from cnnc.ops.lowering import view
 from cnnc.ops.window import extent, resolve
-from cnnc.schedule import depthwise
+from cnnc.schedule import depthwise, winograd
 from cnnc.schedule.blocks import (
     ZERO,
     BlockCode,
@@ -63,6 +63,9 @@ from cnnc.schedule.cost import (
 )
 
 SHARED = "channel blocks x output rows of each sample"
+# Winograd's estimated gain must be at least this: its rounding differs from the direct
+# sum's, which is worth it only for a clear gain
+WINOGRAD_MARGIN = 1.15
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +219,10 @@ def conv_forward(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lo
     if groups > 1 and channels_in == 1 and \
             depthwise.estimate(machine, out.dtype, oh, ow) >= max(score, width_score):
         return depthwise.depthwise_forward(kernel, program, machine)
+    if machine.winograd and winograd.applies(kernel, window, groups, (kh, kw)) and \
+            winograd.speedup(machine, out.dtype, channels_in, channels_out, oh, ow,
+                             score)[0] >= WINOGRAD_MARGIN:
+        return winograd.conv_forward(kernel, program, machine, score)
     # few channels fill few lanes, and a short reduction leaves the scalar scatter of the
     # channel-vector tile much of the time: a block over output columns may waste less
     # (strided loads, for stride > 1, only where a group's few filters leave little else)
@@ -433,9 +440,15 @@ def conv_grad_input(kernel: Kernel, program: KernelProgram, machine: Machine) ->
     (sh, sw), (dh, dw) = window.stride, window.dilation
     if (sh > 1 and dh > 1) or (sw > 1 and dw > 1):
         return None
-    f = Function(kernel.name, dx.dtype, [dy, weight, dx], [], [], [])
     filters, channels, kh, kw = weight.shape
     per_group = filters // groups
+    if machine.winograd and winograd.applies(kernel, window, groups, (kh, kw)) and \
+            max(window.pad) <= 2:
+        _, score = choose_block(machine, dx.dtype, dx.shape[3], channels)
+        if winograd.speedup(machine, dx.dtype, filters, channels, *dx.shape[2:],
+                            score)[0] >= WINOGRAD_MARGIN:
+            return winograd.grad_input(kernel, program, machine, score)
+    f = Function(kernel.name, dx.dtype, [dy, weight, dx], [], [], [])
     ph, pw = window.pad[:2]
     phases_h = _stride_phases(kh, sh, ph, dx.shape[2])
     phases_w = _stride_phases(kw, sw, pw, dx.shape[3])

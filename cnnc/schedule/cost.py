@@ -15,6 +15,7 @@ register tiling of its own, so the block size is the decision that matters.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -35,6 +36,18 @@ class Machine:
     registers: int  # vector registers
     l1_bytes: int
     l2_bytes: int
+    # whether a stride-1 3x3 convolution may run as Winograd F(2x2, 3x3) where the cost
+    # model expects it faster (schedule/winograd.py); False: --no-winograd, every
+    # convolution direct (exact sums in the direct order)
+    winograd: bool = True
+
+    def record(self) -> dict[str, int | bool]:
+        """The fields a module file records (artifact.manifest.Machine); winograd only when
+        off, so that the default build's record keeps the form it had before the option."""
+        data: dict[str, int | bool] = dataclasses.asdict(self)
+        if self.winograd:
+            del data["winograd"]
+        return data
 
     def lanes(self, dtype: DType) -> int:
         return self.vector_bits // (64 if dtype is DType.F64 else 32)
@@ -173,7 +186,8 @@ def explain(schedules: list[Schedule], machine: Machine) -> str:
     """`--explain-schedule`: per kernel, the schedule and the numbers behind it."""
     lines = [f"machine: {machine.vector_bits}-bit vectors, {machine.registers} vector "
              f"registers, L1d {machine.l1_bytes // 1024} KiB, L2 {machine.l2_bytes // 1024} "
-             f"KiB; cost model: {FMA_UNITS} FMA units, latency {FMA_LATENCY}"]
+             f"KiB; cost model: {FMA_UNITS} FMA units, latency {FMA_LATENCY}"
+             + ("" if machine.winograd else "; Winograd off (--no-winograd)")]
     for s in schedules:
         b = s.block
         rows = "N (the batch)" if s.row_extent is None else str(s.row_extent)

@@ -1,0 +1,334 @@
+"""Winograd F(2x2, 3x3): a stride-1 3x3 convolution as 16 matrix products.
+
+Each 2x2 block of outputs (a tile) of filter f is Aᵀ [Σ_c U_c ⊙ V_c] A, where V_c = Bᵀ d_c B
+is the tile's 4x4 input patch of channel c transformed and U_c = G g_c Gᵀ the filter's 3x3
+taps of channel c transformed (Lavin and Gray, "Fast Algorithms for Convolutional Neural
+Networks", 2016). Position ξ of the 4x4 transform is one product over the input channels:
+M[ξ, tile, f] = Σ_c V[ξ, c, tile] · U[ξ, f, c]. That is 16 multiply-adds a tile and channel
+pair where the direct correlation does 36 (2.25x fewer), plus the transforms, which are
+additions only (the coefficients are 0, ±1 and ±1/2).
+
+The transformed filters depend on the weights only and are packed once (`schedule.prepack`).
+The input is zero-padded once, as the direct correlation's; then each sample's tiles go in
+chunks of a few tile rows: the chunk's patches are transformed into V ([16, c, tiles]), the
+16 products run as register blocks (tiles x output-channel vectors, the channels the
+reduction), and the output transform writes the chunk's outputs with the bias and
+activation. V and M of one chunk stay in L2, and the chunks of a sample are what a call's
+thread team shares.
+
+Rounding: the transforms add a few terms of each product in a different order than the
+direct sum, with halves in the filter transform; the error stays within a few units in the
+last place of the largest partial sums (tests/schedule/test_winograd.py bounds it against
+the float64 reference).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cnnc.graph.ir import BATCH, DType
+from cnnc.graph.kernels import Kernel, KernelProgram
+from cnnc.loops.build import add, const, loop_nest, mul
+from cnnc.loops.ir import (
+    Assign,
+    Binary,
+    BinOp,
+    Buffer,
+    Expr,
+    For,
+    If,
+    Load,
+    Local,
+    Stmt,
+    Store,
+    Var,
+    VecLoad,
+    VecStore,
+)
+from cnnc.ops.lowering import activate, view
+from cnnc.ops.window import resolve
+from cnnc.schedule.blocks import (
+    ZERO,
+    BlockCode,
+    Function,
+    Lowered,
+    block_reason,
+    pad,
+    row_tiles,
+    shared_nest,
+)
+from cnnc.schedule.cost import (
+    FMA_UNITS,
+    Machine,
+    Schedule,
+    choose_block,
+    shares_sample,
+)
+
+NAME = "winograd F(2x2, 3x3)"
+
+# Bᵀ (input), G (filter) and Aᵀ (output) of F(2x2, 3x3)
+BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
+AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+# Tiles a chunk should hold at least: the products' register blocks run over a chunk's
+# tiles, and a chunk of one short tile row (ResNet's 8x8 planes: 4 tiles) leaves them
+# rows too few to fill the FMA units.
+CHUNK_TILES = 16
+
+
+def applies(kernel: Kernel, window, groups: int, kernel_size: tuple[int, int]) -> bool:
+    """Whether the kernel has the one shape this schedule computes: 3x3, stride 1,
+    undilated, ungrouped."""
+    return groups == 1 and kernel_size == (3, 3) and window.stride == (1, 1) and \
+        window.dilation == (1, 1)
+
+
+def tiles(out_h: int, out_w: int) -> tuple[int, int]:
+    """Tile rows and tiles a row of an out_h x out_w output."""
+    return math.ceil(out_h / 2), math.ceil(out_w / 2)
+
+
+def chunk_rows(tile_rows: int, tile_cols: int) -> int:
+    """Tile rows a chunk: the fewest that hold CHUNK_TILES tiles, rounded up to a divisor of
+    the tile rows (so no chunk is partial)."""
+    for rows in range(1, tile_rows + 1):
+        if tile_rows % rows == 0 and rows * tile_cols >= CHUNK_TILES:
+            return rows
+    return tile_rows
+
+
+# Cycles per element of the transforms, measured with benchmarks/kernels.py on W3 (64
+# channels, 56x56) on one AVX2 core: the input transform per (tile, input channel), the
+# output transform per (tile, output channel).
+INPUT_CYCLES = 3.0
+OUTPUT_CYCLES = 4.0
+
+
+def speedup(machine: Machine, dtype: DType, channels: int, filters: int, out_h: int,
+            out_w: int, direct_score: float) -> tuple[float, float]:
+    """(the estimated time of the direct correlation over this schedule's, the products'
+    estimated FMA use), from the FMA counts of both at their blocks' estimated use and the
+    transforms' measured cost per element."""
+    lanes = machine.lanes(dtype)
+    th, tw = tiles(out_h, out_w)
+    chunk = chunk_rows(th, tw) * tw
+    _, score = choose_block(machine, dtype, chunk, filters)
+    direct = filters * channels * 9 * out_h * out_w / (lanes * FMA_UNITS * direct_score)
+    products = 16 * filters * channels * th * tw / (lanes * FMA_UNITS * score)
+    transforms = th * tw * (channels * INPUT_CYCLES + filters * OUTPUT_CYCLES)
+    return direct / (products + transforms), score
+
+
+@dataclass(frozen=True, slots=True)
+class _Conv:
+    """A stride-1 3x3 correlation: out[n, o, i, j] = act(bias[o] + Σ_c Σ_ab src[n, c, i + a
+    − top, j + b − left] · tap(o, c, a, b)), zero outside the source."""
+
+    source: Buffer  # [N, channels, H, W]
+    out: Buffer  # [N, filters, H', W']
+    filters: int
+    channels: int
+    tap: Callable[[Expr, Expr, int, int], Expr]  # filter, channel, a, b -> weight
+    pad: tuple[int, int, int, int]
+    bias: str | None = None
+    activation: str | None = None
+    activation_attrs: object = None
+
+
+def _filter_transform(f: Function, conv: _Conv, width: int) -> str:
+    """U[fb, ξ, c, lane] = (G g Gᵀ)[ξ] of filter fb·width + lane and channel c, zero in the
+    lanes past the last filter: one statement that reads the weights only, so it moves to
+    the pack entry point."""
+    filters, channels = conv.filters, conv.channels
+    blocks = math.ceil(filters / width)
+    name = f.add_scratch("wino_u", (blocks, 16, channels, width))
+    filter_ = add(mul(Var("pb"), const(width)), Var("pl"))
+
+    def tap(a: int, b: int) -> Expr:
+        return conv.tap(filter_, Var("pc"), a, b)
+
+    zeros, values = [], []
+    for i in range(4):
+        for j in range(4):
+            where = (Var("pb"), const(4 * i + j), Var("pc"), Var("pl"))
+            zeros.append(Store(name, where, ZERO))
+            values.append(Store(name, where, _combination(
+                [(G[i][a] * G[j][b], tap(a, b)) for a in range(3) for b in range(3)])))
+    inside = Binary(BinOp.LT, filter_, const(filters))
+    f.body.append(loop_nest(["pb", "pc", "pl"], [blocks, channels, width],
+                            (*zeros, If(inside, tuple(values)))))
+    return name
+
+
+def _combination(terms: list[tuple[float, Expr]]) -> Expr:
+    """Σ coefficient · value over the terms whose coefficient is not 0; ±1 as an addition or
+    subtraction."""
+    total: Expr | None = None
+    for coefficient, value in terms:
+        if coefficient == 0:
+            continue
+        negative = coefficient < 0
+        magnitude = abs(coefficient)
+        term = value if magnitude == 1 else mul(const(float(magnitude)), value)
+        if total is None:
+            total = mul(const(-1.0), term) if negative else term
+        else:
+            total = Binary(BinOp.SUB if negative else BinOp.ADD, total, term)
+    assert total is not None
+    return total
+
+
+def _input_transform(f: Function, src: str, v: str, channels: int, rows: int,
+                     tile_cols: int) -> Stmt:
+    """V[ξ, c, r·TW + tw] = (Bᵀ d B)[ξ] for the 4x4 patch d of channel c at padded row
+    2·(wk·rows + r), column 2·tw (chunk wk): dB first (16 sums in locals), then Bᵀ(dB)."""
+    names = [[f"wi{a}_{j}" for j in range(4)] for a in range(4)]
+    f.locals.extend(Local(n, f.dtype) for row in names for n in row)
+    top = mul(add(mul(Var("wk"), const(rows)), Var("wr")), const(2))
+    left = mul(Var("wc"), const(2))
+
+    def d(a: int, b: int) -> Expr:
+        return Load(src, (Var("n"), Var("c"), add(top, const(a)), add(left, const(b))))
+
+    body: list[Stmt] = [Assign(names[a][j], _combination(
+        [(BT[j][b], d(a, b)) for b in range(4)])) for a in range(4) for j in range(4)]
+    tile = add(mul(Var("wr"), const(tile_cols)), Var("wc"))
+    body += [Store(v, (const(4 * i + j), Var("c"), tile), _combination(
+        [(BT[i][a], Var(names[a][j])) for a in range(4)])) for i in range(4) for j in range(4)]
+    return loop_nest(["c", "wr", "wc"], [channels, rows, tile_cols], tuple(body))
+
+
+def _products(f: Function, v: str, u: str, m: str, channels: int, chunk: int,
+              filters: int, block) -> Stmt:
+    """M[ξ, t, f] = Σ_c V[ξ, c, t] · U[fb, ξ, c, lanes]: 16 products of register blocks over
+    tiles x output-channel vectors."""
+    width, lanes = block.width, block.lanes
+
+    def code_at(first: Expr) -> BlockCode:
+        return BlockCode(
+            reduction=(("c", const(channels)),),
+            broadcast=lambda r: Load(v, (Var("xi"), Var("c"), add(first, const(r)))),
+            vector=lambda k: VecLoad(u, (Var("fb"), Var("xi"), Var("c"), const(k * lanes)),
+                                     lanes),
+            init=lambda r, k: ZERO,
+            finish=lambda r, k, acc: (VecStore(m, (Var("xi"), add(first, const(r)), add(
+                mul(Var("fb"), const(width)), const(k * lanes))), acc),))
+
+    blocks = math.ceil(filters / width)
+    return loop_nest(["xi", "fb"], [16, blocks], row_tiles(f, "wt_", chunk, block, code_at))
+
+
+def _output_transform(f: Function, conv: _Conv, m: str, rows: int, tile_cols: int) -> Stmt:
+    """out[n, f, 2·th + a, 2·tw + b] = act(bias + (Aᵀ M A)[a, b]) for the outputs inside
+    the plane (a last tile row or column may stick out by one)."""
+    names = [[f"wo{a}_{j}" for j in range(4)] for a in range(2)]
+    f.locals.extend(Local(n, f.dtype) for row in names for n in row)
+    tile = add(mul(Var("wr"), const(tile_cols)), Var("wc"))
+
+    def at(i: int, j: int) -> Expr:
+        return Load(m, (const(4 * i + j), tile, Var("ch")))
+
+    body: list[Stmt] = [Assign(names[a][j], _combination(
+        [(AT[a][i], at(i, j)) for i in range(4)])) for a in range(2) for j in range(4)]
+    out, filters = conv.out, conv.filters
+    _, _, out_h, out_w = out.shape
+    for a in range(2):
+        for b in range(2):
+            value = _combination([(AT[b][j], Var(names[a][j])) for j in range(4)])
+            if conv.bias is not None:
+                value = add(value, Load(conv.bias, (Var("ch"),)))
+            row = add(mul(add(mul(Var("wk"), const(rows)), Var("wr")), const(2)), const(a))
+            col = add(mul(Var("wc"), const(2)), const(b))
+            store: Stmt = Store(out.name, (Var("n"), Var("ch"), row, col),
+                                activate(conv.activation, value, conv.activation_attrs))
+            bounds = [Binary(BinOp.LT, e, const(n)) for e, n, odd in
+                      ((row, out_h, a == 1 and out_h % 2), (col, out_w, b == 1 and out_w % 2))
+                      if odd]
+            for bound in bounds:
+                store = If(bound, (store,))
+            body.append(store)
+    return loop_nest(["wr", "wc", "ch"], [rows, tile_cols, filters], tuple(body))
+
+
+def conv_forward(kernel: Kernel, program: KernelProgram, machine: Machine,
+                 direct_score: float) -> Lowered:
+    """The convolution as Winograd F(2x2, 3x3) (see the module's docstring); `direct_score`
+    is the direct correlation's estimate, for --explain-schedule."""
+    x, weight = (view(program, n) for n in kernel.inputs[:2])
+    out = view(program, kernel.outputs[0], is_output=True)
+    f = Function(kernel.name, out.dtype, [x, weight], [], [], [])
+    if kernel.has_bias:
+        f.buffers.append(view(program, kernel.inputs[2]))
+    f.buffers.append(out)
+    window = resolve(kernel.window, x.shape[2], x.shape[3])
+    filters, channels = weight.shape[:2]
+    conv = _Conv(x, out, filters, channels,
+                 lambda o, c, a, b: Load(weight.name, (o, c, const(a), const(b))), window.pad,
+                 kernel.inputs[2] if kernel.has_bias else None, kernel.activation,
+                 kernel.activation_attrs)
+    return _lowered(f, kernel.name, conv, machine, direct_score, of_delta=False)
+
+
+def grad_input(kernel: Kernel, program: KernelProgram, machine: Machine,
+               direct_score: float) -> Lowered:
+    """The gradient of a stride-1 3x3 convolution's input, a full correlation of δ with the
+    flipped filters (filters and channels swapped, padding 2 − P), as Winograd F(2x2, 3x3)."""
+    dy, weight = view(program, kernel.inputs[0]), view(program, kernel.inputs[1])
+    dx = view(program, kernel.outputs[0], is_output=True)
+    f = Function(kernel.name, dx.dtype, [dy, weight, dx], [], [], [])
+    window = resolve(kernel.node.attrs.window, dx.shape[2], dx.shape[3])
+    filters, channels = weight.shape[:2]
+    conv = _Conv(dy, dx, channels, filters,
+                 lambda o, c, a, b: Load(weight.name, (c, o, const(2 - a), const(2 - b))),
+                 flipped_pad(window.pad))
+    return _lowered(f, kernel.name, conv, machine, direct_score, of_delta=True)
+
+
+def flipped_pad(pad_: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """The padding of the gradient's full correlation: 2 − P on each side."""
+    return tuple(2 - p for p in pad_)  # type: ignore[return-value]
+
+
+def _lowered(f: Function, name: str, conv: _Conv, machine: Machine, direct_score: float,
+             of_delta: bool) -> Lowered:
+    """`conv` lowered; `of_delta`: it is a convolution's input gradient (for the words of
+    --explain-schedule)."""
+    top, left, bottom, right = conv.pad
+    source = conv.source
+    out_h, out_w = conv.out.shape[2:]
+    th, tw = tiles(out_h, out_w)
+    rows = chunk_rows(th, tw)
+    chunk = rows * tw
+    block, score = choose_block(machine, f.dtype, chunk, conv.filters)
+    src = pad(f, source, top, left, max(source.shape[2] + top + bottom, 2 * th + 2),
+              max(source.shape[3] + left + right, 2 * tw + 2))
+    u = _filter_transform(f, conv, block.width)
+    v = f.add_scratch("wino_v", (16, conv.channels, chunk))
+    m = f.add_scratch("wino_m", (16, chunk, math.ceil(conv.filters / block.width)
+                                 * block.width))
+    body = (_input_transform(f, src, v, conv.channels, rows, tw),
+            _products(f, v, u, m, conv.channels, chunk, conv.filters, block),
+            _output_transform(f, conv, m, rows, tw))
+    parallel = shares_sample(2.0 * 16 * conv.filters * conv.channels * th * tw)
+    f.body.append(For("n", Var(BATCH), (shared_nest(["wk"], [th // rows], body, (v, m),
+                                                    parallel),)))
+    gain, _ = speedup(machine, f.dtype, conv.channels, conv.filters, out_h, out_w,
+                      direct_score)
+    # the gradient's "filters" are the convolution's input channels, and the reverse
+    outputs, inputs = ("input", "output") if of_delta else ("output", "input")
+    schedule = Schedule(
+        name, NAME + (" of δ" if of_delta else ""), block, "tile", chunk,
+        f"{outputs} channel", conv.filters, (f"{inputs} channel",),
+        (f"{'flipped ' if of_delta else ''}filters transformed [fb, 16, c, lanes]",
+         "δ zero-padded" if of_delta else "input zero-padded",
+         f"each chunk of {rows} tile row(s) x {tw} tiles transformed to [16, c, tiles]"),
+        efficiency=score,
+        reason=f"{block_reason(block, chunk, conv.filters)}; estimated {gain:.2f}x faster "
+               f"than the direct correlation (16 instead of 36 multiply-adds a 2x2 tile and "
+               f"channel, the transforms counted); --no-winograd keeps the direct one",
+        shared="chunks of tile rows of each sample" if parallel else "")
+    return Lowered(f.finished(), tuple(f.scratch), schedule)
