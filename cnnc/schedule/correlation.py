@@ -221,8 +221,9 @@ def conv_forward(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lo
         return depthwise.depthwise_forward(kernel, program, machine)
     if machine.winograd and winograd.applies(kernel, window, groups, (kh, kw)) and \
             winograd.speedup(machine, out.dtype, channels_in, channels_out, oh, ow,
-                             score)[0] >= WINOGRAD_MARGIN:
-        return winograd.conv_forward(kernel, program, machine, score)
+                             max(score, width_score))[0] >= WINOGRAD_MARGIN:
+        # against the better direct block: few filters fill more lanes over output columns
+        return winograd.conv_forward(kernel, program, machine, max(score, width_score))
     # few channels fill few lanes, and a short reduction leaves the scalar scatter of the
     # channel-vector tile much of the time: a block over output columns may waste less
     # (strided loads, for stride > 1, only where a group's few filters leave little else)

@@ -167,7 +167,7 @@ def test_the_schedule_is_made_for_the_target_machine():
     narrow = Machine(128, 16, 32 * 1024, 512 * 1024)
     target = host_cpu().with_machine(narrow)
     module = run(Source(SMALL), Options(target, opt_level=0)).module
-    assert module.manifest["build"]["machine"] == dataclasses.asdict(narrow)
+    assert module.manifest["build"]["machine"] == narrow.record()
     assert module.manifest["target"]["triple"] == target.triple
 
 
