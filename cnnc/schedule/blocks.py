@@ -34,7 +34,7 @@ from cnnc.loops.ir import (
     Var,
     VecStore,
 )
-from cnnc.ops.lowering import activate
+from cnnc.ops.lowering import activate, view
 from cnnc.schedule.cost import Block, Schedule
 
 ZERO = Const(0.0, True)
@@ -88,6 +88,18 @@ class BlockCode:
     # broadcast, vector) each (a strided convolution's other stride phases)
     more: tuple[tuple[tuple[tuple[str, Expr], ...], Callable[[int], Expr],
                       Callable[[int], Expr]], ...] = ()
+
+
+def conv_function(kernel, program) -> tuple[Function, Buffer, Buffer, Buffer]:
+    """A forward convolution's function under construction, with its buffers x, weight,
+    the bias where it has one, and out; and x, weight and out."""
+    x, weight = (view(program, n) for n in kernel.inputs[:2])
+    out = view(program, kernel.outputs[0], is_output=True)
+    f = Function(kernel.name, out.dtype, [x, weight], [], [], [])
+    if kernel.has_bias:
+        f.buffers.append(view(program, kernel.inputs[2]))
+    f.buffers.append(out)
+    return f, x, weight, out
 
 
 def register_block(f: Function, tag: str, block: Block, rows: int,

@@ -41,6 +41,7 @@ from cnnc.schedule.blocks import (
     Lowered,
     affine,
     block_reason,
+    conv_function,
     larger,
     pack_blocked,
     pad,
@@ -63,9 +64,6 @@ from cnnc.schedule.cost import (
 )
 
 SHARED = "channel blocks x output rows of each sample"
-# Winograd's estimated gain must be at least this: its rounding differs from the direct
-# sum's, which is worth it only for a clear gain
-WINOGRAD_MARGIN = 1.15
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,12 +200,7 @@ def _grouped_words(groups: int) -> str:
 
 
 def conv_forward(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lowered:
-    x, weight = (view(program, n) for n in kernel.inputs[:2])
-    out = view(program, kernel.outputs[0], is_output=True)
-    f = Function(kernel.name, out.dtype, [x, weight], [], [], [])
-    if kernel.has_bias:
-        f.buffers.append(view(program, kernel.inputs[2]))
-    f.buffers.append(out)
+    f, x, weight, out = conv_function(kernel, program)
     groups = kernel.node.attrs.groups
     channels_out, channels_in, kh, kw = weight.shape
     per_group = channels_out // groups
@@ -219,11 +212,11 @@ def conv_forward(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lo
     if groups > 1 and channels_in == 1 and \
             depthwise.estimate(machine, out.dtype, oh, ow) >= max(score, width_score):
         return depthwise.depthwise_forward(kernel, program, machine)
-    if machine.winograd and winograd.applies(kernel, window, groups, (kh, kw)) and \
-            winograd.speedup(machine, out.dtype, channels_in, channels_out, oh, ow,
-                             max(score, width_score))[0] >= WINOGRAD_MARGIN:
-        # against the better direct block: few filters fill more lanes over output columns
-        return winograd.conv_forward(kernel, program, machine, max(score, width_score))
+    # against the better direct block: few filters fill more lanes over output columns
+    gain = winograd.chosen(machine, out.dtype, window, groups, (kh, kw), window.pad,
+                           channels_in, channels_out, oh, ow, max(score, width_score))
+    if gain is not None:
+        return winograd.conv_forward(kernel, program, machine, gain)
     # few channels fill few lanes, and a short reduction leaves the scalar scatter of the
     # channel-vector tile much of the time: a block over output columns may waste less
     # (strided loads, for stride > 1, only where a group's few filters leave little else)
@@ -443,12 +436,12 @@ def conv_grad_input(kernel: Kernel, program: KernelProgram, machine: Machine) ->
         return None
     filters, channels, kh, kw = weight.shape
     per_group = filters // groups
-    if machine.winograd and winograd.applies(kernel, window, groups, (kh, kw)) and \
-            max(window.pad) <= 2:
-        _, score = choose_block(machine, dx.dtype, dx.shape[3], channels)
-        if winograd.speedup(machine, dx.dtype, filters, channels, *dx.shape[2:],
-                            score)[0] >= WINOGRAD_MARGIN:
-            return winograd.grad_input(kernel, program, machine, score)
+    _, direct = choose_block(machine, dx.dtype, dx.shape[3], channels)
+    gain = winograd.chosen(machine, dx.dtype, window, groups, (kh, kw),
+                           winograd.flipped_pad(window.pad), filters, channels, *dx.shape[2:],
+                           direct)
+    if gain is not None:
+        return winograd.grad_input(kernel, program, machine, gain)
     f = Function(kernel.name, dx.dtype, [dy, weight, dx], [], [], [])
     ph, pw = window.pad[:2]
     phases_h = _stride_phases(kh, sh, ph, dx.shape[2])

@@ -33,14 +33,14 @@ from cnnc.loops.ir import (
     Var,
     VecLoad,
 )
-from cnnc.ops.lowering import activate, view
+from cnnc.ops.lowering import activate
 from cnnc.ops.window import extent, resolve
 from cnnc.schedule.blocks import (
     ZERO,
     BlockCode,
-    Function,
     Lowered,
     affine,
+    conv_function,
     register_block,
     shared_nest,
     smaller,
@@ -102,12 +102,7 @@ def _copy_plane(plane: str, x: Buffer, top: int, left: int, stride: int) -> Stmt
 
 
 def depthwise_forward(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lowered:
-    x, weight = (view(program, n) for n in kernel.inputs[:2])
-    out = view(program, kernel.outputs[0], is_output=True)
-    f = Function(kernel.name, out.dtype, [x, weight], [], [], [])
-    if kernel.has_bias:
-        f.buffers.append(view(program, kernel.inputs[2]))
-    f.buffers.append(out)
+    f, x, weight, out = conv_function(kernel, program)
     filters, _, kh, kw = weight.shape
     multiplier = filters // kernel.node.attrs.groups  # output channels an input channel
     window = resolve(kernel.window, x.shape[2], x.shape[3])

@@ -55,6 +55,7 @@ from cnnc.schedule.blocks import (
     Function,
     Lowered,
     block_reason,
+    conv_function,
     pad,
     row_tiles,
     shared_nest,
@@ -80,11 +81,23 @@ AT = ((1, 1, 1, 0), (0, 1, -1, -1))
 CHUNK_TILES = 16
 
 
-def applies(kernel: Kernel, window, groups: int, kernel_size: tuple[int, int]) -> bool:
-    """Whether the kernel has the one shape this schedule computes: 3x3, stride 1,
-    undilated, ungrouped."""
-    return groups == 1 and kernel_size == (3, 3) and window.stride == (1, 1) and \
-        window.dilation == (1, 1)
+# The estimated gain must be at least this: the rounding differs from the direct sum's,
+# which is worth it only for a clear gain
+MARGIN = 1.15
+
+
+def chosen(machine: Machine, dtype: DType, window, groups: int, kernel_size: tuple[int, int],
+           pad_: tuple[int, int, int, int], channels: int, filters: int, out_h: int,
+           out_w: int, direct_score: float) -> float | None:
+    """The estimated gain (`speedup`) where this schedule computes the layer and is chosen:
+    allowed (not --no-winograd), 3x3, stride 1, undilated, ungrouped, the correlation's own
+    padding `pad_` not negative (a gradient's is 2 − P), and at least MARGIN faster than the
+    direct correlation at `direct_score`; else None."""
+    if not machine.winograd or groups != 1 or kernel_size != (3, 3) or \
+            window.stride != (1, 1) or window.dilation != (1, 1) or min(pad_) < 0:
+        return None
+    gain = speedup(machine, dtype, channels, filters, out_h, out_w, direct_score)
+    return gain if gain >= MARGIN else None
 
 
 def tiles(out_h: int, out_w: int) -> tuple[int, int]:
@@ -109,10 +122,10 @@ OUTPUT_CYCLES = 4.0
 
 
 def speedup(machine: Machine, dtype: DType, channels: int, filters: int, out_h: int,
-            out_w: int, direct_score: float) -> tuple[float, float]:
-    """(the estimated time of the direct correlation over this schedule's, the products'
-    estimated FMA use), from the FMA counts of both at their blocks' estimated use and the
-    transforms' measured cost per element."""
+            out_w: int, direct_score: float) -> float:
+    """The estimated time of the direct correlation over this schedule's, from the FMA
+    counts of both at their blocks' estimated use and the transforms' measured cost per
+    element."""
     lanes = machine.lanes(dtype)
     th, tw = tiles(out_h, out_w)
     chunk = chunk_rows(th, tw) * tw
@@ -120,7 +133,7 @@ def speedup(machine: Machine, dtype: DType, channels: int, filters: int, out_h: 
     direct = filters * channels * 9 * out_h * out_w / (lanes * FMA_UNITS * direct_score)
     products = 16 * filters * channels * th * tw / (lanes * FMA_UNITS * score)
     transforms = th * tw * (channels * INPUT_CYCLES + filters * OUTPUT_CYCLES)
-    return direct / (products + transforms), score
+    return direct / (products + transforms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,26 +268,21 @@ def _output_transform(f: Function, conv: _Conv, m: str, rows: int, tile_cols: in
 
 
 def conv_forward(kernel: Kernel, program: KernelProgram, machine: Machine,
-                 direct_score: float) -> Lowered:
-    """The convolution as Winograd F(2x2, 3x3) (see the module's docstring); `direct_score`
-    is the direct correlation's estimate, for --explain-schedule."""
-    x, weight = (view(program, n) for n in kernel.inputs[:2])
-    out = view(program, kernel.outputs[0], is_output=True)
-    f = Function(kernel.name, out.dtype, [x, weight], [], [], [])
-    if kernel.has_bias:
-        f.buffers.append(view(program, kernel.inputs[2]))
-    f.buffers.append(out)
+                 gain: float) -> Lowered:
+    """The convolution as Winograd F(2x2, 3x3) (see the module's docstring); `gain` is
+    `chosen`'s estimate, for --explain-schedule."""
+    f, x, weight, out = conv_function(kernel, program)
     window = resolve(kernel.window, x.shape[2], x.shape[3])
     filters, channels = weight.shape[:2]
     conv = _Conv(x, out, filters, channels,
                  lambda o, c, a, b: Load(weight.name, (o, c, const(a), const(b))), window.pad,
                  kernel.inputs[2] if kernel.has_bias else None, kernel.activation,
                  kernel.activation_attrs)
-    return _lowered(f, kernel.name, conv, machine, direct_score, of_delta=False)
+    return _lowered(f, kernel.name, conv, machine, gain, of_delta=False)
 
 
 def grad_input(kernel: Kernel, program: KernelProgram, machine: Machine,
-               direct_score: float) -> Lowered:
+               gain: float) -> Lowered:
     """The gradient of a stride-1 3x3 convolution's input, a full correlation of δ with the
     flipped filters (filters and channels swapped, padding 2 − P), as Winograd F(2x2, 3x3)."""
     dy, weight = view(program, kernel.inputs[0]), view(program, kernel.inputs[1])
@@ -285,7 +293,7 @@ def grad_input(kernel: Kernel, program: KernelProgram, machine: Machine,
     conv = _Conv(dy, dx, channels, filters,
                  lambda o, c, a, b: Load(weight.name, (c, o, const(2 - a), const(2 - b))),
                  flipped_pad(window.pad))
-    return _lowered(f, kernel.name, conv, machine, direct_score, of_delta=True)
+    return _lowered(f, kernel.name, conv, machine, gain, of_delta=True)
 
 
 def flipped_pad(pad_: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
@@ -293,7 +301,7 @@ def flipped_pad(pad_: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
     return tuple(2 - p for p in pad_)  # type: ignore[return-value]
 
 
-def _lowered(f: Function, name: str, conv: _Conv, machine: Machine, direct_score: float,
+def _lowered(f: Function, name: str, conv: _Conv, machine: Machine, gain: float,
              of_delta: bool) -> Lowered:
     """`conv` lowered; `of_delta`: it is a convolution's input gradient (for the words of
     --explain-schedule)."""
@@ -316,8 +324,6 @@ def _lowered(f: Function, name: str, conv: _Conv, machine: Machine, direct_score
     parallel = shares_sample(2.0 * 16 * conv.filters * conv.channels * th * tw)
     f.body.append(For("n", Var(BATCH), (shared_nest(["wk"], [th // rows], body, (v, m),
                                                     parallel),)))
-    gain, _ = speedup(machine, f.dtype, conv.channels, conv.filters, out_h, out_w,
-                      direct_score)
     # the gradient's "filters" are the convolution's input channels, and the reverse
     outputs, inputs = ("input", "output") if of_delta else ("output", "input")
     schedule = Schedule(
