@@ -10,7 +10,10 @@ which it reads in place, without a copy.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,6 +51,34 @@ def select_gpu(local_rank: int) -> int:
 
 
 SIMULATOR_SUM_THREADS = 4
+
+# The simulator runs a block's threads as Python threads while the launching thread polls
+# them in a loop, and each time that loop holds the GIL it keeps it for the interpreter's
+# switch interval (5 ms): most of a launch was that wait. Switching every 0.2 ms while
+# simulated launches run made the CUDA tests 6-8x faster.
+SIMULATOR_SWITCH_INTERVAL = 0.0002
+_switching = threading.Lock()
+_simulating = 0  # simulated launches running now, in any thread
+_saved_interval = 0.0
+
+
+@contextlib.contextmanager
+def _quick_thread_switches() -> Iterator[None]:
+    """The interpreter's switch interval at SIMULATOR_SWITCH_INTERVAL while any simulated
+    launch runs, and as it was once none does."""
+    global _simulating, _saved_interval
+    with _switching:
+        if _simulating == 0:
+            _saved_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(_saved_interval, SIMULATOR_SWITCH_INTERVAL))
+        _simulating += 1
+    try:
+        yield
+    finally:
+        with _switching:
+            _simulating -= 1
+            if _simulating == 0:
+                sys.setswitchinterval(_saved_interval)
 
 
 def _simulated(cuda: Any) -> bool:
@@ -129,6 +160,11 @@ class CudaEngine:
         self._launch("update", buffers, batch)
 
     def _launch(self, role: str, buffers: dict[str, Any], batch: int) -> None:
+        simulated = _simulated(self._cuda)
+        with _quick_thread_switches() if simulated else contextlib.nullcontext():
+            self._launch_all(role, buffers, batch)
+
+    def _launch_all(self, role: str, buffers: dict[str, Any], batch: int) -> None:
         for launch in self._launches[role]:
             blocks, per_block = grid(launch, batch, self._sum_threads)
             arguments = [buffers[name] for name in launch.buffers]

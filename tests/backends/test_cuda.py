@@ -75,7 +75,7 @@ def net(shape: str, *lines: str, loss: str = "loss mse") -> str:
 @pytest.mark.parametrize("conv", [
     "conv c: 3 3x3", "conv c: 2 3x3 stride=2 pad=1 -> relu", "conv c: 2 2x3 stride=2x1 pad=1x0",
     "conv c: 3 1x1 bias=false -> tanh",
-    pytest.param("conv c: 2 5x5 pad=2 -> sigmoid", marks=pytest.mark.slow),  # 18 s simulated
+    "conv c: 2 5x5 pad=2 -> sigmoid",
 ])
 def test_convolutions_forward_and_backward(conv):
     check_against_reference(net("2x5x4", conv, "flatten", "dense d: 2"), batch=2)
@@ -231,7 +231,6 @@ def test_reductions_and_scatters_get_race_free_thread_grids():
     assert launches["c_conv_relu_maxpool_fwd_0"] == (["N", 2, 3, 3], False)
 
 
-@pytest.mark.slow  # half a minute in the simulator
 def test_staged_filters_across_block_boundaries():
     """9x9 outputs a filter: a block of 128 threads spans two or three filters' slots, and
     blocks run past one sample's last filter into the next sample's first; the last block

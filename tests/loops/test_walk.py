@@ -4,6 +4,7 @@ and the CUDA analyses built on them giving what the loops say."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 
@@ -123,13 +124,14 @@ def test_rewrite_function_rewrites_every_statement():
     assert doubled.buffers == function.buffers and doubled.locals == function.locals
 
 
-def _example_functions() -> list[LoopFunction]:
+@functools.cache  # planning every example twice over took most of both tests' time
+def _example_functions() -> tuple[LoopFunction, ...]:
     functions = []
     for path in sorted(EXAMPLES.glob("*.cnn")):
         source = Source(path.read_text(), path.name)
         for scheduled in (True, False):
             functions += plan_module(front_end(source), source, scheduled=scheduled).functions
-    return functions
+    return tuple(functions)
 
 
 def test_identity_rewrite_of_every_example_function_prints_the_same():

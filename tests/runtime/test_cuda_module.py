@@ -4,6 +4,9 @@ module, each giving what the CPU module gives. Runs in Numba's CUDA simulator wi
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import pytest
 from numerics import assert_close
@@ -54,14 +57,16 @@ def test_every_call_gives_what_the_cpu_module_gives(pair, tmp_path):
     for name in ("forward", "__call__", "input_gradient"):
         args = (x,) if name != "input_gradient" else (x, y)
         assert_close(getattr(gpu, name)(*args), getattr(cpu, name)(*args), np.float32, name)
+    gpu_activations = gpu.activations(x)  # once: each call runs the whole network
     for name, value in cpu.activations(x).items():
-        assert_close(gpu.activations(x)[name], value, np.float32, name)
+        assert_close(gpu_activations[name], value, np.float32, name)
     assert gpu.loss(x, y) == pytest.approx(cpu.loss(x, y), rel=1e-5)
     gradients, loss = gpu.gradients_and_loss(x, y)
     assert loss == pytest.approx(cpu.loss(x, y), rel=1e-5)
+    gpu_gradients = gpu.gradients(x, y)
     for name, value in cpu.gradients(x, y).items():
         assert_close(gradients[name], value, np.float32, name)
-        assert_close(gpu.gradients(x, y)[name], value, np.float32, name)
+        assert_close(gpu_gradients[name], value, np.float32, name)
     assert gpu.train_step(x, y) == pytest.approx(cpu.train_step(x, y), rel=1e-5)
     gpu.apply_gradients(cpu.gradients(x, y), lr=0.05)
     cpu.apply_gradients(cpu.gradients(x, y), lr=0.05)
@@ -91,3 +96,37 @@ def test_files_and_training_from_python_on_the_gpu(pair, tmp_path):
     history = gpu.fit(x, y, epochs=1, batch=3, checkpoint=tmp_path / "c.npz")
     assert history.steps == 2
     assert set(gpu.evaluate(x, y)) == {"loss", "accuracy"}
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1",
+                    reason="the simulator's launches only")
+def test_simulated_launches_switch_threads_quickly_and_restore_the_interval(pair, monkeypatch):
+    """While a simulated launch runs, the interpreter switches threads every 0.2 ms (its
+    poll loop held the GIL 5 ms at a time); after it, the interval is the caller's again,
+    also where two threads launched at once and one finished first."""
+    from cnnc.runtime import cuda as engine
+
+    gpu, cpu = pair
+    cpu.set_params(gpu.params)  # the tests before may have trained either
+    seen = []
+    real_launch_all = engine.CudaEngine._launch_all
+
+    def spying(self, *args):
+        seen.append(sys.getswitchinterval())
+        return real_launch_all(self, *args)
+
+    monkeypatch.setattr(engine.CudaEngine, "_launch_all", spying)
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.004)
+    try:
+        x = np.random.default_rng(3).standard_normal((2, 1, 5, 5)).astype(np.float32)
+        assert_close(gpu(x), cpu(x), np.float32, "forward")
+        assert seen and all(s == pytest.approx(engine.SIMULATOR_SWITCH_INTERVAL) for s in seen)
+        assert sys.getswitchinterval() == pytest.approx(0.004)
+        with engine._quick_thread_switches():
+            with engine._quick_thread_switches():
+                pass
+            assert sys.getswitchinterval() == pytest.approx(engine.SIMULATOR_SWITCH_INTERVAL)
+        assert sys.getswitchinterval() == pytest.approx(0.004)
+    finally:
+        sys.setswitchinterval(before)

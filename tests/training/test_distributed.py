@@ -305,7 +305,6 @@ def test_an_overflow_stops_every_rank_with_the_layer_named(job):
 
 
 @needs_mpi
-@pytest.mark.slow  # 15 s: two ranks in the CUDA simulator
 def test_two_ranks_on_the_cuda_target_equal_one_cpu_process(job):
     """In Numba's CUDA simulator here (each rank takes GPU local rank % GPUs on a machine
     with GPUs); two steps, as the simulator is slow."""
