@@ -112,7 +112,8 @@ class CudaEngine:
                        if b.role in ("input", "target", "hyper")}
         # threads a block of a sum: the simulator runs each as a Python thread, where fewer
         # (still a tree of several levels) keep the tests fast
-        self._sum_threads = SIMULATOR_SUM_THREADS if _simulated(self._cuda) else BLOCK_THREADS
+        self._simulated = _simulated(self._cuda)  # asked once: every launch wants it
+        self._sum_threads = SIMULATOR_SUM_THREADS if self._simulated else BLOCK_THREADS
         self._workspace_batch: int | None = None
         self._workspace_buffers: dict[str, Any] = {}
 
@@ -130,7 +131,7 @@ class CudaEngine:
     # -- running ------------------------------------------------------------------------------
     def device_array(self, value: Any) -> Any | None:
         """A device array, read in place (the module checks it like a numpy array)."""
-        if _simulated(self._cuda) and isinstance(value, self._cuda.devicearray.FakeCUDAArray):
+        if self._simulated and isinstance(value, self._cuda.devicearray.FakeCUDAArray):
             return value  # the simulator's device arrays have no __cuda_array_interface__
         if hasattr(value, "__cuda_array_interface__"):
             return self._cuda.as_cuda_array(value)
@@ -160,8 +161,7 @@ class CudaEngine:
         self._launch("update", buffers, batch)
 
     def _launch(self, role: str, buffers: dict[str, Any], batch: int) -> None:
-        simulated = _simulated(self._cuda)
-        with _quick_thread_switches() if simulated else contextlib.nullcontext():
+        with _quick_thread_switches() if self._simulated else contextlib.nullcontext():
             self._launch_all(role, buffers, batch)
 
     def _launch_all(self, role: str, buffers: dict[str, Any], batch: int) -> None:

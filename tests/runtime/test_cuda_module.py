@@ -102,8 +102,9 @@ def test_files_and_training_from_python_on_the_gpu(pair, tmp_path):
                     reason="the simulator's launches only")
 def test_simulated_launches_switch_threads_quickly_and_restore_the_interval(pair, monkeypatch):
     """While a simulated launch runs, the interpreter switches threads every 0.2 ms (its
-    poll loop held the GIL 5 ms at a time); after it, the interval is the caller's again,
-    also where two threads launched at once and one finished first."""
+    poll loop held the GIL 5 ms at a time); after it, the interval is the caller's again.
+    Uses that overlap (nested here, as two threads' launches would) restore it only when
+    the last one ends."""
     from cnnc.runtime import cuda as engine
 
     gpu, cpu = pair
