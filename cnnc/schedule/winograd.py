@@ -37,7 +37,6 @@ from cnnc.loops.ir import (
     BinOp,
     Buffer,
     Expr,
-    For,
     If,
     Load,
     Local,
@@ -62,6 +61,7 @@ from cnnc.schedule.blocks import (
 )
 from cnnc.schedule.cost import (
     FMA_UNITS,
+    Block,
     Machine,
     Schedule,
     choose_block,
@@ -114,6 +114,75 @@ def chunk_rows(tile_rows: int, tile_cols: int) -> int:
     return tile_rows
 
 
+# Parallel iterations a sample should offer a call's thread team at least: a layer whose
+# sample is a single chunk (ResNet-18's 14x14 and 7x7 planes) would otherwise run on one
+# thread at batch 1. Where the chunks are fewer, the filter blocks are split into groups
+# too, and each group's iteration transforms its chunk's input again. Those copies cost
+# every call, also where the runtime splits the batch instead, so they may add at most
+# COPY_LIMIT of the products' time: 3 cycles a tile and channel each against about F for
+# the products, e.g. four groups at ResNet-18's 256 filters (3.5%), two at 64.
+SHARED_ITEMS = 4
+COPY_LIMIT = 0.05
+
+
+def filter_groups(chunks: int, blocks: int, copy_cost: float) -> int:
+    """Groups the `blocks` filter blocks are split into (a divisor of them): the fewest
+    that give chunks · groups ≥ SHARED_ITEMS, else the most, among those whose input
+    transforms again, `copy_cost` of the products' time each, stay within COPY_LIMIT."""
+    affordable = [count for count in range(1, blocks + 1)
+                  if blocks % count == 0 and (count - 1) * copy_cost <= COPY_LIMIT]
+    enough = [count for count in affordable if chunks * count >= SHARED_ITEMS]
+    return min(enough) if enough else max(affordable)
+
+
+@dataclass(frozen=True, slots=True)
+class _Group:
+    """The filter blocks one parallel iteration computes: `count` groups of `blocks`
+    blocks of `width` filters (the last group's may run past the filters); iteration
+    variable wg where count > 1."""
+
+    count: int
+    blocks: int
+    width: int
+
+    @property
+    def channels(self) -> int:
+        return self.blocks * self.width
+
+    def first(self, local: Expr, size: int) -> Expr:
+        """The index of `local` among all groups', in groups of `size`."""
+        return local if self.count == 1 else add(mul(Var("wg"), const(size)), local)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """How a layer's tiles are cut: `rows` tile rows a chunk of `chunk` tiles, the
+    products' register block and its score, whether a sample's chunks (x groups) are
+    shared by the thread team, and the filter groups."""
+
+    rows: int
+    chunk: int
+    block: Block
+    score: float
+    parallel: bool
+    group: _Group
+
+
+def _plan(machine: Machine, dtype: DType, channels: int, filters: int, out_h: int,
+          out_w: int) -> _Plan:
+    th, tw = tiles(out_h, out_w)
+    rows = chunk_rows(th, tw)
+    chunk = rows * tw
+    block, score = choose_block(machine, dtype, chunk, filters)
+    parallel = shares_sample(2.0 * 16 * filters * channels * th * tw)
+    blocks = math.ceil(filters / block.width)
+    # the input transform of a tile and channel against its products with every filter
+    copy_cost = INPUT_CYCLES * machine.lanes(dtype) * FMA_UNITS * score / (16 * filters)
+    count = filter_groups(th // rows, blocks, copy_cost) if parallel else 1
+    return _Plan(rows, chunk, block, score, parallel,
+                 _Group(count, blocks // count, block.width))
+
+
 # Cycles per element of the transforms, measured with benchmarks/kernels.py on W3 (64
 # channels, 56x56) on one AVX2 core: the input transform per (tile, input channel), the
 # output transform per (tile, output channel).
@@ -125,14 +194,14 @@ def speedup(machine: Machine, dtype: DType, channels: int, filters: int, out_h: 
             out_w: int, direct_score: float) -> float:
     """The estimated time of the direct correlation over this schedule's, from the FMA
     counts of both at their blocks' estimated use and the transforms' measured cost per
-    element."""
+    element (the input's once per filter group)."""
     lanes = machine.lanes(dtype)
     th, tw = tiles(out_h, out_w)
-    chunk = chunk_rows(th, tw) * tw
-    _, score = choose_block(machine, dtype, chunk, filters)
+    plan = _plan(machine, dtype, channels, filters, out_h, out_w)
     direct = filters * channels * 9 * out_h * out_w / (lanes * FMA_UNITS * direct_score)
-    products = 16 * filters * channels * th * tw / (lanes * FMA_UNITS * score)
-    transforms = th * tw * (channels * INPUT_CYCLES + filters * OUTPUT_CYCLES)
+    products = 16 * filters * channels * th * tw / (lanes * FMA_UNITS * plan.score)
+    transforms = th * tw * (channels * INPUT_CYCLES * plan.group.count
+                            + filters * OUTPUT_CYCLES)
     return direct / (products + transforms)
 
 
@@ -216,28 +285,32 @@ def _input_transform(f: Function, src: str, v: str, channels: int, rows: int,
 
 
 def _products(f: Function, v: str, u: str, m: str, channels: int, chunk: int,
-              filters: int, block) -> Stmt:
+              group: _Group, block) -> Stmt:
     """M[ξ, t, f] = Σ_c V[ξ, c, t] · U[fb, ξ, c, lanes]: 16 products of register blocks over
-    tiles x output-channel vectors."""
+    tiles x output-channel vectors, for the filter blocks of this iteration's group (M holds
+    the group's channels only)."""
     width, lanes = block.width, block.lanes
+    filter_block = group.first(Var("fb"), group.blocks)
 
     def code_at(first: Expr) -> BlockCode:
         return BlockCode(
             reduction=(("c", const(channels)),),
             broadcast=lambda r: Load(v, (Var("xi"), Var("c"), add(first, const(r)))),
-            vector=lambda k: VecLoad(u, (Var("fb"), Var("xi"), Var("c"), const(k * lanes)),
-                                     lanes),
+            vector=lambda k: VecLoad(u, (filter_block, Var("xi"), Var("c"),
+                                         const(k * lanes)), lanes),
             init=lambda r, k: ZERO,
             finish=lambda r, k, acc: (VecStore(m, (Var("xi"), add(first, const(r)), add(
                 mul(Var("fb"), const(width)), const(k * lanes))), acc),))
 
-    blocks = math.ceil(filters / width)
-    return loop_nest(["xi", "fb"], [16, blocks], row_tiles(f, "wt_", chunk, block, code_at))
+    return loop_nest(["xi", "fb"], [16, group.blocks],
+                     row_tiles(f, "wt_", chunk, block, code_at))
 
 
-def _output_transform(f: Function, conv: _Conv, m: str, rows: int, tile_cols: int) -> Stmt:
+def _output_transform(f: Function, conv: _Conv, m: str, rows: int, tile_cols: int,
+                      group: _Group) -> Stmt:
     """out[n, f, 2·th + a, 2·tw + b] = act(bias + (Aᵀ M A)[a, b]) for the outputs inside
-    the plane (a last tile row or column may stick out by one)."""
+    the plane (a last tile row or column may stick out by one) and the filters of this
+    iteration's group."""
     names = [[f"wo{a}_{j}" for j in range(4)] for a in range(2)]
     f.locals.extend(Local(n, f.dtype) for row in names for n in row)
     tile = add(mul(Var("wr"), const(tile_cols)), Var("wc"))
@@ -249,14 +322,15 @@ def _output_transform(f: Function, conv: _Conv, m: str, rows: int, tile_cols: in
         [(AT[a][i], at(i, j)) for i in range(4)])) for a in range(2) for j in range(4)]
     out, filters = conv.out, conv.filters
     _, _, out_h, out_w = out.shape
+    channel = group.first(Var("ch"), group.channels)
     for a in range(2):
         for b in range(2):
             value = _combination([(AT[b][j], Var(names[a][j])) for j in range(4)])
             if conv.bias is not None:
-                value = add(value, Load(conv.bias, (Var("ch"),)))
+                value = add(value, Load(conv.bias, (channel,)))
             row = add(mul(add(mul(Var("wk"), const(rows)), Var("wr")), const(2)), const(a))
             col = add(mul(Var("wc"), const(2)), const(b))
-            store: Stmt = Store(out.name, (Var("n"), Var("ch"), row, col),
+            store: Stmt = Store(out.name, (Var("n"), channel, row, col),
                                 activate(conv.activation, value, conv.activation_attrs))
             bounds = [Binary(BinOp.LT, e, const(n)) for e, n, odd in
                       ((row, out_h, a == 1 and out_h % 2), (col, out_w, b == 1 and out_w % 2))
@@ -264,7 +338,10 @@ def _output_transform(f: Function, conv: _Conv, m: str, rows: int, tile_cols: in
             for bound in bounds:
                 store = If(bound, (store,))
             body.append(store)
-    return loop_nest(["wr", "wc", "ch"], [rows, tile_cols, filters], tuple(body))
+    channels = filters if group.count == 1 else group.channels
+    if group.count > 1 and group.count * group.channels > filters:  # the last group's tail
+        body = [If(Binary(BinOp.LT, channel, const(filters)), tuple(body))]
+    return loop_nest(["wr", "wc", "ch"], [rows, tile_cols, channels], tuple(body))
 
 
 def conv_forward(kernel: Kernel, program: KernelProgram, machine: Machine,
@@ -296,6 +373,15 @@ def grad_input(kernel: Kernel, program: KernelProgram, machine: Machine,
     return _lowered(f, kernel.name, conv, machine, gain, of_delta=True)
 
 
+def _shared(group: _Group, of_delta: bool) -> str:
+    """What a call's thread team shares, for --explain-schedule."""
+    if group.count == 1:
+        return "samples x chunks of tile rows"
+    outputs = "input" if of_delta else "output"
+    return (f"samples x chunks of tile rows x {group.count} groups of {group.channels} "
+            f"{outputs} channels (each group transforms its chunk's input)")
+
+
 def flipped_pad(pad_: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
     """The padding of the gradient's full correlation: 2 − P on each side."""
     return tuple(2 - p for p in pad_)  # type: ignore[return-value]
@@ -309,21 +395,22 @@ def _lowered(f: Function, name: str, conv: _Conv, machine: Machine, gain: float,
     source = conv.source
     out_h, out_w = conv.out.shape[2:]
     th, tw = tiles(out_h, out_w)
-    rows = chunk_rows(th, tw)
-    chunk = rows * tw
-    block, score = choose_block(machine, f.dtype, chunk, conv.filters)
+    plan = _plan(machine, f.dtype, conv.channels, conv.filters, out_h, out_w)
+    rows, chunk, block, group = plan.rows, plan.chunk, plan.block, plan.group
     src = pad(f, source, top, left, max(source.shape[2] + top + bottom, 2 * th + 2),
               max(source.shape[3] + left + right, 2 * tw + 2))
     u = _filter_transform(f, conv, block.width)
     v = f.add_scratch("wino_v", (16, conv.channels, chunk))
-    m = f.add_scratch("wino_m", (16, chunk, math.ceil(conv.filters / block.width)
-                                 * block.width))
+    m = f.add_scratch("wino_m", (16, chunk, group.channels))
     body = (_input_transform(f, src, v, conv.channels, rows, tw),
-            _products(f, v, u, m, conv.channels, chunk, conv.filters, block),
-            _output_transform(f, conv, m, rows, tw))
-    parallel = shares_sample(2.0 * 16 * conv.filters * conv.channels * th * tw)
-    f.body.append(For("n", Var(BATCH), (shared_nest(["wk"], [th // rows], body, (v, m),
-                                                    parallel),)))
+            _products(f, v, u, m, conv.channels, chunk, group, block),
+            _output_transform(f, conv, m, rows, tw, group))
+    # the samples too: a call run in one piece (training with batch norm) shares all of
+    # its samples' chunks, not one sample's at a time
+    loops, extents = ["n", "wk"], [Var(BATCH), th // rows]
+    if group.count > 1:
+        loops, extents = [*loops, "wg"], [*extents, group.count]
+    f.body.append(shared_nest(loops, extents, body, (v, m), plan.parallel))
     # the gradient's "filters" are the convolution's input channels, and the reverse
     outputs, inputs = ("input", "output") if of_delta else ("output", "input")
     schedule = Schedule(
@@ -332,9 +419,9 @@ def _lowered(f: Function, name: str, conv: _Conv, machine: Machine, gain: float,
         (f"{'flipped ' if of_delta else ''}filters transformed [fb, 16, c, lanes]",
          "δ zero-padded" if of_delta else "input zero-padded",
          f"each chunk of {rows} tile row(s) x {tw} tiles transformed to [16, c, tiles]"),
-        efficiency=score,
+        efficiency=plan.score,
         reason=f"{block_reason(block, chunk, conv.filters)}; estimated {gain:.2f}x faster "
                f"than the direct correlation (16 instead of 36 multiply-adds a 2x2 tile and "
                f"channel, the transforms counted); --no-winograd keeps the direct one",
-        shared="chunks of tile rows of each sample" if parallel else "")
+        shared=_shared(group, of_delta) if plan.parallel else "")
     return Lowered(f.finished(), tuple(f.scratch), schedule)

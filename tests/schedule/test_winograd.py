@@ -147,3 +147,36 @@ def test_winograd_and_direct_agree_within_float32_rounding():
     fast_error = np.abs(fast(x) - want).max() / scale
     direct_error = np.abs(direct(x) - want).max() / scale
     assert fast_error < 1e-5 and direct_error < 1e-5, (fast_error, direct_error)
+
+
+GROUPED = ("network g\ninput: 64x8x8\nconv a: 64 3x3 pad=1 -> relu\n"
+           "conv c: 64 3x3 pad=1 bias=true -> relu\nloss mse\n")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_one_chunk_sample_is_shared_in_filter_groups_and_stays_exact(threads):
+    """An 8x8 plane is one chunk of tiles a sample: its filter blocks are split into groups
+    (each transforming the chunk's input again) so that a batch of one still offers the
+    thread team several iterations; forward and gradients match PyTorch and the plain
+    loops at batch 1 (one piece, on the team) and batch 3."""
+    lowered = run(to_source(GROUPED), Options(host_cpu()), until=Stage.LOWER).lowered
+    shared = {s.kernel: s.shared for s in lowered.schedules if s.pattern.startswith(WINOGRAD)}
+    assert "groups of" in shared["c_conv_relu_fwd"], shared
+    assert "groups of" in shared["c_conv2d_grad_input_bwd"], shared
+    scheduled = cnnc.compile(GROUPED, opt_level=1, threads=threads, cache=False)
+    plain = cnnc.compile(GROUPED, opt_level=1, schedule=False, cache=False)
+    params = random_params(scheduled)
+    plain.set_params(params)
+    for batch in (1, 3):
+        rng = np.random.default_rng(batch)
+        x = rng.standard_normal((batch, *scheduled.input_shape)).astype(np.float32)
+        y = rng.standard_normal((batch, *scheduled.output_shape)).astype(np.float32)
+        w = {k: torch.from_numpy(v.astype(np.float64)) for k, v in params.items()}
+        h = torch.relu(torch.nn.functional.conv2d(torch.from_numpy(x.astype(np.float64)),
+                                                  w["a.weight"], w.get("a.bias"), padding=1))
+        want = torch.relu(torch.nn.functional.conv2d(h, w["c.weight"], w["c.bias"],
+                                                     padding=1)).numpy()
+        assert_close(scheduled(x), want, np.float32, "forward")
+        got, expected = scheduled.gradients(x, y), plain.gradients(x, y)
+        for name in expected:
+            assert_close(got[name], expected[name], np.float32, name)
