@@ -153,9 +153,10 @@ ReferenceRule = Callable[[Node, list[np.ndarray], tuple[int, ...], Mode], Any]
 GradientRule = Callable[[Node, str | None, Any], list[tuple[str, str]]]
 LowerRule = Callable[[Any, Any], Any]  # (Kernel, KernelProgram) -> LoopFunction
 ScheduleRule = Callable[[Any, Any, Any], Any]  # (Kernel, KernelProgram, Machine) -> Lowered | None
-# a pool inside a scheduled anchor: (Kernel, KernelProgram, Machine) ->
-# (its loop function, or None for the plain loops; what --explain-schedule says of it)
-PoolScheduleRule = Callable[[Any, Any, Any], tuple[Any, str]]
+# a pool inside a scheduled anchor: (Kernel, KernelProgram, Machine, whether it runs in the
+# anchor's batch loop) -> (its loop function, or None for the plain loops; what
+# --explain-schedule says of it)
+PoolScheduleRule = Callable[[Any, Any, Any, bool], tuple[Any, str]]
 FlopsRule = Callable[[Any, Node], int]  # (graph, node) -> FLOPs for one sample
 # (loop IR Expr, the activation node's attributes or None) -> Expr
 ElementwiseRule = Callable[[Any, Any], Any]

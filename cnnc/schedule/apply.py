@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from cnnc.graph.kernels import Kernel, KernelProgram
-from cnnc.loops.lower import fuse_batch_loops, lower_kernel
+from cnnc.loops.lower import fuse_batch_loops, lower_kernel, shares_samples
 from cnnc.ops import registry
 from cnnc.schedule.blocks import Lowered
 from cnnc.schedule.cost import Machine
@@ -28,7 +28,8 @@ def _with_pool(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lowe
     if lowered is None:
         return None
     rule = registry.get(pool.op).pool_schedule
-    pooled, note = rule(pool, program, machine) if rule else (None, "")
+    per_sample = not shares_samples(lowered.function)
+    pooled, note = rule(pool, program, machine, per_sample) if rule else (None, "")
     if pooled is None:
         pooled = lower_kernel(pool, program)
     return Lowered(fuse_batch_loops(lowered.function, pooled), lowered.scratch,

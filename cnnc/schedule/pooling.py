@@ -77,13 +77,16 @@ def maxpool_by_columns(kernel: Kernel, program: KernelProgram,
     return LoopFunction(kernel.name, (x, out, argmax), locals_, (nest,))
 
 
-def maxpool_in_anchor(kernel: Kernel, program: KernelProgram,
-                      machine: Machine) -> tuple[LoopFunction | None, str]:
+def maxpool_in_anchor(kernel: Kernel, program: KernelProgram, machine: Machine,
+                      per_sample: bool) -> tuple[LoopFunction | None, str]:
     """The max pool of a scheduled anchor's kernel, vectorized where it can be (else None,
-    for the plain loops), and what --explain-schedule says of it."""
+    for the plain loops), and what --explain-schedule says of it; `per_sample`: it runs in
+    the anchor's batch loop, else after the anchor's loops over all samples."""
     window = kernel.window
+    where = ("of each sample, inside the batch loop" if per_sample else
+             "after the anchor's loops, which its threads share across samples")
     note = (f"max pool {window.kernel[0]}x{window.kernel[1]} stride "
-            f"{window.stride[0]}x{window.stride[1]} of each sample, inside the batch loop")
+            f"{window.stride[0]}x{window.stride[1]} {where}")
     pooled = maxpool_by_columns(kernel, program, machine)
     if pooled is None:
         return None, note + " (scalar: it is padded or its output has a single column)"

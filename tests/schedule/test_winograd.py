@@ -180,3 +180,35 @@ def test_a_one_chunk_sample_is_shared_in_filter_groups_and_stays_exact(threads):
         got, expected = scheduled.gradients(x, y), plain.gradients(x, y)
         for name in expected:
             assert_close(got[name], expected[name], np.float32, name)
+
+
+POOLED = ("network p\ninput: 32x32x32\nconv c: 32 3x3 pad=1 -> relu\nmaxpool 2x2\n"
+          "loss mse\n")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_pool_after_a_shared_winograd_layer_runs_after_all_its_samples(threads):
+    """A max pool fused into a Winograd layer whose thread team shares samples and tiles
+    cannot run inside a sample's iteration (the sample is not done there): it runs after
+    the shared loops, over the whole batch. Output, argmax-routed gradients and
+    --explain-schedule's words, against PyTorch and the plain loops."""
+    lowered = run(to_source(POOLED), Options(host_cpu()), until=Stage.LOWER).lowered
+    schedule = next(s for s in lowered.schedules if s.kernel == "c_conv_relu_maxpool_fwd")
+    assert schedule.pattern == WINOGRAD and schedule.shared, schedule
+    assert "after the anchor's loops" in schedule.fused, schedule.fused
+    scheduled = cnnc.compile(POOLED, opt_level=1, threads=threads, cache=False)
+    plain = cnnc.compile(POOLED, opt_level=1, schedule=False, cache=False)
+    params = random_params(scheduled)
+    plain.set_params(params)
+    for batch in (1, 4):
+        rng = np.random.default_rng(batch)
+        x = rng.standard_normal((batch, *scheduled.input_shape)).astype(np.float32)
+        y = rng.standard_normal((batch, *scheduled.output_shape)).astype(np.float32)
+        w = {k: torch.from_numpy(v.astype(np.float64)) for k, v in params.items()}
+        conv = torch.nn.functional.conv2d(torch.from_numpy(x.astype(np.float64)),
+                                          w["c.weight"], w.get("c.bias"), padding=1)
+        want = torch.nn.functional.max_pool2d(torch.relu(conv), 2).numpy()
+        assert_close(scheduled(x), want, np.float32, "forward")
+        got, expected = scheduled.gradients(x, y), plain.gradients(x, y)
+        for name in expected:
+            assert_close(got[name], expected[name], np.float32, name)
