@@ -48,6 +48,8 @@ from cnnc.ops.registry import (
     Step,
 )
 from cnnc.ops.window import sample
+from cnnc.schedule.channels import per_channel
+from cnnc.schedule.cost import Machine
 
 ONE = Const(1.0, True)
 OPTIONS = {"eps": opts.OptionSpec(opts.positive_number, 1e-5),
@@ -331,6 +333,17 @@ def _update_buffers(node: Node, program, name: str) -> LoopFunction:
                         (For("c", const(x.shape[1]), body),))
 
 
+def _scheduled(lower, flops_per_value: int):
+    """A schedule rule: `lower`'s loops vectorized over positions and shared over channels
+    (schedule.channels); `flops_per_value`: the kernel's passes over one value, roughly,
+    which decide from how many samples its channels are worth sharing."""
+    def rule(kernel, program, machine: Machine):
+        _, channels, positions = _channels(program, kernel.node.inputs[0]).shape
+        return per_channel(lower(kernel, program), machine,
+                           flops_per_value * channels * positions, positions)
+    return rule
+
+
 def _flops(graph, node: Node) -> int:
     return 2 * graph.tensor(node.output).size
 
@@ -353,14 +366,16 @@ registry.register(OpDef(
             ParamDef("running_var", registry.ones, "buffer")),
     outputs=(OutputDef("mean"), OutputDef("var")), shape=_shape, reference=_reference,
     gradient=_gradient, fusion=Fusion.ALONE, kernel_tag="batchnorm", lower=_lower,
-    flops=_flops, inference=_inference, update_buffers=_update_buffers,
+    schedule=_scheduled(_lower, 6), flops=_flops, inference=_inference,
+    update_buffers=_update_buffers,
     # folded into the conv at inference; over a vector, after flatten, alone
     example="input: 2x4x4\nconv c: 3 3x3 bias=false\nbatchnorm b -> relu\nflatten\n"
             "batchnorm e\ndense d: 4\nloss mse"))
 registry.register(OpDef(
     "batchnorm_infer", "inference: (x − running mean) / sqrt(running var + eps) · γ + β",
     inputs=("x",), shape=_no_shapes, reference=_reference_infer, differentiable=False,
-    fusion=Fusion.ALONE, kernel_tag="batchnorm", lower=_lower_infer, flops=_flops))
+    fusion=Fusion.ALONE, kernel_tag="batchnorm", lower=_lower_infer,
+    schedule=_scheduled(_lower_infer, 2), flops=_flops))
 registry.register(OpDef(
     "batchnorm_fold", "(w, [b,] γ, β, mean, var) -> the weights and bias with batch norm in them",
     inputs=None, outputs=(OutputDef("bias"),), shape=_fold_shapes,
@@ -369,8 +384,9 @@ registry.register(OpDef(
 registry.register(OpDef(
     "batchnorm_grad_input", "(dy, x, γ, mean, var) -> dx", inputs=("dy", "x", "w", "mean", "var"),
     shape=_no_shapes, reference=_reference_grad_input, differentiable=False,
-    fusion=Fusion.ALONE, lower=_lower_grad_input))
+    fusion=Fusion.ALONE, lower=_lower_grad_input, schedule=_scheduled(_lower_grad_input, 10)))
 registry.register(OpDef(
     "batchnorm_grad_weight", "(dy, x, mean, var) -> dγ = Σ dy · x̂",
     inputs=("dy", "x", "mean", "var"), shape=_no_shapes, reference=_reference_grad_weight,
-    differentiable=False, fusion=Fusion.ALONE, lower=_lower_grad_weight))
+    differentiable=False, fusion=Fusion.ALONE, lower=_lower_grad_weight,
+    schedule=_scheduled(_lower_grad_weight, 4)))
