@@ -69,8 +69,8 @@ def per_channel(function: LoopFunction, machine: Machine, flops_per_sample: int,
     body = vectorizer.body(function.body)
     channels = body[-1]
     assert isinstance(channels, For) and channels.kind is LoopKind.SERIAL, function.name
-    min_batch = max(1, math.ceil(PARALLEL_MIN_FLOPS / max(flops_per_sample, 1)))
-    body = (*body[:-1], *_shared(channels, min_batch))
+    samples = min_batch(flops_per_sample)
+    body = (*body[:-1], *shared_channels(channels, samples))
     function = dataclasses.replace(function, body=body,
                                    locals=function.locals + tuple(vectorizer.locals))
     block = Block(1, ACCUMULATORS, lanes)
@@ -80,18 +80,28 @@ def per_channel(function: LoopFunction, machine: Machine, flops_per_sample: int,
         ("sample", "position"), (),
         reason=f"the sums over each channel's positions in {ACCUMULATORS} partial sums of "
                f"{lanes} lanes, the element-wise passes {lanes} positions a vector",
-        shared=f"channels (from {min_batch} samples up; fewer run on one thread)")
+        shared=shared_text(samples))
     return Lowered(function, (), schedule)
 
 
-def _shared(channels: For, min_batch: int) -> tuple[Stmt, ...]:
-    """The channel loop parallel from `min_batch` samples up, serial below."""
+def min_batch(flops_per_sample: int) -> int:
+    """The batch from which a kernel of `flops_per_sample` pays for a thread team's hand-off."""
+    return max(1, math.ceil(PARALLEL_MIN_FLOPS / max(flops_per_sample, 1)))
+
+
+def shared_channels(channels: For, samples: int) -> tuple[Stmt, ...]:
+    """The channel loop parallel from `samples` samples up, serial below."""
     parallel = dataclasses.replace(channels, kind=LoopKind.PARALLEL)
-    if min_batch == 1:
+    if samples == 1:
         return (parallel,)
-    enough = Binary(BinOp.GE, Var(BATCH), const(min_batch))
-    few = Binary(BinOp.LT, Var(BATCH), const(min_batch))
+    enough = Binary(BinOp.GE, Var(BATCH), const(samples))
+    few = Binary(BinOp.LT, Var(BATCH), const(samples))
     return (If(enough, (parallel,)), If(few, (channels,)))
+
+
+def shared_text(samples: int) -> str:
+    """What --explain-schedule says the thread team shares."""
+    return f"channels (from {samples} samples up; fewer run on one thread)"
 
 
 class _Vectorizer:

@@ -202,10 +202,13 @@ def explain(schedules: list[Schedule], machine: Machine) -> str:
                      + (f" ({math.ceil(s.vector_extent / b.width) * b.width - s.vector_extent}"
                         " zero lanes)" if s.vector_extent % b.width else ""))
         lines.append(f"  reduction loops (kept as loops): {', '.join(s.reduction)}")
-        lines.append(f"  repacked: {', '.join(s.packed)}")
+        if s.packed:
+            lines.append(f"  repacked: {', '.join(s.packed)}")
         if s.tile_rows:
             lines.append(f"  cache tile: {s.tile_rows} output rows per pass (fits half of L2)")
-        lines.append(f"  estimated FMA use {s.efficiency:.0%}; {s.reason}")
+        # a kernel of adds and loads (batch norm's) has no FMA estimate, only its reason
+        lines.append(f"  estimated FMA use {s.efficiency:.0%}; {s.reason}" if s.efficiency
+                     else f"  {s.reason}")
         if s.fused:
             lines.append(f"  fused: {s.fused}")
         lines.append("  parallel: the batch is split across threads by the runtime" + (

@@ -21,6 +21,7 @@ from cnnc.loops.ir import (
 )
 from cnnc.ops.lowering import view
 from cnnc.schedule.blocks import ZERO, Function, Lowered
+from cnnc.schedule.channels import min_batch, shared_channels, shared_text
 from cnnc.schedule.cost import Block, Machine, Schedule
 
 BIAS_ACCUMULATORS = 4  # independent partial sums, so the adds do not wait on each other
@@ -58,10 +59,13 @@ def bias_grad(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lower
             For("n", Var(BATCH), (vectors, tail)) if tail_start < positions else
             For("n", Var(BATCH), (vectors,)),
             Store(db.name, (Var("f"),), total))
-    f.body.append(For("f", const(shape[1]), body))
+    # a training call with batch norm runs in one piece: its channels shared by the team
+    samples = min_batch(shape[1] * positions)
+    f.body.extend(shared_channels(For("f", const(shape[1]), body), samples))
     block = Block(1, BIAS_ACCUMULATORS, lanes)
     schedule = Schedule(kernel.name, "sum over positions", block, "channel", shape[1],
                         "position", positions, ("sample", "position block"), (),
-                        efficiency=1.0, reason=f"{BIAS_ACCUMULATORS} partial sums of {lanes} "
-                        "lanes hide the add latency; the lanes are added once per channel")
+                        reason=f"{BIAS_ACCUMULATORS} partial sums of {lanes} "
+                        "lanes hide the add latency; the lanes are added once per channel",
+                        shared=shared_text(samples))
     return Lowered(f.finished(), (), schedule)

@@ -1,6 +1,7 @@
 """Per-channel kernels (schedule/channels.py): batch norm's statistics, normalization and
 gradients vectorized over each channel's positions and shared over channels by the thread
-team. Checked against PyTorch in float64 (forward in training mode, input and parameter
+team, and the bias gradient (schedule/reduction.py) shared over channels the same way.
+Checked against PyTorch in float64 (forward in training mode, input and parameter
 gradients) and against the plain loop nests, over drawn shapes (positions that are not
 whole vectors, fewer positions than lanes, one channel), dtypes, batch sizes and thread
 counts, with the channel loop parallel from one sample up and at its own threshold."""
@@ -106,6 +107,9 @@ def test_explain_says_what_is_vectorized_and_from_how_many_samples_it_is_shared(
         samples = -(-channels.PARALLEL_MIN_FLOPS // (passes * 16 * 32 * 32))
         assert f"from {samples} samples up" in s.shared, s.shared
         assert f"{lanes} lanes" in s.reason
+    assert "from 1 samples up" not in schedules["k_bias_grad_bwd"].shared
+    samples = -(-channels.PARALLEL_MIN_FLOPS // (2 * 32 * 32))
+    assert f"from {samples} samples up" in schedules["k_bias_grad_bwd"].shared
     # a vector after flatten has one position a channel: the plain loops
     vector = "network v\ninput: 6\nbatchnorm n\ndense d: 2\nloss mse\n"
     lowered = run(to_source(vector), Options(host_cpu()), until=Stage.LOWER).lowered
