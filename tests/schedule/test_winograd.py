@@ -153,6 +153,26 @@ GROUPED = ("network g\ninput: 64x8x8\nconv a: 64 3x3 pad=1 -> relu\n"
            "conv c: 64 3x3 pad=1 bias=true -> relu\nloss mse\n")
 
 
+def _against_torch_and_plain(text: str, threads: int, batches: tuple[int, ...],
+                             reference) -> None:
+    """`text` scheduled with `threads`: its forward against `reference(x, weights)` (torch,
+    float64) and its gradients against the plain loops', at each batch size."""
+    scheduled = cnnc.compile(text, opt_level=1, threads=threads, cache=False)
+    plain = cnnc.compile(text, opt_level=1, schedule=False, cache=False)
+    params = random_params(scheduled)
+    plain.set_params(params)
+    w = {k: torch.from_numpy(v.astype(np.float64)) for k, v in params.items()}
+    for batch in batches:
+        rng = np.random.default_rng(batch)
+        x = rng.standard_normal((batch, *scheduled.input_shape)).astype(np.float32)
+        y = rng.standard_normal((batch, *scheduled.output_shape)).astype(np.float32)
+        want = reference(torch.from_numpy(x.astype(np.float64)), w).numpy()
+        assert_close(scheduled(x), want, np.float32, "forward")
+        got, expected = scheduled.gradients(x, y), plain.gradients(x, y)
+        for name in expected:
+            assert_close(got[name], expected[name], np.float32, name)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_a_one_chunk_sample_is_shared_in_filter_groups_and_stays_exact(threads):
     """An 8x8 plane is one chunk of tiles a sample: its filter blocks are split into groups
@@ -163,23 +183,12 @@ def test_a_one_chunk_sample_is_shared_in_filter_groups_and_stays_exact(threads):
     shared = {s.kernel: s.shared for s in lowered.schedules if s.pattern.startswith(WINOGRAD)}
     assert "groups of" in shared["c_conv_relu_fwd"], shared
     assert "groups of" in shared["c_conv2d_grad_input_bwd"], shared
-    scheduled = cnnc.compile(GROUPED, opt_level=1, threads=threads, cache=False)
-    plain = cnnc.compile(GROUPED, opt_level=1, schedule=False, cache=False)
-    params = random_params(scheduled)
-    plain.set_params(params)
-    for batch in (1, 3):
-        rng = np.random.default_rng(batch)
-        x = rng.standard_normal((batch, *scheduled.input_shape)).astype(np.float32)
-        y = rng.standard_normal((batch, *scheduled.output_shape)).astype(np.float32)
-        w = {k: torch.from_numpy(v.astype(np.float64)) for k, v in params.items()}
-        h = torch.relu(torch.nn.functional.conv2d(torch.from_numpy(x.astype(np.float64)),
-                                                  w["a.weight"], w.get("a.bias"), padding=1))
-        want = torch.relu(torch.nn.functional.conv2d(h, w["c.weight"], w["c.bias"],
-                                                     padding=1)).numpy()
-        assert_close(scheduled(x), want, np.float32, "forward")
-        got, expected = scheduled.gradients(x, y), plain.gradients(x, y)
-        for name in expected:
-            assert_close(got[name], expected[name], np.float32, name)
+
+    def reference(x, w):
+        h = torch.relu(torch.nn.functional.conv2d(x, w["a.weight"], w.get("a.bias"),
+                                                  padding=1))
+        return torch.relu(torch.nn.functional.conv2d(h, w["c.weight"], w["c.bias"], padding=1))
+    _against_torch_and_plain(GROUPED, threads, (1, 3), reference)
 
 
 POOLED = ("network p\ninput: 32x32x32\nconv c: 32 3x3 pad=1 -> relu\nmaxpool 2x2\n"
@@ -196,19 +205,8 @@ def test_a_pool_after_a_shared_winograd_layer_runs_after_all_its_samples(threads
     schedule = next(s for s in lowered.schedules if s.kernel == "c_conv_relu_maxpool_fwd")
     assert schedule.pattern == WINOGRAD and schedule.shared, schedule
     assert "after the anchor's loops" in schedule.fused, schedule.fused
-    scheduled = cnnc.compile(POOLED, opt_level=1, threads=threads, cache=False)
-    plain = cnnc.compile(POOLED, opt_level=1, schedule=False, cache=False)
-    params = random_params(scheduled)
-    plain.set_params(params)
-    for batch in (1, 4):
-        rng = np.random.default_rng(batch)
-        x = rng.standard_normal((batch, *scheduled.input_shape)).astype(np.float32)
-        y = rng.standard_normal((batch, *scheduled.output_shape)).astype(np.float32)
-        w = {k: torch.from_numpy(v.astype(np.float64)) for k, v in params.items()}
-        conv = torch.nn.functional.conv2d(torch.from_numpy(x.astype(np.float64)),
-                                          w["c.weight"], w.get("c.bias"), padding=1)
-        want = torch.nn.functional.max_pool2d(torch.relu(conv), 2).numpy()
-        assert_close(scheduled(x), want, np.float32, "forward")
-        got, expected = scheduled.gradients(x, y), plain.gradients(x, y)
-        for name in expected:
-            assert_close(got[name], expected[name], np.float32, name)
+
+    def reference(x, w):
+        conv = torch.nn.functional.conv2d(x, w["c.weight"], w.get("c.bias"), padding=1)
+        return torch.nn.functional.max_pool2d(torch.relu(conv), 2)
+    _against_torch_and_plain(POOLED, threads, (1, 4), reference)
