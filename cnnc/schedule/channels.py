@@ -142,8 +142,8 @@ class _Vectorizer:
         """`stmt` is part = part + e(var): vector partial sums, then the remainder."""
         value = stmt.value
         if not (isinstance(value, Binary) and value.op is BinOp.ADD
-                and value.left == Var(stmt.var)):
-            return None
+                and value.left == Var(stmt.var)) or _uses((value.right,), stmt.var):
+            return None  # not a sum, or its terms read the running sum
         count = min(ACCUMULATORS, extent // self.lanes)
         step = count * self.lanes
         terms = [_vector(value.right, var, add(mul(Var(var), const(step)),
