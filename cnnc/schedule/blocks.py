@@ -24,6 +24,7 @@ from cnnc.loops.ir import (
     Expr,
     For,
     If,
+    Lane,
     Load,
     Local,
     LoopFunction,
@@ -192,6 +193,13 @@ def shared_nest(names: list[str], extents: list[Expr | int], body: tuple[Stmt, .
         body = (For(name, extent if not isinstance(extent, int) else const(extent), body,
                     LoopKind.PARALLEL, private if outermost else ()),)
     return body[0]
+
+
+def plus_lanes(total: Expr, vector: Expr, lanes: int) -> Expr:
+    """total + each lane of `vector`, lane 0 first: a vector of partial sums added up once."""
+    for j in range(lanes):
+        total = add(total, Lane(vector, j))
+    return total
 
 
 def tile_buffer(f: Function, block: Block) -> str:

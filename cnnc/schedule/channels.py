@@ -37,7 +37,6 @@ from cnnc.loops.ir import (
     Expr,
     For,
     If,
-    Lane,
     Load,
     Local,
     LoopFunction,
@@ -50,7 +49,7 @@ from cnnc.loops.ir import (
     VecStore,
 )
 from cnnc.loops.walk import rewrite, walk
-from cnnc.schedule.blocks import ZERO, Lowered
+from cnnc.schedule.blocks import ZERO, Lowered, plus_lanes
 from cnnc.schedule.cost import PARALLEL_MIN_FLOPS, Block, Machine, Schedule
 
 ACCUMULATORS = 4  # independent vector partial sums of one sum loop
@@ -160,12 +159,10 @@ class _Vectorizer:
         combined: Expr = Var(sums[0])
         for name in sums[1:]:
             combined = add(combined, Var(name))
-        total: Expr = Var(stmt.var)
-        for j in range(self.lanes):
-            total = add(total, Lane(Var(sums[0]), j))
         return (*(Assign(name, ZERO) for name in sums), vectors,
                 *_remainder(var, extent, extent // step * step, stmt),
-                Assign(sums[0], combined), Assign(stmt.var, total))
+                Assign(sums[0], combined),
+                Assign(stmt.var, plus_lanes(Var(stmt.var), Var(sums[0]), self.lanes)))
 
     def store(self, var: str, extent: int, stmt: Store) -> tuple[Stmt, ...] | None:
         """`stmt` is y[..., var] = e(var): vector stores, then the remainder."""
@@ -175,8 +172,8 @@ class _Vectorizer:
         value = _vector(stmt.value, var, base, self.lanes)
         if value is None:
             return None
-        if value is stmt.value:  # the same value at every position
-            value = Broadcast(value, self.lanes)
+        if not _uses((stmt.value,), var):  # the same value at every position
+            value = Broadcast(stmt.value, self.lanes)
         vectors = For(var, const(extent // self.lanes),
                       (VecStore(stmt.buffer, (*stmt.index[:-1], base), value),))
         return (vectors, *_remainder(var, extent, extent // self.lanes * self.lanes, stmt))

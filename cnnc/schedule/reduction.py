@@ -12,7 +12,6 @@ from cnnc.loops.ir import (
     Assign,
     Expr,
     For,
-    Lane,
     Load,
     Local,
     Store,
@@ -20,7 +19,7 @@ from cnnc.loops.ir import (
     VecLoad,
 )
 from cnnc.ops.lowering import view
-from cnnc.schedule.blocks import ZERO, Function, Lowered
+from cnnc.schedule.blocks import ZERO, Function, Lowered, plus_lanes
 from cnnc.schedule.channels import min_batch, shared_channels, shared_text
 from cnnc.schedule.cost import Block, Machine, Schedule
 
@@ -49,12 +48,10 @@ def bias_grad(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lower
     tail_start = positions // step * step
     tail = For("t", const(positions - tail_start), (Assign("rest", add(Var("rest"), Load(
         dy.name, (*where, add(Var("t"), const(tail_start)))))),))
-    total: Expr = Var("rest")
     combined: Expr = Var(sums[0])
     for name in sums[1:]:
         combined = add(combined, Var(name))
-    for j in range(lanes):
-        total = add(total, Lane(combined, j))
+    total = plus_lanes(Var("rest"), combined, lanes)
     body = (*(Assign(name, ZERO) for name in sums), Assign("rest", ZERO),
             For("n", Var(BATCH), (vectors, tail)) if tail_start < positions else
             For("n", Var(BATCH), (vectors,)),
