@@ -163,7 +163,7 @@ def _correlation(f: Function, tag: str, src: str, src_channels: int, out: Buffer
                                                       const(v * block.lanes)), block.lanes),
             finish=tile_store(tile, block, activation, activation_attrs),
             epilogue=tile_scatter(tile, out.name, out_index, first_out, out_channels, width,
-                                   None),
+                                   None, rows_adjacent=True),
             init=init)
 
     tiles = row_tiles(f, f"{tag}w", cols.count, block, code_at)
@@ -319,7 +319,7 @@ def _conv_forward_phases(kernel: Kernel, f: Function, x: Buffer, weight: Buffer,
             reduction=loops, broadcast=broadcast, vector=vector, init=init,
             finish=tile_store(tile, block, kernel.activation, kernel.activation_attrs),
             epilogue=tile_scatter(tile, out.name, out_index, first_out, channels_out, width,
-                                  None),
+                                  None, rows_adjacent=True),
             more=tuple(more))
 
     tiles = row_tiles(f, "ow", ow, block, code_at)
