@@ -89,23 +89,33 @@ class Schedule:
 
 
 def choose_block(machine: Machine, dtype: DType, row_extent: int | None,
-                 vector_extent: int) -> tuple[Block, float]:
+                 vector_extent: int, fresh_operands: bool = False) -> tuple[Block, float]:
     """The block with the best estimated FMA-unit use, and that estimate.
 
     Per reduction step a block issues rows·vectors FMAs and rows + vectors loads. Its cycles
     are bounded by the FMA units, the load ports and the FMA latency of each accumulator's
     chain; lanes beyond the vector extent and the smaller tail block cost their share.
+    Between blocks of the same estimate the one with more accumulators wins: they hide a
+    longer FMA latency than the model's (5 cycles on Zen 2) at no cost while they fit.
+
+    `fresh_operands`: each reduction step loads all its operands anew (the innermost loop is
+    the only one, or runs over input channels inside the tap loops), so nothing else stays
+    live and the block may take every register but its vector loads, one broadcast and one
+    spare.
     """
     lanes = machine.lanes(dtype)
-    # Half the registers hold accumulators: LLVM unrolls the short tap loops and keeps the
-    # overlapping input values of neighbouring taps live in the other half. Measured on W3
-    # with 16 registers: 8 accumulators 62 GFLOP/s a core, 12 accumulators 45 (spills).
-    budget = machine.registers // 2
+    # Otherwise half the registers hold accumulators: LLVM unrolls the short tap loops and
+    # keeps the overlapping input values of neighbouring taps live in the other half.
+    # Measured on W3 with 16 registers: 8 accumulators 62 GFLOP/s a core, 12 accumulators
+    # 45 (spills).
+    budget = machine.registers - 2 if fresh_operands else machine.registers // 2
     best: tuple[float, int, Block] | None = None
     for vectors in range(1, budget + 1):
         if (vectors - 1) * lanes >= vector_extent:
             break
         for rows in range(1, budget // vectors + 1):
+            if fresh_operands and rows * vectors + vectors + 2 > machine.registers:
+                break
             block = Block(rows, vectors, lanes)
             score = _efficiency(block, row_extent, vector_extent)
             key = (round(score, 3), rows * vectors)

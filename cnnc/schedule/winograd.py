@@ -173,7 +173,7 @@ def _plan(machine: Machine, dtype: DType, channels: int, filters: int, out_h: in
     th, tw = tiles(out_h, out_w)
     rows = chunk_rows(th, tw)
     chunk = rows * tw
-    block, score = choose_block(machine, dtype, chunk, filters)
+    block, score = choose_block(machine, dtype, chunk, filters, fresh_operands=True)
     parallel = shares_sample(2.0 * 16 * filters * channels * th * tw)
     blocks = math.ceil(filters / block.width)
     # the input transform of a tile and channel against its products with every filter

@@ -146,6 +146,59 @@ def test_cost_model_keeps_half_the_registers_for_accumulators():
     assert choose_block(wide, DType.F64, 56, 64)[0].lanes == 8
 
 
+def test_a_reduction_that_loads_every_operand_afresh_may_use_most_registers():
+    """fresh_operands: the block's accumulators, its vector loads, one broadcast and one
+    spare fit the registers, and where more accumulators than 8 estimate as well, the
+    block has more (a 28-tile Winograd chunk of 64 filters: 6 x 2, 12 accumulators)."""
+    for machine in (Machine(256, 16, 32 * 1024, 512 * 1024),
+                    Machine(512, 32, 48 * 1024, 1024 * 1024)):
+        for rows, channels in [(28, 64), (56, 64), (10, 16), (7, 6), (None, 120), (1, 8)]:
+            block, score = choose_block(machine, DType.F32, rows, channels,
+                                        fresh_operands=True)
+            assert block.rows * block.vectors + block.vectors + 2 <= machine.registers
+            assert 0 < score <= 1
+            _, kept_score = choose_block(machine, DType.F32, rows, channels)
+            assert score >= kept_score - 1e-9  # every kept block is a candidate too
+    avx2 = Machine(256, 16, 32 * 1024, 512 * 1024)
+    assert choose_block(avx2, DType.F32, 28, 64, fresh_operands=True)[0] == Block(6, 2, 8)
+
+
+def test_a_channel_vector_tile_is_stored_a_channel_at_a_time():
+    """The scatter of a block over output channels stores one channel's columns in turn
+    (rows innermost), not one column's channels a plane apart; a block over output
+    columns stores one channel's row of columns in turn (channels of the tile outermost)."""
+    from cnnc.loops.ir import For
+    from cnnc.passes.fuse import fuse
+    from cnnc.schedule.apply import lower_blocked
+
+    def inner_scatter_loops(function) -> set[str]:
+        found: set[str] = set()
+
+        def walk(stmts, parent):
+            for stmt in stmts:
+                if isinstance(stmt, For):
+                    if parent in ("er", "ej") and stmt.var in ("er", "ej"):
+                        found.add(stmt.var)
+                    walk(stmt.body, stmt.var)
+                elif hasattr(stmt, "body"):
+                    walk(stmt.body, parent)
+        walk(function.body, None)
+        return found
+
+    avx2 = Machine(256, 16, 32 * 1024, 512 * 1024, winograd=False)
+    text = ("network t\ninput: 3x32x32\nconv c: 16 3x3 pad=1\n"
+            "conv d: 32 3x3 stride=2 pad=1\nconv e: 2 3x3 pad=1\nloss mse\n")
+    program = fuse(cnnc.check(text))
+    lowered = {k.name: lower_blocked(k, program, avx2)
+               for k in program.kernels if k.name in ("c_conv_fwd", "d_conv_fwd", "e_conv_fwd")}
+    assert lowered["c_conv_fwd"].schedule.pattern == "correlation"
+    assert lowered["d_conv_fwd"].schedule.pattern == "correlation over 4 stride phase(s)"
+    assert lowered["e_conv_fwd"].schedule.pattern == "correlation over output width"
+    assert inner_scatter_loops(lowered["c_conv_fwd"].function) == {"er"}
+    assert inner_scatter_loops(lowered["d_conv_fwd"].function) == {"er"}
+    assert inner_scatter_loops(lowered["e_conv_fwd"].function) == {"ej"}
+
+
 def test_cost_model_prefers_blocks_without_waste():
     machine = Machine(256, 16, 32 * 1024, 512 * 1024)
     block, score = choose_block(machine, DType.F32, 56, 64)
