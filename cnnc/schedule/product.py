@@ -103,7 +103,7 @@ def _lowered_product(kernel: Kernel, f: Function, p: _Product, machine: Machine,
     """Block choice, lowering and schedule of a product; `axes` names its rows, columns and
     reduction for --explain-schedule."""
     rows, columns, depth = axes
-    block, score = choose_block(machine, f.dtype, p.rows, p.columns)
+    block, score = choose_block(machine, f.dtype, p.rows, p.columns, fresh_operands=True)
     _matrix_product(f, p, block)
     schedule = Schedule(kernel.name, "matrix product", block, rows, p.rows, columns, p.columns,
                         (depth,), (f"B as [{columns} blocks, {depth}, {block.width} lanes]",),

@@ -148,14 +148,16 @@ def test_cost_model_keeps_half_the_registers_for_accumulators():
 
 def test_a_reduction_that_loads_every_operand_afresh_may_use_most_registers():
     """fresh_operands: the block's accumulators, its vector loads, one broadcast and one
-    spare fit the registers, and where more accumulators than 8 estimate as well, the
-    block has more (a 28-tile Winograd chunk of 64 filters: 6 x 2, 12 accumulators)."""
+    spare fit the registers, with no more rows than half the registers; where more
+    accumulators than 8 estimate as well, the block has more (a 28-tile Winograd chunk of
+    64 filters: 6 x 2, 12 accumulators)."""
     for machine in (Machine(256, 16, 32 * 1024, 512 * 1024),
                     Machine(512, 32, 48 * 1024, 1024 * 1024)):
         for rows, channels in [(28, 64), (56, 64), (10, 16), (7, 6), (None, 120), (1, 8)]:
             block, score = choose_block(machine, DType.F32, rows, channels,
                                         fresh_operands=True)
             assert block.rows * block.vectors + block.vectors + 2 <= machine.registers
+            assert block.rows <= machine.registers // 2
             assert 0 < score <= 1
             _, kept_score = choose_block(machine, DType.F32, rows, channels)
             assert score >= kept_score - 1e-9  # every kept block is a candidate too
