@@ -98,27 +98,25 @@ def choose_block(machine: Machine, dtype: DType, row_extent: int | None,
     Between blocks of the same estimate the one with more accumulators wins: they hide a
     longer FMA latency than the model's (5 cycles on Zen 2) at no cost while they fit.
 
-    `fresh_operands`: each reduction step loads all its operands anew (the innermost loop is
-    the only one, or runs over input channels inside the tap loops), so nothing else stays
-    live and the block may take every register but its vector loads, one broadcast and one
-    spare, with no more rows than half the registers: each row broadcasts from a row of its
-    own (a sample, a tile), and taller blocks of one vector measured slower (LeNet-5's
-    84-unit dense layer at batch 64, one thread: 13 x 1 0.035 ms, 4 x 2 0.020 ms).
+    `fresh_operands`: each reduction step loads all its operands anew (no tap loop inside
+    the step's loop lets LLVM keep input values for neighbouring taps), so nothing else
+    stays live and a block of several rows may take every register but its vector loads,
+    one broadcast and one spare, with no more rows than half the registers: each row
+    broadcasts from a row of its own (a sample, a tile), and taller blocks of one vector
+    measured slower (LeNet-5's 84-unit dense layer at batch 64, one thread: 13 x 1
+    0.035 ms, 4 x 2 0.020 ms). `_fits` has the rule.
     """
     lanes = machine.lanes(dtype)
-    # Otherwise half the registers hold accumulators: LLVM unrolls the short tap loops and
-    # keeps the overlapping input values of neighbouring taps live in the other half.
-    # Measured on W3 with 16 registers: 8 accumulators 62 GFLOP/s a core, 12 accumulators
-    # 45 (spills).
     budget = machine.registers - 2 if fresh_operands else machine.registers // 2
     best: tuple[float, int, Block] | None = None
     for vectors in range(1, budget + 1):
         if (vectors - 1) * lanes >= vector_extent:
             break
         for rows in range(1, budget // vectors + 1):
-            if fresh_operands and (rows * vectors + vectors + 2 > machine.registers or
-                                   rows > machine.registers // 2):
-                break
+            if row_extent is not None and rows > row_extent:
+                break  # no more rows than there are: the block would be its tail
+            if not _fits(machine, rows, vectors, fresh_operands):
+                continue
             block = Block(rows, vectors, lanes)
             score = _efficiency(block, row_extent, vector_extent)
             key = (round(score, 3), rows * vectors)
@@ -126,6 +124,20 @@ def choose_block(machine: Machine, dtype: DType, row_extent: int | None,
                 best = (key[0], key[1], block)
     assert best is not None
     return best[2], _efficiency(best[2], row_extent, vector_extent)
+
+
+def _fits(machine: Machine, rows: int, vectors: int, fresh_operands: bool) -> bool:
+    """Whether a block's accumulators leave the registers its steps need. Half the
+    registers hold accumulators where LLVM unrolls short tap loops inside the step's loop
+    and keeps the overlapping input values of neighbouring taps live in the other half
+    (measured on W3 with 16 registers: 8 accumulators 62 GFLOP/s a core, 12 accumulators
+    45, spills), and in a block of one row, which streams its vectors (1x1 filter gradients
+    ran slower with other widths than with 8 vectors: ResNet-20's of 64 channels 0.44 ms
+    with 7 against 0.28, MobileNetV2's last expansion 1.8 ms with 12 against 1.1)."""
+    if not fresh_operands or rows == 1:
+        return rows * vectors <= machine.registers // 2
+    return rows * vectors + vectors + 2 <= machine.registers and \
+        rows <= machine.registers // 2
 
 
 def _efficiency(block: Block, row_extent: int | None, vector_extent: int) -> float:
@@ -181,18 +193,31 @@ def splits_stride_phases(stride: tuple[int, int], dilation: tuple[int, int], gro
         any(s > 1 and k > s for k, s in zip(kernel, stride, strict=True))
 
 
-def filter_tile_rows(machine: Machine, itemsize: int, out_width: int, block_width: int,
-                     in_channels: int, in_width: int, stride: int, kernel_height: int) -> int:
-    """Output rows a filter-gradient tile covers: δ rows for one channel block plus the input
-    rows they read should fit half of L2, so every channel and tap reuses them from cache."""
+# A filter-gradient pass loads and stores its accumulators once; with this many steps of
+# the reduction (output positions) or more, that costs a few percent.
+PASS_MIN_STEPS = 32
+
+
+def filter_tile_rows(machine: Machine, itemsize: int, out_width: int, delta_channels: int,
+                     in_width: int, stride: int, kernel_height: int) -> int:
+    """Output rows a filter-gradient tile covers. Every input channel and every block of
+    taps reads the tile's δ rows again, so they should stay in L1, not L2: read from L2 at
+    each pass, W3's filter gradient (64 channels, 56 x 56) was bound by L2's bandwidth
+    (10 rows a tile: 40.9 ms at batch 8 on one thread, 1 row: 27.0 ms). A pass reads one
+    channel block of each position's δ, a line a whole δ row of channels apart, so those
+    lines fall in a fraction of L1's sets as small as the block's share of the channels:
+    the tile's δ rows of all `delta_channels`, and the rows one input channel reads,
+    should fit half of L1. A tile has at least PASS_MIN_STEPS positions all the same: the
+    late layers of MobileNetV2 have 4 x 4 planes of up to 960 channels, whose δ rows never
+    fit, and a pass of 4 positions would spend more on its accumulators than on its FMAs."""
     best = 1
     for rows in range(1, 65):
-        delta = rows * out_width * block_width * itemsize
-        source = in_channels * ((rows - 1) * stride + kernel_height) * in_width * itemsize
-        if delta + source > machine.l2_bytes // 2:
+        delta = rows * out_width * delta_channels * itemsize
+        source = ((rows - 1) * stride + kernel_height) * in_width * itemsize
+        if delta + source > machine.l1_bytes // 2:
             break
         best = rows
-    return best
+    return max(best, math.ceil(PASS_MIN_STEPS / out_width))
 
 
 def explain(schedules: list[Schedule], machine: Machine) -> str:
@@ -218,7 +243,8 @@ def explain(schedules: list[Schedule], machine: Machine) -> str:
         if s.packed:
             lines.append(f"  repacked: {', '.join(s.packed)}")
         if s.tile_rows:
-            lines.append(f"  cache tile: {s.tile_rows} output rows per pass (fits half of L2)")
+            lines.append(f"  cache tile: {s.tile_rows} output rows per pass "
+                         "(their δ fits half of L1)")
         # a kernel of adds and loads (batch norm's) has no FMA estimate, only its reason
         lines.append(f"  estimated FMA use {s.efficiency:.0%}; {s.reason}" if s.efficiency
                      else f"  {s.reason}")

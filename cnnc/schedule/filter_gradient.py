@@ -1,6 +1,6 @@
 """The filter-gradient pattern: dw[f, c, kh, kw] = Σ_{n,oh,ow} δ[n, f, oh, ow] ·
 x[n, c, oh·S + kh·D, ...], vectorized over f with δ transposed to [n, oh, ow, f] and the
-taps as register rows, over δ rows in tiles that fit half of L2. A grouped convolution's
+taps as register rows, over δ rows in tiles that fit half of L1. A grouped convolution's
 filter blocks each stay within one group (δ's filters padded to whole vectors per group),
 and read the input channels of that group."""
 
@@ -52,12 +52,12 @@ def conv_grad_weight(kernel: Kernel, program: KernelProgram, machine: Machine) -
     span_h, span_w = extent(kh, dh), extent(kw, dil_w)
     oh, ow = dy.shape[2], dy.shape[3]
     taps = kh * kw
-    block, score = choose_block(machine, dw.dtype, taps, per_group)
+    block, score = choose_block(machine, dw.dtype, taps, per_group, fresh_operands=True)
     width = block.width
     blocks = math.ceil(per_group / width)
     itemsize = 8 if dw.dtype is DType.F64 else 4
     src_w = max(x.shape[3] + left + right, (ow - 1) * sw + span_w)
-    tile = filter_tile_rows(machine, itemsize, ow, width, channels, src_w, sh, span_h)
+    tile = filter_tile_rows(machine, itemsize, ow, groups * blocks * width, src_w, sh, span_h)
     src = pad(f, x, top, left, max(x.shape[2] + top + bottom, (oh - 1) * sh + span_h), src_w)
     delta = _transpose_delta(f, dy, blocks * width, groups)
     acc = f.add_scratch("acc", (groups * blocks, channels, taps, width))

@@ -148,7 +148,8 @@ def test_cost_model_keeps_half_the_registers_for_accumulators():
 
 def test_a_reduction_that_loads_every_operand_afresh_may_use_most_registers():
     """fresh_operands: the block's accumulators, its vector loads, one broadcast and one
-    spare fit the registers, with no more rows than half the registers; where more
+    spare fit the registers, with no more rows than half the registers (a block of one
+    row: no more vectors than half the registers); where more
     accumulators than 8 estimate as well, the block has more (a 28-tile Winograd chunk of
     64 filters: 6 x 2, 12 accumulators)."""
     for machine in (Machine(256, 16, 32 * 1024, 512 * 1024),
@@ -156,13 +157,41 @@ def test_a_reduction_that_loads_every_operand_afresh_may_use_most_registers():
         for rows, channels in [(28, 64), (56, 64), (10, 16), (7, 6), (None, 120), (1, 8)]:
             block, score = choose_block(machine, DType.F32, rows, channels,
                                         fresh_operands=True)
-            assert block.rows * block.vectors + block.vectors + 2 <= machine.registers
-            assert block.rows <= machine.registers // 2
+            if block.rows == 1:  # a row of vectors streamed: half the registers
+                assert block.vectors <= machine.registers // 2
+            else:
+                assert block.rows * block.vectors + block.vectors + 2 <= machine.registers
+                assert block.rows <= machine.registers // 2
             assert 0 < score <= 1
             _, kept_score = choose_block(machine, DType.F32, rows, channels)
             assert score >= kept_score - 1e-9  # every kept block is a candidate too
     avx2 = Machine(256, 16, 32 * 1024, 512 * 1024)
     assert choose_block(avx2, DType.F32, 28, 64, fresh_operands=True)[0] == Block(6, 2, 8)
+
+
+def test_a_filter_gradient_tile_keeps_its_delta_rows_in_l1():
+    """cost.filter_tile_rows: the tile's δ rows of every channel plus one input channel's
+    rows fit half of L1, one row more would not, and a tile has at least PASS_MIN_STEPS
+    positions whatever the channels."""
+    import math
+
+    from cnnc.schedule.cost import PASS_MIN_STEPS, filter_tile_rows
+
+    machine = Machine(256, 16, 32 * 1024, 512 * 1024)
+    for ow, channels, in_w, stride, kh in [(56, 64, 58, 1, 3), (32, 64, 66, 2, 3),
+                                            (32, 16, 34, 1, 3), (8, 64, 10, 1, 3),
+                                            (4, 960, 4, 1, 1), (14, 8, 16, 1, 3)]:
+        rows = filter_tile_rows(machine, 4, ow, channels, in_w, stride, kh)
+
+        def size(r: int) -> int:
+            return (r * ow * channels + ((r - 1) * stride + kh) * in_w) * 4  # noqa: B023
+
+        minimum = math.ceil(PASS_MIN_STEPS / ow)
+        assert rows >= minimum
+        if rows > minimum:
+            assert size(rows) <= machine.l1_bytes // 2 < size(rows + 1)
+    # W3: 56 columns of 64 channels are 14 KiB a row: one row a tile
+    assert filter_tile_rows(machine, 4, 56, 64, 58, 1, 3) == 1
 
 
 def test_a_channel_vector_tile_is_stored_a_channel_at_a_time():
