@@ -243,9 +243,11 @@ def pack_blocked(f: Function, suffix: str, outer: list[tuple[str, int]], extent:
 
 
 def pad(f: Function, source: Buffer, top: int, left: int, height: int,
-         width: int) -> str:
+        width: int, parallel: bool = False) -> str:
     """scratch[n, c, top + i, left + j] = source[n, c, i, j], zero around it; or the source
-    itself where nothing needs padding."""
+    itself where nothing needs padding. `parallel`: the copy's planes are shared by a call's
+    thread team (the kernel's own loops are), so that a call run in one piece does not copy
+    on one thread while the others wait."""
     _, channels, rows, cols = source.shape
     if (top, left, height, width) == (0, 0, rows, cols):
         return source.name
@@ -268,8 +270,8 @@ def pad(f: Function, source: Buffer, top: int, left: int, height: int,
             zeros(inside_row, left + cols, right) if right else None) if s is not None)),
         For("pz", const(below), (zeros(add(Var("pz"), const(top + rows)), 0, width),))
         if below else None]
-    f.body.append(loop_nest(["pn", "pc"], [Var(BATCH), channels],
-                            tuple(s for s in row_loops if s is not None)))
+    f.body.append(shared_nest(["pn", "pc"], [Var(BATCH), channels],
+                              tuple(s for s in row_loops if s is not None), (), parallel))
     return name
 
 

@@ -181,12 +181,13 @@ def _dead_tap_share(rows: _Grid, live_rows: tuple[int, int]) -> float:
     return 1 - live / max(1, rows.taps * rows.count)
 
 
-def _padded_source(f: Function, x: Buffer, window, out_h: int, out_w: int) -> str:
+def _padded_source(f: Function, x: Buffer, window, out_h: int, out_w: int,
+                   parallel: bool) -> str:
     """The input zero-padded once: every row and column any window reads exists."""
     (kh, kw), (sh, sw), (dh, dw) = window.kernel, window.stride, window.dilation
     top, left, bottom, right = window.pad
     return pad(f, x, top, left, max(x.shape[2] + top + bottom, (out_h - 1) * sh + extent(kh, dh)),
-               max(x.shape[3] + left + right, (out_w - 1) * sw + extent(kw, dw)))
+               max(x.shape[3] + left + right, (out_w - 1) * sw + extent(kw, dw)), parallel)
 
 
 def _flops(weight: Buffer, oh: int, ow: int) -> float:
@@ -228,7 +229,8 @@ def conv_forward(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lo
     if splits_stride_phases(window.stride, window.dilation, groups, (kh, kw)):
         return _conv_forward_phases(kernel, f, x, weight, out, window, block, score)
     width = block.width
-    src = _padded_source(f, x, window, oh, ow)
+    parallel = shares_sample(_flops(weight, oh, ow))
+    src = _padded_source(f, x, window, oh, ow, parallel)
     if groups == 1:
         def weight_at(ch: Expr, o: list[Expr]) -> Expr:
             return Load(weight.name, (ch, *o))
@@ -245,7 +247,6 @@ def conv_forward(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lo
                              groups)
     rows = _Grid(0, oh, 1, 0, kh, sh, 0, dh)
     cols = _Grid(0, ow, 1, 0, kw, sw, 0, dw)
-    parallel = shares_sample(_flops(weight, oh, ow))
     f.body.append(_correlation(f, "o", src, channels_in, out, rows, cols, packed, bias,
                                kernel.activation, block, groups=groups,
                                activation_attrs=kernel.activation_attrs, parallel=parallel))
@@ -355,7 +356,8 @@ def _conv_forward_by_width(kernel: Kernel, f: Function, x: Buffer, weight: Buffe
     oh, ow = out.shape[2], out.shape[3]
     width = block.width
     column_blocks = math.ceil(ow / width)
-    src = _padded_source(f, x, window, oh, column_blocks * width)
+    parallel = shares_sample(_flops(weight, oh, ow))
+    src = _padded_source(f, x, window, oh, column_blocks * width, parallel)
     tile = tile_buffer(f, block)
     first_column = mul(Var("ob"), const(width))
     group_first = None if groups == 1 else mul(Var("g"), const(per_group))
@@ -394,7 +396,6 @@ def _conv_forward_by_width(kernel: Kernel, f: Function, x: Buffer, weight: Buffe
     names, extents = ["n", "q", "ob"], [Var(BATCH), oh, column_blocks]
     if groups > 1:
         names, extents = ["n", "g", "q", "ob"], [Var(BATCH), groups, oh, column_blocks]
-    parallel = shares_sample(_flops(weight, oh, ow))
     f.body.append(For("n", Var(BATCH), (shared_nest(names[1:], extents[1:], tiles, (tile,),
                                                     parallel),)))
     schedule = Schedule(kernel.name, "correlation over output width" + _grouped_words(groups),
@@ -453,10 +454,10 @@ def conv_grad_input(kernel: Kernel, program: KernelProgram, machine: Machine) ->
     width_ = left + max([dy.shape[3]] + [first + count for _, _, first, count in phases_w])
     widest = max(count for *_, count in phases_w)
     block, score = choose_block(machine, dx.dtype, widest, channels)
-    src = pad(f, dy, top, left, height, width_)
     # each phase's nest is a parallel region of its own, about its share of the work
     parallel = shares_sample(_flops(weight, dy.shape[2], dy.shape[3])
                              / (len(phases_h) * len(phases_w)))
+    src = pad(f, dy, top, left, height, width_, parallel)
     covered: set[tuple[int, int]] = set()
     for a, taps_h, first_h, count_h in phases_h:
         for b, taps_w, first_w, count_w in phases_w:

@@ -58,8 +58,11 @@ def conv_grad_weight(kernel: Kernel, program: KernelProgram, machine: Machine) -
     itemsize = 8 if dw.dtype is DType.F64 else 4
     src_w = max(x.shape[3] + left + right, (ow - 1) * sw + span_w)
     tile = filter_tile_rows(machine, itemsize, ow, groups * blocks * width, src_w, sh, span_h)
-    src = pad(f, x, top, left, max(x.shape[2] + top + bottom, (oh - 1) * sh + span_h), src_w)
-    delta = _transpose_delta(f, dy, blocks * width, groups)
+    # each (fb, c) adds into accumulators of its own, in the same order on any thread
+    parallel = shares_sample(2.0 * math.prod(dw.shape) * min(tile, oh) * ow)
+    src = pad(f, x, top, left, max(x.shape[2] + top + bottom, (oh - 1) * sh + span_h), src_w,
+              parallel)
+    delta = _transpose_delta(f, dy, blocks * width, groups, parallel)
     acc = f.add_scratch("acc", (groups * blocks, channels, taps, width))
     f.body.append(loop_nest(["zb", "zc", "zt", "zl"], [groups * blocks, channels, taps, width],
                             (Store(acc, (Var("zb"), Var("zc"), Var("zt"), Var("zl")), ZERO),)))
@@ -93,8 +96,6 @@ def conv_grad_weight(kernel: Kernel, program: KernelProgram, machine: Machine) -
             finish=lambda r, v, value: (VecStore(acc, where(r, v), value),))
 
     body = row_tiles(f, "t", taps, block, code_at)
-    # each (fb, c) adds into accumulators of its own, in the same order on any thread
-    parallel = shares_sample(2.0 * math.prod(dw.shape) * min(tile, oh) * ow)
     f.body.append(loop_nest(["n", "ot"], [Var(BATCH), tiles], (shared_nest(
         ["fb", "c"], [groups * blocks, channels], body, (), parallel),)))
     unpack = Load(acc, _block_and_lane(Var("uf"), per_group, blocks, width, groups, Var("uc"),
@@ -131,21 +132,23 @@ def _block_and_lane(filter_: Expr, per_group: int, blocks: int, width: int, grou
     return (block, channel, tap, Binary(BinOp.MOD, local, const(width)))
 
 
-def _transpose_delta(f: Function, dy: Buffer, padded_channels: int, groups: int = 1) -> str:
+def _transpose_delta(f: Function, dy: Buffer, padded_channels: int, groups: int = 1,
+                     parallel: bool = False) -> str:
     """δ[n, f, oh, ow] as [n, oh, ow, f], f padded with zeros to whole vectors (each
-    group's filters to `padded_channels`, one group after the other)."""
+    group's filters to `padded_channels`, one group after the other); `parallel`: shared by
+    a call's thread team, a sample at a time (blocks.pad)."""
     _, filters, oh, ow = dy.shape
     if groups > 1:
         return _transpose_grouped_delta(f, dy, padded_channels, groups)
     name = f.add_scratch("delta", (BATCH, oh, ow, padded_channels))
     copy = Store(name, (Var("tn"), Var("th"), Var("tw"), Var("tf")),
                  Load(dy.name, (Var("tn"), Var("tf"), Var("th"), Var("tw"))))
-    f.body.append(loop_nest(["tn", "tf", "th", "tw"], [Var(BATCH), filters, oh, ow], (copy,)))
+    body = [loop_nest(["tf", "th", "tw"], [filters, oh, ow], (copy,))]
     if padded_channels > filters:
         zero = Store(name, (Var("tn"), Var("th"), Var("tw"), add(Var("tz"), const(filters))),
                      ZERO)
-        f.body.append(loop_nest(["tn", "th", "tw", "tz"],
-                                [Var(BATCH), oh, ow, padded_channels - filters], (zero,)))
+        body.append(loop_nest(["th", "tw", "tz"], [oh, ow, padded_channels - filters], (zero,)))
+    f.body.append(shared_nest(["tn"], [Var(BATCH)], tuple(body), (), parallel))
     return name
 
 

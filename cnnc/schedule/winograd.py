@@ -398,7 +398,7 @@ def _lowered(f: Function, name: str, conv: _Conv, machine: Machine, gain: float,
     plan = _plan(machine, f.dtype, conv.channels, conv.filters, out_h, out_w)
     rows, chunk, block, group = plan.rows, plan.chunk, plan.block, plan.group
     src = pad(f, source, top, left, max(source.shape[2] + top + bottom, 2 * th + 2),
-              max(source.shape[3] + left + right, 2 * tw + 2))
+              max(source.shape[3] + left + right, 2 * tw + 2), plan.parallel)
     u = _filter_transform(f, conv, block.width)
     v = f.add_scratch("wino_v", (16, conv.channels, chunk))
     m = f.add_scratch("wino_m", (16, chunk, group.channels))

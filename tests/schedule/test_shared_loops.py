@@ -114,6 +114,23 @@ def test_shared_depthwise_convolutions_match_numpy_on_one_to_three_threads(
         np.testing.assert_array_equal(result, results[0])
 
 
+def test_a_shared_kernel_shares_its_copies_too(always_shared):
+    """The zero-padded copies (and the filter gradient's transposed δ) of a kernel whose
+    loops are shared are shared as well: a call run in one piece does not copy on one
+    thread while the others wait. The kernels' results are tested above."""
+    text = "network t\ninput: 3x9x9\nconv c: 5 3x3 pad=1\nloss mse\n"
+    target = host_cpu()
+    program = run(to_source(text), Options(target), until=Stage.FUSE).kernels
+    copies = {"c_conv_fwd": "pn", "c_conv2d_grad_input_bwd": "pn",
+              "c_conv2d_grad_weight_bwd": "tn"}
+    for kernel in program.kernels:
+        if kernel.name in copies:
+            lowered = lower_blocked(kernel, program, target.machine)
+            loops = {node.var: node.kind for node in walk(lowered.function)
+                     if isinstance(node, For)}
+            assert loops[copies[kernel.name]] is LoopKind.PARALLEL, kernel.name
+
+
 def test_a_network_with_batch_norm_trains_identically_on_one_and_three_threads(always_shared):
     """A training call with batch norm runs in one piece, so its shared loops take the
     team; the loss and every parameter after two steps match one thread's bit for bit."""
