@@ -56,7 +56,11 @@ class CpuEngine:
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()  # each thread's workspace, see _workspace
         self._supplied = [(i, b.role, b.name) for i, b in enumerate(self._storage)
-                          if b.role in SUPPLIED]
+                          if b.role in SUPPLIED and b.role not in KEPT]
+        self._kept = [(i, b.name) for i, b in enumerate(self._storage) if b.role in KEPT]
+        # bumped by each write: a workspace's table holds the kept arrays of one generation
+        # (setting 20-40 table slots a call cost a batch-1 call of LeNet-5 about 10 us)
+        self._generation = 0
         self._index = {b.name: i for i, b in enumerate(self._storage)}
         # each kept array's address, with the array it is of: `array.ctypes.data` costs
         # about a microsecond, 20 of them a batch-1 call of LeNet-5; an entry is taken
@@ -149,17 +153,11 @@ class CpuEngine:
              team: Team | None) -> dict[str, np.ndarray]:
         buffers, table = self._workspace(batch)
         table[len(self._storage)] = None if team is None else team.address
+        self._kept_slots(table)
         arrays = list(buffers)
         for index, buffer_role, name in self._supplied:
             if buffer_role == "noise":  # a training call's random numbers, by buffer
                 array = given.get("noise", {}).get(name)
-            elif buffer_role in KEPT:
-                array = self._values[name]
-                known = self._addresses.get(name)
-                if known is None or known[0] is not array:
-                    known = self._addresses[name] = (array, array.ctypes.data)
-                arrays[index], table[index] = array, known[1]
-                continue
             else:
                 array = given.get(buffer_role)
             if array is None:  # an entry that does not read it: the placeholder, never a
@@ -169,6 +167,21 @@ class CpuEngine:
         self._entries[role](batch, table)  # `arrays` keeps every buffer alive meanwhile
         return {name: arrays[self._index[name]].copy() for name in read}
 
+    def _kept_slots(self, table: Any) -> None:
+        """The kept arrays' (parameters', state's, packed weights') slots of this thread's
+        table, set again only after a write: `_values` holds the arrays meanwhile, and a
+        write waits for every call (Module's lock), so no call runs on a stale slot."""
+        local = self._local
+        if getattr(local, "generation", None) == self._generation:
+            return
+        for index, name in self._kept:
+            array = self._values[name]
+            known = self._addresses.get(name)
+            if known is None or known[0] is not array:
+                known = self._addresses[name] = (array, array.ctypes.data)
+            table[index] = known[1]
+        local.generation = self._generation
+
     def _workspace(self, batch: int) -> tuple[list[np.ndarray | None], Any]:
         """This thread's buffers for a batch of `batch` and their pointer table (the slots
         of supplied arrays are filled in by each call)."""
@@ -176,6 +189,7 @@ class CpuEngine:
         if getattr(local, "batch", None) == batch:
             return local.buffers, local.table
         local.batch, local.buffers, local.table = None, None, None  # free the old ones first
+        local.generation = None  # a new table: its kept slots are empty
         buffers = [self._buffer_for(buffer, batch) for buffer in self._storage]
         # the last slot: the call's thread team, or null (backends.llvm.team)
         table = (ctypes.c_void_p * (len(buffers) + 1))(
@@ -211,4 +225,5 @@ class CpuEngine:
 
     def write(self, values: Mapping[str, np.ndarray]) -> None:
         self._values.update(values)
+        self._generation += 1
         self._stale = self._packs

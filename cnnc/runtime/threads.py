@@ -30,5 +30,7 @@ def thread_count(requested: int | None) -> int:
 def batch_slices(batch: int, threads: int) -> list[slice]:
     """Near-equal consecutive slices, one a thread, none smaller than the hand-off is worth."""
     count = max(1, min(threads, batch // MIN_SAMPLES_PER_THREAD))
+    if count == 1:  # a batch-1 call's few microseconds
+        return [slice(0, batch)]
     bounds = [batch * i // count for i in range(count + 1)]
     return [slice(bounds[i], bounds[i + 1]) for i in range(count)]
