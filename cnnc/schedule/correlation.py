@@ -209,7 +209,8 @@ def conv_forward(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lo
     (sh, sw), (dh, dw) = window.stride, window.dilation
     oh, ow = out.shape[2], out.shape[3]
     block, score = choose_block(machine, out.dtype, ow, per_group)
-    by_width, width_score = choose_block(machine, out.dtype, per_group, ow)
+    by_width, width_score = choose_block(machine, out.dtype, per_group, ow,
+                                         fresh_operands=(kh, kw) == (1, 1))
     if groups > 1 and channels_in == 1 and \
             depthwise.estimate(machine, out.dtype, oh, ow) >= max(score, width_score):
         return depthwise.depthwise_forward(kernel, program, machine)

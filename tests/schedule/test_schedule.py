@@ -310,6 +310,24 @@ FEW_CHANNELS = ("network w\ninput: 3x7x19\nconv c: 2 3x3 pad=1 -> relu\nconv d: 
                 "flatten\ndense e: 4\nloss mse\n")
 
 
+# a 1x1 projection to few channels: a block over output columns with up to 12 accumulators
+PROJECTION = ("network p\ninput: 20x6x32\nconv c: 12 1x1 -> relu\nconv d: 13 1x1\n"
+              "loss mse\n")
+
+
+def test_a_one_by_one_projection_over_output_width_matches_plain_loops_and_reference():
+    from cnnc.passes.fuse import fuse
+    from cnnc.schedule.apply import lower_blocked
+
+    program = fuse(cnnc.check(PROJECTION))
+    avx2 = Machine(256, 16, 32 * 1024, 512 * 1024)
+    kernel = next(k for k in program.kernels if k.name == "c_conv_relu_fwd")
+    schedule = lower_blocked(kernel, program, avx2).schedule
+    assert schedule.pattern == "correlation over output width"
+    assert schedule.block.rows * schedule.block.vectors > 8  # its one loop: fresh operands
+    _check_schedules(PROJECTION, batch=3)
+
+
 def test_few_output_channels_vectorize_over_output_width():
     """2 or 3 channels would fill 2 or 3 of 8 lanes; 17 or 16 columns fill most of them."""
     from cnnc.passes.fuse import fuse
