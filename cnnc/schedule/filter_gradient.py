@@ -57,7 +57,8 @@ def conv_grad_weight(kernel: Kernel, program: KernelProgram, machine: Machine) -
     blocks = math.ceil(per_group / width)
     itemsize = 8 if dw.dtype is DType.F64 else 4
     src_w = max(x.shape[3] + left + right, (ow - 1) * sw + span_w)
-    tile = filter_tile_rows(machine, itemsize, ow, groups * blocks * width, src_w, sh, span_h)
+    tile = min(oh, filter_tile_rows(machine, itemsize, ow, groups * blocks * width, src_w, sh,
+                                    span_h))
     # each (fb, c) adds into accumulators of its own, in the same order on any thread
     parallel = shares_sample(2.0 * math.prod(dw.shape) * min(tile, oh) * ow)
     src = pad(f, x, top, left, max(x.shape[2] + top + bottom, (oh - 1) * sh + span_h), src_w,
