@@ -164,7 +164,7 @@ class CpuEngine:
                 array = buffers[index]  # pointer left from an earlier call's array
             arrays[index] = array
             table[index] = array.ctypes.data
-        self._entries[role](batch, table)  # `arrays` keeps every buffer alive meanwhile
+        self._entries[role](batch, table)  # `arrays` and `_values` keep the buffers alive
         return {name: arrays[self._index[name]].copy() for name in read}
 
     def _kept_slots(self, table: Any) -> None:
@@ -184,7 +184,8 @@ class CpuEngine:
 
     def _workspace(self, batch: int) -> tuple[list[np.ndarray | None], Any]:
         """This thread's buffers for a batch of `batch` and their pointer table (the slots
-        of supplied arrays are filled in by each call)."""
+        of supplied arrays are filled in by each call, those of kept arrays by
+        `_kept_slots`)."""
         local = self._local
         if getattr(local, "batch", None) == batch:
             return local.buffers, local.table

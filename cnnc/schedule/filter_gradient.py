@@ -60,7 +60,7 @@ def conv_grad_weight(kernel: Kernel, program: KernelProgram, machine: Machine) -
     tile = min(oh, filter_tile_rows(machine, itemsize, ow, groups * blocks * width, src_w, sh,
                                     span_h))
     # each (fb, c) adds into accumulators of its own, in the same order on any thread
-    parallel = shares_sample(2.0 * math.prod(dw.shape) * min(tile, oh) * ow)
+    parallel = shares_sample(2.0 * math.prod(dw.shape) * tile * ow)
     src = pad(f, x, top, left, max(x.shape[2] + top + bottom, (oh - 1) * sh + span_h), src_w,
               parallel)
     delta = _transpose_delta(f, dy, blocks * width, groups, parallel)
