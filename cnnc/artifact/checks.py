@@ -42,6 +42,10 @@ FIELDS = frozenset({"cnnc_version", "network", "dtype", "input", "output", "stor
 # the section table of a file, checked as the file is read (artifact.format.unpack); a module made
 # in memory has none
 TABLE_FIELDS = frozenset({"sections"})
+# a CPU module's regions of buffers that may share memory (driver.memory), where it has any
+OPTIONAL_FIELDS = frozenset({"shared"})
+# the buffers a region may hold: a call's own working memory, never what it is given or keeps
+SHARED_ROLES = ("value", "scratch")
 TRAINING_FIELDS = frozenset({"loss", "gradients", "optimizer"})
 # the loss ops a loss line may add, as the op registry defines them (tests check): each
 # LossDef's op, then its logits op if it has one
@@ -217,6 +221,8 @@ def check_fields(manifest: Any, source: str) -> None:
     kernels = fields.names(manifest["kernels"], "kernels")  # none: a network that only flattens
     fields.names(manifest["activations"], "activations", storage, ("value",))
     _check_entry_points(fields, manifest, storage, kernels, kind, training)
+    if "shared" in manifest:
+        _check_shared(fields, manifest, storage, kind)
     if training:
         _check_training(fields, manifest, storage)
 
@@ -237,7 +243,7 @@ def _check_outline(fields: _Fields, manifest: Any) -> bool:
         raise _refuse(fields.source, "the manifest is malformed (not a JSON object)")
     training = bool(TRAINING_FIELDS & set(manifest))
     fields.record(manifest, "", FIELDS | (TRAINING_FIELDS if training else frozenset()),
-                  TABLE_FIELDS)
+                  TABLE_FIELDS | OPTIONAL_FIELDS)
     return training
 
 
@@ -345,6 +351,28 @@ def _check_entry_points(fields: _Fields, manifest: dict[str, Any], storage: dict
                                                        "kernel's", symbol)
     if len(set(entries.values())) != len(entries):
         raise fields.wrong("entry_points", "a symbol of its own for each role", entries)
+
+
+def _check_shared(fields: _Fields, manifest: dict[str, Any], storage: dict[str, dict],
+                  kind: str) -> None:
+    """A CPU module's shared regions: for entry points it has, lists of value and scratch
+    buffers, each buffer in one region at most. (A region that holds buffers live at once
+    would give wrong results, never a wrong size: the runtime sizes each region for its
+    largest buffer.)"""
+    if kind != "cpu":
+        raise _refuse(fields.source, "the manifest has the field shared, which only a cpu "
+                                     "module has")
+    shared = fields.record(manifest["shared"], "shared", frozenset(),
+                           frozenset(manifest["entry_points"]))
+    for role, found in shared.items():
+        path = f"shared.{role}"
+        if not isinstance(found, list) or not found:
+            raise fields.wrong(path, "a list of regions", found)
+        for index, region in enumerate(found):
+            fields.names(region, f"{path}[{index}]", storage, SHARED_ROLES)
+        every = [name for region in found for name in region]
+        if len(set(every)) != len(every):
+            raise fields.wrong(path, "regions with no buffer in two of them", found)
 
 
 def _check_training(fields: _Fields, manifest: dict[str, Any], storage: dict[str, dict]) -> None:

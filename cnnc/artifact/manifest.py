@@ -237,6 +237,8 @@ class Manifest:
     target: Target
     code_sha256: str
     sections: tuple[Section, ...] | None = None
+    # by entry point's role: regions of its buffers that may share memory (driver.memory)
+    shared: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = ()
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
@@ -261,7 +263,9 @@ class Manifest:
             None if optimizer is None else Optimizer.from_json(optimizer),
             Target.from_json(data["target"]), data["code_sha256"],
             None if table is None else tuple(Section(name, **where)
-                                             for name, where in table.items()))
+                                             for name, where in table.items()),
+            tuple((role, tuple(tuple(region) for region in found))
+                  for role, found in data.get("shared", {}).items()))
 
     def to_json(self) -> dict[str, Any]:
         """The manifest's JSON object, as the compiler writes it."""
@@ -273,6 +277,8 @@ class Manifest:
             "output": self.output.to_json(),
             "storage": [entry.to_json() for entry in self.storage],
             "entry_points": {entry.role: entry.to_json() for entry in self.entry_points},
+            **({"shared": {role: [list(region) for region in found]
+                           for role, found in self.shared}} if self.shared else {}),
             "kernels": list(self.kernels),
             "activations": list(self.activations),
             "opt_level": self.opt_level,

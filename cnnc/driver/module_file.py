@@ -71,8 +71,52 @@ def module_manifest(build: Build, options: Options) -> dict[str, Any]:
                        if symbol in lowered.entries}
         opt_level = options.opt_level
         record = build_record(build.source, options.scheduled, options.cpu().machine)
-    return _manifest(build.kernels, lowered, entry_table, opt_level, record,
-                     rows_to_json(summarize(graph)))
+    manifest = _manifest(build.kernels, lowered, entry_table, opt_level, record,
+                         rows_to_json(summarize(graph)))
+    if options.backend != "cuda":
+        shared = shared_memory(lowered, _read_after_calls(manifest))
+        if shared:  # after the entry points, where Manifest.to_json writes it
+            manifest = _inserted_after(manifest, "entry_points", "shared", shared)
+    return manifest
+
+
+def _inserted_after(record: dict[str, Any], key: str, new: str, value: Any) -> dict[str, Any]:
+    items = list(record.items())
+    at = [k for k, _ in items].index(key) + 1
+    return dict([*items[:at], (new, value), *items[at:]])
+
+
+# the entry points whose buffers are the runtime's own workspace: pack and update run on the
+# kept arrays and the gradients a caller gives (runtime.cpu)
+WORKSPACE_ROLES = ("forward", "forward_train", "loss", "loss_train", "gradients",
+                   "input_gradient", "train_step")
+
+
+def shared_memory(lowered: Lowered, kept: set[str]) -> dict[str, list[list[str]]]:
+    """Each workspace entry point's regions of buffers that may share memory
+    (driver.memory), those of more than one buffer."""
+    from cnnc.driver.memory import regions
+
+    functions = {f.name: f for f in lowered.functions}
+    shared = {}
+    for role in WORKSPACE_ROLES:
+        names = lowered.entries.get(ENTRY_NAMES[role])
+        if names:
+            found = [r for r in regions([functions[n] for n in names], lowered.storage, kept)
+                     if len(r) > 1]
+            if found:
+                shared[role] = found
+    return shared
+
+
+def _read_after_calls(manifest: dict[str, Any]) -> set[str]:
+    """What the runtime reads back after an entry point's call: the output, the loss and the
+    gradients (a call that reads anything else, `Module.activations`, runs without the
+    shared regions)."""
+    kept = {manifest["output"]["name"]}
+    if "loss" in manifest:
+        kept |= {manifest["loss"]["value"], *manifest["gradients"].values()}
+    return kept
 
 
 def build_record(source: Source, scheduled: bool, machine: Machine) -> dict[str, Any]:

@@ -111,7 +111,9 @@ def _planned(manifest: dict[str, Any], graph: Graph, program: Source) -> dict[st
 
 def _compare(stored: dict[str, Any], derived: dict[str, Any], source: str) -> None:
     """Every derived field equal in the file, and no field the derivation lacks."""
-    for key in sorted(set(stored) | set(derived)):
+    # the shared regions follow from the buffer table and entry points: where those differ,
+    # they are what the message names
+    for key in sorted(set(stored) | set(derived), key=lambda k: (k == "shared", k)):
         if key in NOT_DERIVED or (key in stored and key in derived
                                   and same_json(stored[key], derived[key])):
             continue

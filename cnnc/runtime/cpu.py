@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 
 from cnnc.artifact.format import ModuleFile
-from cnnc.artifact.manifest import Buffer, Manifest
-from cnnc.runtime.arguments import refuse
+from cnnc.artifact.manifest import Manifest
 from cnnc.runtime.loader import native_entries, team_worker
 from cnnc.runtime.team import Team
 from cnnc.runtime.threads import thread_count
+from cnnc.runtime.workspace import Table, Workspace
 
 # the roles of buffers a call supplies rather than the workspace
 SUPPLIED = ("input", "target", "hyper", "param", "state", "buffer", "noise", "packed")
@@ -62,6 +62,11 @@ class CpuEngine:
         # (setting 20-40 table slots a call cost a batch-1 call of LeNet-5 about 10 us)
         self._generation = 0
         self._index = {b.name: i for i, b in enumerate(self._storage)}
+        # by role: the regions of buffers that share memory (driver.memory), as slot indices
+        self._shared = {role: tuple(tuple(self._index[name] for name in region)
+                                    for region in found) for role, found in manifest.shared}
+        self._shared_names = {role: frozenset(name for region in found for name in region)
+                              for role, found in manifest.shared}
         # each kept array's address, with the array it is of: `array.ctypes.data` costs
         # about a microsecond, 20 of them a batch-1 call of LeNet-5; an entry is taken
         # only while `_values` still holds that very array (write replaces arrays)
@@ -151,9 +156,13 @@ class CpuEngine:
 
     def _run(self, role: str, batch: int, given: Mapping[str, Any], read: Sequence[str],
              team: Team | None) -> dict[str, np.ndarray]:
-        buffers, table = self._workspace(batch)
+        # a call that reads back a buffer of a region (Module.activations) runs on the
+        # plain table: a later buffer of its region may have overwritten it
+        shared = role in self._shared and self._shared_names[role].isdisjoint(read)
+        workspace = self._workspace(batch).table(role if shared else None)
+        buffers, table = workspace.buffers, workspace.pointers
         table[len(self._storage)] = None if team is None else team.address
-        self._kept_slots(table)
+        self._kept_slots(workspace)
         arrays = list(buffers)
         for index, buffer_role, name in self._supplied:
             if buffer_role == "noise":  # a training call's random numbers, by buffer
@@ -167,50 +176,31 @@ class CpuEngine:
         self._entries[role](batch, table)  # `arrays` and `_values` keep the buffers alive
         return {name: arrays[self._index[name]].copy() for name in read}
 
-    def _kept_slots(self, table: Any) -> None:
-        """The kept arrays' (parameters', state's, packed weights') slots of this thread's
-        table, set again only after a write: `_values` holds the arrays meanwhile, and a
-        write waits for every call (Module's lock), so no call runs on a stale slot."""
-        local = self._local
-        if getattr(local, "generation", None) == self._generation:
+    def _kept_slots(self, workspace: Table) -> None:
+        """The kept arrays' (parameters', state's, packed weights') slots of one of this
+        thread's tables, set again only after a write: `_values` holds the arrays meanwhile,
+        and a write waits for every call (Module's lock), so no call runs on a stale slot."""
+        if workspace.generation == self._generation:
             return
+        table = workspace.pointers
         for index, name in self._kept:
             array = self._values[name]
             known = self._addresses.get(name)
             if known is None or known[0] is not array:
                 known = self._addresses[name] = (array, array.ctypes.data)
             table[index] = known[1]
-        local.generation = self._generation
+        workspace.generation = self._generation
 
-    def _workspace(self, batch: int) -> tuple[list[np.ndarray | None], Any]:
-        """This thread's buffers for a batch of `batch` and their pointer table (the slots
-        of supplied arrays are filled in by each call, those of kept arrays by
-        `_kept_slots`)."""
+    def _workspace(self, batch: int) -> Workspace:
+        """This thread's working memory for a batch of `batch` (the slots of supplied
+        arrays are filled in by each call, those of kept arrays by `_kept_slots`)."""
         local = self._local
-        if getattr(local, "batch", None) == batch:
-            return local.buffers, local.table
-        local.batch, local.buffers, local.table = None, None, None  # free the old ones first
-        local.generation = None  # a new table: its kept slots are empty
-        buffers = [self._buffer_for(buffer, batch) for buffer in self._storage]
-        # the last slot: the call's thread team, or null (backends.llvm.team)
-        table = (ctypes.c_void_p * (len(buffers) + 1))(
-            *[0 if b is None else b.ctypes.data for b in buffers], 0)
-        local.batch, local.buffers, local.table = batch, buffers, table
-        return buffers, table
-
-    def _buffer_for(self, buffer: Buffer, batch: int) -> np.ndarray | None:
-        if buffer.role in ("input", *KEPT):
-            return None
-        if buffer.role in ("target", "hyper", "noise"):  # for entries that do not read them
-            return np.zeros(8, dtype=buffer.numpy_dtype)
-        if buffer.role == "loss":
-            return np.zeros(1, dtype=self._dtype)
-        shape = buffer.sized(batch) or (1,)
-        try:
-            return np.empty(shape, dtype=buffer.numpy_dtype)
-        except MemoryError:
-            raise refuse(f"forward: a batch of {batch} needs more memory than there is "
-                         f"(the buffer {buffer.name} alone is {shape})") from None
+        found = getattr(local, "workspace", None)
+        if found is not None and found.batch == batch:
+            return found
+        local.workspace = None  # free the old one first
+        local.workspace = Workspace(self._storage, batch, self._shared, self._dtype)
+        return local.workspace
 
     def update(self, gradients: Mapping[str, np.ndarray], hyper: np.ndarray,
                batch: int) -> None:

@@ -236,6 +236,42 @@ def test_code_and_graph_forgeries_are_refused_naming_the_field(small, tmp_path, 
     assert field in refusal(path)
 
 
+# -- the buffers that share memory (driver.memory) -------------------------------------------
+def _merged_regions(role: str):
+    """The first two regions of `role` made one: well-formed, but buffers live at once
+    would share memory."""
+    def edit(manifest):
+        found = manifest["shared"][role]
+        found[0:2] = [found[0] + found[1]]
+    return edit
+
+
+@pytest.mark.parametrize("edit, field", [
+    (setter("shared", "forward", 0, 0, value="c.weight"),
+     "shared.forward[0][0] must be the name of a buffer of role value or scratch"),
+    (setter("shared", "forward", 0, 0, value="input"), "shared.forward[0][0]"),
+    (setter("shared", "forward", 0, 0, value="nothing"), "shared.forward[0][0]"),
+    (setter("shared", "forward", 0, value="out.pre"), "shared.forward[0]"),
+    (setter("shared", "forward", 1, value=["out.dense_fwd.tile", "out.pre"]),
+     "shared.forward[1][0]"),
+    (setter("shared", "forward", 1, 0, value="out_dense_fwd.tile"),
+     "shared.forward must be regions with no buffer in two of them"),
+    (setter("shared", "forward", value=[]), "shared.forward"),
+    (setter("shared", "forward", value=None), "shared.forward"),
+    (setter("shared", "pack", value=[["out.pre", "c"]]), "shared.pack"),
+    (setter("shared", "sideways", value=[["out.pre", "c"]]), "shared.sideways"),
+    (setter("shared", value=[]), "shared"),
+    (_merged_regions("gradients"), "the manifest's shared does not match its stored program"),
+    (setter("shared", delete=True), "the manifest's shared does not match its stored program"),
+], ids=lambda value: value if isinstance(value, str) else None)
+def test_shared_region_forgeries_are_refused_naming_the_field(small, tmp_path, edit, field):
+    assert "shared" in small.module.manifest  # else this forges nothing
+    path = written(tmp_path, forge(small.data, edit))
+    assert field in refusal(path)
+    if "does not match" in field:  # well-formed: rebuilt, it computes what the original does
+        assert np.array_equal(cnnc.load(path, trust="rebuild")(X), small.output)
+
+
 # -- the optimizer: every scalar reaches the native update -----------------------------------
 @pytest.mark.parametrize("edit, field", [
     (setter("optimizer", "lr", value=None), "optimizer.lr"),
@@ -571,6 +607,7 @@ def test_a_consistent_forgery_of_the_build_record_is_trusted_like_the_code(small
 
     def other_build(manifest):
         manifest["build"]["machine"], manifest["storage"] = machine, derived["storage"]
+        manifest["shared"] = derived["shared"]  # the regions of that buffer table
 
     path = written(tmp_path, forge(small.data, other_build))
     cnnc.load(path)  # not called: its kernels would write past the scratch buffers
@@ -648,6 +685,7 @@ def _launch(role: str, *keys: str | int, value: Any):
     (setter("build", "scheduled", value=True), "build.scheduled"),
     (setter("target", "cpu", value="skylake"), "target"),
     (setter("storage", 5, "shape", value=["N", 3, 4, 3]), "storage"),
+    (setter("shared", value={"forward": [["c", "out.pre"]]}), "shared, which only a cpu"),
 ], ids=lambda value: value if isinstance(value, str) else None)
 def test_cuda_manifest_forgeries_are_refused(small_cuda, tmp_path, edit, field):
     path = written(tmp_path, forge(small_cuda.data, edit))

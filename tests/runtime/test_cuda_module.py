@@ -41,7 +41,8 @@ def test_a_gpu_module_has_every_attribute_of_a_cpu_module(pair):
     for name in ("name", "input_shape", "output_shape", "dtype", "optimizer"):
         assert getattr(gpu, name) == getattr(cpu, name), name
     assert (gpu.target, cpu.target) == ("cuda", "cpu")
-    assert gpu.manifest.keys() == cpu.manifest.keys()
+    # the buffers that share memory are the CPU runtime's (driver.memory)
+    assert gpu.manifest.keys() == cpu.manifest.keys() - {"shared"}
     assert gpu.threads == 1
     gpu.set_threads(4)  # host threads do not apply to the GPU
     assert gpu.threads == 1
