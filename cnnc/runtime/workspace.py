@@ -78,7 +78,10 @@ class Workspace:
                 offsets, end = [], 0
                 for region in regions:
                     offsets.append(end)
-                    end += _aligned(max(self._bytes(i) for i in region))
+                    # one cache line more: sizes are often whole 4 KiB pages (a 32 x 32
+                    # plane), and regions a page apart map a kernel's input and output
+                    # rows to the same L1 sets
+                    end += _aligned(max(self._bytes(i) for i in region)) + ALIGN
                 self._offsets[role] = offsets
                 need = max(need, end)
             self._arena = _allocated((need + ALIGN,), np.dtype(np.uint8), self.batch,
