@@ -156,14 +156,15 @@ def _step_cycles(rows: int, vectors: int) -> float:
 
 # Writing a block's results out, per output element, in cycles, where a correlation over
 # output channels holds each output column's channels in one vector: its tile goes to the
-# NCHW output an element at a time (a load and a store H·W apart), where a block over
-# output columns stores whole vectors of a row. Measured with benchmarks/kernels.py on this
-# 2-core AVX-512 machine: MobileNetV2's 1x1 expansions of 16 and 24 channels (32x32
-# planes) ran 2-4x faster over output columns, those of 32 channels (16x16) and VGG's 3x3
-# convolutions of 3 channels (27 FMAs an output) 10-50% slower; this cost puts the
-# crossover between 24 and 27 FMAs an output at 16 lanes (the 5% margin of correlation.py
-# included).
-SCATTER_CYCLES = 0.04
+# NCHW output an element at a time, where a block over output columns stores whole vectors
+# of a row. First measured on a 2-core AVX-512 machine as 0.04 (MobileNetV2's 1x1
+# expansions of 16 and 24 channels 2-4x faster over output columns, VGG's 3x3 convolutions
+# of 3 channels slower), before the tile was stored a channel at a time. Measured again
+# with the forward kernels one by one on a 2-core Zen 2 (AVX2), at 0.04, 0.2, 0.5 and 1.0:
+# from 0.2 up the same kernels go over output columns, and each is faster there (MobileNetV2
+# at b16: b2.expand 1.99 -> 1.18 ms, b4.expand 2.49 -> 1.61 ms; ResNet-20's stem at b64
+# 1.25 -> 0.80 ms; vgg_small's first layer 2.09 -> 1.53 ms), none slower.
+SCATTER_CYCLES = 0.25
 
 
 def with_output_cost(score: float, reduction: int, lanes: int, scalar: bool) -> float:
