@@ -5,7 +5,7 @@ next few: a convolution's zero-padded input copy by the convolution itself, an a
 by the layer after it. With a buffer of its own for each, a forward pass of ResNet-20 at
 batch 64 writes 50 MiB of padded copies and 40 activations, all cold in the cache each time
 a kernel touches them. Here each entry point's transient buffers are put into regions: the
-buffers of a region are never live at once, so the runtime (runtime.cpu) gives them one
+buffers of a region are never live at once, so the runtime (runtime.workspace) gives them one
 piece of memory, which the kernel before has just used and left in the cache.
 
 A buffer is transient in an entry point when it is a value or scratch buffer, the first of
