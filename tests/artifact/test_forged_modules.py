@@ -246,6 +246,14 @@ def _merged_regions(role: str):
     return edit
 
 
+def _in_two_regions(manifest):
+    """The first region's first buffer put in the second region too. (Which buffers share
+    a region depends on the host's schedules, so the name is taken from the manifest.)"""
+    found = manifest["shared"]["forward"]
+    assert len(found) >= 2, found  # else this forges nothing
+    found[1][0] = found[0][0]
+
+
 @pytest.mark.parametrize("edit, field", [
     (setter("shared", "forward", 0, 0, value="c.weight"),
      "shared.forward[0][0] must be the name of a buffer of role value or scratch"),
@@ -254,8 +262,7 @@ def _merged_regions(role: str):
     (setter("shared", "forward", 0, value="out.pre"), "shared.forward[0]"),
     (setter("shared", "forward", 1, value=["out.dense_fwd.tile", "out.pre"]),
      "shared.forward[1][0]"),
-    (setter("shared", "forward", 1, 0, value="out_dense_fwd.tile"),
-     "shared.forward must be regions with no buffer in two of them"),
+    (_in_two_regions, "shared.forward must be regions with no buffer in two of them"),
     (setter("shared", "forward", value=[]), "shared.forward"),
     (setter("shared", "forward", value=None), "shared.forward"),
     (setter("shared", "pack", value=[["out.pre", "c"]]), "shared.pack"),
