@@ -3,14 +3,16 @@ node type and its fields.
 
 A node's children are its fields that hold expressions or statements, tuples of them
 included, in the order the fields are declared: a `For`'s extent before its body, a
-`Store`'s index before its value. The fields are found with `dataclasses.fields`, so a node
-type added to the IR is walked without a change here.
+`Store`'s index before its value. The fields are found with `dataclasses.fields` and their
+type hints, so a node type added to the IR, with hints that name the nodes its fields hold, is
+walked without a change here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import typing
 from collections.abc import Callable, Iterator
 from typing import get_args
 
@@ -24,25 +26,36 @@ _NODE_TYPES = EXPR_TYPES + STMT_TYPES
 Node = Expr | Stmt
 
 
+_NODE_SET = frozenset(_NODE_TYPES)  # the IR's node types are final: none is subclassed
+
+
 def is_node(value: object) -> bool:
-    return isinstance(value, _NODE_TYPES)
+    return type(value) in _NODE_SET
 
 
 @functools.cache
-def _field_names(kind: type) -> tuple[str, ...]:
-    """The fields of a node type, looked up once a type: `fields` is slow beside a walk."""
-    return tuple(field.name for field in dataclasses.fields(kind))
+def _node_fields(kind: type) -> tuple[str, ...]:
+    """The fields of a node type that may hold nodes, by their type hints (an `Expr`, a
+    tuple of statements, ...), looked up once a type: the others (names, lane counts,
+    operators) are never looked at, and `fields` is slow beside a walk."""
+    hints = typing.get_type_hints(kind)
+    return tuple(field.name for field in dataclasses.fields(kind)
+                 if _mentions_node(hints[field.name]))
+
+
+def _mentions_node(hint: object) -> bool:
+    return hint in _NODE_SET or any(_mentions_node(arg) for arg in get_args(hint))
 
 
 def children(node: Node | LoopFunction) -> tuple[Node, ...]:
     """The expressions and statements directly inside `node`, in field order."""
     found: list[Node] = []
-    for name in _field_names(type(node)):
+    for name in _node_fields(type(node)):
         value = getattr(node, name)
-        if is_node(value):
+        if type(value) is tuple:
+            found += [item for item in value if type(item) in _NODE_SET]
+        elif type(value) in _NODE_SET:
             found.append(value)
-        elif isinstance(value, tuple):
-            found += [item for item in value if is_node(item)]
     return tuple(found)
 
 
@@ -68,13 +81,13 @@ def rewrite(node: Node, fn: Callable[[Node], Node]) -> Node:
     its new children. A node none of whose children changed is passed to `fn` unchanged
     (the same object), so an `fn` that changes nothing returns the original tree."""
     changes = {}
-    for name in _field_names(type(node)):
+    for name in _node_fields(type(node)):
         value = getattr(node, name)
         if is_node(value):
             new = rewrite(value, fn)
             if new is not value:
                 changes[name] = new
-        elif isinstance(value, tuple) and any(is_node(item) for item in value):
+        elif type(value) is tuple and any(is_node(item) for item in value):
             items = tuple(rewrite(item, fn) if is_node(item) else item for item in value)
             if any(new is not old for new, old in zip(items, value, strict=True)):
                 changes[name] = items

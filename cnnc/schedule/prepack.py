@@ -40,16 +40,19 @@ def split_packing(function: LoopFunction, scratch: tuple[Tensor, ...],
     """`function` with the loops that only pack `constant` buffers moved to a function of
     their own (None where there are none)."""
     scratch_names = {t.name for t in scratch}
+    # one walk a statement: a network's kernels have thousands of nodes each
+    summaries = [_summary(stmt) for stmt in function.body]
     writers: dict[str, int] = {}
-    for stmt in function.body:
-        for name in _stored(stmt):
+    for summary in summaries:
+        for name in summary.stored:
             writers[name] = writers.get(name, 0) + 1
-    moved = [stmt for stmt in function.body
-             if _packs(stmt, constant, scratch_names, writers)]
-    if not moved:
+    chosen = [(stmt, summary) for stmt, summary in zip(function.body, summaries, strict=True)
+              if _packs(summary, constant, scratch_names, writers)]
+    if not chosen:
         return Split(function, None, scratch)
-    packed = {name for stmt in moved for name in _stored(stmt)}
-    read = {name for stmt in moved for name in _loaded(stmt)}
+    moved = [stmt for stmt, _ in chosen]
+    packed = {name for _, summary in chosen for name in summary.stored}
+    read = {name for _, summary in chosen for name in summary.loaded}
     buffers = tuple(b for b in function.buffers if b.name in packed | read)
     pack = LoopFunction(function.name + PACK_SUFFIX, buffers, (), tuple(moved))
     kept = tuple(stmt for stmt in function.body if not any(stmt is m for m in moved))
@@ -62,20 +65,31 @@ def split_packing(function: LoopFunction, scratch: tuple[Tensor, ...],
     return Split(kernel, pack, roles)
 
 
-def _packs(stmt: Stmt, constant: frozenset[str], scratch: set[str],
+@dataclass(frozen=True, slots=True)
+class _Summary:
+    """What one top-level statement stores to and loads from, and whether it assigns a
+    local or uses the batch size."""
+
+    stored: frozenset[str]
+    loaded: frozenset[str]
+    varies: bool
+
+
+def _summary(stmt: Stmt) -> _Summary:
+    stored, loaded, varies = set(), set(), False
+    for node in walk(stmt):
+        if isinstance(node, (Store, VecStore)):
+            stored.add(node.buffer)
+        elif isinstance(node, (Load, VecLoad)):
+            loaded.add(node.buffer)
+        elif isinstance(node, Assign) or (isinstance(node, Var) and node.name == BATCH):
+            varies = True
+    return _Summary(frozenset(stored), frozenset(loaded), varies)
+
+
+def _packs(summary: _Summary, constant: frozenset[str], scratch: set[str],
            writers: dict[str, int]) -> bool:
-    stored = _stored(stmt)
+    stored = summary.stored
     if not stored or any(name not in scratch or writers[name] > 1 for name in stored):
         return False
-    for node in walk(stmt):
-        if isinstance(node, Assign) or (isinstance(node, Var) and node.name == BATCH):
-            return False
-    return all(name in constant for name in _loaded(stmt))
-
-
-def _stored(stmt: Stmt) -> set[str]:
-    return {node.buffer for node in walk(stmt) if isinstance(node, (Store, VecStore))}
-
-
-def _loaded(stmt: Stmt) -> set[str]:
-    return {node.buffer for node in walk(stmt) if isinstance(node, (Load, VecLoad))}
+    return not summary.varies and all(name in constant for name in summary.loaded)
