@@ -158,7 +158,8 @@ GROUPED = ("network g\ninput: 64x8x8\nconv a: 128 3x3 pad=1 -> relu\n"
 def _against_torch_and_plain(text: str, threads: int, batches: tuple[int, ...],
                              reference) -> None:
     """`text` scheduled with `threads`: its forward against `reference(x, weights)` (torch,
-    float64) and its gradients against the plain loops', at each batch size."""
+    float64) and its gradients (the parameters' and the input's) against the plain loops',
+    at each batch size."""
     scheduled = cnnc.compile(text, opt_level=1, threads=threads, cache=False)
     plain = cnnc.compile(text, opt_level=1, schedule=False, cache=False)
     params = random_params(scheduled)
@@ -173,6 +174,8 @@ def _against_torch_and_plain(text: str, threads: int, batches: tuple[int, ...],
         got, expected = scheduled.gradients(x, y), plain.gradients(x, y)
         for name in expected:
             assert_close(got[name], expected[name], np.float32, name)
+        assert_close(scheduled.input_gradient(x, y), plain.input_gradient(x, y), np.float32,
+                     "input gradient")
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -212,3 +215,27 @@ def test_a_pool_after_a_shared_winograd_layer_runs_after_all_its_samples(threads
         conv = torch.nn.functional.conv2d(x, w["c.weight"], w.get("c.bias"), padding=1)
         return torch.nn.functional.max_pool2d(torch.relu(conv), 2)
     _against_torch_and_plain(POOLED, threads, (1, 4), reference)
+
+
+# planes of 4 KiB (32 x 32, 5 x 1024 has odd rows): one filter vector's outputs share one
+# L1 set, so the output transform goes through the staging buffer O (winograd.staged)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("channels, filters, height, width",
+                         [(20, 40, 32, 32), (24, 40, 5, 1024)])
+def test_an_output_transform_staged_for_aliasing_planes_matches_torch_and_plain(
+        threads, channels, filters, height, width):
+    """Where the output planes alias in L1 the output transform stores to O and then copies
+    each channel's rows out; channel counts that are not whole vectors, an odd plane height
+    (the last tile row sticks out), batch 1 and 3: forward against PyTorch (float64) and
+    gradients against the plain loops."""
+    text = (f"network s\ninput: {channels}x{height}x{width}\n"
+            f"conv a: {filters} 3x3 pad=1 bias=true -> relu\nloss mse\n")
+    lowered = run(to_source(text), Options(host_cpu()), until=Stage.LOWER).lowered
+    staged = [f.name for f in lowered.functions
+              if any(b.name.endswith(".wino_o") for b in f.buffers)]
+    assert staged, [s.pattern for s in lowered.schedules]  # else this tests nothing staged
+
+    def reference(x, w):
+        conv = torch.nn.functional.conv2d(x, w["a.weight"], w["a.bias"], padding=1)
+        return torch.relu(conv)
+    _against_torch_and_plain(text, threads, (1, 3), reference)
