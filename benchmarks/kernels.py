@@ -1,6 +1,7 @@
 """Time every kernel of a network on its own, one thread: where the time of a step goes.
 
-    python benchmarks/kernels.py NET.cnn [--batch 64] [--repeats 7] [--plain] [--no-winograd]
+    python benchmarks/kernels.py NET.cnn|MODEL.onnx [--batch 64] [--repeats 7] [--plain]
+        [--no-winograd]
 
 Each kernel is compiled as an entry point of its own and run on buffers of the right shapes
 (random values; argmax positions and labels kept in range). Not a test: nothing is asserted.
@@ -19,8 +20,17 @@ from cnnc.artifact.format import numpy_dtype
 from cnnc.backends.llvm.codegen import compile_functions
 from cnnc.backends.target import host_cpu
 from cnnc.driver.pipeline import Options, Stage, run
-from cnnc.frontend.source import to_source
+from cnnc.frontend.source import Source, is_onnx, to_source
 from cnnc.runtime.loader import native_entries_from_object
+
+
+def _source(program: str) -> Source:
+    """A .cnn program's source, or the program an ONNX model imports as."""
+    if is_onnx(program):
+        from cnnc.onnx.importer import imported_source
+
+        return imported_source(program)[0]
+    return to_source(program)
 
 
 def main() -> None:
@@ -32,7 +42,7 @@ def main() -> None:
     parser.add_argument("--no-winograd", action="store_true", help="direct convolutions only")
     args = parser.parse_args()
     target = host_cpu().with_winograd(not args.no_winograd)
-    build = run(to_source(args.program), Options(target, scheduled=not args.plain),
+    build = run(_source(args.program), Options(target, scheduled=not args.plain),
                 until=Stage.LOWER)
     graph, functions, storage = build.graph, build.lowered.functions, build.lowered.storage
     names = [t.name for t in storage]
