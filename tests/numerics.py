@@ -62,3 +62,28 @@ def compare_with_reference(text: str, batch: int, dtype=np.float32, seed: int = 
         else:
             assert_close(got, expected[name], dtype, name)
     return module
+
+
+def against_torch_and_plain(text: str, threads: int, batches: tuple[int, ...],
+                            reference_of) -> None:
+    """`text` scheduled with `threads`: its forward against `reference_of(x, weights)`
+    (torch tensors, float64) and its gradients (the parameters' and the input's) against
+    the plain loops', at each batch size (float32)."""
+    import torch
+
+    scheduled = cnnc.compile(text, opt_level=1, threads=threads, cache=False)
+    plain = cnnc.compile(text, opt_level=1, schedule=False, cache=False)
+    params = random_params(scheduled)
+    plain.set_params(params)
+    w = {k: torch.from_numpy(v.astype(np.float64)) for k, v in params.items()}
+    for batch in batches:
+        rng = np.random.default_rng(batch)
+        x = rng.standard_normal((batch, *scheduled.input_shape)).astype(np.float32)
+        y = rng.standard_normal((batch, *scheduled.output_shape)).astype(np.float32)
+        want = reference_of(torch.from_numpy(x.astype(np.float64)), w).numpy()
+        assert_close(scheduled(x), want, np.float32, "forward")
+        got, expected = scheduled.gradients(x, y), plain.gradients(x, y)
+        for name in expected:
+            assert_close(got[name], expected[name], np.float32, name)
+        assert_close(scheduled.input_gradient(x, y), plain.input_gradient(x, y), np.float32,
+                     "input gradient")

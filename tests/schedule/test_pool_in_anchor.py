@@ -5,11 +5,9 @@ batch 3."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from numerics import assert_close, random_params
+from numerics import against_torch_and_plain
 
-import cnnc
 from cnnc.backends.target import host_cpu
 from cnnc.driver.pipeline import Options, Stage, run
 from cnnc.frontend.source import to_source
@@ -34,23 +32,10 @@ def test_a_fused_pool_shares_its_channels_and_matches_torch_and_plain(text, kern
     lowered = run(to_source(text), Options(host_cpu()), until=Stage.LOWER).lowered
     schedule = next(s for s in lowered.schedules if s.kernel == kernel)
     assert "channels shared by a call's thread team" in schedule.fused, schedule.fused
-    scheduled = cnnc.compile(text, opt_level=1, threads=threads, cache=False)
-    plain = cnnc.compile(text, opt_level=1, schedule=False, cache=False)
-    params = random_params(scheduled)
-    plain.set_params(params)
-    w = {k: torch.from_numpy(v.astype(np.float64)) for k, v in params.items()}
     (_, stride, pad), (size, pool_stride, pool_pad) = conv, pool
-    for batch in (1, 3):
-        rng = np.random.default_rng(batch)
-        x = rng.standard_normal((batch, *scheduled.input_shape)).astype(np.float32)
-        y = rng.standard_normal((batch, *scheduled.output_shape)).astype(np.float32)
-        h = torch.relu(torch.nn.functional.conv2d(
-            torch.from_numpy(x.astype(np.float64)), w["c.weight"], w.get("c.bias"),
-            stride=stride, padding=pad))
-        want = torch.nn.functional.max_pool2d(h, size, pool_stride, pool_pad).numpy()
-        assert_close(scheduled(x), want, np.float32, "forward")
-        got, expected = scheduled.gradients(x, y), plain.gradients(x, y)
-        for name in expected:
-            assert_close(got[name], expected[name], np.float32, name)
-        assert_close(scheduled.input_gradient(x, y), plain.input_gradient(x, y), np.float32,
-                     "input gradient")
+
+    def reference(x, w):
+        h = torch.relu(torch.nn.functional.conv2d(x, w["c.weight"], w.get("c.bias"),
+                                                  stride=stride, padding=pad))
+        return torch.nn.functional.max_pool2d(h, size, pool_stride, pool_pad)
+    against_torch_and_plain(text, threads, (1, 3), reference)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from numerics import assert_close, random_params
+from numerics import against_torch_and_plain, assert_close, random_params
 
 import cnnc
 from cnnc.backends.target import host_cpu
@@ -155,29 +155,6 @@ GROUPED = ("network g\ninput: 64x8x8\nconv a: 128 3x3 pad=1 -> relu\n"
            "conv c: 128 3x3 pad=1 bias=true -> relu\nloss mse\n")
 
 
-def _against_torch_and_plain(text: str, threads: int, batches: tuple[int, ...],
-                             reference) -> None:
-    """`text` scheduled with `threads`: its forward against `reference(x, weights)` (torch,
-    float64) and its gradients (the parameters' and the input's) against the plain loops',
-    at each batch size."""
-    scheduled = cnnc.compile(text, opt_level=1, threads=threads, cache=False)
-    plain = cnnc.compile(text, opt_level=1, schedule=False, cache=False)
-    params = random_params(scheduled)
-    plain.set_params(params)
-    w = {k: torch.from_numpy(v.astype(np.float64)) for k, v in params.items()}
-    for batch in batches:
-        rng = np.random.default_rng(batch)
-        x = rng.standard_normal((batch, *scheduled.input_shape)).astype(np.float32)
-        y = rng.standard_normal((batch, *scheduled.output_shape)).astype(np.float32)
-        want = reference(torch.from_numpy(x.astype(np.float64)), w).numpy()
-        assert_close(scheduled(x), want, np.float32, "forward")
-        got, expected = scheduled.gradients(x, y), plain.gradients(x, y)
-        for name in expected:
-            assert_close(got[name], expected[name], np.float32, name)
-        assert_close(scheduled.input_gradient(x, y), plain.input_gradient(x, y), np.float32,
-                     "input gradient")
-
-
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_a_one_chunk_sample_is_shared_in_filter_groups_and_stays_exact(threads):
     """An 8x8 plane is one chunk of tiles a sample: its filter blocks are split into groups
@@ -193,7 +170,7 @@ def test_a_one_chunk_sample_is_shared_in_filter_groups_and_stays_exact(threads):
         h = torch.relu(torch.nn.functional.conv2d(x, w["a.weight"], w.get("a.bias"),
                                                   padding=1))
         return torch.relu(torch.nn.functional.conv2d(h, w["c.weight"], w["c.bias"], padding=1))
-    _against_torch_and_plain(GROUPED, threads, (1, 3), reference)
+    against_torch_and_plain(GROUPED, threads, (1, 3), reference)
 
 
 POOLED = ("network p\ninput: 32x32x32\nconv c: 32 3x3 pad=1 -> relu\nmaxpool 2x2\n"
@@ -214,7 +191,7 @@ def test_a_pool_after_a_shared_winograd_layer_runs_after_all_its_samples(threads
     def reference(x, w):
         conv = torch.nn.functional.conv2d(x, w["c.weight"], w.get("c.bias"), padding=1)
         return torch.nn.functional.max_pool2d(torch.relu(conv), 2)
-    _against_torch_and_plain(POOLED, threads, (1, 4), reference)
+    against_torch_and_plain(POOLED, threads, (1, 4), reference)
 
 
 # planes of 4 KiB (32 x 32, 5 x 1024 has odd rows): one filter vector's outputs share one
@@ -238,4 +215,4 @@ def test_an_output_transform_staged_for_aliasing_planes_matches_torch_and_plain(
     def reference(x, w):
         conv = torch.nn.functional.conv2d(x, w["a.weight"], w["a.bias"], padding=1)
         return torch.relu(conv)
-    _against_torch_and_plain(text, threads, (1, 3), reference)
+    against_torch_and_plain(text, threads, (1, 3), reference)
