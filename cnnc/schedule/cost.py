@@ -50,7 +50,12 @@ class Machine:
         return data
 
     def lanes(self, dtype: DType) -> int:
-        return self.vector_bits // (64 if dtype is DType.F64 else 32)
+        return self.vector_bits // (8 * itemsize(dtype))
+
+
+def itemsize(dtype: DType) -> int:
+    """Bytes of one element of a floating-point buffer."""
+    return 8 if dtype is DType.F64 else 4
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from cnnc.graph.ir import BATCH, DType
+from cnnc.graph.ir import BATCH
 from cnnc.graph.kernels import Kernel, KernelProgram
 from cnnc.loops.build import add, const, loop_nest, mul
 from cnnc.loops.ir import (
@@ -36,7 +36,14 @@ from cnnc.schedule.blocks import (
     shared_nest,
     smaller,
 )
-from cnnc.schedule.cost import Machine, Schedule, choose_block, filter_tile_rows, shares_sample
+from cnnc.schedule.cost import (
+    Machine,
+    Schedule,
+    choose_block,
+    filter_tile_rows,
+    itemsize,
+    shares_sample,
+)
 
 
 def conv_grad_weight(kernel: Kernel, program: KernelProgram, machine: Machine) -> Lowered:
@@ -55,10 +62,9 @@ def conv_grad_weight(kernel: Kernel, program: KernelProgram, machine: Machine) -
     block, score = choose_block(machine, dw.dtype, taps, per_group, fresh_operands=True)
     width = block.width
     blocks = math.ceil(per_group / width)
-    itemsize = 8 if dw.dtype is DType.F64 else 4
     src_w = max(x.shape[3] + left + right, (ow - 1) * sw + span_w)
-    tile = min(oh, filter_tile_rows(machine, itemsize, ow, groups * blocks * width, src_w, sh,
-                                    span_h))
+    tile = min(oh, filter_tile_rows(machine, itemsize(dw.dtype), ow, groups * blocks * width,
+                                    src_w, sh, span_h))
     # each (fb, c) adds into accumulators of its own, in the same order on any thread
     parallel = shares_sample(2.0 * math.prod(dw.shape) * tile * ow)
     src = pad(f, x, top, left, max(x.shape[2] + top + bottom, (oh - 1) * sh + span_h), src_w,

@@ -65,6 +65,7 @@ from cnnc.schedule.cost import (
     Machine,
     Schedule,
     choose_block,
+    itemsize,
     shares_sample,
 )
 
@@ -359,8 +360,8 @@ def staged(machine: Machine, dtype: DType, plane: int) -> bool:
     stores go to share so few L1 sets that more than 4 lanes fall in one. Most L1 caches
     have 64 sets of 64-byte lines and 8 or more ways; the tile row's other output row and
     the operands need ways too."""
-    lanes, itemsize = machine.lanes(dtype), 8 if dtype is DType.F64 else 4
-    sets = {(lane * plane * itemsize // 64) % 64 for lane in range(lanes)}
+    lanes = machine.lanes(dtype)
+    sets = {(lane * plane * itemsize(dtype) // 64) % 64 for lane in range(lanes)}
     return lanes / len(sets) > 4
 
 
@@ -380,12 +381,13 @@ def _copy_out(conv: _Conv, o: str, rows: int, group: _Group) -> Stmt:
                      _in_group(conv, group, channel, [store]))
 
 
-def staging_shape(rows: int, tile_cols: int, channels: int) -> tuple[int, int, int]:
+def staging_shape(rows: int, tile_cols: int, channels: int, dtype: DType
+                  ) -> tuple[int, int, int]:
     """O's shape: a chunk's 2·rows output rows of each channel, each row 2·tile_cols
     columns and as many more (below a cache line) as put the channels an odd number of
     cache lines apart, so that the filter vectors' stores spread over the L1 sets (where
     the rows are a multiple of 16 no width does: then one more column)."""
-    line = 16  # floats a 64-byte line
+    line = 64 // itemsize(dtype)  # elements a 64-byte line
     widths = range(2 * tile_cols, 2 * tile_cols + line)
     odd = [width for width in widths if (2 * rows * width) % (2 * line) == line]
     return channels, 2 * rows, odd[0] if odd else 2 * tile_cols + 1
@@ -460,15 +462,13 @@ def _lowered(f: Function, name: str, conv: _Conv, machine: Machine, gain: float,
     u = _filter_transform(f, conv, block.width)
     v = f.add_scratch("wino_v", (16, conv.channels, chunk))
     m = f.add_scratch("wino_m", (16, chunk, group.channels))
+    o = f.add_scratch("wino_o", staging_shape(rows, tw, group.channels, f.dtype)) \
+        if staged(machine, f.dtype, out_h * out_w) else None
     body = (_input_transform(f, src, v, conv.channels, rows, tw),
-            _products(f, v, u, m, conv.channels, chunk, group, block))
-    private = (v, m)
-    if staged(machine, f.dtype, out_h * out_w):
-        o = f.add_scratch("wino_o", staging_shape(rows, tw, group.channels))
-        body += (_output_transform(f, conv, m, o, rows, tw, group), _copy_out(conv, o, rows, group))
-        private += (o,)
-    else:
-        body += (_output_transform(f, conv, m, None, rows, tw, group),)
+            _products(f, v, u, m, conv.channels, chunk, group, block),
+            _output_transform(f, conv, m, o, rows, tw, group),
+            *(() if o is None else (_copy_out(conv, o, rows, group),)))
+    private = (v, m) if o is None else (v, m, o)
     # the samples too: a call run in one piece (training with batch norm) shares all of
     # its samples' chunks, not one sample's at a time
     loops, extents = ["n", "wk"], [Var(BATCH), th // rows]
